@@ -1,0 +1,62 @@
+"""Size report of a packed checkpoint, read from the file itself.
+
+Bytes per component come from the safetensors header offsets, so the rows
+add up to the file size exactly (the `metadata` row is the header: JSON
+metadata plus safetensors' tensor index)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from exporters.packed import read_header, read_metadata
+
+COMPONENTS = ("ternary layers", "embeddings", "head", "other layers", "norms/biases", "scales", "metadata")
+
+
+def size_report(packed_path) -> dict:
+    path = Path(packed_path)
+    meta = read_metadata(path)
+    header, header_bytes = read_header(path)
+    rows = {c: {"component": c, "params": 0, "unique_params": 0, "bytes": 0} for c in COMPONENTS}
+    for key, entry in meta["tensors"].items():
+        start, end = header[key]["data_offsets"]
+        row = rows[entry["component"]]
+        unique = math.prod(entry["shape"])
+        row["params"] += unique
+        row["unique_params"] += unique
+        row["bytes"] += end - start
+        for component in entry["aliases"].values():  # tied/shared copies: counted, not stored
+            rows[component]["params"] += unique
+    rows["metadata"]["bytes"] = header_bytes
+    file_bytes = path.stat().st_size
+    total_bytes = sum(r["bytes"] for r in rows.values())
+    if total_bytes != file_bytes:  # cannot happen for a file that read_metadata accepted
+        raise RuntimeError(f"size accounting is off: {total_bytes} != {file_bytes}")
+    for r in rows.values():
+        r["bits_per_weight"] = round(8 * r["bytes"] / r["unique_params"], 4) if r["unique_params"] else None
+    tern = rows["ternary layers"]
+    scales_of_ternary = sum(
+        header[k]["data_offsets"][1] - header[k]["data_offsets"][0]
+        for k, e in meta["tensors"].items()
+        if e["component"] == "scales" and meta["tensors"].get(k[: -len("scale")] + "codes", {}).get("encoding") == "trits5")
+    original = meta.get("extra", {}).get("original_params")
+    report = {
+        "file": str(path),
+        "file_bytes": file_bytes,
+        "components": [rows[c] for c in COMPONENTS],
+        "params": sum(r["params"] for r in rows.values()),
+        "unique_params": sum(r["unique_params"] for r in rows.values()),
+        "ternary": {
+            "weights": tern["unique_params"],
+            "code_bytes": tern["bytes"],
+            "bits_per_weight": tern["bits_per_weight"],
+            "bits_per_weight_with_scales": round(8 * (tern["bytes"] + scales_of_ternary) / tern["unique_params"], 4)
+            if tern["unique_params"] else None,
+            "information_limit": round(math.log2(3), 4),
+        },
+    }
+    if original:
+        report["original"] = {"params": original, "fp32_bytes": 4 * original, "fp16_bytes": 2 * original}
+        report["ratio_vs_fp32"] = round(4 * original / file_bytes, 2)
+        report["ratio_vs_fp16"] = round(2 * original / file_bytes, 2)
+    return report

@@ -1,0 +1,211 @@
+"""`compress`: the command line over the tritpress Python API.
+
+`compress MODEL [flags]` is short for `compress run MODEL [flags]`.
+Errors print one line on stderr and exit non-zero; --debug shows the traceback.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from enum import Enum
+from typing import List, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from compressor.config import FLOAT_DTYPES, WEIGHT_FORMATS, TernaryConfig
+from compressor.errors import TritpressError
+from compressor.quantize import GRANULARITIES, TERNARY_METHODS
+
+DEFAULTS = TernaryConfig()
+
+
+class DefaultCommandGroup(TyperGroup):
+    """Routes `compress MODEL ...` to the `run` command."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(cls=DefaultCommandGroup, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False, rich_markup_mode=None,
+                  help="Post-hoc ternary (1.58-bit) compression of transformer and RNN checkpoints. "
+                       "`compress MODEL` runs the pipeline (same as `compress run MODEL`).")
+
+
+def _choices(name: str, values) -> type[Enum]:
+    """An Enum typer can show as a choice list."""
+    return Enum(name, {str(v): str(v) for v in values}, type=str)
+
+
+Method = _choices("Method", TERNARY_METHODS)
+Granularity = _choices("Granularity", GRANULARITIES)
+WeightFormatChoice = _choices("WeightFormat", WEIGHT_FORMATS)
+FloatDtype = _choices("FloatDtype", FLOAT_DTYPES)
+ActBits = _choices("ActBits", ["8"])
+
+
+def _value(choice):
+    return None if choice is None else choice.value
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # library progress bars; we show our own stage display
+    import warnings
+    warnings.filterwarnings("ignore")
+    try:
+        import transformers
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:
+        pass
+
+
+DebugOpt = typer.Option(False, "--debug", help="Show full tracebacks on errors.")
+
+
+@app.command()
+def run(
+    model: Optional[str] = typer.Argument(None, help="HF model folder or hub id, .gguf file, state_dict "
+                                          "(.pt/.bin/.safetensors, with --config), saved nn.Module (.pt), "
+                                          "or a bundled model: pkg:all-MiniLM-L6-v2, pkg:SmolLM2-135M."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder [default: runs/<model name>]."),
+    config: Optional[str] = typer.Option(None, "--config", help="HF config.json for a bare state_dict."),
+    trust_pickle: Optional[bool] = typer.Option(None, "--trust-pickle", help="Allow full unpickling of a "
+                                                "saved nn.Module (runs code from the file: trusted files only)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="TOML/YAML recipe; flags override it."),
+    method: Optional[Method] = typer.Option(None,
+                                         help=f"Ternary quantizer [default: {DEFAULTS.method}]."),
+    granularity: Optional[Granularity] = typer.Option(None,
+                                              help=f"One scale per tensor or per output channel "
+                                                   f"[default: {DEFAULTS.granularity}]."),
+    act_bits: Optional[ActBits] = typer.Option(None, "--act-bits",
+                                           help="8: per-token int8 activations (W1.58A8) [default: off]."),
+    embedding: Optional[WeightFormatChoice] = typer.Option(None,
+                                            help=f"Embedding storage [default: {DEFAULTS.embedding}]."),
+    head: Optional[WeightFormatChoice] = typer.Option(None,
+                                       help=f"Output head storage; a tied head follows --embedding "
+                                            f"[default: {DEFAULTS.head}]."),
+    outside_blocks: Optional[WeightFormatChoice] = typer.Option(None,
+                                                 help=f"Linears outside the block stack "
+                                                      f"[default: {DEFAULTS.outside_blocks}]."),
+    float_dtype: Optional[FloatDtype] = typer.Option(None,
+                                              help=f"Storage of norms/biases/kept tensors "
+                                                   f"[default: {DEFAULTS.float_dtype}]."),
+    scale_dtype: Optional[FloatDtype] = typer.Option(None,
+                                              help=f"Storage of scales [default: {DEFAULTS.scale_dtype}]."),
+    exclude: Optional[List[str]] = typer.Option(None, help="Regex of module names to leave float (repeatable)."),
+    check: Optional[bool] = typer.Option(None, "--check/--no-check",
+                                         help="Compare outputs (original vs ternary, reload) [default: check]."),
+    json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout instead of tables."),
+    save_recipe: Optional[str] = typer.Option(None, "--save-recipe", help="Write the full recipe (all "
+                                              "defaults spelled out) to this TOML file and exit."),
+    debug: bool = DebugOpt,
+):
+    """Ingest MODEL, quantize to ternary, pack (1.6 bits/weight) and report sizes."""
+    from compressor.fileio import write_text
+    from compressor.recipe import build_config, dump_recipe, read_recipe
+
+    cfg = build_config(
+        read_recipe(recipe) if recipe else {},
+        {"model": model, "out": out, "config": config, "trust_pickle": trust_pickle, "check": check},
+        {"method": _value(method), "granularity": _value(granularity),
+         "act_bits": int(act_bits.value) if act_bits else None, "embedding": _value(embedding),
+         "head": _value(head), "outside_blocks": _value(outside_blocks), "float_dtype": _value(float_dtype),
+         "scale_dtype": _value(scale_dtype), "exclude": exclude or None},
+    )
+    if save_recipe:
+        write_text(save_recipe, dump_recipe(cfg))
+        typer.echo(f"recipe written to {save_recipe}")
+        return
+    _quiet_libraries()
+    from analyzers.report import render
+    from compressor.pipeline import compress
+
+    report = _with_progress(lambda on_stage: compress(cfg, on_stage), quiet=json_out)
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        typer.echo(render(report))
+        typer.echo(f"\nwrote {report['files']['packed']} and {report['files']['report']}")
+
+
+@app.command()
+def info(packed: str = typer.Argument(..., help="A packed checkpoint (.safetensors)."),
+         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+         debug: bool = DebugOpt):
+    """Size report of a packed checkpoint (verifies its checksum)."""
+    from analyzers.report import size_table
+    from analyzers.size import size_report
+    from exporters.packed import read_packed_state
+
+    read_packed_state(packed)  # full integrity check before reporting
+    size = size_report(packed)
+    typer.echo(json.dumps(size, indent=2) if json_out else size_table(size))
+
+
+def _with_progress(fn, quiet: bool):
+    """Run fn(on_stage) with a spinner naming the current stage (on stderr)."""
+    if quiet or not sys.stderr.isatty():
+        return fn(lambda stage: None if quiet else print(f"[{stage}]", file=sys.stderr, flush=True))
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("starting")
+        return fn(lambda stage: progress.update(task, description=stage))
+
+
+def _click_exceptions(name: str) -> tuple:
+    """The exception class from click and from typer's vendored copy of click (typer >= 0.20)."""
+    found = []
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args:
+        args = ["--help"]
+    debug = "--debug" in args
+    command = typer.main.get_command(app)
+    try:
+        rc = command.main(args=args, prog_name="compress", standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except _click_exceptions("Exit") as e:
+        sys.exit(e.exit_code)
+    except _click_exceptions("Abort"):
+        print("compress: aborted", file=sys.stderr)
+        sys.exit(130)
+    except _click_exceptions("ClickException") as e:
+        print(f"compress: error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("compress: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except TritpressError as e:
+        if debug:
+            raise
+        print(f"compress: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as e:  # a bug, or a library failing on odd input: still one line
+        if debug:
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"compress: error: {type(e).__name__}: {first} (re-run with --debug for the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

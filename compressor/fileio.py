@@ -1,0 +1,46 @@
+"""Atomic writes: a crash never leaves a half-written output behind."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import TritpressError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path next to `path`; rename it over `path` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def refuse_overwrite_input(outputs: list, inputs: list) -> None:
+    """Outputs must never replace an input checkpoint, nor be written into an input model folder."""
+    for out in outputs:
+        out = Path(out).resolve()
+        for src in inputs:
+            if src is None or not Path(src).exists():
+                continue
+            src = Path(src).resolve()
+            if out == src or (src.is_dir() and out.parent == src):
+                raise TritpressError(f"refusing to write {out.name} into/over the input {src}; choose another --out")

@@ -1,0 +1,180 @@
+"""Modules that hold quantized weights.
+
+Two forms, as in torchao's prepare -> train -> convert:
+- fake-quant (`FakeQuantLinear`, `FakeQuantEmbedding`, `FakeQuantRNN`): float
+  weights, forward uses w + lam*(q(w) - w) with a straight-through gradient;
+- converted (`QLinear`, `QEmbedding`, `QRNN`): integer codes and scales in a
+  `QTensor`, no float copy of the weight.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .config import FLOAT_DTYPES
+from .quantize import dequantize, quantize_activations_int8, quantize_rows, quantize_ternary, ste
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How one weight tensor is represented: ternary, int8/int4 per row, or a float dtype."""
+
+    kind: str                    # ternary | int8 | int4 | fp32 | fp16 | bf16
+    method: str = "absmean"      # ternary only
+    granularity: str = "tensor"  # ternary only; int formats always have one scale per row
+    scale_dtype: str = "fp16"
+
+    @property
+    def is_float(self) -> bool:
+        return self.kind in FLOAT_DTYPES
+
+    def quantize(self, w: torch.Tensor):
+        """-> (int8 codes, float32 scales already rounded to scale_dtype)."""
+        if self.kind == "ternary":
+            codes, scale = quantize_ternary(w, self.method, self.granularity)
+        elif self.kind in ("int8", "int4"):
+            codes, scale = quantize_rows(w, int(self.kind[3:]))
+        else:
+            raise ValueError(f"{self.kind} is not an integer format")
+        return codes, scale.to(FLOAT_DTYPES[self.scale_dtype]).float()
+
+    def fake(self, w: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
+        """The weight the forward pass sees during QAT (straight-through gradient)."""
+        if self.is_float:
+            return ste(w, w.detach().to(FLOAT_DTYPES[self.kind]).to(w.dtype), lam)
+        codes, scale = self.quantize(w)
+        return ste(w, dequantize(codes, scale, w.dtype), lam)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class QTensor(nn.Module):
+    """Integer codes (int8 tensor, values per format) and float32 scales."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, fmt: WeightFormat):
+        super().__init__()
+        self.fmt = fmt
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, fmt: WeightFormat) -> "QTensor":
+        return cls(*fmt.quantize(w), fmt)
+
+    @classmethod
+    def empty(cls, shape, fmt: WeightFormat) -> "QTensor":
+        rows = shape[0] if (fmt.kind != "ternary" or fmt.granularity == "channel") else 1
+        return cls(torch.zeros(shape, dtype=torch.int8), torch.zeros(rows), fmt)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return dequantize(self.codes, self.scale, dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt.kind}, shape={tuple(self.codes.shape)}"
+
+
+# ---------------------------------------------------------------- fake-quant forms
+
+class FakeQuantLinear(nn.Module):
+    """Linear with a fake-quantized weight ([out, in]); also replaces GPT-2's Conv1D."""
+
+    def __init__(self, weight: nn.Parameter, bias, fmt: WeightFormat, act_bits: int | None = None):
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self.fmt = fmt
+        self.act_bits = act_bits
+        self.lam = 1.0
+
+    def forward(self, x):
+        if self.act_bits == 8:
+            x = quantize_activations_int8(x)
+        return F.linear(x, self.fmt.fake(self.weight, self.lam), self.bias)
+
+    def extra_repr(self):
+        return f"{self.fmt.kind}, shape={tuple(self.weight.shape)}, act_bits={self.act_bits}"
+
+
+class FakeQuantEmbedding(nn.Module):
+    def __init__(self, emb: nn.Embedding, fmt: WeightFormat):
+        super().__init__()
+        self.weight = emb.weight
+        self.fmt = fmt
+        self.lam = 1.0
+        self.padding_idx = emb.padding_idx
+        self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+
+    def forward(self, ids):
+        return F.embedding(ids, self.fmt.fake(self.weight, self.lam), self.padding_idx)
+
+
+class FakeQuantRNN(nn.Module):
+    """Wraps an LSTM/GRU/RNN; its weight matrices are fake-quantized each forward."""
+
+    def __init__(self, rnn: nn.Module, fmt: WeightFormat):
+        super().__init__()
+        self.rnn = rnn
+        self.fmt = fmt
+        self.lam = 1.0
+
+    def forward(self, *args, **kwargs):
+        weights = {n: (self.fmt.fake(p, self.lam) if n.startswith("weight_") else p)
+                   for n, p in self.rnn.named_parameters()}
+        return functional_call(self.rnn, weights, args, kwargs)
+
+
+# ---------------------------------------------------------------- converted forms
+
+class QLinear(nn.Module):
+    def __init__(self, qweight: QTensor, bias, act_bits: int | None = None):
+        super().__init__()
+        self.qweight = qweight
+        self.bias = bias
+        self.act_bits = act_bits
+        self.out_features, self.in_features = qweight.codes.shape
+
+    def forward(self, x):
+        if self.act_bits == 8:
+            x = quantize_activations_int8(x)
+        return F.linear(x, self.qweight.dequantize(x.dtype), self.bias)
+
+
+class QEmbedding(nn.Module):
+    def __init__(self, qweight: QTensor, padding_idx=None):
+        super().__init__()
+        self.qweight = qweight
+        self.padding_idx = padding_idx
+        self.num_embeddings, self.embedding_dim = qweight.codes.shape
+
+    def forward(self, ids):
+        # gather rows first: never materialize the whole float table
+        rows = self.qweight.codes[ids].float()
+        scale = self.qweight.scale
+        return rows * (scale[ids].unsqueeze(-1) if scale.numel() > 1 else scale)
+
+
+class QRNN(nn.Module):
+    """An LSTM/GRU whose weight matrices are QTensors; biases stay float parameters."""
+
+    def __init__(self, rnn: nn.Module, qweights: dict[str, QTensor]):
+        super().__init__()
+        # a parameter-free copy of the RNN runs the recurrence with our weights
+        template = copy.deepcopy(rnn).to("meta")
+        object.__setattr__(self, "_template", template)
+        self.qweights = nn.ModuleDict(qweights)
+        for n, p in rnn.named_parameters():
+            if n not in qweights:
+                setattr(self, n, p)
+        self.batch_first = getattr(rnn, "batch_first", False)
+
+    def forward(self, *args, **kwargs):
+        weights = {}
+        for n, _ in self._template.named_parameters():
+            weights[n] = self.qweights[n].dequantize() if n in self.qweights else getattr(self, n)
+        return functional_call(self._template, weights, args, kwargs)

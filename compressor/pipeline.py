@@ -1,0 +1,144 @@
+"""The `compress MODEL` pipeline as a Python function:
+
+    checkpoint -> model -> ternary model (post-training) -> packed file -> report
+
+Each stage is a plain function call; `compress()` strings them together and
+collects the report. The CLI is a thin layer over `compress()`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import platform
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import TernaryConfig
+from .errors import TritpressError
+from .fileio import refuse_overwrite_input, write_json
+from .ingest import load_model
+from .transform import convert, get_record
+
+PACKED_NAME = "model.tritpress.safetensors"
+REPORT_NAME = "report.json"
+
+
+@dataclass
+class CompressConfig:
+    model: str                                   # path, hub id or pkg:NAME
+    out: str | None = None                       # output folder (default runs/<model name>)
+    config: str | None = None                    # HF config.json for a bare state_dict
+    trust_pickle: bool = False                   # allow full unpickling of a saved nn.Module
+    quant: TernaryConfig = field(default_factory=TernaryConfig)
+    check: bool = True                           # compare outputs: original vs ternary, converted vs reload
+
+    def out_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        name = re.sub(r"[^\w.-]+", "_", Path(self.model.split(":", 1)[-1]).stem or "model").strip("_")
+        return Path("runs") / (name or "model")
+
+
+def _noop(stage: str) -> None:
+    pass
+
+
+def compress(cfg: CompressConfig, on_stage: Callable[[str], None] = _noop) -> dict:
+    """Run the pipeline; writes <out>/model.tritpress.safetensors and <out>/report.json.
+    Returns the report (the same dict as report.json)."""
+    from analyzers import fidelity
+    from analyzers.size import size_report
+    from exporters.packed import load_packed, save_packed
+
+    out = cfg.out_dir()
+    packed_path, report_path = out / PACKED_NAME, out / REPORT_NAME
+    refuse_overwrite_input([packed_path, report_path], [cfg.model, cfg.config])
+    timings = {}
+
+    def stage(name):
+        on_stage(name)
+        timings[name] = time.perf_counter()
+
+    def done(name):
+        timings[name] = round(time.perf_counter() - timings[name], 3)
+
+    stage("ingest")
+    loaded = load_model(cfg.model, cfg.config, cfg.trust_pickle)
+    original = loaded.model
+    original_params = sum(p.numel() for p in original.parameters())  # unique: parameters() dedups ties
+    done("ingest")
+
+    stage("quantize")
+    model = convert(copy.deepcopy(original), cfg.quant)
+    record = get_record(model)
+    done("quantize")
+
+    checks = {}
+    if cfg.check:
+        stage("check")
+        try:
+            inputs = fidelity.example_inputs(original, loaded.tokenizer)
+            ref = fidelity.run(original, inputs)
+            ternary_out = fidelity.run(model, inputs)
+            checks["ptq_vs_original"] = fidelity.compare(ref, ternary_out)
+        except Exception as e:  # a custom forward we cannot call: report, do not fail
+            checks["skipped"] = f"could not run the model on an example input: {type(e).__name__}: {e}"
+        done("check")
+
+    stage("pack")
+    extra = {"original_params": original_params, "tritpress_version": _version()}
+    save_packed(model, packed_path, loaded.source, extra)
+    done("pack")
+
+    if cfg.check and "skipped" not in checks:
+        stage("verify")
+        skeleton = None if loaded.source.is_transformers else copy.deepcopy(original)
+        reloaded = load_packed(packed_path, skeleton=skeleton)
+        reload_out = fidelity.run(reloaded, inputs)
+        checks["reload_vs_converted"] = fidelity.compare(ternary_out, reload_out)
+        reloaded_state = reloaded.state_dict()
+        codes_equal = all(torch.equal(t, reloaded_state[k]) for k, t in model.state_dict().items()
+                          if k.endswith(".codes"))
+        checks["reload_vs_converted"]["codes_bit_identical"] = codes_equal
+        if checks["reload_vs_converted"]["max_abs_diff"] != 0.0 or not codes_equal:
+            raise TritpressError(f"reloading {packed_path} did not reproduce the converted model "
+                                 f"(max |diff| {checks['reload_vs_converted']['max_abs_diff']:.3g})")
+        done("verify")
+
+    report = {
+        "tritpress_version": _version(),
+        "model": {k: v for k, v in loaded.source.to_dict().items() if k != "hf_config"},
+        "structure": _structure_summary(record.structure),
+        "quant_config": cfg.quant.to_dict(),
+        "size": size_report(packed_path),
+        "checks": checks,
+        "timings_s": timings,
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "platform": platform.platform()},
+        "files": {"packed": str(packed_path), "report": str(report_path)},
+    }
+    write_json(report_path, report)
+    return report
+
+
+def _structure_summary(structure) -> dict:
+    roles = {}
+    for layer in structure.layers:
+        r = roles.setdefault(layer.role, {"layers": 0, "params": 0})
+        r["layers"] += 1
+        r["params"] += layer.params
+    blocks = dataclasses.asdict(structure.blocks) if structure.blocks else None
+    return {"blocks": blocks, "head": structure.head, "head_tied_to": structure.head_tied_to, "roles": roles}
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("tritpress")
+    except Exception:
+        return "unknown"

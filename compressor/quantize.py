@@ -1,0 +1,93 @@
+"""Quantizer math: plain functions over tensors, no modules.
+
+Ternary weights are `codes * scale` with codes in {-1, 0, +1} (int8) and one
+scale per tensor or per output channel (row 0 of the weight is output
+channel 0, for Linear, Embedding and RNN weights alike).
+"""
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-5
+
+TERNARY_METHODS = ("absmean", "twn")
+GRANULARITIES = ("tensor", "channel")
+
+
+def _reduce_abs_mean(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    a = w.abs()
+    if per_channel:
+        return a.reshape(a.shape[0], -1).mean(dim=1)
+    return a.mean().reshape(1)
+
+
+def _expand(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a [1] or [rows] scale against a weight of any rank."""
+    if scale.numel() == 1:
+        return scale.reshape([1] * like.dim())
+    return scale.reshape([-1] + [1] * (like.dim() - 1))
+
+
+def ternary_absmean(w: torch.Tensor, per_channel: bool = False):
+    """BitNet b1.58: alpha = mean|W|, codes = clamp(round(W / (alpha + eps)), -1, 1)."""
+    w = w.detach().float()
+    alpha = _reduce_abs_mean(w, per_channel)
+    codes = torch.clamp(torch.round(w / (_expand(alpha, w) + EPS)), -1, 1)
+    return codes.to(torch.int8), alpha
+
+
+def ternary_twn(w: torch.Tensor, per_channel: bool = False):
+    """Ternary Weight Networks: delta = 0.7 mean|W|; alpha = mean of |w| over |w| > delta."""
+    w = w.detach().float()
+    delta = 0.7 * _reduce_abs_mean(w, per_channel)
+    mask = w.abs() > _expand(delta, w)
+    kept = (w.abs() * mask)
+    if per_channel:
+        n = mask.reshape(w.shape[0], -1).sum(dim=1)
+        s = kept.reshape(w.shape[0], -1).sum(dim=1)
+    else:
+        n = mask.sum().reshape(1)
+        s = kept.sum().reshape(1)
+    alpha = torch.where(n > 0, s / n.clamp(min=1), torch.zeros_like(s))
+    codes = torch.sign(w) * mask
+    return codes.to(torch.int8), alpha
+
+
+def quantize_ternary(w: torch.Tensor, method: str = "absmean", granularity: str = "tensor"):
+    if method not in TERNARY_METHODS:
+        raise ValueError(f"unknown ternary method {method!r} (choose from {', '.join(TERNARY_METHODS)})")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r} (choose from {', '.join(GRANULARITIES)})")
+    fn = ternary_absmean if method == "absmean" else ternary_twn
+    return fn(w, per_channel=granularity == "channel")
+
+
+def quantize_rows(w: torch.Tensor, bits: int):
+    """Symmetric absmax integer quantization, one scale per row (int8: [-127, 127], int4: [-7, 7])."""
+    if bits not in (4, 8):
+        raise ValueError(f"row quantization supports 4 or 8 bits, not {bits}")
+    w = w.detach().float()
+    qmax = 2 ** (bits - 1) - 1
+    absmax = w.abs().reshape(w.shape[0], -1).amax(dim=1)
+    scale = absmax / qmax
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.clamp(torch.round(w / _expand(safe, w)), -qmax, qmax)
+    return codes.to(torch.int8), scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return codes.to(dtype) * _expand(scale.to(dtype), codes)
+
+
+def ste(w: torch.Tensor, q: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
+    """Straight-through estimator with warm-up: forward sees w + lam*(q - w), gradient flows to w."""
+    if lam == 1.0:
+        return w + (q - w).detach()
+    return w + lam * (q - w).detach()
+
+
+def quantize_activations_int8(x: torch.Tensor) -> torch.Tensor:
+    """Per-token absmax int8 fake quantization (W1.58A8): s = 127 / max|x| over the last dim."""
+    s = 127.0 / x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    q = torch.clamp(torch.round(x * s), -128, 127) / s
+    return x + (q - x).detach()

@@ -1,0 +1,150 @@
+"""Discover a model's structure generically: the stack of repeated blocks,
+the quantizable layers (Linear, GPT-2's Conv1D, LSTM/GRU weights),
+embeddings and the output head. No per-architecture tables."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+RNN_TYPES = (nn.LSTM, nn.GRU, nn.RNN)
+
+
+def is_conv1d(m: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a Linear whose weight is stored [in, out]."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+
+
+def is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or is_conv1d(m)
+
+
+def rnn_weight_names(rnn: nn.Module) -> list[str]:
+    return [n for n, _ in rnn.named_parameters(recurse=False) if n.startswith("weight_")]
+
+
+@dataclass
+class BlockStack:
+    path: str            # module path of the stack ("model.layers"), or of the RNN
+    kind: str            # "modulelist" or "rnn-layers"
+    num_blocks: int
+    block_type: str
+    params_per_block: int
+
+    def contains(self, name: str) -> bool:
+        return name == self.path or name.startswith(self.path + ".")
+
+
+@dataclass
+class LayerInfo:
+    name: str            # module path
+    kind: str            # linear | conv1d | embedding | rnn
+    role: str            # block | head | embedding | outside
+    shape: list[int]     # weight shape as Linear/Embedding ([out, in] / [num, dim]); RNN: [layers, hidden]
+    params: int
+
+
+@dataclass
+class ModelStructure:
+    blocks: BlockStack | None
+    layers: list[LayerInfo] = field(default_factory=list)
+    head: str | None = None
+    head_tied_to: str | None = None   # embedding module whose weight the head shares
+
+    def by_role(self, role: str) -> list[LayerInfo]:
+        return [layer for layer in self.layers if layer.role == role]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _signature(m: nn.Module):
+    return (type(m).__name__, tuple((n, tuple(p.shape)) for n, p in m.named_parameters()))
+
+
+def _n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def find_block_stack(model: nn.Module) -> BlockStack | None:
+    """The largest ModuleList/Sequential of >= 2 structurally identical modules;
+    failing that, the largest multi-layer LSTM/GRU (its layers are the blocks)."""
+    best = None
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.ModuleList, nn.Sequential)) or len(m) < 2:
+            continue
+        children = list(m)
+        sig = _signature(children[0])
+        if not sig[1] or any(_signature(c) != sig for c in children[1:]):
+            continue
+        per_block = _n_params(children[0])
+        if best is None or per_block * len(children) > best.params_per_block * best.num_blocks:
+            best = BlockStack(name, "modulelist", len(children), sig[0], per_block)
+    if best is not None:
+        return best
+    for name, m in model.named_modules():
+        if isinstance(m, RNN_TYPES) and m.num_layers >= 2:
+            per_layer = _n_params(m) // m.num_layers
+            if best is None or _n_params(m) > best.params_per_block * best.num_blocks:
+                best = BlockStack(name, "rnn-layers", m.num_layers, type(m).__name__, per_layer)
+    return best
+
+
+def _find_head(model: nn.Module, linears: dict[str, nn.Module], embeddings: dict[str, nn.Embedding]):
+    """Return (head module name, embedding name it is tied to or None)."""
+    head = None
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            out = get_out()
+        except Exception:  # custom models may implement it partially
+            out = None
+        if out is not None:
+            head = next((n for n, m in linears.items() if m is out), None)
+    emb_by_weight = {id(e.weight): n for n, e in embeddings.items()}
+    if head is None:
+        # a Linear sharing an embedding's weight is a tied output head
+        head = next((n for n, m in linears.items() if id(m.weight) in emb_by_weight), None)
+    if head is None and embeddings:
+        vocab = max(e.num_embeddings for e in embeddings.values())
+        vocab_sized = [n for n, m in linears.items() if _out_features(m) == vocab]
+        head = vocab_sized[-1] if vocab_sized else None
+    tied = emb_by_weight.get(id(linears[head].weight)) if head else None
+    return head, tied
+
+
+def _out_features(m: nn.Module) -> int:
+    return m.nf if is_conv1d(m) else m.out_features
+
+
+def _linear_shape(m: nn.Module) -> list[int]:
+    return [m.nf, m.weight.shape[0]] if is_conv1d(m) else list(m.weight.shape)
+
+
+def discover(model: nn.Module, exclude: list[str] | tuple = ()) -> ModelStructure:
+    stack = find_block_stack(model)
+    patterns = [re.compile(p) for p in exclude]
+    skip = lambda name: any(p.search(name) for p in patterns)  # noqa: E731
+    linears = {n: m for n, m in model.named_modules() if is_linear(m) and not skip(n)}
+    embeddings = {n: m for n, m in model.named_modules() if isinstance(m, nn.Embedding) and not skip(n)}
+    rnns = {n: m for n, m in model.named_modules() if isinstance(m, RNN_TYPES) and not skip(n)}
+    head, tied = _find_head(model, linears, embeddings)
+    in_blocks = (lambda n: stack.contains(n)) if stack is not None and stack.kind == "modulelist" else None
+
+    layers = []
+    for n, e in embeddings.items():
+        layers.append(LayerInfo(n, "embedding", "embedding", list(e.weight.shape), e.weight.numel()))
+    for n, r in rnns.items():
+        layers.append(LayerInfo(n, "rnn", "block", [r.num_layers, r.hidden_size], _n_params(r)))
+    for n, m in linears.items():
+        if n == head:
+            role = "head"
+        elif in_blocks is None or in_blocks(n):
+            # no repeated stack found (or an RNN model): every Linear but the head is core compute
+            role = "block" if in_blocks is not None or not rnns else "outside"
+        else:
+            role = "outside"
+        kind = "conv1d" if is_conv1d(m) else "linear"
+        layers.append(LayerInfo(n, kind, role, _linear_shape(m), m.weight.numel()))
+    return ModelStructure(stack, layers, head, tied)

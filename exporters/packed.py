@@ -1,0 +1,270 @@
+"""The packed checkpoint: one safetensors file.
+
+Tensors:
+- ternary codes -> uint8, 5 trits per byte (`encoding: trits5`), flat row-major;
+- int4 codes -> uint8, 2 per byte (`int4x2`); int8 codes -> int8 (`raw`);
+- scales and float tensors -> their storage dtype (`raw`).
+Every tensor is stored once: aliases (tied or shared weights) are listed in
+`tie_map` and re-tied on load. The JSON metadata (key `tritpress`) also holds the
+format version, the source model's config, the module map, the quantization
+config and a SHA-256 of all tensor bytes, so a truncated or tampered file is
+rejected before any weight is used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from compressor.config import TernaryConfig
+from compressor.errors import CorruptCheckpointError, TritpressError
+from compressor.fileio import atomic_path
+from compressor.ingest import SourceInfo, build_from_config
+from compressor.layers import QTensor, WeightFormat
+from compressor.structure import BlockStack, LayerInfo, ModelStructure
+from compressor.transform import (QuantRecord, _set_record, build_empty, get_record, qtensor_formats,
+                                  storage_dtypes)
+
+from .packing import pack_int4, pack_trits, packed_int4_size, packed_trits_size, unpack_int4, unpack_trits
+
+FORMAT = "tritpress.packed"
+FORMAT_VERSION = 1
+META_KEY = "tritpress"
+DTYPES = {str(d).removeprefix("torch."): d for d in
+          (torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16, torch.int32,
+           torch.int64, torch.bool, torch.float64)}
+
+
+def _dtype_name(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")
+
+
+def tie_groups(model: nn.Module) -> list[list[str]]:
+    """Groups of state_dict keys that are the same tensor (tied or shared weights)."""
+    groups: dict[int, list[str]] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(t), []).append(key)
+    return [keys for keys in groups.values()]
+
+
+def component_of(key: str, record: QuantRecord, code_formats: dict) -> str:
+    """Which row of the size report a stored tensor belongs to."""
+    owner = max((layer for layer in record.structure.layers
+                 if key.startswith(layer.name + ".")), key=lambda layer: len(layer.name), default=None)
+    leaf = key.rsplit(".", 1)[-1]
+    if owner is None or leaf.startswith("bias"):
+        return "norms/biases"
+    if key.endswith(".scale") and key[: -len("scale")] + "codes" in code_formats:
+        return "scales"
+    return {"block": "ternary layers", "embedding": "embeddings", "head": "head",
+            "outside": "other layers"}[owner.role]
+
+
+def _encode(key, t, code_formats, dtypes):
+    if key in code_formats:
+        kind = code_formats[key].kind
+        codes = t.detach().cpu().numpy()
+        if kind == "ternary":
+            return torch.from_numpy(pack_trits(codes)), "trits5"
+        if kind == "int4":
+            return torch.from_numpy(pack_int4(codes)), "int4x2"
+        return t.detach().clone().contiguous(), "raw"
+    if key in dtypes:
+        return t.detach().to(dtypes[key]).clone().contiguous(), "raw"
+    return t.detach().clone().contiguous(), "raw"
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        h.update(key.encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_packed(model: nn.Module, path, source: SourceInfo, extra: dict | None = None) -> dict:
+    """Write a converted model as a packed checkpoint (atomically). Returns the metadata."""
+    from safetensors.torch import save_file
+
+    record = get_record(model)
+    if record is None or not record.converted:
+        raise TritpressError("save_packed needs a converted model: call compressor.convert(model) first")
+    code_formats = {f"{n}.codes": f for n, f in qtensor_formats(model).items()}
+    dtypes = storage_dtypes(model)
+    state = model.state_dict(keep_vars=True)
+    groups = tie_groups(model)
+    tensors, entries = {}, {}
+    for keys in groups:
+        key = keys[0]
+        t = state[key]
+        stored, encoding = _encode(key, t, code_formats, dtypes)
+        tensors[key] = stored
+        entries[key] = {"encoding": encoding, "shape": list(t.shape), "dtype": _dtype_name(t.dtype),
+                        "component": component_of(key, record, code_formats),
+                        "aliases": {a: component_of(a, record, code_formats) for a in keys[1:]}}
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "source": source.to_dict(),
+        "quant_config": record.config.to_dict(),
+        "structure": record.structure.to_dict(),
+        "module_map": record.module_map(model),
+        "tie_map": {keys[0]: keys[1:] for keys in groups if len(keys) > 1},
+        "tensors": entries,
+        "extra": extra or {},
+        "sha256": _digest(tensors),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    return meta
+
+
+def read_header(path) -> tuple[dict, int]:
+    """The safetensors JSON header and its size in bytes (8-byte length + JSON)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CorruptCheckpointError(f"{path}: file too short to be a packed checkpoint")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100 * 2**20:
+            raise CorruptCheckpointError(f"{path}: header size {n} is not plausible")
+        blob = f.read(n)
+    if len(blob) < n:
+        raise CorruptCheckpointError(f"{path}: truncated header")
+    try:
+        return json.loads(blob), 8 + n
+    except json.JSONDecodeError as e:
+        raise CorruptCheckpointError(f"{path}: header is not valid JSON ({e})") from e
+
+
+def read_metadata(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise TritpressError(f"no such file: {path}")
+    header, _ = read_header(path)
+    raw = (header.get("__metadata__") or {}).get(META_KEY)
+    if raw is None:
+        raise TritpressError(f"{path} is a safetensors file but not a tritpress packed checkpoint")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CorruptCheckpointError(f"{path}: metadata is not valid JSON") from e
+    if meta.get("format") != FORMAT:
+        raise TritpressError(f"{path}: unknown format {meta.get('format')!r}")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise TritpressError(f"{path}: format version {meta['format_version']} is newer than this tritpress "
+                             f"reads ({FORMAT_VERSION}); upgrade tritpress")
+    return meta
+
+
+def _expected_stored(entry: dict) -> tuple[list[int], str]:
+    n = int(np.prod(entry["shape"])) if entry["shape"] else 1
+    if entry["encoding"] == "trits5":
+        return [packed_trits_size(n)], "uint8"
+    if entry["encoding"] == "int4x2":
+        return [packed_int4_size(n)], "uint8"
+    return entry["shape"], None
+
+
+def _decode(key, stored: torch.Tensor, entry: dict) -> torch.Tensor:
+    n = int(np.prod(entry["shape"])) if entry["shape"] else 1
+    try:
+        if entry["encoding"] == "trits5":
+            return torch.from_numpy(unpack_trits(stored.numpy(), n).copy()).reshape(entry["shape"])
+        if entry["encoding"] == "int4x2":
+            return torch.from_numpy(unpack_int4(stored.numpy(), n).copy()).reshape(entry["shape"])
+    except ValueError as e:
+        raise CorruptCheckpointError(f"tensor {key}: {e}") from e
+    return stored
+
+
+def read_packed_state(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Verified, decoded tensors (one per tie group) and the metadata."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    meta = read_metadata(path)
+    header, header_bytes = read_header(path)
+    data_size = path.stat().st_size - header_bytes
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if end != data_size:
+        raise CorruptCheckpointError(f"{path}: data section is {data_size} bytes, header says {end} "
+                                     "(truncated or appended to)")
+    if set(meta["tensors"]) != {k for k in header if k != "__metadata__"}:
+        raise CorruptCheckpointError(f"{path}: tensor list does not match its metadata")
+    stored = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                stored[key] = f.get_tensor(key)
+    except Exception as e:
+        raise CorruptCheckpointError(f"{path}: unreadable tensor data ({e})") from e
+    for key, entry in meta["tensors"].items():
+        shape, dtype = _expected_stored(entry)
+        t = stored[key]
+        if list(t.shape) != list(shape) or (dtype and _dtype_name(t.dtype) != dtype):
+            raise CorruptCheckpointError(f"{path}: tensor {key} is {_dtype_name(t.dtype)}{list(t.shape)}, "
+                                         f"metadata expects {dtype or ''}{list(shape)}")
+    if _digest(stored) != meta["sha256"]:
+        raise CorruptCheckpointError(f"{path}: checksum mismatch, the tensor data was modified or corrupted")
+    return {k: _decode(k, t, meta["tensors"][k]) for k, t in stored.items()}, meta
+
+
+def _record_from_meta(meta: dict) -> QuantRecord:
+    s = meta["structure"]
+    structure = ModelStructure(BlockStack(**s["blocks"]) if s["blocks"] else None,
+                               [LayerInfo(**layer) for layer in s["layers"]], s["head"], s["head_tied_to"])
+    record = QuantRecord(TernaryConfig.from_dict(meta["quant_config"]), structure, converted=True)
+    for name, entry in meta["module_map"].items():
+        record.formats[name] = WeightFormat(**entry["format"])
+        record.sources[name] = entry["source"]
+    return record
+
+
+def retie(model: nn.Module, tie_map: dict[str, list[str]]) -> None:
+    """Make every alias the very same tensor object as its canonical key."""
+    state = model.state_dict(keep_vars=True)
+    for canonical, aliases in tie_map.items():
+        t = state[canonical]
+        for alias in aliases:
+            owner_name, _, leaf = alias.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            if leaf in owner._parameters:
+                owner._parameters[leaf] = t
+            else:
+                owner._buffers[leaf] = t
+
+
+def load_packed(path, skeleton: nn.Module | None = None) -> nn.Module:
+    """Load a packed checkpoint as a runnable converted model.
+
+    Transformers models are rebuilt from the stored config; a custom nn.Module
+    needs `skeleton`, an instance of the original architecture (its weights are
+    overwritten)."""
+    tensors, meta = read_packed_state(path)
+    source = meta["source"]
+    if skeleton is not None:
+        model = skeleton.float().eval() if any(p.dtype != torch.float32 for p in skeleton.parameters()) \
+            else skeleton.eval()
+    elif source.get("hf_config"):
+        model = build_from_config(source["hf_config"], source["model_class"])
+    else:
+        raise TritpressError(f"{path} was made from a custom nn.Module ({source['model_class']}); "
+                             "pass an instance of it as skeleton (CLI: --skeleton model.pt --trust-pickle)")
+    build_empty(model, meta["module_map"])
+    _set_record(model, _record_from_meta(meta))
+    state = {}
+    for key, t in tensors.items():
+        for k in [key, *meta["tie_map"].get(key, [])]:
+            state[k] = t
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise TritpressError(f"{path} does not fit the model skeleton: {str(e).splitlines()[0]}") from e
+    retie(model, meta["tie_map"])
+    return model.eval()
