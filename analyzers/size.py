@@ -35,10 +35,12 @@ def size_report(packed_path) -> dict:
     for r in rows.values():
         r["bits_per_weight"] = round(8 * r["bytes"] / r["unique_params"], 4) if r["unique_params"] else None
     tern = rows["ternary layers"]
+    # scales of the ternary block layers only (ternary embeddings/heads have their own rows)
     scales_of_ternary = sum(
         header[k]["data_offsets"][1] - header[k]["data_offsets"][0]
         for k, e in meta["tensors"].items()
-        if e["component"] == "scales" and meta["tensors"].get(k[: -len("scale")] + "codes", {}).get("encoding") == "trits5")
+        if e["component"] == "scales"
+        and meta["tensors"].get(k[: -len("scale")] + "codes", {}).get("component") == "ternary layers")
     original = meta.get("extra", {}).get("original_params")
     report = {
         "file": str(path),

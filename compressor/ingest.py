@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import pickletools
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -124,27 +125,58 @@ def _as_float32(model: nn.Module) -> nn.Module:
     return model.float()
 
 
+def _refuse_packed(path: Path) -> None:
+    """A safetensors input must be a plain state_dict, readable, and not our own packed output."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            packed = "tritpress" in (f.metadata() or {})
+    except Exception as e:
+        raise TritpressError(f"{path} is not a readable safetensors file: {e}") from e
+    if packed:
+        raise TritpressError(f"{path} is already a tritpress packed checkpoint (inspect it with `compress info`)")
+
+
 def _load_state_dict_file(path: Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        try:
-            return load_file(str(path))
-        except Exception as e:
-            raise TritpressError(f"{path} is not a readable safetensors file: {e}") from e
+        _refuse_packed(path)
+        return load_file(str(path))
     obj = _torch_load(path, trust_pickle=False)
     return _unwrap_state_dict(obj, path)
+
+
+def _is_pickle_stream(path: Path) -> bool:
+    """Parse (never execute) the pickle opcodes of a file, or of a torch zip's data.pkl."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next(n for n in z.namelist() if n.endswith("data.pkl"))
+                data = z.read(name)
+        else:
+            data = path.read_bytes()
+        for _ in pickletools.genops(data):
+            pass
+        return True
+    except Exception:
+        return False
 
 
 def _torch_load(path: Path, trust_pickle: bool):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # a well-formed pickle that the safe unpickler refuses needs code to load; bytes that
+        # are no pickle at all are just not a checkpoint
+        if "Unsupported global" not in str(e) and not _is_pickle_stream(path):
+            raise TritpressError(f"{path} is not a readable PyTorch checkpoint (invalid pickle data)") from e
         if not trust_pickle:
             raise UnsafeCheckpointError(
                 f"{path} holds pickled Python objects (e.g. a whole nn.Module) and loading it can run "
                 f"arbitrary code; if you trust this file, re-run with {TRUST_FLAG}") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise TritpressError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from e
+    except Exception as e:  # torch's legacy/zip readers raise many types on garbage
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TritpressError(f"{path} is not a readable PyTorch checkpoint ({first})") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # trusted, but still broken
@@ -162,14 +194,48 @@ def _unwrap_state_dict(obj, path) -> dict:
     raise TritpressError(f"{path} is not a state_dict (a mapping of names to tensors)")
 
 
+TASK_HEADS = ("AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSequenceClassification",
+              "AutoModelForTokenClassification", "AutoModelForQuestionAnswering")
+
+
+def _best_fitting_class(config_dict: dict, state: dict) -> str | None:
+    """A config without `architectures` does not say which head the weights belong to:
+    pick the Auto class whose parameter names match the state_dict best."""
+    if config_dict.get("architectures") or not config_dict.get("model_type"):
+        return None  # named by the config, or not an HF config (build_from_config says so)
+    tf = _transformers()
+    config_dict = dict(config_dict)
+    config = tf.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    keys, best, best_score = set(state), None, None
+    for name in TASK_HEADS:
+        try:
+            with torch.device("meta"):  # names only: no memory, no init cost
+                candidate = set(getattr(tf, name).from_config(config).state_dict())
+        except Exception:  # this head does not exist for this model type
+            continue
+        score = len(candidate ^ keys)
+        if best_score is None or score < best_score:
+            best, best_score = name, score
+    return best
+
+
+def _first_mismatch(message: str) -> str:
+    lines = [line.strip() for line in message.splitlines() if "size mismatch" in line]
+    return lines[0] if lines else message.splitlines()[0]
+
+
 def _load_state_dict_with_config(path: Path, config_path: str) -> LoadedModel:
     try:
         config_dict = json.loads(Path(config_path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise TritpressError(f"cannot read config {config_path}: {e}") from e
     state = _load_state_dict_file(path)
-    model = build_from_config(config_dict)
-    result = model.load_state_dict(state, strict=False)
+    model = build_from_config(config_dict, _best_fitting_class(config_dict, state))
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches raise even with strict=False
+        raise TritpressError(f"state_dict does not fit the model built from {config_path}: "
+                             f"{_first_mismatch(str(e))}") from e
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     loaded = {id(t) for k, t in model.state_dict(keep_vars=True).items() if k in state}
@@ -218,6 +284,7 @@ def load_model(spec: str, config: str | None = None, trust_pickle: bool = False)
         if config is not None:
             return _load_state_dict_with_config(path, config)
         if path.suffix == ".safetensors":
+            _refuse_packed(path)
             raise TritpressError(f"{path} is a state_dict: pass the model's config with --config config.json")
         return _load_module(path, trust_pickle)
     if os.sep not in spec and HUB_ID.match(spec) and "/" in spec:

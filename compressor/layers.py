@@ -94,7 +94,7 @@ class FakeQuantLinear(nn.Module):
 
     def forward(self, x):
         if self.act_bits == 8:
-            x = quantize_activations_int8(x)
+            x = quantize_activations_int8(x, self.lam)
         return F.linear(x, self.fmt.fake(self.weight, self.lam), self.bias)
 
     def extra_repr(self):

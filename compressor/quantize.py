@@ -86,8 +86,9 @@ def ste(w: torch.Tensor, q: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
     return w + lam * (q - w).detach()
 
 
-def quantize_activations_int8(x: torch.Tensor) -> torch.Tensor:
-    """Per-token absmax int8 fake quantization (W1.58A8): s = 127 / max|x| over the last dim."""
+def quantize_activations_int8(x: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
+    """Per-token absmax int8 fake quantization (W1.58A8): s = 127 / max|x| over the last dim.
+    `lam` blends it in during warm-up, like the weights."""
     s = 127.0 / x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
     q = torch.clamp(torch.round(x * s), -128, 127) / s
-    return x + (q - x).detach()
+    return ste(x, q, lam)

@@ -79,11 +79,14 @@ def _encode(key, t, code_formats, dtypes):
     return t.detach().clone().contiguous(), "raw"
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
+    """SHA-256 over the metadata (all but this digest) and every tensor's name, dtype and bytes:
+    any edit to shapes, dtypes, maps or data is detected."""
     h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
     for key in sorted(tensors):
         t = tensors[key].contiguous()
-        h.update(key.encode())
+        h.update(f"{key}:{_dtype_name(t.dtype)}:{list(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
@@ -106,6 +109,7 @@ def save_packed(model: nn.Module, path, source: SourceInfo, extra: dict | None =
         stored, encoding = _encode(key, t, code_formats, dtypes)
         tensors[key] = stored
         entries[key] = {"encoding": encoding, "shape": list(t.shape), "dtype": _dtype_name(t.dtype),
+                        "stored_dtype": _dtype_name(stored.dtype),
                         "component": component_of(key, record, code_formats),
                         "aliases": {a: component_of(a, record, code_formats) for a in keys[1:]}}
     meta = {
@@ -117,8 +121,8 @@ def save_packed(model: nn.Module, path, source: SourceInfo, extra: dict | None =
         "tie_map": {keys[0]: keys[1:] for keys in groups if len(keys) > 1},
         "tensors": entries,
         "extra": extra or {},
-        "sha256": _digest(tensors),
     }
+    meta["sha256"] = _digest(tensors, meta)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
     return meta
@@ -137,9 +141,12 @@ def read_header(path) -> tuple[dict, int]:
     if len(blob) < n:
         raise CorruptCheckpointError(f"{path}: truncated header")
     try:
-        return json.loads(blob), 8 + n
-    except json.JSONDecodeError as e:
+        header = json.loads(blob)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CorruptCheckpointError(f"{path}: header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path}: header is not a JSON object")
+    return header, 8 + n
 
 
 def read_metadata(path) -> dict:
@@ -147,13 +154,16 @@ def read_metadata(path) -> dict:
     if not path.is_file():
         raise TritpressError(f"no such file: {path}")
     header, _ = read_header(path)
-    raw = (header.get("__metadata__") or {}).get(META_KEY)
+    extra = header.get("__metadata__") or {}
+    raw = extra.get(META_KEY) if isinstance(extra, dict) else None
     if raw is None:
         raise TritpressError(f"{path} is a safetensors file but not a tritpress packed checkpoint")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, TypeError) as e:
         raise CorruptCheckpointError(f"{path}: metadata is not valid JSON") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("tensors"), dict):
+        raise CorruptCheckpointError(f"{path}: metadata is not a tritpress metadata object")
     if meta.get("format") != FORMAT:
         raise TritpressError(f"{path}: unknown format {meta.get('format')!r}")
     if meta.get("format_version", 0) > FORMAT_VERSION:
@@ -162,7 +172,7 @@ def read_metadata(path) -> dict:
     return meta
 
 
-def _expected_stored(entry: dict) -> tuple[list[int], str]:
+def _expected_stored(entry: dict) -> tuple[list[int], str | None]:
     n = int(np.prod(entry["shape"])) if entry["shape"] else 1
     if entry["encoding"] == "trits5":
         return [packed_trits_size(n)], "uint8"
@@ -190,29 +200,32 @@ def read_packed_state(path) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     meta = read_metadata(path)
     header, header_bytes = read_header(path)
-    data_size = path.stat().st_size - header_bytes
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if end != data_size:
-        raise CorruptCheckpointError(f"{path}: data section is {data_size} bytes, header says {end} "
-                                     "(truncated or appended to)")
-    if set(meta["tensors"]) != {k for k in header if k != "__metadata__"}:
-        raise CorruptCheckpointError(f"{path}: tensor list does not match its metadata")
-    stored = {}
     try:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                stored[key] = f.get_tensor(key)
-    except Exception as e:
-        raise CorruptCheckpointError(f"{path}: unreadable tensor data ({e})") from e
-    for key, entry in meta["tensors"].items():
-        shape, dtype = _expected_stored(entry)
-        t = stored[key]
-        if list(t.shape) != list(shape) or (dtype and _dtype_name(t.dtype) != dtype):
-            raise CorruptCheckpointError(f"{path}: tensor {key} is {_dtype_name(t.dtype)}{list(t.shape)}, "
-                                         f"metadata expects {dtype or ''}{list(shape)}")
-    if _digest(stored) != meta["sha256"]:
-        raise CorruptCheckpointError(f"{path}: checksum mismatch, the tensor data was modified or corrupted")
-    return {k: _decode(k, t, meta["tensors"][k]) for k, t in stored.items()}, meta
+        data_size = path.stat().st_size - header_bytes
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if end != data_size:
+            raise CorruptCheckpointError(f"{path}: data section is {data_size} bytes, header says {end} "
+                                         "(truncated or appended to)")
+        if set(meta["tensors"]) != {k for k in header if k != "__metadata__"}:
+            raise CorruptCheckpointError(f"{path}: tensor list does not match its metadata")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                stored = {key: f.get_tensor(key) for key in f.keys()}
+        except Exception as e:
+            raise CorruptCheckpointError(f"{path}: unreadable tensor data ({e})") from e
+        # the digest covers the metadata too: after this, every entry is as it was written
+        if _digest(stored, meta) != meta.get("sha256"):
+            raise CorruptCheckpointError(f"{path}: checksum mismatch, the data or metadata was modified "
+                                         "or corrupted")
+        for key, entry in meta["tensors"].items():
+            shape, _ = _expected_stored(entry)
+            t = stored[key]
+            if list(t.shape) != list(shape) or _dtype_name(t.dtype) != entry["stored_dtype"]:
+                raise CorruptCheckpointError(f"{path}: tensor {key} is {_dtype_name(t.dtype)}{list(t.shape)}, "
+                                             f"metadata expects {entry['stored_dtype']}{list(shape)}")
+        return {k: _decode(k, t, meta["tensors"][k]) for k, t in stored.items()}, meta
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise CorruptCheckpointError(f"{path}: malformed header or metadata ({type(e).__name__}: {e})") from e
 
 
 def _record_from_meta(meta: dict) -> QuantRecord:

@@ -1,0 +1,41 @@
+"""Shared tiny-model fixtures. Every model is built in code with random weights
+(hidden 32, 2-3 layers, vocab 100): the suite never touches the network."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.tiny_models import (FACTORIES, SKELETONS, LSTMLM, VOCAB, build, main_output, run,  # noqa: F401
+                               sample_ids)
+
+HF_MODELS = ["bert", "gpt2", "llama_tied", "llama_untied"]
+ALL_MODELS = list(FACTORIES)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_transformers():
+    import transformers
+    transformers.logging.set_verbosity_error()
+    yield
+
+
+@pytest.fixture(params=ALL_MODELS)
+def any_model(request):
+    """(name, freshly built eval-mode model)."""
+    return request.param, build(request.param)
+
+
+@pytest.fixture(params=HF_MODELS)
+def hf_model(request):
+    return request.param, build(request.param)
+
+
+@pytest.fixture
+def ids():
+    return sample_ids()
+
+
+@pytest.fixture
+def lstm():
+    torch.manual_seed(0)
+    return LSTMLM().eval()

@@ -1,0 +1,146 @@
+"""Bit packing: base-3 trits (5 per byte) and int4 nibbles."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from exporters.packing import (MAX_TRIT_BYTE, pack_int4, pack_trits, packed_int4_size, packed_trits_size,
+                               unpack_int4, unpack_trits)
+
+trit_arrays = hnp.arrays(np.int8, st.integers(0, 2000), elements=st.integers(-1, 1))
+int4_arrays = hnp.arrays(np.int8, st.integers(0, 2000), elements=st.integers(-8, 7))
+
+
+def ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+# ------------------------------------------------------------------ trits: known vectors
+
+@pytest.mark.parametrize("codes,expected", [
+    # t = code + 1; byte = t0 + 3 t1 + 9 t2 + 27 t3 + 81 t4
+    ([-1, 0, 1, 1, -1], [75]),           # t = 0,1,2,2,0 -> 0 + 3 + 18 + 54 + 0 = 75
+    ([-1, -1, -1, -1, -1], [0]),         # all t = 0
+    ([0, 0, 0, 0, 0], [121]),            # 1 + 3 + 9 + 27 + 81 = 121
+    ([1, 1, 1, 1, 1], [242]),            # 2 * 121 = 242, the largest valid byte
+    ([1, 0, 0, 0, 0], [122]),            # t = 2,1,1,1,1 -> 2 + 3 + 9 + 27 + 81 = 122
+    ([0, 0, 0, 0, 1], [202]),            # t = 1,1,1,1,2 -> 1 + 3 + 9 + 27 + 162 = 202
+])
+def test_pack_trits_known_bytes(codes, expected):
+    packed = pack_trits(np.array(codes, np.int8))
+    assert packed.dtype == np.uint8
+    assert packed.tolist() == expected
+    assert unpack_trits(packed, len(codes)).tolist() == codes
+
+
+def test_pack_trits_two_groups_and_padding():
+    # first group [1,-1,0,0,1]: t = 2,0,1,1,2 -> 2 + 0 + 9 + 27 + 162 = 200
+    # second group [0, 1] + 3 pad trits: t = 1,2 -> 1 + 6 = 7 (+ padding, whatever it is, must decode away)
+    codes = np.array([1, -1, 0, 0, 1, 0, 1], np.int8)
+    packed = pack_trits(codes)
+    assert packed.size == 2
+    assert packed[0] == 200
+    assert packed[1] % 9 == 7          # the two real trits of the last byte
+    assert unpack_trits(packed, 7).tolist() == codes.tolist()
+
+
+def test_pack_trits_is_row_major_for_any_shape():
+    codes = np.array([[-1, 0, 1], [1, -1, 0]], np.int8)
+    assert pack_trits(codes).tolist() == pack_trits(codes.reshape(-1)).tolist()
+    # flattened [-1,0,1,1,-1,0]: first byte = 75 as above
+    assert pack_trits(codes)[0] == 75
+    assert unpack_trits(pack_trits(codes), 6).reshape(2, 3).tolist() == codes.tolist()
+
+
+def test_pack_trits_empty():
+    assert pack_trits(np.zeros(0, np.int8)).size == 0
+    assert unpack_trits(np.zeros(0, np.uint8), 0).size == 0
+
+
+@pytest.mark.parametrize("bad", [[2], [-2], [0, 1, 5], [-128]])
+def test_pack_trits_rejects_non_ternary(bad):
+    with pytest.raises(ValueError):
+        pack_trits(np.array(bad, np.int8))
+
+
+# ------------------------------------------------------------------ trits: properties
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(trit_arrays)
+def test_trits_round_trip_property(codes):
+    packed = pack_trits(codes)
+    assert packed.dtype == np.uint8
+    assert packed.size == ceil_div(codes.size, 5) == packed_trits_size(codes.size)
+    assert packed.size == 0 or int(packed.max()) <= 242
+    out = unpack_trits(packed, codes.size)
+    assert out.dtype == np.int8
+    assert np.array_equal(out, codes)
+
+
+def test_trits_round_trip_every_length_0_to_2000():
+    rng = np.random.default_rng(0)
+    for n in range(2001):
+        codes = rng.integers(-1, 2, n).astype(np.int8)
+        packed = pack_trits(codes)
+        assert packed.size == ceil_div(n, 5), n
+        assert packed.size == 0 or packed.max() <= MAX_TRIT_BYTE == 242
+        assert np.array_equal(unpack_trits(packed, n), codes), n
+
+
+def test_every_valid_byte_decodes_and_reencodes():
+    allbytes = np.arange(243, dtype=np.uint8)
+    codes = unpack_trits(allbytes, 243 * 5)
+    assert set(np.unique(codes).tolist()) == {-1, 0, 1}
+    assert np.array_equal(pack_trits(codes), allbytes)
+
+
+@pytest.mark.parametrize("bad", [243, 244, 250, 255])
+def test_unpack_trits_rejects_invalid_bytes(bad):
+    packed = np.array([75, bad, 0], np.uint8)
+    with pytest.raises(ValueError):
+        unpack_trits(packed, 15)
+
+
+@pytest.mark.parametrize("nbytes,n", [(1, 6), (2, 5), (0, 1), (1, 0), (3, 10), (2, 11)])
+def test_unpack_trits_rejects_wrong_sizes(nbytes, n):
+    with pytest.raises(ValueError):
+        unpack_trits(np.zeros(nbytes, np.uint8), n)
+
+
+# ------------------------------------------------------------------ int4
+
+@pytest.mark.parametrize("codes,expected", [
+    ([-8, 7], [240]),     # u = 0, 15 -> 0 | 15 << 4 = 240
+    ([-1, 2], [167]),     # u = 7, 10 -> 7 | 160 = 167
+    ([3], [11]),          # u = 11, odd length: one byte
+    ([0, 0, -8], [136, 0]),  # u = 8, 8 -> 8 | 128 = 136; then u = 0 -> 0
+])
+def test_pack_int4_known_bytes(codes, expected):
+    packed = pack_int4(np.array(codes, np.int8))
+    assert packed.dtype == np.uint8
+    assert packed.tolist() == expected
+    assert unpack_int4(packed, len(codes)).tolist() == codes
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(int4_arrays)
+def test_int4_round_trip_property(codes):
+    packed = pack_int4(codes)
+    assert packed.dtype == np.uint8
+    assert packed.size == ceil_div(codes.size, 2) == packed_int4_size(codes.size)
+    assert np.array_equal(unpack_int4(packed, codes.size), codes)
+
+
+@pytest.mark.parametrize("bad", [[8], [-9], [0, 100], [127]])
+def test_pack_int4_rejects_out_of_range(bad):
+    with pytest.raises(ValueError):
+        pack_int4(np.array(bad, np.int16))
+
+
+@pytest.mark.parametrize("nbytes,n", [(1, 3), (2, 2), (0, 1), (1, 0)])
+def test_unpack_int4_rejects_wrong_sizes(nbytes, n):
+    with pytest.raises(ValueError):
+        unpack_int4(np.zeros(nbytes, np.uint8), n)

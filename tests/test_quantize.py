@@ -1,0 +1,240 @@
+"""Quantizer math against vectors computed by hand (expected numbers written literally)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressor.config import TernaryConfig
+from compressor.layers import QTensor, WeightFormat
+from compressor.quantize import (dequantize, quantize_activations_int8, quantize_rows, quantize_ternary,
+                                 ste, ternary_absmean, ternary_twn)
+
+# Shared 2x3 weight:
+#   row 0: [ 0.8, -0.4, 0.1]   |.| sum 1.3, mean 0.433333
+#   row 1: [-2.0,  0.2, 0.4]   |.| sum 2.6, mean 0.866667
+#   whole tensor: mean|W| = 3.9 / 6 = 0.65
+W = torch.tensor([[0.8, -0.4, 0.1], [-2.0, 0.2, 0.4]])
+
+
+def close(a, b, tol=1e-6):
+    return torch.allclose(a.float(), torch.as_tensor(b, dtype=torch.float32), atol=tol, rtol=0)
+
+
+# ------------------------------------------------------------------ absmean (BitNet b1.58)
+
+def test_absmean_per_tensor_hand_computed():
+    # alpha = 0.65; W / alpha:
+    #   row 0:  1.2308 -> 1, -0.6154 -> -1, 0.1538 -> 0
+    #   row 1: -3.0769 -> clamp -1, 0.3077 -> 0, 0.6154 -> 1
+    codes, alpha = ternary_absmean(W)
+    assert codes.dtype == torch.int8
+    assert codes.tolist() == [[1, -1, 0], [-1, 0, 1]]
+    assert alpha.shape == (1,)
+    assert close(alpha, [0.65])
+
+
+def test_absmean_per_channel_hand_computed():
+    # row 0: alpha 0.433333 -> 0.8/a = 1.846 -> 1, -0.4/a = -0.923 -> -1, 0.1/a = 0.231 -> 0
+    # row 1: alpha 0.866667 -> -2/a = -2.31 -> -1, 0.2/a = 0.231 -> 0, 0.4/a = 0.4615 -> 0
+    codes, alpha = ternary_absmean(W, per_channel=True)
+    assert codes.tolist() == [[1, -1, 0], [-1, 0, 0]]
+    assert close(alpha, [1.3 / 3, 2.6 / 3])
+    assert close(alpha, [0.4333333, 0.8666667], tol=1e-6)
+
+
+def test_absmean_all_zero_tensor_gives_zero_codes_not_nan():
+    # alpha = 0 -> W / (0 + 1e-5) = 0 -> codes 0; no division by zero
+    codes, alpha = ternary_absmean(torch.zeros(3, 4))
+    assert codes.abs().sum() == 0 and alpha.tolist() == [0.0]
+
+
+def test_absmean_eps_in_denominator():
+    # w = [0.500002, 1.499998, 1.0, -1.0]: mean|w| = 4.0 / 4 = 1.0
+    # with eps: 0.500002 / 1.00001 = 0.499997 -> 0   (without eps it would round to 1)
+    #           1.499998 / 1.00001 = 1.499983 -> 1, 1.0 / 1.00001 = 0.99999 -> 1, -> -1
+    w = torch.tensor([0.500002, 1.499998, 1.0, -1.0])
+    codes, alpha = ternary_absmean(w)
+    assert codes.tolist() == [0, 1, 1, -1]
+    assert close(alpha, [1.0])
+
+
+def test_absmean_per_channel_on_3d_weight_uses_first_dim_as_rows():
+    # [2, 2, 2]: row 0 = [[1, -1], [0.1, 3]] mean|.| = 5.1/4 = 1.275 -> codes [[1,-1],[0,1]]
+    #            row 1 = [[0, 0], [0.2, -0.2]] mean = 0.1 -> codes [[0,0],[1,-1]]
+    w = torch.tensor([[[1.0, -1.0], [0.1, 3.0]], [[0.0, 0.0], [0.2, -0.2]]])
+    codes, alpha = ternary_absmean(w, per_channel=True)
+    assert codes.tolist() == [[[1, -1], [0, 1]], [[0, 0], [1, -1]]]
+    assert close(alpha, [1.275, 0.1])
+
+
+# ------------------------------------------------------------------ TWN
+
+def test_twn_per_tensor_hand_computed():
+    # delta = 0.7 * 0.65 = 0.455; |w| > delta: 0.8 and 2.0 only (0.4 < 0.455)
+    # alpha = (0.8 + 2.0) / 2 = 1.4; codes = sign(w) where kept
+    codes, alpha = ternary_twn(W)
+    assert codes.tolist() == [[1, 0, 0], [-1, 0, 0]]
+    assert close(alpha, [1.4])
+
+
+def test_twn_per_channel_hand_computed_with_zero_row():
+    # row 0: delta = 0.7 * 0.433333 = 0.303333 -> keeps 0.8, -0.4 -> alpha 0.6, codes [1, -1, 0]
+    # row 1: delta = 0.7 * 0.866667 = 0.606667 -> keeps -2.0     -> alpha 2.0, codes [-1, 0, 0]
+    # row 2: all zero -> nothing kept -> alpha 0, codes 0 (no 0/0)
+    w = torch.cat([W, torch.zeros(1, 3)])
+    codes, alpha = ternary_twn(w, per_channel=True)
+    assert codes.tolist() == [[1, -1, 0], [-1, 0, 0], [0, 0, 0]]
+    assert close(alpha, [0.6, 2.0, 0.0])
+    assert torch.isfinite(alpha).all()
+
+
+def test_twn_threshold_is_0_7_of_mean_abs():
+    # w = [1.0, -0.36, 0.5, 0.14]: mean|w| = 2.0 / 4 = 0.5 -> delta = 0.35
+    # kept (|w| > 0.35): 1.0, -0.36, 0.5 -> alpha = 1.86 / 3 = 0.62; 0.14 -> 0
+    # (a 0.75 factor, delta 0.375, would drop -0.36)
+    codes, alpha = ternary_twn(torch.tensor([1.0, -0.36, 0.5, 0.14]))
+    assert codes.tolist() == [1, -1, 1, 0]
+    assert close(alpha, [0.62])
+
+
+def test_quantize_ternary_dispatches_method_and_granularity():
+    assert quantize_ternary(W, "absmean", "tensor")[0].tolist() == [[1, -1, 0], [-1, 0, 1]]
+    assert quantize_ternary(W, "absmean", "channel")[0].tolist() == [[1, -1, 0], [-1, 0, 0]]
+    assert quantize_ternary(W, "twn", "tensor")[0].tolist() == [[1, 0, 0], [-1, 0, 0]]
+    assert quantize_ternary(W, "twn", "channel")[0].tolist() == [[1, -1, 0], [-1, 0, 0]]
+
+
+@pytest.mark.parametrize("method,granularity", [("bitnet", "tensor"), ("", "tensor"), ("absmean", "row"),
+                                                ("twn", "per_channel"), ("ABSMEAN", "tensor")])
+def test_quantize_ternary_rejects_unknown_method_or_granularity(method, granularity):
+    with pytest.raises(ValueError):
+        quantize_ternary(W, method, granularity)
+
+
+@pytest.mark.parametrize("field,value", [("method", "bitnet"), ("granularity", "row"), ("act_bits", 4),
+                                         ("embedding", "int2"), ("head", "fp8"), ("float_dtype", "int8"),
+                                         ("scale_dtype", "ternary")])
+def test_config_rejects_invalid_values(field, value):
+    with pytest.raises(ValueError):
+        TernaryConfig(**{field: value})
+
+
+# ------------------------------------------------------------------ int8 / int4 rows
+
+def test_quantize_rows_int8_hand_computed():
+    # row 0: absmax 1.27 -> scale 0.01: 1.27 -> 127, -0.6 -> -60, 0.1 -> 10
+    # row 1: all zero -> scale 0, codes 0
+    # row 2: absmax 2.54 -> scale 0.02: -2.54 -> -127, 1.0 -> 50, 0.02 -> 1
+    w = torch.tensor([[1.27, -0.6, 0.1], [0.0, 0.0, 0.0], [-2.54, 1.0, 0.02]])
+    codes, scale = quantize_rows(w, 8)
+    assert codes.dtype == torch.int8
+    assert codes.tolist() == [[127, -60, 10], [0, 0, 0], [-127, 50, 1]]
+    assert close(scale, [0.01, 0.0, 0.02])
+
+
+def test_quantize_rows_int4_hand_computed():
+    # row 0: absmax 0.7 -> scale 0.1:  0.7 -> 7, -0.33 -> -3.3 -> -3, 0.04 -> 0.4 -> 0, 0.26 -> 2.6 -> 3
+    # row 1: absmax 1.4 -> scale 0.2: -1.4 -> -7, 0.86 -> 4.3 -> 4, 0.13 -> 0.65 -> 1, 0 -> 0
+    w = torch.tensor([[0.7, -0.33, 0.04, 0.26], [-1.4, 0.86, 0.13, 0.0]])
+    codes, scale = quantize_rows(w, 4)
+    assert codes.tolist() == [[7, -3, 0, 3], [-7, 4, 1, 0]]
+    assert close(scale, [0.1, 0.2])
+    assert int(codes.abs().max()) <= 7
+
+
+@pytest.mark.parametrize("bits", [0, 1, 2, 3, 5, 16])
+def test_quantize_rows_rejects_other_bit_widths(bits):
+    with pytest.raises(ValueError):
+        quantize_rows(W, bits)
+
+
+def test_dequantize_broadcasts_tensor_and_row_scales():
+    codes = torch.tensor([[1, -1, 0], [-1, 0, 1]], dtype=torch.int8)
+    # per tensor 0.5 -> [[0.5, -0.5, 0], [-0.5, 0, 0.5]]
+    assert dequantize(codes, torch.tensor([0.5])).tolist() == [[0.5, -0.5, 0.0], [-0.5, 0.0, 0.5]]
+    # per row [2, 3] -> [[2, -2, 0], [-3, 0, 3]]
+    assert dequantize(codes, torch.tensor([2.0, 3.0])).tolist() == [[2.0, -2.0, 0.0], [-3.0, 0.0, 3.0]]
+
+
+def test_weight_format_rounds_scale_to_scale_dtype():
+    # int8 row scale of row [1.0, 0.3]: 1/127 = 0.007874015...; fp16 nearest is 0.0078735352
+    w = torch.tensor([[1.0, 0.3]])
+    _, s32 = WeightFormat("int8", scale_dtype="fp32").quantize(w)
+    _, s16 = WeightFormat("int8", scale_dtype="fp16").quantize(w)
+    assert close(s32, [1 / 127], tol=1e-9)
+    assert s16.dtype == torch.float32 and s16.item() == torch.tensor(1 / 127).half().float().item()
+    assert s16.item() != s32.item()
+
+
+def test_qtensor_from_float_round_trips_absmean_dequantized_values():
+    qt = QTensor.from_float(W, WeightFormat("ternary", "absmean", "tensor", "fp32"))
+    # codes [[1,-1,0],[-1,0,1]] * 0.65
+    assert close(qt.dequantize(), [[0.65, -0.65, 0.0], [-0.65, 0.0, 0.65]])
+
+
+# ------------------------------------------------------------------ activations
+
+def test_quantize_activations_int8_per_token_hand_computed():
+    # token 0: max|x| = 1.0 -> s = 127:   0.3*127 = 38.1 -> 38, -1 -> -127, 0.25*127 = 31.75 -> 32
+    #          dequantized: 38/127 = 0.299213, -1.0, 32/127 = 0.251969
+    # token 1: max|x| = 2.0 -> s = 63.5:  2 -> 127, 0.01*63.5 = 0.635 -> 1, -0.3*63.5 = -19.05 -> -19
+    #          dequantized: 2.0, 1/63.5 = 0.015748, -19/63.5 = -0.299213
+    x = torch.tensor([[0.3, -1.0, 0.25], [2.0, 0.01, -0.3]])
+    y = quantize_activations_int8(x)
+    assert close(y, [[0.299213, -1.0, 0.251969], [2.0, 0.015748, -0.299213]], tol=1e-6)
+    assert close(y, [[38 / 127, -1.0, 32 / 127], [2.0, 1 / 63.5, -19 / 63.5]], tol=1e-6)
+
+
+def test_quantize_activations_int8_zero_token_and_batch_dims():
+    # a zero token stays zero (the scale is clamped, no inf/nan); leading dims are all "tokens"
+    x = torch.zeros(2, 3, 4)
+    x[1, 2] = torch.tensor([0.5, -0.25, 0.125, 0.0])   # s = 254: 127, -63.5 -> -64 (half to even), 31.75 -> 32
+    y = quantize_activations_int8(x)
+    assert torch.isfinite(y).all()
+    assert y[0].abs().sum() == 0
+    assert close(y[1, 2], [0.5, -64 / 254, 32 / 254, 0.0])
+
+
+def test_quantize_activations_int8_gradient_is_identity():
+    x = torch.tensor([[0.3, -1.0, 0.25], [2.0, 0.01, -0.3]], requires_grad=True)
+    c = torch.tensor([[1.0, 2.0, 3.0], [-4.0, 5.0, -6.0]])
+    (quantize_activations_int8(x) * c).sum().backward()
+    assert torch.equal(x.grad, c)
+
+
+# ------------------------------------------------------------------ straight-through estimator
+
+@pytest.mark.parametrize("lam", [0.0, 0.25, 0.5, 1.0])
+def test_ste_forward_value(lam):
+    w = torch.tensor([0.3, -0.7, 1.2])
+    q = torch.tensor([0.0, -1.0, 1.0])
+    # q - w = [-0.3, -0.3, -0.2]; w + lam*(q - w):
+    expected = {0.0: [0.3, -0.7, 1.2], 0.25: [0.225, -0.775, 1.15],
+                0.5: [0.15, -0.85, 1.1], 1.0: [0.0, -1.0, 1.0]}[lam]
+    assert close(ste(w, q, lam), expected)
+
+
+def test_ste_lambda_zero_is_exactly_the_float_weight():
+    w = torch.tensor([0.3, -0.7, 1.2])
+    assert torch.equal(ste(w, torch.tensor([0.0, -1.0, 1.0]), 0.0), w)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
+def test_ste_gradient_is_identity_wrt_w_and_none_for_q(lam):
+    w = torch.tensor([0.3, -0.7, 1.2], requires_grad=True)
+    q = torch.tensor([0.0, -1.0, 1.0], requires_grad=True)
+    c = torch.tensor([2.0, -3.0, 0.5])
+    (ste(w, q, lam) * c).sum().backward()
+    assert torch.equal(w.grad, c)      # d/dw of (w + lam*stopgrad(q - w)) . c == c
+    assert q.grad is None              # nothing flows into the quantized value
+
+
+def test_weight_format_fake_gradient_is_straight_through():
+    w = torch.tensor([[0.8, -0.4, 0.1], [-2.0, 0.2, 0.4]], requires_grad=True)
+    fmt = WeightFormat("ternary", "absmean", "tensor", "fp32")
+    fq = fmt.fake(w, 1.0)
+    # forward sees codes * 0.65
+    assert close(fq, [[0.65, -0.65, 0.0], [-0.65, 0.0, 0.65]])
+    c = torch.arange(6.0).reshape(2, 3)
+    (fq * c).sum().backward()
+    assert torch.equal(w.grad, c)

@@ -1,0 +1,114 @@
+"""Tiny, randomly initialised models shared by the tests (no downloads).
+
+Kept in a plain module (not only in conftest) so that a pickled instance
+(`torch.save(model)`) can be unpickled again as `tests.tiny_models.LSTMLM`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+VOCAB = 100
+HIDDEN = 32
+
+
+class LSTMLM(nn.Module):
+    """Embedding -> multi-layer LSTM (or GRU) -> vocab-sized Linear head."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = HIDDEN, layers: int = 2, cell: str = "lstm",
+                 tie: bool = False):
+        super().__init__()
+        rnn_cls = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
+        self.emb = nn.Embedding(vocab, dim)
+        self.rnn = rnn_cls(dim, dim, layers, batch_first=True)
+        self.out = nn.Linear(dim, vocab)
+        if tie:
+            self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(self.rnn(self.emb(ids))[0])
+
+
+def bert_config(**kw):
+    from transformers import BertConfig
+    return BertConfig(**{**dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=64), **kw})
+
+
+def gpt2_config(**kw):
+    from transformers import GPT2Config
+    return GPT2Config(**{**dict(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=2, n_positions=64,
+                                bos_token_id=0, eos_token_id=0), **kw})
+
+
+def llama_config(tie: bool, **kw):
+    from transformers import LlamaConfig
+    return LlamaConfig(**{**dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                 tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0, pad_token_id=0), **kw})
+
+
+def make_bert():
+    from transformers import BertModel
+    return BertModel(bert_config()).eval()
+
+
+def make_gpt2():
+    from transformers import GPT2LMHeadModel
+    return GPT2LMHeadModel(gpt2_config()).eval()
+
+
+def make_llama(tie: bool):
+    from transformers import LlamaForCausalLM
+    return LlamaForCausalLM(llama_config(tie)).eval()
+
+
+def make_lstm(**kw):
+    return LSTMLM(**kw).eval()
+
+
+# name -> (factory, is a transformers model)
+FACTORIES = {
+    "bert": (make_bert, True),
+    "gpt2": (make_gpt2, True),
+    "llama_tied": (lambda: make_llama(True), True),
+    "llama_untied": (lambda: make_llama(False), True),
+    "lstm": (make_lstm, False),
+    "lstm_tied": (lambda: make_lstm(tie=True), False),
+    "gru": (lambda: make_lstm(cell="gru"), False),
+}
+
+# skeleton factories for custom modules (load_packed(path, skeleton=...))
+SKELETONS = {
+    "lstm": lambda: LSTMLM(),
+    "lstm_tied": lambda: LSTMLM(tie=True),
+    "gru": lambda: LSTMLM(cell="gru"),
+}
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return FACTORIES[name][0]()
+
+
+def main_output(out) -> torch.Tensor:
+    """The main tensor of a model output (logits / last hidden state / plain tensor)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is not None:
+        return logits
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is not None:
+        return hidden
+    return out[0]
+
+
+def sample_ids(seed: int = 1, batch: int = 2, length: int = 7) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, length), generator=g)
+
+
+@torch.no_grad()
+def run(model: nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
+    return main_output(model(sample_ids() if ids is None else ids))
