@@ -7,20 +7,10 @@ import sys
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from cli.main import main
-
-
-class PickledLSTM(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = torch.nn.Embedding(50, 16)
-        self.rnn = torch.nn.LSTM(16, 16, 2)
-        self.out = torch.nn.Linear(16, 50)
-
-    def forward(self, x):
-        return self.out(self.rnn(self.emb(x))[0])
+from tests.tiny_models import build
 
 
 def run_cli(args, capsys):
@@ -32,10 +22,8 @@ def run_cli(args, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_gpt2_dir(tmp_path_factory):
-    torch.manual_seed(0)
     d = tmp_path_factory.mktemp("gpt2")
-    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                               bos_token_id=0, eos_token_id=0)).save_pretrained(d)
+    build("gpt2").save_pretrained(d)
     return d
 
 
@@ -73,7 +61,7 @@ def test_flags_and_recipe(tiny_gpt2_dir, tmp_path, capsys):
 
 def test_pickled_module_needs_opt_in(tmp_path, capsys):
     path = tmp_path / "model.pt"
-    torch.save(PickledLSTM(), path)
+    torch.save(build("lstm"), path)
     code, _, err = run_cli([path, "--out", tmp_path / "o"], capsys)
     _one_line_error(code, err)
     assert "--trust-pickle" in err
