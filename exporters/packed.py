@@ -268,7 +268,7 @@ def load_packed(path, skeleton: nn.Module | None = None) -> nn.Module:
         model = build_from_config(source["hf_config"], source["model_class"])
     else:
         raise TritpressError(f"{path} was made from a custom nn.Module ({source['model_class']}); "
-                             "pass an instance of it as skeleton (CLI: --skeleton model.pt --trust-pickle)")
+                             "pass an instance of that class: load_packed(path, skeleton=...)")
     build_empty(model, meta["module_map"])
     _set_record(model, _record_from_meta(meta))
     state = {}
