@@ -37,10 +37,12 @@ def summary_lines(report: dict) -> list[str]:
                      f"({t['bits_per_weight_with_scales']:.4f} with scales; limit log2(3) = "
                      f"{t['information_limit']})")
     checks = report.get("checks", {})
-    if "ptq_vs_original" in checks:
-        c = checks["ptq_vs_original"]
-        lines.append(f"post-training ternary vs original output: cosine {c['cosine']:.4f}, relative L2 error "
-                     f"{c['relative_l2']:.3f} (post-training only, no fine-tuning: quality loss is expected)")
+    if "ternary_vs_original" in checks:
+        c = checks["ternary_vs_original"]
+        what = ("fine-tuned ternary vs original output" if c["fine_tuned"] else
+                "post-training ternary vs original output")
+        note = "" if c["fine_tuned"] else " (post-training only, no fine-tuning: quality loss is expected)"
+        lines.append(f"{what}: cosine {c['cosine']:.4f}, relative L2 error {c['relative_l2']:.3f}{note}")
     if "reload_vs_converted" in checks:
         c = checks["reload_vs_converted"]
         ok = "OK" if c["max_abs_diff"] == 0.0 and c["codes_bit_identical"] else "FAILED"
@@ -53,10 +55,33 @@ def summary_lines(report: dict) -> list[str]:
     return lines
 
 
+def training_table(training: dict) -> str:
+    """Held-out quality of the original, post-training ternary and QAT ternary models."""
+    quality = training["quality"]
+    names = {"original": "original (teacher)", "ternary_post_training": "ternary, post-training",
+             "ternary_qat": f"ternary, QAT {training['steps']} steps"}
+    metric_names = [k for k in ("ppl", "nll", "cosine_to_teacher", "nmse_to_teacher")
+                    if k in next(iter(quality.values()), {})]
+    rows = [[names[k]] + [f"{v[m]:.4f}" for m in metric_names] for k, v in quality.items()]
+    return tabulate(rows, headers=["model", *metric_names], disable_numparse=True)
+
+
+def training_lines(training: dict) -> list[str]:
+    final = training.get("final") or {}
+    losses = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "task", "kd", "hidden") if k in final)
+    return [f"training: {training['steps']} steps, {training['tokens']:,} tokens, {training['wall_s']:.1f} s, "
+            f"{training['world_size']} process(es) ({training['parallel']}); final {losses}",
+            f"held-out: {training['eval_source']}, {training['eval_sequences']} sequences",
+            "", training_table(training)]
+
+
 def render(report: dict) -> str:
     model = report["model"]
     blocks = report["structure"]["blocks"]
     head = f"model: {model['path']} ({model['model_class']}, {model['kind']})"
     if blocks:
         head += f"; block stack {blocks['path']}: {blocks['num_blocks']} x {blocks['block_type']}"
-    return "\n".join([head, "", size_table(report["size"]), "", *summary_lines(report)])
+    parts = [head, "", size_table(report["size"]), "", *summary_lines(report)]
+    if report.get("training"):
+        parts += ["", *training_lines(report["training"])]
+    return "\n".join(parts)

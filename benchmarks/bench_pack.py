@@ -47,7 +47,7 @@ from compressor.layers import QTensor, WeightFormat  # noqa: E402
 from compressor.transform import qtensor_formats  # noqa: E402
 from exporters import load_packed, save_packed  # noqa: E402
 from exporters import packed as packed_mod  # noqa: E402
-from exporters.packed import tie_groups  # noqa: E402
+from compressor.transform import tie_groups  # noqa: E402
 from exporters.packing import (MAX_TRIT_BYTE, TRITS_PER_BYTE, pack_trits, packed_trits_size,  # noqa: E402
                                unpack_trits)
 

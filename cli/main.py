@@ -18,8 +18,10 @@ from typer.core import TyperGroup
 from compressor.config import FLOAT_DTYPES, WEIGHT_FORMATS, TernaryConfig
 from compressor.errors import TritpressError
 from compressor.quantize import GRANULARITIES, TERNARY_METHODS
+from compressor.train import PARALLEL, QUANT_SCHEDULES, SCHEDULES, TrainConfig
 
 DEFAULTS = TernaryConfig()
+TRAIN = TrainConfig()
 
 
 class DefaultCommandGroup(TyperGroup):
@@ -47,6 +49,9 @@ Granularity = _choices("Granularity", GRANULARITIES)
 WeightFormatChoice = _choices("WeightFormat", WEIGHT_FORMATS)
 FloatDtype = _choices("FloatDtype", FLOAT_DTYPES)
 ActBits = _choices("ActBits", ["8"])
+Schedule = _choices("Schedule", SCHEDULES)
+QuantSchedule = _choices("QuantSchedule", QUANT_SCHEDULES)
+Parallel = _choices("Parallel", PARALLEL)
 
 
 def _value(choice):
@@ -100,6 +105,39 @@ def run(
     scale_dtype: Optional[FloatDtype] = typer.Option(None,
                                               help=f"Storage of scales [default: {DEFAULTS.scale_dtype}]."),
     exclude: Optional[List[str]] = typer.Option(None, help="Regex of module names to leave float (repeatable)."),
+    steps: Optional[int] = typer.Option(None, help="QAT optimizer steps with distillation from the original; "
+                                        f"0 = post-training only [default: {TRAIN.steps}]."),
+    data: Optional[str] = typer.Option(None, help="Training text: .txt/.jsonl/.json/.csv/.tsv/.parquet file, "
+                                       "pkg:ptb, or a HF dataset NAME[:CONFIG] (online)."),
+    text_column: Optional[str] = typer.Option(None, help=f"Text column of tabular data [default: {TRAIN.text_column}]."),
+    eval_data: Optional[str] = typer.Option(None, help="Held-out text [default: the last 5% of --data]."),
+    seq_len: Optional[int] = typer.Option(None, help=f"Tokens per training sequence [default: {TRAIN.seq_len}]."),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per optimizer step, all processes "
+                                             f"together [default: {TRAIN.batch_size}]."),
+    micro_batch_size: Optional[int] = typer.Option(None, help="Sequences per forward per process (gradient "
+                                                   "accumulation) [default: no accumulation]."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate [default: 2e-4 below 100M params, 1e-4 above]."),
+    weight_decay: Optional[float] = typer.Option(None, help=f"AdamW weight decay [default: {TRAIN.weight_decay}]."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Learning-rate warm-up steps [default: 10% of steps]."),
+    schedule: Optional[Schedule] = typer.Option(None, help=f"LR decay after warm-up [default: {TRAIN.schedule}]."),
+    quant_warmup: Optional[int] = typer.Option(None, help="Steps for lambda to reach 1 [default: half of steps]."),
+    quant_schedule: Optional[QuantSchedule] = typer.Option(None, help="lambda schedule: linear = min(step/"
+                                                           f"warmup, 1) [default: {TRAIN.quant_schedule}]."),
+    grad_clip: Optional[float] = typer.Option(None, help=f"Gradient-norm clip [default: {TRAIN.grad_clip}]."),
+    task_weight: Optional[float] = typer.Option(None, help=f"Next-token CE weight [default: {TRAIN.task_weight}]."),
+    kd_weight: Optional[float] = typer.Option(None, help=f"Logit KL / output MSE weight [default: {TRAIN.kd_weight}]."),
+    kd_temperature: Optional[float] = typer.Option(None, help=f"KD temperature [default: {TRAIN.kd_temperature}]."),
+    hidden_weight: Optional[float] = typer.Option(None, help="Per-block hidden-state MSE weight "
+                                                  f"[default: {TRAIN.hidden_weight}]."),
+    max_train_tokens: Optional[int] = typer.Option(None, help="Use at most this many training tokens [default: all]."),
+    eval_tokens: Optional[int] = typer.Option(None, help=f"Held-out tokens [default: {TRAIN.eval_tokens}]."),
+    seed: Optional[int] = typer.Option(None, help=f"Seed for data order and init [default: {TRAIN.seed}]."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Save training state every N steps "
+                                                   f"[default: {TRAIN.checkpoint_every}]."),
+    resume: Optional[bool] = typer.Option(None, "--resume", help="Continue from the last training checkpoint in --out."),
+    parallel: Optional[Parallel] = typer.Option(None, help=f"With several processes [default: {TRAIN.parallel}]."),
+    nproc: int = typer.Option(1, help="Start N local worker processes (torchrun); gloo on CPU, NCCL on GPU."),
+    max_restarts: int = typer.Option(0, help="With --nproc: elastic restarts after a worker fails."),
     check: Optional[bool] = typer.Option(None, "--check/--no-check",
                                          help="Compare outputs (original vs ternary, reload) [default: check]."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout instead of tables."),
@@ -114,20 +152,33 @@ def run(
     cfg = build_config(
         read_recipe(recipe) if recipe else {},
         {"model": model, "out": out, "config": config, "trust_pickle": trust_pickle, "check": check},
-        {"method": _value(method), "granularity": _value(granularity),
-         "act_bits": int(act_bits.value) if act_bits else None, "embedding": _value(embedding),
-         "head": _value(head), "outside_blocks": _value(outside_blocks), "float_dtype": _value(float_dtype),
-         "scale_dtype": _value(scale_dtype), "exclude": exclude or None},
+        {"quant": {"method": _value(method), "granularity": _value(granularity),
+                   "act_bits": int(act_bits.value) if act_bits else None, "embedding": _value(embedding),
+                   "head": _value(head), "outside_blocks": _value(outside_blocks),
+                   "float_dtype": _value(float_dtype), "scale_dtype": _value(scale_dtype),
+                   "exclude": exclude or None},
+         "train": {"steps": steps, "data": data, "text_column": text_column, "eval_data": eval_data,
+                   "seq_len": seq_len, "batch_size": batch_size, "micro_batch_size": micro_batch_size,
+                   "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
+                   "schedule": _value(schedule), "quant_warmup": quant_warmup,
+                   "quant_schedule": _value(quant_schedule), "grad_clip": grad_clip, "task_weight": task_weight,
+                   "kd_weight": kd_weight, "kd_temperature": kd_temperature, "hidden_weight": hidden_weight,
+                   "max_train_tokens": max_train_tokens, "eval_tokens": eval_tokens, "seed": seed,
+                   "checkpoint_every": checkpoint_every, "resume": resume, "parallel": _value(parallel)}},
     )
     if save_recipe:
         write_text(save_recipe, dump_recipe(cfg))
         typer.echo(f"recipe written to {save_recipe}")
         return
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(_launch_workers(nproc, max_restarts))
     _quiet_libraries()
     from analyzers.report import render
     from compressor.pipeline import compress
 
-    report = _with_progress(lambda on_stage: compress(cfg, on_stage), quiet=json_out)
+    report = _with_progress(lambda listener: compress(cfg, listener), quiet=json_out)
+    if report is None:  # a non-zero rank under torchrun: rank 0 reports
+        return
     if json_out:
         typer.echo(json.dumps(report, indent=2))
     else:
@@ -149,17 +200,66 @@ def info(packed: str = typer.Argument(..., help="A packed checkpoint (.safetenso
     typer.echo(json.dumps(size, indent=2) if json_out else size_table(size))
 
 
-def _with_progress(fn, quiet: bool):
-    """Run fn(on_stage) with a spinner naming the current stage (on stderr)."""
-    if quiet or not sys.stderr.isatty():
-        return fn(lambda stage: None if quiet else print(f"[{stage}]", file=sys.stderr, flush=True))
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+def _launch_workers(nproc: int, max_restarts: int) -> int:
+    """Re-run this very command under torchrun with N local workers (minus --nproc)."""
+    import subprocess
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task("starting")
-        return fn(lambda stage: progress.update(task, description=stage))
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a in ("--nproc", "--max-restarts"):
+            skip = True
+            continue
+        if a.startswith(("--nproc=", "--max-restarts=")):
+            continue
+        args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           f"--max-restarts={max_restarts}", "-m", "cli.main", *args]
+    return subprocess.call(cmd)
+
+
+class _PlainListener:
+    """Progress as plain lines on stderr (not a terminal, e.g. CI logs)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def stage(self, name):
+        if not self.quiet:
+            print(f"[{name}]", file=sys.stderr, flush=True)
+
+    def step(self, e, total):
+        if not self.quiet and (e["step"] == 1 or e["step"] % 10 == 0 or e["step"] == total):
+            print(f"step {e['step']}/{total} loss {e['loss']:.4f} lambda {e['lambda']:.2f} lr {e['lr']:.2e} "
+                  f"{e['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
+
+
+def _with_progress(fn, quiet: bool):
+    """Run fn(listener): a spinner per stage and a bar with loss, lambda, lr, tokens/s, ETA (stderr)."""
+    if quiet or not sys.stderr.isatty() or int(os.environ.get("RANK", "0")) != 0:
+        return fn(_PlainListener(quiet or int(os.environ.get("RANK", "0")) != 0))
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from compressor.pipeline import Listener
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                  transient=True) as progress:
+        task = progress.add_task("starting", total=None, info="")
+
+        class RichListener(Listener):
+            def stage(self, name):
+                progress.update(task, description=name, total=None, completed=0, info="")
+
+            def step(self, e, total):
+                progress.update(task, total=total, completed=e["step"],
+                                info=f"loss {e['loss']:.4f} λ {e['lambda']:.2f} lr {e['lr']:.1e} "
+                                     f"{e['tokens_per_s']:.0f} tok/s")
+
+        return fn(RichListener())
 
 
 def _click_exceptions(name: str) -> tuple:

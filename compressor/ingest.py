@@ -168,7 +168,7 @@ def _torch_load(path: Path, trust_pickle: bool):
     except pickle.UnpicklingError as e:
         # a well-formed pickle that the safe unpickler refuses needs code to load; bytes that
         # are no pickle at all are just not a checkpoint
-        if "Unsupported global" not in str(e) and not _is_pickle_stream(path):
+        if "unsupported global" not in str(e).lower() and not _is_pickle_stream(path):
             raise TritpressError(f"{path} is not a readable PyTorch checkpoint (invalid pickle data)") from e
         if not trust_pickle:
             raise UnsafeCheckpointError(

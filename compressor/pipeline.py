@@ -22,7 +22,8 @@ from .config import TernaryConfig
 from .errors import TritpressError
 from .fileio import refuse_overwrite_input, write_json
 from .ingest import load_model
-from .transform import convert, get_record
+from .train import TrainConfig
+from .transform import convert, get_record, prepare
 
 PACKED_NAME = "model.tritpress.safetensors"
 REPORT_NAME = "report.json"
@@ -35,6 +36,7 @@ class CompressConfig:
     config: str | None = None                    # HF config.json for a bare state_dict
     trust_pickle: bool = False                   # allow full unpickling of a saved nn.Module
     quant: TernaryConfig = field(default_factory=TernaryConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     check: bool = True                           # compare outputs: original vs ternary, converted vs reload
 
     def out_dir(self) -> Path:
@@ -44,13 +46,25 @@ class CompressConfig:
         return Path("runs") / (name or "model")
 
 
-def _noop(stage: str) -> None:
-    pass
+class Listener:
+    """Progress callbacks; the CLI draws them, the API default ignores them."""
+
+    def stage(self, name: str) -> None:
+        pass
+
+    def step(self, entry: dict, total: int) -> None:
+        pass
 
 
-def compress(cfg: CompressConfig, on_stage: Callable[[str], None] = _noop) -> dict:
+def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | None:
     """Run the pipeline; writes <out>/model.tritpress.safetensors and <out>/report.json.
-    Returns the report (the same dict as report.json)."""
+    Returns the report (the same dict as report.json). Under torchrun every rank trains;
+    only rank 0 packs, reports and returns the report (the others return None)."""
+    from .distributed import init_distributed
+
+    listener = listener or Listener()
+    on_stage = listener.stage
+    ctx = init_distributed()
     from analyzers import fidelity
     from analyzers.size import size_report
     from exporters.packed import load_packed, save_packed
@@ -73,10 +87,18 @@ def compress(cfg: CompressConfig, on_stage: Callable[[str], None] = _noop) -> di
     original_params = sum(p.numel() for p in original.parameters())  # unique: parameters() dedups ties
     done("ingest")
 
-    stage("quantize")
-    model = convert(copy.deepcopy(original), cfg.quant)
+    training = None
+    if cfg.train.steps > 0:
+        stage("train")
+        model, training = _fine_tune(cfg, loaded, ctx, listener)
+        done("train")
+        if not ctx.is_main:
+            return None
+    else:
+        stage("quantize")
+        model = convert(copy.deepcopy(original), cfg.quant)
+        done("quantize")
     record = get_record(model)
-    done("quantize")
 
     checks = {}
     if cfg.check:
@@ -85,7 +107,7 @@ def compress(cfg: CompressConfig, on_stage: Callable[[str], None] = _noop) -> di
             inputs = fidelity.example_inputs(original, loaded.tokenizer)
             ref = fidelity.run(original, inputs)
             ternary_out = fidelity.run(model, inputs)
-            checks["ptq_vs_original"] = fidelity.compare(ref, ternary_out)
+            checks["ternary_vs_original"] = {**fidelity.compare(ref, ternary_out), "fine_tuned": training is not None}
         except Exception as e:  # a custom forward we cannot call: report, do not fail
             checks["skipped"] = f"could not run the model on an example input: {type(e).__name__}: {e}"
         done("check")
@@ -116,6 +138,7 @@ def compress(cfg: CompressConfig, on_stage: Callable[[str], None] = _noop) -> di
         "structure": _structure_summary(record.structure),
         "quant_config": cfg.quant.to_dict(),
         "size": size_report(packed_path),
+        "training": training,
         "checks": checks,
         "timings_s": timings,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
@@ -124,6 +147,58 @@ def compress(cfg: CompressConfig, on_stage: Callable[[str], None] = _noop) -> di
     }
     write_json(report_path, report)
     return report
+
+
+def _fine_tune(cfg: CompressConfig, loaded, ctx, listener: Listener):
+    """prepare -> QAT with distillation from the original -> convert; quality before and after."""
+    from .data import lm_blocks, read_texts, tokenizer_fn
+    from .distributed import restarted_by_torchrun
+    from .structure import discover
+    from .train import ModelIO, evaluate, train_qat
+
+    teacher = loaded.model
+    n_params = sum(p.numel() for p in teacher.parameters())
+    tcfg = cfg.train.resolved(n_params)
+    if restarted_by_torchrun():
+        tcfg.resume = True  # an elastic restart continues from the last checkpoint
+    if not tcfg.data:
+        raise TritpressError("--steps needs training text: pass --data FILE, pkg:ptb or a dataset name")
+    texts = read_texts(tcfg.data, "train", tcfg.text_column)
+    vocab = max((m.num_embeddings for m in teacher.modules() if isinstance(m, torch.nn.Embedding)), default=None)
+    encode = tokenizer_fn(loaded.tokenizer, texts, vocab)
+    max_tokens = tcfg.max_train_tokens or None
+    blocks = lm_blocks(texts, encode, tcfg.seq_len, max_tokens)
+    n_eval = max(1, tcfg.eval_tokens // tcfg.seq_len)
+    if tcfg.eval_data:
+        eval_texts = read_texts(tcfg.eval_data, "validation", tcfg.text_column)
+        eval_blocks = lm_blocks(eval_texts, encode, tcfg.seq_len, n_eval * tcfg.seq_len)
+        eval_source = tcfg.eval_data
+    else:  # hold out the tail of DATA
+        n_eval = min(n_eval, max(1, len(blocks) // 20))
+        blocks, eval_blocks = blocks[:-n_eval], blocks[-n_eval:]
+        eval_source = f"last {n_eval} blocks of {tcfg.data} (held out from training)"
+    if len(blocks) < 1:
+        raise TritpressError("not enough training text left after holding out evaluation blocks")
+    structure = discover(teacher, cfg.quant.exclude)
+    io = ModelIO.discover(teacher, structure)
+    student = prepare(copy.deepcopy(teacher), cfg.quant)
+    quality = {}
+    if ctx.is_main:
+        quality["original"] = evaluate(io, teacher, eval_blocks, teacher)
+        quality["ternary_post_training"] = evaluate(io, convert(copy.deepcopy(student)), eval_blocks, teacher)
+    findings = train_qat(student, teacher, structure, blocks, tcfg, cfg.out_dir() / "train", ctx,
+                         on_step=lambda entry: listener.step(entry, tcfg.steps))
+    full_state = findings.pop("_full_state", None)
+    if not ctx.is_main:
+        return None, findings  # rank 0 packs and reports
+    if full_state is not None:  # FSDP: rebuild a plain student from the gathered weights
+        student = prepare(copy.deepcopy(teacher), cfg.quant)
+        student.load_state_dict(full_state)
+    model = convert(student)
+    quality["ternary_qat"] = evaluate(io, model, eval_blocks, teacher)
+    findings.update(config=dataclasses.asdict(tcfg), train_sequences=len(blocks), eval_source=eval_source,
+                    eval_sequences=len(eval_blocks), quality=quality)
+    return model, findings
 
 
 def _structure_summary(structure) -> dict:

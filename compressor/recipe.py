@@ -18,6 +18,9 @@ from pathlib import Path
 from .config import TernaryConfig
 from .errors import TritpressError
 from .pipeline import CompressConfig
+from .train import TrainConfig
+
+SECTIONS = {"quant": TernaryConfig, "train": TrainConfig}
 
 
 def read_recipe(path: str) -> dict:
@@ -44,20 +47,30 @@ def read_recipe(path: str) -> dict:
     return data
 
 
-def build_config(recipe: dict, overrides: dict, quant_overrides: dict) -> CompressConfig:
+def _section(cls, values: dict, name: str):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - fields
+    if unknown:
+        raise TritpressError(f"unknown [{name}] settings: {', '.join(sorted(unknown))}")
+    return cls(**values)
+
+
+def build_config(recipe: dict, overrides: dict, section_overrides: dict[str, dict]) -> CompressConfig:
     """Recipe values, then explicitly given flags (None = not given)."""
     recipe = dict(recipe)
-    quant = dict(recipe.pop("quant", {}) or {})
-    quant.update({k: v for k, v in quant_overrides.items() if v is not None})
+    sections = {name: dict(recipe.pop(name, {}) or {}) for name in SECTIONS}
+    for name, values in section_overrides.items():
+        sections[name].update({k: v for k, v in values.items() if v is not None})
     top = {**recipe, **{k: v for k, v in overrides.items() if v is not None}}
-    fields = {f.name for f in dataclasses.fields(CompressConfig)} - {"quant"}
+    fields = {f.name for f in dataclasses.fields(CompressConfig)} - set(SECTIONS)
     unknown = set(top) - fields
     if unknown:
         raise TritpressError(f"unknown recipe keys: {', '.join(sorted(unknown))}")
     if "model" not in top:
         raise TritpressError("no MODEL given (argument or `model = ...` in the recipe)")
     try:
-        return CompressConfig(quant=TernaryConfig.from_dict(quant), **top)
+        built = {name: _section(cls, sections[name], name) for name, cls in SECTIONS.items()}
+        return CompressConfig(**built, **top)
     except (TypeError, ValueError) as e:
         raise TritpressError(f"invalid setting: {e}") from e
 
@@ -76,10 +89,13 @@ def dump_recipe(cfg: CompressConfig) -> str:
     lines = []
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        if f.name != "quant" and v is not None:
+        if f.name not in SECTIONS and v is not None:
             lines.append(f"{f.name} = {value(v)}")
-    lines.append("\n[quant]")
-    for k, v in cfg.quant.to_dict().items():
-        if v is not None:
-            lines.append(f"{k} = {value(v)}")
+    for name in SECTIONS:
+        lines.append(f"\n[{name}]")
+        for k, v in dataclasses.asdict(getattr(cfg, name)).items():
+            if v is not None:
+                lines.append(f"{k} = {value(v)}")
+    lines.append("# train: lr = 0 means 2e-4 below 100M parameters, 1e-4 above; warmup_steps = -1 means 10% of\n"
+                 "# steps; quant_warmup = -1 means half of steps")
     return "\n".join(lines) + "\n"

@@ -123,6 +123,14 @@ def set_lambda(model: nn.Module, lam: float) -> None:
             m.lam = float(lam)
 
 
+def tie_groups(model: nn.Module) -> list[list[str]]:
+    """Groups of state_dict keys that are the same tensor (tied or shared weights)."""
+    groups: dict[int, list[str]] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(t), []).append(key)
+    return list(groups.values())
+
+
 def qtensor_formats(model: nn.Module) -> dict[str, WeightFormat]:
     """state_dict key prefix of every QTensor (alias included) -> its format."""
     return {name: m.fmt for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, QTensor)}

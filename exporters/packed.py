@@ -28,7 +28,7 @@ from compressor.ingest import SourceInfo, build_from_config
 from compressor.layers import QTensor, WeightFormat
 from compressor.structure import BlockStack, LayerInfo, ModelStructure
 from compressor.transform import (QuantRecord, _set_record, build_empty, get_record, qtensor_formats,
-                                  storage_dtypes)
+                                  storage_dtypes, tie_groups)
 
 from .packing import pack_int4, pack_trits, packed_int4_size, packed_trits_size, unpack_int4, unpack_trits
 
@@ -42,14 +42,6 @@ DTYPES = {str(d).removeprefix("torch."): d for d in
 
 def _dtype_name(d: torch.dtype) -> str:
     return str(d).removeprefix("torch.")
-
-
-def tie_groups(model: nn.Module) -> list[list[str]]:
-    """Groups of state_dict keys that are the same tensor (tied or shared weights)."""
-    groups: dict[int, list[str]] = {}
-    for key, t in model.state_dict(keep_vars=True).items():
-        groups.setdefault(id(t), []).append(key)
-    return [keys for keys in groups.values()]
 
 
 def component_of(key: str, record: QuantRecord, code_formats: dict) -> str:

@@ -18,7 +18,8 @@ from compressor import TernaryConfig, convert, get_record
 from compressor.errors import CorruptCheckpointError, TritpressError
 from compressor.ingest import SourceInfo
 from compressor.layers import QLinear, QTensor
-from exporters.packed import load_packed, read_metadata, save_packed, tie_groups
+from compressor.transform import tie_groups
+from exporters.packed import load_packed, read_metadata, save_packed
 from tests.tiny_models import FACTORIES, SKELETONS, build, run
 
 CONFIGS = {

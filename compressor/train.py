@@ -1,0 +1,389 @@
+"""Ternary quantization-aware fine-tuning with distillation from the original model.
+
+    student = prepare(copy.deepcopy(model), TernaryConfig())   # fake-quant, trainable
+    findings = train_qat(student, teacher=model, blocks=..., cfg=TrainConfig(steps=200))
+    model = convert(student)
+
+Loss = task_weight * next-token CE (causal LMs)
+     + kd_weight * KL(teacher || student) on logits at temperature T (models with an output head),
+       or normalized MSE on the main output (encoders without a head)
+     + hidden_weight * mean over blocks of the normalized MSE of block outputs (TernaryBERT-style).
+The quantization warm-up factor lambda (w + lambda*(q(w) - w)) rises from 0 to 1 over
+`quant_warmup` steps. Dropout is off (the student runs in eval mode): distillation from a
+deterministic teacher, and results that do not depend on the number of processes.
+
+The same function runs in one process or under torchrun (DDP, or FSDP2 with
+`parallel="fsdp"`): every step takes the same global batch of sequences whatever the world
+size; each rank takes an equal slice, so N processes reproduce one process's weights up to
+float summation order. Training state is checkpointed atomically every `checkpoint_every`
+steps and `resume=True` continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .distributed import DistContext
+from .errors import TritpressError
+from .fileio import atomic_path, write_json
+from .structure import ModelStructure
+from .transform import set_lambda, tie_groups
+
+SCHEDULES = ("cosine", "linear", "constant")
+QUANT_SCHEDULES = ("linear", "sigmoid", "none")
+PARALLEL = ("ddp", "fsdp")
+CRASH_ENV = "TRITPRESS_CRASH_AT_STEP"  # test hook: hard-exit after this step, as a kill would
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 0                 # optimizer steps; 0 = post-training quantization only
+    data: str | None = None        # training text: file, pkg:ptb, or HF dataset NAME[:CONFIG]
+    text_column: str = "text"
+    eval_data: str | None = None   # held-out text for before/after loss (default: DATA's held-out split)
+    seq_len: int = 128
+    batch_size: int = 8            # sequences per optimizer step, across all processes
+    micro_batch_size: int = 0      # sequences per forward per process; 0 = no accumulation
+    lr: float = 0.0                # 0 = by model size: 2e-4 below 100M params, 1e-4 above
+    weight_decay: float = 0.0
+    warmup_steps: int = -1         # learning-rate warm-up; -1 = 10% of steps
+    schedule: str = "cosine"       # cosine | linear | constant decay after warm-up
+    quant_warmup: int = -1         # steps for lambda to reach 1; -1 = half of steps
+    quant_schedule: str = "linear"  # linear: min(step/warmup, 1) | sigmoid | none (lambda = 1)
+    grad_clip: float = 1.0
+    task_weight: float = 1.0
+    kd_weight: float = 1.0
+    kd_temperature: float = 1.0
+    hidden_weight: float = 1.0
+    max_train_tokens: int = 0      # 0 = all of DATA
+    eval_tokens: int = 32768       # held-out tokens scored before and after
+    seed: int = 0
+    checkpoint_every: int = 50     # steps; 0 = never
+    resume: bool = False
+    parallel: str = "ddp"          # ddp | fsdp (with more than one process)
+
+    def __post_init__(self):
+        for name, allowed in (("schedule", SCHEDULES), ("quant_schedule", QUANT_SCHEDULES),
+                              ("parallel", PARALLEL)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.steps < 0 or self.seq_len < 2 or self.batch_size < 1:
+            raise ValueError("steps >= 0, seq_len >= 2 and batch_size >= 1 are required")
+
+    def resolved(self, n_params: int) -> "TrainConfig":
+        """Concrete values for the derived defaults."""
+        r = dataclasses.replace(self)
+        if r.lr <= 0:
+            r.lr = 2e-4 if n_params < 100_000_000 else 1e-4
+        if r.warmup_steps < 0:
+            r.warmup_steps = max(1, r.steps // 10)
+        if r.quant_warmup < 0:
+            r.quant_warmup = max(1, r.steps // 2)
+        return r
+
+
+def quant_lambda(step: int, cfg: TrainConfig) -> float:
+    """lambda at optimizer step `step` (0-based count of steps already taken)."""
+    if cfg.quant_schedule == "none" or cfg.quant_warmup <= 0:
+        return 1.0
+    x = min(step / cfg.quant_warmup, 1.0)
+    if cfg.quant_schedule == "linear":
+        return x
+    s = lambda v: 1.0 / (1.0 + math.exp(-12.0 * (v - 0.5)))  # noqa: E731
+    return (s(x) - s(0.0)) / (s(1.0) - s(0.0))
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ------------------------------------------------------------------ model calls
+
+
+@dataclass
+class ModelIO:
+    """How to call the model and read its output, discovered once from its structure."""
+
+    hf: bool                 # keyword input_ids (transformers) or positional ids (custom module)
+    seq_first: bool          # custom RNN models built with batch_first=False
+    has_head: bool           # output is logits over a vocabulary
+    causal: bool             # next-token prediction applies
+    block_paths: list[str]
+
+    @classmethod
+    def discover(cls, model: nn.Module, structure: ModelStructure) -> "ModelIO":
+        hf = hasattr(model, "config") and hasattr(model.config, "to_dict")
+        rnns = [m for m in model.modules() if isinstance(m, (nn.LSTM, nn.GRU, nn.RNN))]
+        seq_first = not hf and bool(rnns) and not all(getattr(r, "batch_first", False) for r in rnns)
+        name = type(model).__name__
+        causal = (not hf and bool(rnns)) or name.endswith(("ForCausalLM", "LMHeadModel")) \
+            or bool(getattr(getattr(model, "config", None), "is_decoder", False))
+        blocks = []
+        if structure.blocks is not None and structure.blocks.kind == "modulelist":
+            blocks = [f"{structure.blocks.path}.{i}" for i in range(structure.blocks.num_blocks)]
+        return cls(hf, seq_first, structure.head is not None, causal and structure.head is not None, blocks)
+
+    def forward(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        from analyzers.fidelity import first_float_output
+
+        if self.hf:
+            return first_float_output(model(input_ids=ids)).float()
+        if self.seq_first:
+            return first_float_output(model(ids.t())).float().transpose(0, 1)
+        return first_float_output(model(ids)).float()
+
+
+class BlockOutputs:
+    """Forward hooks that record each block's output (the hidden state it passes on)."""
+
+    def __init__(self, model: nn.Module, paths: list[str]):
+        self.outputs: list[torch.Tensor] = []
+        self.handles = [model.get_submodule(p).register_forward_hook(self._hook) for p in paths]
+
+    def _hook(self, module, args, output):
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        self.outputs.append(out)
+
+    def take(self) -> list[torch.Tensor]:
+        out, self.outputs = self.outputs, []
+        return out
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _nmse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MSE normalized by the teacher's mean square, per sequence, averaged over sequences:
+    scale-free across blocks and models, and a mean of per-sequence terms, so splitting a batch
+    across processes does not change it."""
+    s, t = student.float().flatten(1), teacher.float().flatten(1)
+    return ((s - t).pow(2).mean(1) / t.pow(2).mean(1).clamp(min=1e-8)).mean()
+
+
+def distill_losses(io: ModelIO, student, teacher, ids, s_blocks: BlockOutputs, t_blocks: BlockOutputs,
+                   cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        t_out = io.forward(teacher, ids)
+        t_hidden = t_blocks.take()
+    s_out = io.forward(student, ids)
+    s_hidden = s_blocks.take()
+    losses = {}
+    if io.has_head:
+        T = cfg.kd_temperature
+        losses["kd"] = F.kl_div(F.log_softmax(s_out / T, -1).flatten(0, -2), F.log_softmax(t_out / T, -1)
+                                .flatten(0, -2), log_target=True, reduction="batchmean") * T * T
+        if io.causal:
+            losses["task"] = F.cross_entropy(s_out[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    else:
+        losses["kd"] = _nmse(s_out, t_out)
+    if s_hidden:
+        losses["hidden"] = torch.stack([_nmse(s, t) for s, t in zip(s_hidden, t_hidden)]).mean()
+    weights = {"task": cfg.task_weight, "kd": cfg.kd_weight, "hidden": cfg.hidden_weight}
+    losses["loss"] = sum(weights[k] * v for k, v in losses.items())
+    return losses
+
+
+@torch.no_grad()
+def evaluate(io: ModelIO, model: nn.Module, blocks: torch.Tensor, teacher: nn.Module | None = None,
+             batch: int = 8) -> dict:
+    """Held-out quality: perplexity for causal LMs, agreement with the teacher otherwise."""
+    model.eval()
+    nll_sum, n_tokens, cos_sum, nmse_sum, n_batches = 0.0, 0, 0.0, 0.0, 0
+    for i in range(0, len(blocks), batch):
+        ids = blocks[i: i + batch]
+        out = io.forward(model, ids)
+        if io.causal:
+            nll_sum += float(F.cross_entropy(out[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
+            n_tokens += ids[:, 1:].numel()
+        elif teacher is not None:
+            ref = io.forward(teacher, ids)
+            cos_sum += float(F.cosine_similarity(out.mean(1), ref.mean(1), dim=-1).mean())
+            nmse_sum += float(_nmse(out, ref))
+            n_batches += 1
+    if io.causal:
+        return {"nll": nll_sum / n_tokens, "ppl": math.exp(nll_sum / n_tokens), "tokens": n_tokens}
+    if n_batches:
+        return {"cosine_to_teacher": cos_sum / n_batches, "nmse_to_teacher": nmse_sum / n_batches,
+                "sequences": len(blocks)}
+    return {}
+
+
+# ------------------------------------------------------------------ state
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def batch_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
+    """The global batch of step `step`: a seeded permutation per epoch, independent of world size."""
+    out = []
+    start = step * batch
+    while len(out) < batch:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.extend(perm[offset: offset + batch - len(out)].tolist())
+    return torch.tensor(out)
+
+
+# ------------------------------------------------------------------ loop
+
+
+def _wrap(student: nn.Module, ctx: DistContext, cfg: TrainConfig, io: ModelIO) -> nn.Module:
+    if not ctx.enabled:
+        return student
+    if cfg.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for path in io.block_paths:  # one unit per block; tied/shared tensors stay in the root unit
+            fully_shard(student.get_submodule(path))
+        return fully_shard(student)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(student, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+               find_unused_parameters=True)
+
+
+def _full_state(wrapped: nn.Module, student: nn.Module, optimizer, ctx: DistContext, cfg: TrainConfig):
+    if ctx.enabled and cfg.parallel == "fsdp":
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(wrapped, options=opts)
+        for keys in tie_groups(student):  # gathered copies of a tied tensor become one tensor again
+            if keys[0] in model_state:
+                for alias in keys[1:]:
+                    model_state[alias] = model_state[keys[0]]
+        return model_state, get_optimizer_state_dict(wrapped, optimizer, options=opts)
+    return student.state_dict(), optimizer.state_dict()
+
+
+def _load_full_state(wrapped, student, optimizer, model_state, optim_state, ctx, cfg):
+    if ctx.enabled and cfg.parallel == "fsdp":
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        set_model_state_dict(wrapped, model_state, options=opts)
+        set_optimizer_state_dict(wrapped, optimizer, optim_state, options=opts)
+        return
+    student.load_state_dict(model_state)
+    optimizer.load_state_dict(optim_state)
+
+
+def train_qat(student: nn.Module, teacher: nn.Module, structure: ModelStructure, train_blocks: torch.Tensor,
+              cfg: TrainConfig, state_dir: str | os.PathLike, ctx: DistContext | None = None,
+              on_step: Callable[[dict], None] | None = None) -> dict:
+    """Fine-tune the prepared `student` in place against the frozen `teacher`. Returns findings
+    (curves, timings, final losses). `cfg` must be `resolved()`."""
+    ctx = ctx or DistContext()
+    if cfg.batch_size % ctx.world:
+        raise TritpressError(f"batch size {cfg.batch_size} must be a multiple of the {ctx.world} processes")
+    local = cfg.batch_size // ctx.world
+    micro = cfg.micro_batch_size or local
+    if local % micro:
+        raise TritpressError(f"micro batch {micro} must divide the per-process batch {local}")
+    io = ModelIO.discover(student, structure)
+    teacher.eval().requires_grad_(False)
+    student.eval()  # dropout off: see module docstring
+    s_blocks, t_blocks = BlockOutputs(student, io.block_paths), BlockOutputs(teacher, io.block_paths)
+    wrapped = _wrap(student, ctx, cfg, io)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    state_dir = Path(state_dir)
+    ckpt_path = state_dir / "train_state.pt"
+    log_path = state_dir / "train_log.jsonl"
+    start, curve = 0, []
+    torch.manual_seed(cfg.seed)
+    if cfg.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file
+        _load_full_state(wrapped, student, optimizer, ckpt["model"], ckpt["optimizer"], ctx, cfg)
+        scheduler.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"])
+        start, curve = ckpt["step"], ckpt["curve"]
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda" else nullcontext())
+    crash_at = int(os.environ.get(CRASH_ENV, "0"))
+    t0, tokens_done = time.perf_counter(), 0
+    for step in range(start, cfg.steps):
+        lam = quant_lambda(step, cfg)
+        set_lambda(student, lam)
+        idx = batch_indices(step, len(train_blocks), cfg.batch_size, cfg.seed)
+        mine = train_blocks[idx[ctx.rank * local:(ctx.rank + 1) * local]].to(ctx.device)
+        sums: dict[str, float] = {}
+        for m0 in range(0, local, micro):
+            ids = mine[m0: m0 + micro]
+            last = m0 + micro >= local
+            sync = nullcontext() if (last or not hasattr(wrapped, "no_sync")) else wrapped.no_sync()
+            with sync, autocast:
+                losses = distill_losses(io, wrapped, teacher, ids, s_blocks, t_blocks, cfg)
+                (losses["loss"] * (len(ids) / local)).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(ids) / local
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if cfg.grad_clip > 0 else 0.0
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_done += cfg.batch_size * cfg.seq_len
+        metrics = ctx.all_reduce_mean(sums)
+        elapsed = time.perf_counter() - t0
+        entry = {"step": step + 1, **{k: round(v, 6) for k, v in metrics.items()}, "lambda": round(lam, 4),
+                 "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(grad_norm, 4),
+                 "tokens_per_s": round(tokens_done / elapsed, 1), "elapsed_s": round(elapsed, 2)}
+        curve.append(entry)
+        if ctx.is_main:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            if on_step:
+                on_step(entry)
+        done = step + 1
+        if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            model_state, optim_state = _full_state(wrapped, student, optimizer, ctx, cfg)
+            if ctx.is_main:
+                with atomic_path(ckpt_path) as tmp:
+                    torch.save({"step": done, "model": model_state, "optimizer": optim_state,
+                                "scheduler": scheduler.state_dict(), "rng": _rng_state(), "curve": curve,
+                                "config": dataclasses.asdict(cfg)}, tmp)
+            ctx.barrier()
+        if crash_at and done == crash_at:
+            os._exit(17)  # simulate a killed worker (tests)
+    set_lambda(student, 1.0)
+    s_blocks.remove()
+    t_blocks.remove()
+    final_state = None
+    if ctx.enabled and cfg.parallel == "fsdp":
+        final_state, _ = _full_state(wrapped, student, optimizer, ctx, cfg)
+    findings = {"steps": cfg.steps, "resumed_from": start, "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
+                "wall_s": round(time.perf_counter() - t0, 2), "final": curve[-1] if curve else None,
+                "world_size": ctx.world, "parallel": cfg.parallel if ctx.enabled else "none",
+                "curve": curve}
+    if final_state is not None:
+        findings["_full_state"] = final_state
+    if ctx.is_main and curve:
+        write_json(state_dir / "train_curve.json", curve)
+    return findings
