@@ -9,6 +9,9 @@ import importlib
 import json
 import os
 import sys
+
+# library progress bars (tqdm reads this when it is imported); our own display replaces them
+os.environ.setdefault("TQDM_DISABLE", "1")
 from enum import Enum
 from typing import List, Optional
 
@@ -60,7 +63,6 @@ def _value(choice):
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # library progress bars; we show our own stage display
     import warnings
     warnings.filterwarnings("ignore")
     try:

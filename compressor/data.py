@@ -15,6 +15,7 @@ import torch
 
 from .errors import TritpressError
 
+TEXT_SUFFIXES = (".txt", ".tokens", ".raw")
 TABULAR = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
 
@@ -32,15 +33,18 @@ def read_texts(spec: str, split: str = "train", column: str = "text") -> list[st
     if spec.startswith("pkg:"):
         return _bundled_texts(spec[4:], split)
     path = Path(spec)
+    suffix = path.suffix.lower()
     if path.is_file():
-        if path.suffix in ("", ".txt", ".tokens", ".raw"):
+        if suffix in ("", *TEXT_SUFFIXES):
             return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if path.suffix not in TABULAR:
+        if suffix not in TABULAR:
             raise TritpressError(f"unsupported data file {path.name}: use .txt, .jsonl, .json, .csv, .tsv, .parquet")
-        kw = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
-        ds = _datasets().load_dataset(TABULAR[path.suffix], data_files=str(path), split="train", **kw)
+        kw = {"delimiter": "\t"} if suffix == ".tsv" else {}
+        ds = _datasets().load_dataset(TABULAR[suffix], data_files=str(path), split="train", **kw)
     elif path.exists():
         raise TritpressError(f"{spec} is a folder; pass a data file")
+    elif suffix in TABULAR or suffix in TEXT_SUFFIXES:  # names a file, not a hub dataset
+        raise TritpressError(f"no such data file: {spec}")
     else:
         name, _, config = spec.partition(":")
         try:
@@ -76,7 +80,7 @@ class WordVocab:
     @classmethod
     def build(cls, texts: list[str], size: int) -> "WordVocab":
         counts = collections.Counter(w for t in texts for w in t.split())
-        words = [w for w, _ in counts.most_common(max(size - 2, 0)) if w not in ("<unk>", "<eos>")]
+        words = [w for w, _ in counts.most_common() if w not in ("<unk>", "<eos>")][: max(size - 2, 0)]
         return cls(["<unk>", "<eos>", *words][:size])
 
     def encode(self, text: str) -> list[int]:
@@ -88,6 +92,19 @@ class WordVocab:
         if not hasattr(self, "_index"):
             self._index = {w: i for i, w in enumerate(self.itos)}
         return self._index
+
+
+def token_vocab_size(model) -> int | None:
+    """Rows of the token embedding (not of a position table)."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        emb = None
+    if isinstance(emb, torch.nn.Embedding):
+        return emb.num_embeddings
+    # custom modules: the first embedding in module order is the token embedding by convention
+    return next((m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
 
 
 def tokenizer_fn(tokenizer, texts_for_vocab: list[str] | None = None, vocab_size: int | None = None

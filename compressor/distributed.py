@@ -48,7 +48,12 @@ def init_distributed() -> DistContext:
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # torchrun keeps one store across elastic restarts: a restarted group must not read the
+        # dead workers' addresses, so each attempt gets its own key prefix
+        store, _, _ = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+                                store=dist.PrefixStore(f"tritpress/attempt_{attempt}", store))
     return DistContext(rank, world, local_rank, device)
 
 

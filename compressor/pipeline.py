@@ -151,7 +151,7 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
 
 def _fine_tune(cfg: CompressConfig, loaded, ctx, listener: Listener):
     """prepare -> QAT with distillation from the original -> convert; quality before and after."""
-    from .data import lm_blocks, read_texts, tokenizer_fn
+    from .data import lm_blocks, read_texts, token_vocab_size, tokenizer_fn
     from .distributed import restarted_by_torchrun
     from .structure import discover
     from .train import ModelIO, evaluate, train_qat
@@ -164,8 +164,7 @@ def _fine_tune(cfg: CompressConfig, loaded, ctx, listener: Listener):
     if not tcfg.data:
         raise TritpressError("--steps needs training text: pass --data FILE, pkg:ptb or a dataset name")
     texts = read_texts(tcfg.data, "train", tcfg.text_column)
-    vocab = max((m.num_embeddings for m in teacher.modules() if isinstance(m, torch.nn.Embedding)), default=None)
-    encode = tokenizer_fn(loaded.tokenizer, texts, vocab)
+    encode = tokenizer_fn(loaded.tokenizer, texts, token_vocab_size(teacher))
     max_tokens = tcfg.max_train_tokens or None
     blocks = lm_blocks(texts, encode, tcfg.seq_len, max_tokens)
     n_eval = max(1, tcfg.eval_tokens // tcfg.seq_len)

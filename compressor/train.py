@@ -343,8 +343,9 @@ def train_qat(student: nn.Module, teacher: nn.Module, structure: ModelStructure,
                 losses = distill_losses(io, wrapped, teacher, ids, s_blocks, t_blocks, cfg)
                 (losses["loss"] * (len(ids) / local)).backward()
             for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * len(ids) / local
+                sums[k] = sums.get(k, 0.0) + v.detach().item() * len(ids) / local
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if cfg.grad_clip > 0 else 0.0
+        lr_used = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -352,7 +353,7 @@ def train_qat(student: nn.Module, teacher: nn.Module, structure: ModelStructure,
         metrics = ctx.all_reduce_mean(sums)
         elapsed = time.perf_counter() - t0
         entry = {"step": step + 1, **{k: round(v, 6) for k, v in metrics.items()}, "lambda": round(lam, 4),
-                 "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(grad_norm, 4),
+                 "lr": lr_used, "grad_norm": round(grad_norm, 4),
                  "tokens_per_s": round(tokens_done / elapsed, 1), "elapsed_s": round(elapsed, 2)}
         curve.append(entry)
         if ctx.is_main:
