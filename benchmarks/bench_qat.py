@@ -1,6 +1,6 @@
 """Benchmark of one ternary QAT + distillation training step against plain fp32 fine-tuning.
 
-    HF_HUB_OFFLINE=1 python benchmarks/bench_qat.py             # MiniLM + random small LLaMA (a few minutes, 2 cores)
+    HF_HUB_OFFLINE=1 python benchmarks/bench_qat.py             # MiniLM + random small LLaMA (see timing note)
     HF_HUB_OFFLINE=1 python benchmarks/bench_qat.py --full      # MiniLM + SmolLM2-135M (pretrained, slower)
     python benchmarks/bench_qat.py --models llama --batch 4 --seq-len 64 --repeats 5
 
@@ -22,6 +22,12 @@ skews all three alike:
   C/B is the cost of fake quantization, A/C the cost of distillation.
 
 All three run in eval mode (dropout off), as train_qat runs its student.
+
+Timing note: torch's default thread count is used unless --threads is given. On a machine that
+other torch jobs share, the default (one thread per core) suffers badly from oversubscription:
+the default run takes ~90 s on 2 idle cores, but ~10 min on 2 cores shared with two training
+jobs (5-10x slower, bimodal step times), where `--threads 1` ran the same steps 5-10x faster
+and steadier. Compare ratios, not absolute times, and prefer --threads 1 on a busy machine.
 
 Peak memory: each configuration runs again, alone, in its own subprocess (this script with
 `--config A|B|C --model KEY`), which reports the high-water mark of its own resident set
@@ -46,12 +52,9 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# train_qat logs float(loss) of tensors that require grad; torch warns about it every process
-warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -179,7 +182,7 @@ class Stepper:
         else:
             losses = self.task_losses(ids)
         (losses["loss"] * (len(ids) / local)).backward()
-        self.last_losses = {k: float(v) for k, v in losses.items()}
+        self.last_losses = {k: v.detach().item() for k, v in losses.items()}
         if self.tcfg.grad_clip > 0:
             float(torch.nn.utils.clip_grad_norm_(self.params, self.tcfg.grad_clip))
         self.optimizer.step()
