@@ -40,6 +40,7 @@ exec into the child's ru_maxrss, so every child would report at least the parent
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -69,7 +70,22 @@ CONFIGS = {
     "B": "fp32_finetune: original float model, task loss only, no teacher, no quantization",
     "C": "qat_no_teacher: prepare()d student, lambda=1, task loss only (B's loss), no teacher",
 }
-MODEL_KEYS = ("minilm", "llama")
+MODEL_KEYS = ("minilm", "llama", "smollm2-arch")
+# SmolLM2-135M's architecture with random weights: GPU timing needs no weight file
+SMOLLM2_ARCH = dict(hidden_size=576, num_hidden_layers=30, vocab_size=49152, intermediate_size=1536,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                    rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+DEVICE = torch.device("cpu")
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast():
+    # as train_qat: bf16 autocast on CUDA, plain fp32 on CPU
+    return torch.autocast("cuda", dtype=torch.bfloat16) if DEVICE.type == "cuda" else contextlib.nullcontext()
 TINY_LLAMA = dict(hidden_size=256, num_hidden_layers=4, vocab_size=8192, intermediate_size=768,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                   tie_word_embeddings=True)
@@ -115,6 +131,12 @@ def load(key: str, full: bool):
                           "model_class": lm.source.model_class}
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(SEED)
+    if key == "smollm2-arch":
+        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_ARCH)).float().eval()
+        return model, {"name": "smollm2-arch-random",
+                       "source": f"LlamaForCausalLM(LlamaConfig(**{SMOLLM2_ARCH})): SmolLM2-135M's architecture, "
+                                 f"RANDOMLY INITIALIZED (timing only)", "pretrained": False,
+                       "model_class": type(model).__name__, "config": SMOLLM2_ARCH}
     model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).float().eval()
     return model, {"name": "llama-tiny-random",
                    "source": f"transformers LlamaForCausalLM(LlamaConfig(**{TINY_LLAMA})), RANDOMLY INITIALIZED "
@@ -130,9 +152,9 @@ def make_batch(model, io: ModelIO, batch: int, seq_len: int):
     target = None
     if not io.causal:
         with torch.no_grad():
-            width = io.forward(model, ids[:1]).shape[-1]
-        target = torch.randn(batch, seq_len, width, generator=g)
-    return ids, target
+            width = io.forward(model, ids[:1].to(DEVICE)).shape[-1]
+        target = torch.randn(batch, seq_len, width, generator=g).to(DEVICE)
+    return ids.to(DEVICE), target
 
 
 def train_config(n_params: int, steps: int, batch: int, seq_len: int) -> TrainConfig:
@@ -176,12 +198,13 @@ class Stepper:
         if self.kind != "B":
             set_lambda(self.model, 1.0)
         local = len(ids)
-        if self.kind == "A":
-            losses = distill_losses(self.io, self.model, self.teacher, ids, self.s_blocks, self.t_blocks,
-                                    self.tcfg)
-        else:
-            losses = self.task_losses(ids)
-        (losses["loss"] * (len(ids) / local)).backward()
+        with autocast():
+            if self.kind == "A":
+                losses = distill_losses(self.io, self.model, self.teacher, ids, self.s_blocks, self.t_blocks,
+                                        self.tcfg)
+            else:
+                losses = self.task_losses(ids)
+            (losses["loss"] * (len(ids) / local)).backward()
         self.last_losses = {k: v.detach().item() for k, v in losses.items()}
         if self.tcfg.grad_clip > 0:
             float(torch.nn.utils.clip_grad_norm_(self.params, self.tcfg.grad_clip))
@@ -256,6 +279,7 @@ def ratio(num: list[float], den: list[float]) -> dict:
 def bench_timing(key: str, args) -> dict:
     log(f"[{key}] load")
     model, desc = load(key, args.full)
+    model.to(DEVICE)
     n_params = sum(p.numel() for p in model.parameters())
     structure = discover(model, TernaryConfig().exclude)
     io = ModelIO.discover(model, structure)
@@ -267,7 +291,7 @@ def bench_timing(key: str, args) -> dict:
                             "KD (NMSE of last_hidden_state vs teacher) + hidden-state NMSE"),
                       "B": "next-token CE" if io.causal else "MSE(last_hidden_state, fixed random target)",
                       "C": "next-token CE" if io.causal else "MSE(last_hidden_state, fixed random target)"}}
-    if not args.no_check:
+    if not args.no_check and DEVICE.type == "cpu":
         log(f"[{key}] checking the A step against train_qat (2 steps)")
         res["replica_check"] = check_replica(model, structure, io, ids[:2, :32], n_params)
         log(f"[{key}]   replica ok={res['replica_check']['ok']} "
@@ -286,8 +310,10 @@ def bench_timing(key: str, args) -> dict:
         line = []
         for k in order:
             gc.collect()
+            sync()
             t, c = time.perf_counter(), time.process_time()
             steppers[k].step(ids)
+            sync()
             dt, dc = time.perf_counter() - t, time.process_time() - c
             line.append(f"{k}={dt:.3f}s")
             if r >= args.warmup:
@@ -315,6 +341,7 @@ def child_main(args, json_out) -> int:
     """Set up ONE configuration, reset the RSS high-water mark, run a few steps, report it."""
     key, kind = args.model, args.config
     model, desc = load(key, args.full)
+    model.to(DEVICE)
     n_params = sum(p.numel() for p in model.parameters())
     structure = discover(model, TernaryConfig().exclude)
     io = ModelIO.discover(model, structure)
@@ -329,12 +356,21 @@ def child_main(args, json_out) -> int:
     hwm_load_kb = proc_status_kb("VmHWM")
     rss_setup_kb = proc_status_kb("VmRSS")
     reset = reset_hwm()
+    if DEVICE.type == "cuda":
+        sync()
+        setup_gpu = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.mem_steps):
         t = time.perf_counter()
         stepper.step(ids)
+        sync()
         times.append(round(time.perf_counter() - t, 4))
     hwm_steps_kb = proc_status_kb("VmHWM")
+    gpu = {}
+    if DEVICE.type == "cuda":
+        gpu = {"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+               "gpu_after_setup_mb": round(setup_gpu / 2**20, 1)}
     out = {"model": key, "name": desc["name"], "config": kind, "steps": args.mem_steps,
            "peak_rss_mb": mb(hwm_steps_kb if reset else max(hwm_steps_kb, hwm_load_kb)),
            "peak_rss_during_steps_only": reset,
@@ -342,7 +378,7 @@ def child_main(args, json_out) -> int:
            "training_increment_mb": mb((hwm_steps_kb if reset else max(hwm_steps_kb, hwm_load_kb)) - rss_setup_kb),
            "peak_rss_incl_loading_mb": mb(max(hwm_load_kb, hwm_steps_kb)),
            "ru_maxrss_mb_unreliable": mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss),
-           "step_times_s_not_interleaved": times}
+           "step_times_s_not_interleaved": times, **gpu}
     json_out.write(json.dumps(out) + "\n")
     json_out.flush()
     return 0
@@ -353,7 +389,7 @@ def bench_memory(key: str, args) -> dict:
     for kind in ("A", "B", "C"):
         cmd = [sys.executable, os.path.abspath(__file__), "--config", kind, "--model", key,
                "--threads", str(args.threads), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
-               "--mem-steps", str(args.mem_steps)]
+               "--mem-steps", str(args.mem_steps), "--device", str(DEVICE)]
         if args.full:
             cmd.append("--full")
         log(f"[{key}] memory: subprocess for config {kind}")
@@ -368,6 +404,9 @@ def bench_memory(key: str, args) -> dict:
     if all("peak_rss_mb" in res.get(k, {}) for k in ("A", "B", "C")):
         res["peak_ratio_A_over_B"] = round(res["A"]["peak_rss_mb"] / res["B"]["peak_rss_mb"], 3)
         res["peak_ratio_C_over_B"] = round(res["C"]["peak_rss_mb"] / res["B"]["peak_rss_mb"], 3)
+    if all("peak_gpu_mb" in res.get(k, {}) for k in ("A", "B", "C")):
+        res["peak_gpu_ratio_A_over_B"] = round(res["A"]["peak_gpu_mb"] / res["B"]["peak_gpu_mb"], 3)
+        res["peak_gpu_ratio_C_over_B"] = round(res["C"]["peak_gpu_mb"] / res["B"]["peak_gpu_mb"], 3)
     return res
 
 
@@ -376,7 +415,8 @@ def bench_memory(key: str, args) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="LM = pretrained SmolLM2-135M instead of a random tiny LLaMA")
-    ap.add_argument("--models", default="minilm,llama", help="comma list of: minilm, llama")
+    ap.add_argument("--models", default="minilm,llama", help="comma list of: " + ", ".join(MODEL_KEYS))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast, as train_qat on a GPU)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds of A B C")
@@ -389,6 +429,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", choices=sorted(CONFIGS), help=argparse.SUPPRESS)  # internal: memory child
     ap.add_argument("--model", choices=MODEL_KEYS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
 
     # keep stdout for the one JSON object: anything else written to fd 1 goes to stderr
     json_out = os.fdopen(os.dup(1), "w")
@@ -430,7 +472,8 @@ def main(argv=None) -> int:
                 "transformers": __import__("transformers").__version__,
                 "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                 "machine": platform.machine(), "load_avg_at_start": load_avg,
-                "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE")},
+                "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE"), "device": str(DEVICE),
+                "gpu": torch.cuda.get_device_name() if DEVICE.type == "cuda" else None},
         "models": {},
     }
     failures = []
@@ -463,7 +506,8 @@ def main(argv=None) -> int:
               "A_over_B_paired": m["ratios"]["A_over_B"]["paired_median"],
               "meets_target_A_over_B_le_1.3": m["meets_target_A_over_B_le_1.3"],
               "tokens_per_s": {k: m["steps"][k]["tokens_per_s"] for k in ("A", "B", "C")},
-              "peak_rss_mb": {k: m.get("memory", {}).get(k, {}).get("peak_rss_mb") for k in ("A", "B", "C")}}
+              "peak_rss_mb": {k: m.get("memory", {}).get(k, {}).get("peak_rss_mb") for k in ("A", "B", "C")},
+              "peak_gpu_mb": {k: m.get("memory", {}).get(k, {}).get("peak_gpu_mb") for k in ("A", "B", "C")}}
         for key, m in result["models"].items() if "steps" in m}
     result["total_s"] = round(time.perf_counter() - t_all, 2)
     result["failures"] = failures

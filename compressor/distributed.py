@@ -23,7 +23,9 @@ class DistContext:
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        # a 1-process torchrun job has a process group too: DDP/FSDP and NCCL run as they
+        # would on many processes (the only way to exercise them on a single GPU)
+        return self.world > 1 or (dist.is_available() and dist.is_initialized())
 
     def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
         if not self.enabled or not values:
@@ -47,7 +49,8 @@ def init_distributed() -> DistContext:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if (world > 1 or under_torchrun) and not dist.is_initialized():
         # torchrun keeps one store across elastic restarts: a restarted group must not read the
         # dead workers' addresses, so each attempt gets its own key prefix
         store, _, _ = next(dist.rendezvous("env://"))

@@ -33,12 +33,12 @@ class WeightFormat:
     def is_float(self) -> bool:
         return self.kind in FLOAT_DTYPES
 
-    def quantize(self, w: torch.Tensor):
-        """-> (int8 codes, float32 scales already rounded to scale_dtype)."""
+    def quantize(self, w: torch.Tensor, dtype=torch.int8):
+        """-> (codes as `dtype`, float32 scales already rounded to scale_dtype)."""
         if self.kind == "ternary":
-            codes, scale = quantize_ternary(w, self.method, self.granularity)
+            codes, scale = quantize_ternary(w, self.method, self.granularity, dtype)
         elif self.kind in ("int8", "int4"):
-            codes, scale = quantize_rows(w, int(self.kind[3:]))
+            codes, scale = quantize_rows(w, int(self.kind[3:]), dtype)
         else:
             raise ValueError(f"{self.kind} is not an integer format")
         return codes, scale.to(FLOAT_DTYPES[self.scale_dtype]).float()
@@ -47,11 +47,22 @@ class WeightFormat:
         """The weight the forward pass sees during QAT (straight-through gradient)."""
         if self.is_float:
             return ste(w, w.detach().to(FLOAT_DTYPES[self.kind]).to(w.dtype), lam)
-        codes, scale = self.quantize(w)
-        return ste(w, dequantize(codes, scale, w.dtype), lam)
+        with torch.no_grad():  # float codes: the same values as convert() stores, two passes fewer
+            codes, scale = self.quantize(w, torch.float32)
+            q = codes.mul_(_expand_scale(scale, codes)).to(w.dtype)
+        return ste(w, q, lam)
+
+    @property
+    def per_row(self) -> bool:
+        """Each row's codes and scale depend on that row alone (int formats, per-channel ternary)."""
+        return self.kind in ("int8", "int4") or (self.kind == "ternary" and self.granularity == "channel")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _expand_scale(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return scale.reshape([-1] + [1] * (like.dim() - 1)) if scale.numel() > 1 else scale.reshape([1] * like.dim())
 
 
 class QTensor(nn.Module):
@@ -111,6 +122,12 @@ class FakeQuantEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
 
     def forward(self, ids):
+        if self.fmt.per_row:
+            # rows are quantized independently, so quantizing only the looked-up rows gives the
+            # same values and gradients as quantizing the table, at a fraction of the cost
+            # (a 49k-row vocabulary vs a batch of a few thousand tokens)
+            rows = F.embedding(ids, self.weight, self.padding_idx)
+            return self.fmt.fake(rows.reshape(-1, rows.shape[-1]), self.lam).reshape(rows.shape)
         return F.embedding(ids, self.fmt.fake(self.weight, self.lam), self.padding_idx)
 
 

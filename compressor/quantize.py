@@ -28,15 +28,15 @@ def _expand(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return scale.reshape([-1] + [1] * (like.dim() - 1))
 
 
-def ternary_absmean(w: torch.Tensor, per_channel: bool = False):
+def ternary_absmean(w: torch.Tensor, per_channel: bool = False, dtype=torch.int8):
     """BitNet b1.58: alpha = mean|W|, codes = clamp(round(W / (alpha + eps)), -1, 1)."""
     w = w.detach().float()
     alpha = _reduce_abs_mean(w, per_channel)
     codes = torch.clamp(torch.round(w / (_expand(alpha, w) + EPS)), -1, 1)
-    return codes.to(torch.int8), alpha
+    return codes.to(dtype), alpha
 
 
-def ternary_twn(w: torch.Tensor, per_channel: bool = False):
+def ternary_twn(w: torch.Tensor, per_channel: bool = False, dtype=torch.int8):
     """Ternary Weight Networks: delta = 0.7 mean|W|; alpha = mean of |w| over |w| > delta."""
     w = w.detach().float()
     delta = 0.7 * _reduce_abs_mean(w, per_channel)
@@ -50,19 +50,21 @@ def ternary_twn(w: torch.Tensor, per_channel: bool = False):
         s = kept.sum().reshape(1)
     alpha = torch.where(n > 0, s / n.clamp(min=1), torch.zeros_like(s))
     codes = torch.sign(w) * mask
-    return codes.to(torch.int8), alpha
+    return codes.to(dtype), alpha
 
 
-def quantize_ternary(w: torch.Tensor, method: str = "absmean", granularity: str = "tensor"):
+def quantize_ternary(w: torch.Tensor, method: str = "absmean", granularity: str = "tensor", dtype=torch.int8):
+    """-> (codes in {-1, 0, 1} as `dtype`, float32 scales). A float `dtype` saves the QAT forward
+    two conversions per weight."""
     if method not in TERNARY_METHODS:
         raise ValueError(f"unknown ternary method {method!r} (choose from {', '.join(TERNARY_METHODS)})")
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r} (choose from {', '.join(GRANULARITIES)})")
     fn = ternary_absmean if method == "absmean" else ternary_twn
-    return fn(w, per_channel=granularity == "channel")
+    return fn(w, per_channel=granularity == "channel", dtype=dtype)
 
 
-def quantize_rows(w: torch.Tensor, bits: int):
+def quantize_rows(w: torch.Tensor, bits: int, dtype=torch.int8):
     """Symmetric absmax integer quantization, one scale per row (int8: [-127, 127], int4: [-7, 7])."""
     if bits not in (4, 8):
         raise ValueError(f"row quantization supports 4 or 8 bits, not {bits}")
@@ -72,18 +74,32 @@ def quantize_rows(w: torch.Tensor, bits: int):
     scale = absmax / qmax
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = torch.clamp(torch.round(w / _expand(safe, w)), -qmax, qmax)
-    return codes.to(torch.int8), scale
+    return codes.to(dtype), scale
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return codes.to(dtype) * _expand(scale.to(dtype), codes)
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward returns the precomputed `q`; backward passes the gradient to `w` unchanged.
+    One node instead of the sub/detach/add chain of `w + (q - w).detach()`."""
+
+    @staticmethod
+    def forward(ctx, w, q):
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 def ste(w: torch.Tensor, q: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
     """Straight-through estimator with warm-up: forward sees w + lam*(q - w), gradient flows to w."""
-    if lam == 1.0:
-        return w + (q - w).detach()
-    return w + lam * (q - w).detach()
+    q = q.detach()
+    if lam != 1.0:
+        q = torch.lerp(w.detach(), q, lam)
+    return _StraightThrough.apply(w, q)
 
 
 def quantize_activations_int8(x: torch.Tensor, lam: float = 1.0) -> torch.Tensor:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import inspect
 import math
 import os
 import random
@@ -147,7 +148,10 @@ class ModelIO:
         from analyzers.fidelity import first_float_output
 
         if self.hf:
-            return first_float_output(model(input_ids=ids)).float()
+            # no KV cache: training and scoring use one full-sequence forward
+            inner = getattr(model, "module", model)  # DDP wraps the model
+            kwargs = {"use_cache": False} if "use_cache" in inspect.signature(inner.forward).parameters else {}
+            return first_float_output(model(input_ids=ids, **kwargs)).float()
         if self.seq_first:
             return first_float_output(model(ids.t())).float().transpose(0, 1)
         return first_float_output(model(ids)).float()
@@ -298,8 +302,9 @@ def _load_full_state(wrapped, student, optimizer, model_state, optim_state, ctx,
 def train_qat(student: nn.Module, teacher: nn.Module, structure: ModelStructure, train_blocks: torch.Tensor,
               cfg: TrainConfig, state_dir: str | os.PathLike, ctx: DistContext | None = None,
               on_step: Callable[[dict], None] | None = None) -> dict:
-    """Fine-tune the prepared `student` in place against the frozen `teacher`. Returns findings
-    (curves, timings, final losses). `cfg` must be `resolved()`."""
+    """Fine-tune the prepared `student` in place against the frozen `teacher`, on the process's
+    device (its GPU under CUDA, bf16 autocast), and leave it on the CPU. Returns findings (curves,
+    timings, final losses). `cfg` must be `resolved()`. The teacher comes back unchanged."""
     ctx = ctx or DistContext()
     if cfg.batch_size % ctx.world:
         raise TritpressError(f"batch size {cfg.batch_size} must be a multiple of the {ctx.world} processes")
@@ -308,7 +313,11 @@ def train_qat(student: nn.Module, teacher: nn.Module, structure: ModelStructure,
     if local % micro:
         raise TritpressError(f"micro batch {micro} must divide the per-process batch {local}")
     io = ModelIO.discover(student, structure)
-    teacher.eval().requires_grad_(False)
+    # the caller's teacher is borrowed: frozen and moved for the run, given back as it came
+    teacher_device = next(teacher.parameters()).device
+    teacher_grad = [p.requires_grad for p in teacher.parameters()]
+    teacher.eval().requires_grad_(False).to(ctx.device)
+    student.to(ctx.device)
     student.eval()  # dropout off: see module docstring
     s_blocks, t_blocks = BlockOutputs(student, io.block_paths), BlockOutputs(teacher, io.block_paths)
     wrapped = _wrap(student, ctx, cfg, io)
@@ -376,12 +385,18 @@ def train_qat(student: nn.Module, teacher: nn.Module, structure: ModelStructure,
     set_lambda(student, 1.0)
     s_blocks.remove()
     t_blocks.remove()
+    for p, flag in zip(teacher.parameters(), teacher_grad):
+        p.requires_grad_(flag)
+    teacher.to(teacher_device)
     final_state = None
     if ctx.enabled and cfg.parallel == "fsdp":
         final_state, _ = _full_state(wrapped, student, optimizer, ctx, cfg)
+    else:
+        student.to("cpu")  # convert and pack run on the CPU
     findings = {"steps": cfg.steps, "resumed_from": start, "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
                 "wall_s": round(time.perf_counter() - t0, 2), "final": curve[-1] if curve else None,
                 "world_size": ctx.world, "parallel": cfg.parallel if ctx.enabled else "none",
+                "device": str(ctx.device), "bf16_autocast": ctx.device.type == "cuda",
                 "curve": curve}
     if final_state is not None:
         findings["_full_state"] = final_state

@@ -238,3 +238,24 @@ def test_weight_format_fake_gradient_is_straight_through():
     c = torch.arange(6.0).reshape(2, 3)
     (fq * c).sum().backward()
     assert torch.equal(w.grad, c)
+
+
+@pytest.mark.parametrize("kind,granularity", [("int8", "tensor"), ("int4", "tensor"), ("ternary", "channel")])
+def test_embedding_quantizes_looked_up_rows_like_the_table(kind, granularity):
+    """The per-row shortcut in FakeQuantEmbedding must equal fake-quantizing the whole table."""
+    from compressor.layers import FakeQuantEmbedding, WeightFormat
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 12, padding_idx=0)
+    fmt = WeightFormat(kind, granularity=granularity)
+    fq = FakeQuantEmbedding(emb, fmt)
+    fq.lam = 0.7
+    ids = torch.randint(0, 50, (3, 9))
+    out = fq(ids)
+    out.pow(2).sum().backward()
+    grad_fast = emb.weight.grad.clone()
+    emb.weight.grad = None
+    ref = torch.nn.functional.embedding(ids, fmt.fake(emb.weight, 0.7), 0)
+    ref.pow(2).sum().backward()
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(grad_fast, emb.weight.grad, rtol=0, atol=1e-6)
