@@ -130,6 +130,35 @@ class TiedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class TiedQLinear(nn.Module):
+    """A head tied to a quantized embedding, dequantizing the shared codes (ONNX Runtime
+    constant-folds Cast/Mul/Transpose of an initializer once, at load)."""
+
+    def __init__(self, qweight: QTensor, bias, act_bits):
+        super().__init__()
+        self.qweight, self.bias, self.act_bits = qweight, bias, act_bits
+
+    def forward(self, x):
+        if self.act_bits == 8:
+            x = quantize_activations_int8(x)
+        return F.linear(x, self.qweight.dequantize(x.dtype), self.bias)
+
+
+class U8Embedding(nn.Module):
+    """An int8 embedding whose table is stored as codes + 128 (uint8): the very bytes of the
+    tied head's 8-bit MatMulNBits weight, so the rewrite lets both read one initializer."""
+
+    def __init__(self, qweight: QTensor, padding_idx=None):
+        super().__init__()
+        self.register_buffer("table_u8", (qweight.codes.to(torch.int16) + 128).to(torch.uint8))
+        self.register_buffer("scale", qweight.scale.clone())
+        self.padding_idx = padding_idx
+
+    def forward(self, ids):
+        rows = self.table_u8[ids].float() - 128.0
+        return rows * (self.scale[ids].unsqueeze(-1) if self.scale.numel() > 1 else self.scale)
+
+
 def _float_rnn(q: QRNN, param: Callable) -> nn.Module:
     rnn = copy.deepcopy(q._template).to_empty(device="cpu")
     for n, _ in list(rnn.named_parameters()):
@@ -137,9 +166,11 @@ def _float_rnn(q: QRNN, param: Callable) -> nn.Module:
     return rnn
 
 
-def float_twin(model: nn.Module) -> tuple[nn.Module, dict[int, tuple]]:
-    """A float copy of a converted model for export, and id(parameter) -> (QTensor, layout)
-    for every dequantized weight (layout "t": stored transposed, "rows": as the QTensor)."""
+def float_twin(model: nn.Module, fmt: str = "float") -> tuple[nn.Module, dict[int, tuple]]:
+    """A copy of a converted model for export, and id(tensor) -> (QTensor, layout) for every
+    dequantized weight (layout "t": stored transposed, "rows": as the QTensor; "table": the
+    uint8 table of a U8Embedding). For `float` every weight is a float Parameter; otherwise
+    embeddings keep their integer codes (Gather on int8: never a whole float table per run)."""
     if get_record(model) is None or not get_record(model).converted:
         raise TritpressError("ONNX export needs a converted model (compressor.convert or load_packed)")
     twin = copy.deepcopy(model)
@@ -158,15 +189,27 @@ def float_twin(model: nn.Module) -> tuple[nn.Module, dict[int, tuple]]:
             origin[id(p)] = (qt, layout)
         return params[key]
 
+    # int8 tables shared with a head: under matmulnbits the head is an 8-bit MatMulNBits and the
+    # embedding gathers from the same uint8 bytes
+    heads = {id(m.qweight) for m in modules.values() if isinstance(m, QLinear)}
+    u8_tables = {q for q in rows & heads if fmt == "matmulnbits"} - {
+        id(m.qweight) for m in modules.values() if isinstance(m, QEmbedding) and m.qweight.fmt.kind != "int8"}
     replaced: dict[int, nn.Module] = {}  # a module placed at several paths is replaced by one twin
     for name, m in modules.items():
         if not isinstance(m, (QLinear, QEmbedding, QRNN)) or not name:
             continue
         if id(m) not in replaced:
-            if isinstance(m, QLinear):
-                tied = id(m.qweight) in rows
-                new = (TiedLinear(param(m.qweight, "rows"), m.bias, m.act_bits) if tied
-                       else MatMulLinear(param(m.qweight, "t"), m.bias, m.act_bits))
+            tied = id(m.qweight) in rows if not isinstance(m, QRNN) else False
+            if isinstance(m, QLinear) and (not tied or id(m.qweight) in u8_tables):
+                new = MatMulLinear(param(m.qweight, "t"), m.bias, m.act_bits)
+            elif isinstance(m, QLinear):
+                new = (TiedLinear(param(m.qweight, "rows"), m.bias, m.act_bits) if fmt == "float"
+                       else TiedQLinear(m.qweight, m.bias, m.act_bits))
+            elif isinstance(m, QEmbedding) and id(m.qweight) in u8_tables:
+                new = U8Embedding(m.qweight, m.padding_idx)
+                origin[id(new.table_u8)] = (m.qweight, "table")
+            elif isinstance(m, QEmbedding) and fmt != "float":
+                new = m
             elif isinstance(m, QEmbedding):
                 new = nn.Embedding.from_pretrained(param(m.qweight, "rows"), freeze=True,
                                                    padding_idx=m.padding_idx)
@@ -181,17 +224,21 @@ def float_twin(model: nn.Module) -> tuple[nn.Module, dict[int, tuple]]:
 
 def quant_weights(twin: nn.Module, origin: dict[int, tuple], prefix: str = "") -> dict:
     """Initializer name (every alias) -> QuantWeight, in the layout the twin exports."""
-    from .onnx_quant import QuantWeight
+    from .onnx_quant import QuantWeight, TableOf
 
     out = {}
-    for name, p in twin.named_parameters(remove_duplicate=False):
+    tensors = [*twin.named_parameters(remove_duplicate=False), *twin.named_buffers(remove_duplicate=False)]
+    for name, p in tensors:
         if id(p) not in origin:
             continue
         qt, layout = origin[id(p)]
+        if layout == "table":
+            out[prefix + name] = TableOf(id(qt))
+            continue
         codes = qt.codes.numpy()
         out[prefix + name] = QuantWeight(codes=codes.T.copy() if layout == "t" else codes.copy(),
                                          scale=qt.scale.float().numpy().reshape(-1).copy(),
-                                         axis=1 if layout == "t" else 0, kind=qt.fmt.kind)
+                                         axis=1 if layout == "t" else 0, kind=qt.fmt.kind, source=id(qt))
     return out
 
 
@@ -298,20 +345,11 @@ def export_onnx(model: nn.Module, path, cfg: OnnxConfig | None = None, packed_pa
     path = Path(path)
     model = model.eval()
     sig = signature(model)
-    twin, origin = float_twin(model)
-    wrapper = Exportable(twin, sig).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        traced = Path(tmp) / "float.onnx"
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, sig.inputs(*EXPORT_SHAPE), str(traced), dynamo=False,
-                              opset_version=min(cfg.opset, TORCHSCRIPT_MAX_OPSET), do_constant_folding=False,
-                              input_names=sig.input_names, output_names=sig.output_names,
-                              dynamic_axes=_dynamic_axes(twin, sig))
-        proto = onnx.load(str(traced))
+    twin, origin = float_twin(model, cfg.format)
+    proto = trace_to_onnx(twin, sig, min(cfg.opset, TORCHSCRIPT_MAX_OPSET))
     stats = {"matmulnbits": 0, "dequantize_linear": 0, "min_opset": 0}
     if cfg.format != "float":
-        stats = quantize_graph(proto, quant_weights(wrapper, origin), cfg.format, cfg.block_size,
+        stats = quantize_graph(proto, quant_weights(twin, origin, prefix="model."), cfg.format, cfg.block_size,
                                cfg.accuracy_level)
     removed = dedup_initializers(proto)
     _set_opset(proto, stats.pop("min_opset"), cfg.opset)
@@ -346,6 +384,27 @@ def _failure_message(result: dict) -> str:
     if not problems:
         problems.append("output names differ from the PyTorch model's")
     return "ONNX validation failed: " + "; ".join(problems) + f" (file kept: {result['path']})"
+
+
+def trace_to_onnx(model: nn.Module, sig: Signature, opset: int = TORCHSCRIPT_MAX_OPSET):
+    """TorchScript export (no constant folding) of any float model -> ModelProto. Also how the
+    fp32 baseline of the original model is exported (benchmarks/bench_onnx.py)."""
+    import onnx
+
+    wrapper = Exportable(model, sig).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        traced = Path(tmp) / "float.onnx"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, sig.inputs(*EXPORT_SHAPE), str(traced), dynamo=False, opset_version=opset,
+                              do_constant_folding=False, input_names=sig.input_names,
+                              output_names=sig.output_names, dynamic_axes=_dynamic_axes(model, sig))
+        return onnx.load(str(traced))
+
+
+def save_onnx(proto, path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> bool:
+    """Write atomically (external data over 2 GB); True when the weights went to `<name>.data`."""
+    return _save(proto, Path(path), external_data_bytes)
 
 
 def _set_opset(proto, needed: int, requested: int) -> None:

@@ -38,12 +38,21 @@ class QuantWeight:
     scale: np.ndarray      # float32, [1] or [codes.shape[axis]]
     axis: int
     kind: str              # ternary | int4 | int8
+    source: int = 0        # id of the QTensor it came from (links a tied head to its table)
 
     def dequantize(self) -> np.ndarray:
         shape = [1] * self.codes.ndim
         if self.scale.size > 1:
             shape[self.axis] = -1
         return self.codes.astype(np.float32) * self.scale.reshape(shape)
+
+
+@dataclass
+class TableOf:
+    """A uint8 embedding table (codes + 128) holding the same bytes as the 8-bit MatMulNBits
+    weight of the head made from QTensor `source`: replaced by a Reshape of that weight."""
+
+    source: int
 
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
@@ -57,12 +66,22 @@ def pack_bits(values: np.ndarray, bits: int) -> bytes:
     return out.astype(np.uint8).tobytes()
 
 
+def choose_block(k: int, block_size: int) -> int:
+    """The largest power of two <= block_size (and >= 16) that divides K, so that no block is
+    padded; else block_size, shrunk when longer than K (a block of mostly padding)."""
+    b = block_size
+    while b >= 16:
+        if k % b == 0:
+            return b
+        b //= 2
+    return min(block_size, max(16, 1 << (k - 1).bit_length()))
+
+
 def matmulnbits_tensors(w: QuantWeight, block_size: int, prefix: str) -> tuple[list, dict]:
     """B and scales initializers plus attributes for `x @ W` with W = w ([K, N])."""
     bits = BITS[w.kind]
     k, n = w.codes.shape
-    # a block longer than K would be mostly padding
-    block_size = min(block_size, max(16, 1 << (k - 1).bit_length()))
+    block_size = choose_block(k, block_size)
     blocks = -(-k // block_size)
     zero = 1 << (bits - 1)
     codes = np.full((n, blocks * block_size), zero, np.uint8)       # padding dequantizes to 0
@@ -106,16 +125,18 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, QuantWeight], fmt:
     graph = model.graph
     uses = _consumers(graph)
     inits = {t.name: t for t in graph.initializer}
-    stats = {"matmulnbits": 0, "dequantize_linear": 0, "min_opset": 0}
+    stats = {"matmulnbits": 0, "dequantize_linear": 0, "shared_tables": 0, "min_opset": 0}
     new_inits, new_nodes, drop = [], [], set()
+    nbits_of: dict[int, onnx.TensorProto] = {}   # QTensor id -> its MatMulNBits B
     for name, w in weights.items():
-        if name not in inits:
+        if name not in inits or isinstance(w, TableOf):
             continue
         users = uses.get(name, [])
         as_matmul_b = users and all(n.op_type == "MatMul" and i == 1 for n, i in users) and w.codes.ndim == 2
         if fmt == "matmulnbits" and as_matmul_b:
             tensors, attrs = matmulnbits_tensors(w, block_size, name)
             new_inits += tensors
+            nbits_of[w.source] = tensors[0]
             for node, _ in users:
                 a, out = node.input[0], node.output[0]
                 node.Clear()
@@ -130,6 +151,16 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, QuantWeight], fmt:
             stats["dequantize_linear"] += 1
             stats["min_opset"] = max(stats["min_opset"], DQ_MIN_OPSET[w.kind])
         drop.add(name)
+    for name, w in weights.items():
+        b = nbits_of.get(w.source) if isinstance(w, TableOf) and name in inits else None
+        table = inits.get(name)
+        if b is None or list(table.dims) != [b.dims[0], b.dims[1] * b.dims[2]]:
+            continue  # no byte-identical B (padded blocks, or not 8-bit): the table stays
+        shape = helper.make_tensor(f"{name}_shape", TensorProto.INT64, [2], list(table.dims))
+        new_inits.append(shape)
+        new_nodes.append(helper.make_node("Reshape", [b.name, shape.name], [name], name=f"{name}_from_head"))
+        drop.add(name)
+        stats["shared_tables"] += 1
     kept = [t for t in graph.initializer if t.name not in drop]
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
