@@ -86,7 +86,7 @@ def time_runs(sess, feeds, budget_s, min_runs=3, max_runs=50):
 
 def bench_model(key, blocks, threads_list, budget_s, tmp):
     loaded = load_model(MODELS[key])
-    original = loaded.model.float().eval()
+    original = loaded.model.eval()
     if key == "smollm2":
         original = first_blocks(original, blocks)
     n_blocks = discover(original).blocks.num_blocks

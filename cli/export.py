@@ -39,6 +39,8 @@ def export(
     opset: Optional[int] = typer.Option(None, "--opset", help=f"ONNX opset [default: {ONNX_DEFAULTS.opset}]."),
     validate: Optional[bool] = typer.Option(None, "--validate/--no-validate",
                                             help="Compare ONNX Runtime with PyTorch [default: validate]."),
+    float_dtype: Optional[str] = typer.Option(None, "--float-dtype", help="Format float: fp32 or fp16 storage "
+                                              f"of the weights [default: {ONNX_DEFAULTS.float_dtype}]."),
     json_out: bool = typer.Option(False, "--json", help="Print the export result as JSON."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ):
@@ -49,7 +51,8 @@ def export(
     from exporters.packed import load_packed
 
     cfg = onnx_config(format=onnx_format.value if onnx_format else None, accuracy_level=accuracy_level,
-                      block_size=block_size, atol=atol, opset=opset, validate=validate)
+                      block_size=block_size, atol=atol, opset=opset, validate=validate,
+                      float_dtype=float_dtype)
     refuse_overwrite_input([onnx], [packed])
     model = load_packed(packed)
     log = (lambda line: None) if json_out else typer.echo

@@ -49,6 +49,7 @@ EXTERNAL_DATA_BYTES = 2**31 - 2**26   # protobuf's 2 GB limit, with room for the
 FLOAT_ATOL = 1e-4
 INT8_ACT_RTOL = 0.1
 EXACT_RTOL = 1e-4
+FP16_RTOL = 1e-2
 EXPORT_SHAPE = (2, 5)      # (batch, sequence) traced at export
 VALIDATE_SHAPE = (3, 11)   # another (batch, sequence): checks the axes are really dynamic
 
@@ -72,6 +73,7 @@ class OnnxConfig:
     atol: float | None = None       # max |ONNX - PyTorch| per output [default: FLOAT_ATOL / INT8_ACT_RTOL]
     opset: int = 25                 # opset of the final graph when it needs INT2/INT4 (>= 21 / 25)
     validate: bool = True           # run ONNX Runtime vs PyTorch after export
+    float_dtype: str = "fp32"       # format float: storage of the dequantized weights (fp16: half the file)
 
     def __post_init__(self):
         if self.format not in ONNX_FORMATS:
@@ -82,6 +84,8 @@ class OnnxConfig:
             raise ValueError(f"block_size={self.block_size} must be a power of two >= 16")
         if self.format == "int2" and self.opset < 25:
             raise ValueError("format int2 needs opset >= 25 (INT2 appeared in ONNX opset 25)")
+        if self.float_dtype not in ("fp32", "fp16"):
+            raise ValueError(f"float_dtype={self.float_dtype!r} is not one of fp32, fp16")
         if self.atol is not None and self.atol <= 0:
             raise ValueError("atol must be > 0")
 
@@ -95,6 +99,8 @@ class OnnxConfig:
             return self.atol
         if self.int8_activations:
             return INT8_ACT_RTOL * float(np.abs(reference).max(initial=0.0))
+        if self.format == "float" and self.float_dtype == "fp16":  # int8 codes x scale rounded to fp16
+            return FP16_RTOL * max(1.0, float(np.abs(reference).max(initial=0.0)))
         return FLOAT_ATOL
 
     def to_dict(self) -> dict:
@@ -287,7 +293,9 @@ def _flat_tensors(out) -> list:
     return []
 
 
+@torch.no_grad()
 def signature(model: nn.Module) -> Signature:
+    """Input and output names of the exported graph (discovered by running the model once)."""
     vocab = max((m.num_embeddings for m in model.modules() if isinstance(m, (nn.Embedding, QEmbedding))),
                 default=None)
     if vocab is None:
@@ -338,7 +346,7 @@ def export_onnx(model: nn.Module, path, cfg: OnnxConfig | None = None, packed_pa
     raises OnnxValidationError (file kept) when an output differs by more than atol."""
     import onnx
 
-    from .onnx_quant import dedup_initializers, quantize_graph
+    from .onnx_quant import dedup_initializers, float16_weights, quantize_graph
 
     cfg = cfg or OnnxConfig()
     log = log or (lambda line: None)
@@ -348,7 +356,9 @@ def export_onnx(model: nn.Module, path, cfg: OnnxConfig | None = None, packed_pa
     twin, origin = float_twin(model, cfg.format)
     proto = trace_to_onnx(twin, sig, min(cfg.opset, TORCHSCRIPT_MAX_OPSET))
     stats = {"matmulnbits": 0, "dequantize_linear": 0, "min_opset": 0}
-    if cfg.format != "float":
+    if cfg.format == "float" and cfg.float_dtype == "fp16":
+        stats["float16_weights"] = float16_weights(proto, quant_weights(twin, origin, prefix="model."))
+    elif cfg.format != "float":
         stats = quantize_graph(proto, quant_weights(twin, origin, prefix="model."), cfg.format, cfg.block_size,
                                cfg.accuracy_level)
     removed = dedup_initializers(proto)

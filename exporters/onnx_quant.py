@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 from onnx import TensorProto, helper
 
 MS_DOMAIN = "com.microsoft"
@@ -210,3 +211,23 @@ def _rename_inputs(graph, rename: dict[str, str]) -> None:
     for out in graph.output:
         if out.name in rename:  # an output that is an initializer itself: keep its name via Identity
             graph.node.append(helper.make_node("Identity", [rename[out.name]], [out.name]))
+
+
+def float16_weights(model: onnx.ModelProto, names) -> int:
+    """Store the named float initializers as fp16, each followed by a Cast back to float (the
+    graph still computes in fp32: half the file, for runtimes without quantized kernels)."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    nodes, count = [], 0
+    for name in names:
+        t = inits.get(name)
+        if t is None or t.data_type != TensorProto.FLOAT:
+            continue
+        half = onnx.numpy_helper.to_array(t).astype(np.float16)
+        t.CopyFrom(onnx.numpy_helper.from_array(half, f"{name}_fp16"))
+        nodes.append(helper.make_node("Cast", [t.name], [name], name=f"{name}_to_float", to=TensorProto.FLOAT))
+        count += 1
+    all_nodes = nodes + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(all_nodes)
+    return count

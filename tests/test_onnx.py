@@ -216,3 +216,12 @@ def test_minilm_matmulnbits_within_1_3x_of_packed(tmp_path):
     result = export_onnx(model, tmp_path / "m.onnx", OnnxConfig(), packed_path=packed)
     assert result["validation"]["passed"]
     assert result["size_ratio_vs_packed"] <= 1.3
+
+
+def test_float_format_fp16_storage(tmp_path):
+    model = convert(build("llama_untied"))
+    a = export_onnx(model, tmp_path / "a.onnx", OnnxConfig(format="float"))
+    b = export_onnx(model, tmp_path / "b.onnx", OnnxConfig(format="float", float_dtype="fp16"))
+    assert b["validation"]["passed"] and b["rewrites"]["float16_weights"] > 0
+    assert TensorProto.FLOAT16 in initializer_types(tmp_path / "b.onnx")
+    assert b["file_bytes"] < 0.8 * a["file_bytes"]
