@@ -42,6 +42,8 @@ def export(
                                             help="Compare ONNX Runtime with PyTorch [default: validate]."),
     float_dtype: Optional[str] = typer.Option(None, "--float-dtype", help="Format float: fp32 or fp16 storage "
                                               f"of the weights [default: {ONNX_DEFAULTS.float_dtype}]."),
+    kv_cache: Optional[bool] = typer.Option(None, "--kv-cache", help="Decoder LMs: export the incremental-"
+                                            "decoding graph (past_key_values.* in, present.* out)."),
     json_out: bool = typer.Option(False, "--json", help="Print the export result as JSON."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ):
@@ -53,7 +55,7 @@ def export(
 
     cfg = onnx_config(format=onnx_format.value if onnx_format else None, accuracy_level=accuracy_level,
                       block_size=block_size, atol=atol, opset=opset, validate=validate,
-                      float_dtype=float_dtype)
+                      float_dtype=float_dtype, kv_cache=kv_cache)
     refuse_overwrite_input([onnx], [packed])
     model = load_packed(packed)
     log = (lambda line: None) if json_out else typer.echo

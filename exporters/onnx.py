@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import tempfile
 import warnings
@@ -52,6 +53,7 @@ EXACT_RTOL = 1e-4
 FP16_RTOL = 1e-2
 EXPORT_SHAPE = (2, 5)      # (batch, sequence) traced at export
 VALIDATE_SHAPE = (3, 11)   # another (batch, sequence): checks the axes are really dynamic
+EXPORT_PAST, VALIDATE_PAST = 3, 9   # KV-cache graph: cached tokens before the new ones
 
 
 class OnnxValidationError(TritpressError):
@@ -74,6 +76,7 @@ class OnnxConfig:
     opset: int = 25                 # opset of the final graph when it needs INT2/INT4 (>= 21 / 25)
     validate: bool = True           # run ONNX Runtime vs PyTorch after export
     float_dtype: str = "fp32"       # format float: storage of the dequantized weights (fp16: half the file)
+    kv_cache: bool = False          # decoder LMs: incremental-decoding graph with past/present key-values
 
     def __post_init__(self):
         if self.format not in ONNX_FORMATS:
@@ -260,6 +263,8 @@ class Signature:
     input_names: list
     output_names: list
     extra_kwargs: dict
+    cache: tuple | None = None   # KV-cache graph: (layers, kv heads, head dim, cache kwarg name)
+    past: int = 0                # cached tokens in the example inputs
 
     def inputs(self, batch: int, seq: int, seed: int = 0) -> tuple:
         g = torch.Generator().manual_seed(seed)
@@ -268,6 +273,11 @@ class Signature:
             ids = ids.t().contiguous()
         if not self.hf:
             return (ids,)
+        if self.cache:
+            layers, heads, dim, _ = self.cache
+            mask = torch.ones(batch, self.past + seq, dtype=torch.long)
+            past = [torch.randn(batch, heads, self.past, dim, generator=g) for _ in range(2 * layers)]
+            return (ids, mask, *past)
         return tuple(ids if n == "input_ids" else torch.ones_like(ids) for n in self.input_names)
 
 
@@ -279,10 +289,31 @@ class Exportable(nn.Module):
         self.model, self.sig = model, sig
 
     def forward(self, *inputs):
+        if self.sig.cache:
+            return self._forward_cached(*inputs)
         if self.sig.hf:
             out = self.model(**dict(zip(self.sig.input_names, inputs)), **self.sig.extra_kwargs)
             return tuple(out[k] for k in self.sig.output_names)
         return tuple(_flat_tensors(self.model(*inputs)))
+
+
+    def _forward_cached(self, ids, mask, *past):
+        from transformers import DynamicCache
+
+        layers, _, _, kwarg = self.sig.cache
+        cache = DynamicCache()
+        for i in range(layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, return_dict=True, **{kwarg: cache})
+        present = _cache_tensors(out.past_key_values)
+        return (out.logits, *present)
+
+
+def _cache_tensors(cache) -> list:
+    """[key 0, value 0, key 1, ...] of a transformers Cache."""
+    if hasattr(cache, "layers"):
+        return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    return [t for kv in cache for t in kv[:2]]  # legacy tuple of (key, value)
 
 
 def _flat_tensors(out) -> list:
@@ -294,7 +325,7 @@ def _flat_tensors(out) -> list:
 
 
 @torch.no_grad()
-def signature(model: nn.Module) -> Signature:
+def signature(model: nn.Module, kv_cache: bool = False) -> Signature:
     """Input and output names of the exported graph (discovered by running the model once)."""
     vocab = max((m.num_embeddings for m in model.modules() if isinstance(m, (nn.Embedding, QEmbedding))),
                 default=None)
@@ -309,6 +340,8 @@ def signature(model: nn.Module) -> Signature:
         sig.output_names = ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
         return sig
     params = inspect.signature(model.forward).parameters
+    if kv_cache:
+        return _cached_signature(model, vocab, params)
     names = ["input_ids"] + (["attention_mask"] if "attention_mask" in params else [])
     extra = {"return_dict": True}
     if "use_cache" in params:
@@ -319,6 +352,25 @@ def signature(model: nn.Module) -> Signature:
     return sig
 
 
+def _cached_signature(model: nn.Module, vocab: int, params) -> Signature:
+    """Inputs input_ids, attention_mask (past + new tokens), past_key_values.{i}.key/value;
+    outputs logits, present.{i}.key/value (optimum's names). Shapes found by running once."""
+    if "use_cache" not in params or "attention_mask" not in params:
+        raise TritpressError("--kv-cache needs a transformers decoder LM (its forward takes use_cache)")
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, return_dict=True)
+    present = _cache_tensors(getattr(out, "past_key_values", None) or [])
+    if getattr(out, "logits", None) is None or not present or any(t.dim() != 4 for t in present):
+        raise TritpressError("--kv-cache needs a decoder LM returning logits and a [batch, heads, seq, dim] "
+                             "key/value cache")
+    layers, (_, heads, _, dim) = len(present) // 2, present[0].shape
+    kwarg = "past_key_values" if "past_key_values" in params else "cache"
+    kv = [f"{i}.{n}" for i in range(layers) for n in ("key", "value")]
+    return Signature(True, False, vocab, ["input_ids", "attention_mask"] + [f"past_key_values.{k}" for k in kv],
+                     ["logits"] + [f"present.{k}" for k in kv], {}, cache=(layers, heads, dim, kwarg),
+                     past=EXPORT_PAST)
+
+
 @torch.no_grad()
 def _call(model: nn.Module, sig: Signature, batch: int, seq: int) -> tuple:
     return Exportable(model, sig).eval()(*sig.inputs(batch, seq))
@@ -327,6 +379,12 @@ def _call(model: nn.Module, sig: Signature, batch: int, seq: int) -> tuple:
 def _dynamic_axes(model: nn.Module, sig: Signature) -> dict:
     """Input axes by construction; output axes found by running two input shapes."""
     b, s = EXPORT_SHAPE
+    if sig.cache:
+        axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+                "logits": {0: "batch", 1: "sequence"}}
+        axes.update({n: {0: "batch", 2: "past_sequence"} for n in sig.input_names[2:]})
+        axes.update({n: {0: "batch", 2: "total_sequence"} for n in sig.output_names[1:]})
+        return axes
     ab = {0: "sequence", 1: "batch"} if sig.seq_first else {0: "batch", 1: "sequence"}
     axes = {n: dict(ab) for n in sig.input_names}
     first = _call(model, sig, b, s)
@@ -352,7 +410,7 @@ def export_onnx(model: nn.Module, path, cfg: OnnxConfig | None = None, packed_pa
     log = log or (lambda line: None)
     path = Path(path)
     model = model.eval()
-    sig = signature(model)
+    sig = signature(model, cfg.kv_cache)
     twin, origin = float_twin(model, cfg.format)
     proto = trace_to_onnx(twin, sig, min(cfg.opset, TORCHSCRIPT_MAX_OPSET))
     stats = {"matmulnbits": 0, "dequantize_linear": 0, "min_opset": 0}
@@ -495,6 +553,8 @@ def validate(path, model: nn.Module, sig: Signature, cfg: OnnxConfig, log: Calla
     """ONNX Runtime vs the converted PyTorch model at VALIDATE_SHAPE, output by output."""
     import onnxruntime as ort
 
+    if sig.cache:  # another batch size, past length and number of new tokens than the trace
+        sig = dataclasses.replace(sig, past=VALIDATE_PAST)
     inputs = sig.inputs(*VALIDATE_SHAPE, seed=1)
     feeds = {n: t.numpy() for n, t in zip(sig.input_names, inputs)}
     ref = [t.float().numpy() for t in _call_with(model, sig, inputs)]

@@ -225,3 +225,25 @@ def test_float_format_fp16_storage(tmp_path):
     assert b["validation"]["passed"] and b["rewrites"]["float16_weights"] > 0
     assert TensorProto.FLOAT16 in initializer_types(tmp_path / "b.onnx")
     assert b["file_bytes"] < 0.8 * a["file_bytes"]
+
+
+@pytest.mark.parametrize("name,fmt", [("llama_tied", "matmulnbits"), ("gpt2", "float")])
+def test_kv_cache_graph_decodes_like_the_full_sequence(name, fmt, tmp_path):
+    path = tmp_path / "kv.onnx"
+    result = export_onnx(convert(build(name)), path, OnnxConfig(format=fmt, kv_cache=True))
+    assert result["validation"]["passed"] and result["inputs"][2] == "past_key_values.0.key"
+    sess = ort_session(path)
+    past_inputs = [i for i in sess.get_inputs() if i.name.startswith("past_key_values")]
+    _, heads, _, dim = past_inputs[0].shape
+    ids = np.random.default_rng(0).integers(0, 100, (2, 6)).astype(np.int64)
+
+    def step(tokens, past, total):
+        feeds = {"input_ids": tokens, "attention_mask": np.ones((2, total), np.int64)}
+        feeds.update({i.name: p for i, p in zip(past_inputs, past)})
+        return sess.run(None, feeds)
+
+    empty = [np.zeros((2, heads, 0, dim), np.float32)] * len(past_inputs)
+    full = step(ids, empty, 6)[0]
+    prefix = step(ids[:, :5], empty, 5)
+    last = step(ids[:, 5:], prefix[1:], 6)[0]
+    np.testing.assert_allclose(last[:, -1], full[:, -1], atol=1e-4 * max(1, np.abs(full).max()))
