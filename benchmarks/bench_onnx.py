@@ -7,8 +7,9 @@
 Prints ONE JSON object on stdout; progress goes to stderr. Both files of a model are made
 and timed in the same run, with the same ONNX Runtime settings (CPU provider, graph
 optimization ORT_ENABLE_ALL, fixed intra-op threads, one inter-op thread), on the same
-random token ids. Cases: batch 1 x 1 token (the length of one decode step; a full-sequence
-forward, there is no KV-cache graph), batch 1 x 128 tokens, batch 16 x 128 tokens. Latency is
+random token ids. Cases: batch 1 x 1 token (the length of one decode step, as a full-sequence
+forward), batch 1 x 128 tokens, batch 16 x 128 tokens; for SmolLM2 also the incremental-decoding
+(KV-cache) graphs: one new token after 128 cached ones, batch 1 and 16. Latency is
 the median of repeated runs after warm-up; `speedup` = fp32 median / ternary median.
 SmolLM2 is cut to its first blocks (--smollm-blocks) to keep the run short on a shared 2-core
 machine; its GGUF weights are Q4_1-rounded.
@@ -40,6 +41,7 @@ from exporters.onnx import OnnxConfig, export_onnx, save_onnx, signature, trace_
 
 MODELS = {"minilm": "pkg:all-MiniLM-L6-v2", "smollm2": "pkg:SmolLM2-135M"}
 CASES = [("decode_step_b1", 1, 1), ("seq128_b1", 1, 128), ("seq128_b16", 16, 128)]
+KV_CASES = [("kv_decode_past128_b1", 1, 128), ("kv_decode_past128_b16", 16, 128)]  # 1 new token
 
 
 def log(msg):
@@ -97,6 +99,7 @@ def bench_model(key, blocks, threads_list, budget_s, tmp):
     ternary = convert(copy.deepcopy(original))
     result = export_onnx(ternary, os.path.join(tmp, f"{key}_ternary.onnx"), cfg)
     log(f"{key}: fp32 {os.path.getsize(fp32_path) / 1e6:.1f} MB, ternary {result['file_bytes'] / 1e6:.1f} MB")
+    kv = _kv_files(original, ternary, tmp, key) if key == "smollm2" else None
     out = {"model": MODELS[key], "blocks": n_blocks, "fp32_onnx_bytes": os.path.getsize(fp32_path),
            "ternary_onnx_bytes": result["file_bytes"], "ternary_config": cfg.to_dict(),
            "ternary_validation_passed": result["validation"]["passed"], "cases": []}
@@ -113,7 +116,42 @@ def bench_model(key, blocks, threads_list, budget_s, tmp):
             log(f"  {name} threads={threads}: fp32 {a['median_ms']} ms, ternary {b['median_ms']} ms, "
                 f"x{case['speedup']}")
             out["cases"].append(case)
+        if kv:
+            fp32, tern = session(kv["fp32"], threads), session(kv["ternary"], threads)
+            for name, batch, past in KV_CASES:
+                feeds = kv_feeds(kv["sig"], batch, past, rng)
+                a = time_runs(fp32, feeds, budget_s)
+                b = time_runs(tern, feeds, budget_s)
+                case = {"case": name, "batch": batch, "seq": 1, "past": past, "threads": threads, "fp32": a,
+                        "ternary": b, "speedup": round(a["median_ms"] / b["median_ms"], 3)}
+                log(f"  {name} threads={threads}: fp32 {a['median_ms']} ms, ternary {b['median_ms']} ms, "
+                    f"x{case['speedup']}")
+                out["cases"].append(case)
+    if kv:
+        out["kv_cache_graph"] = {"fp32_onnx_bytes": os.path.getsize(kv["fp32"]),
+                                 "ternary_onnx_bytes": kv["ternary_bytes"],
+                                 "ternary_validation_passed": kv["passed"]}
     return out
+
+
+def _kv_files(original, ternary, tmp, key):
+    """Incremental-decoding graphs (KV cache) of the original (fp32) and of the ternary model."""
+    sig = signature(original, kv_cache=True)
+    fp32 = os.path.join(tmp, f"{key}_kv_fp32.onnx")
+    save_onnx(trace_to_onnx(original, sig), fp32)
+    result = export_onnx(ternary, os.path.join(tmp, f"{key}_kv_ternary.onnx"),
+                         OnnxConfig(format="matmulnbits", accuracy_level=4, kv_cache=True))
+    return {"sig": sig, "fp32": fp32, "ternary": result["path"], "ternary_bytes": result["file_bytes"],
+            "passed": result["validation"]["passed"]}
+
+
+def kv_feeds(sig, batch, past, rng):
+    layers, heads, dim, _ = sig.cache
+    feeds = {"input_ids": rng.integers(0, sig.vocab, (batch, 1)).astype(np.int64),
+             "attention_mask": np.ones((batch, past + 1), np.int64)}
+    for name in sig.input_names[2:]:
+        feeds[name] = rng.standard_normal((batch, heads, past, dim)).astype(np.float32)
+    return feeds
 
 
 def main():
