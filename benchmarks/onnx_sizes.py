@@ -14,7 +14,6 @@ Exit status 1 when any export fails validation or a quantized format exceeds 1.3
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import tempfile

@@ -34,10 +34,12 @@ def export(
                                                  f"4 = int8 activations [default: {ONNX_DEFAULTS.accuracy_level}]."),
     block_size: Optional[int] = typer.Option(None, "--block-size", help="MatMulNBits block size along the "
                                              f"input dimension [default: {ONNX_DEFAULTS.block_size}]."),
-    atol: Optional[float] = typer.Option(None, "--atol", help="Max |ONNX - PyTorch| per output "
-                                         "[default: 1e-4 with fp32 compute, 0.1 x max |PyTorch output| with int8 activations (matmulnbits at accuracy level 4, int2)]."),
-    opset: Optional[int] = typer.Option(None, "--opset", help="Opset of a graph that needs INT2/INT4 initializers (>= 25 / 21); "
-                                      f"others keep the TorchScript exporter's 20 [default: {ONNX_DEFAULTS.opset}]."),
+    atol: Optional[float] = typer.Option(None, "--atol", help="Max |ONNX - PyTorch| per output [default: "
+                                         "1e-4 with fp32 compute; 0.1 x max |PyTorch output| with int8 "
+                                         "activations (matmulnbits at accuracy level 4, int2)]."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="Opset of a graph that needs INT2/INT4 "
+                                        "initializers (>= 25 / 21); others keep the TorchScript exporter's 20 "
+                                        f"[default: {ONNX_DEFAULTS.opset}]."),
     validate: Optional[bool] = typer.Option(None, "--validate/--no-validate",
                                             help="Compare ONNX Runtime with PyTorch [default: validate]."),
     float_dtype: Optional[str] = typer.Option(None, "--float-dtype", help="Format float: fp32 or fp16 storage "

@@ -402,8 +402,6 @@ def export_onnx(model: nn.Module, path, cfg: OnnxConfig | None = None, packed_pa
                 log: Callable[[str], None] | None = None, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict:
     """Export a converted model to ONNX (atomically) and validate it. Returns the result dict;
     raises OnnxValidationError (file kept) when an output differs by more than atol."""
-    import onnx
-
     from .onnx_quant import dedup_initializers, float16_weights, quantize_graph
 
     cfg = cfg or OnnxConfig()
@@ -444,7 +442,7 @@ def _failure_message(result: dict) -> str:
     for o in result["validation"]["outputs"]:
         if not o["shape_ok"]:
             problems.append(f"output {o['name']}: shape {o['onnx_shape']} != {o['torch_shape']}")
-        elif o["max_abs_diff"] > o["atol"] or not o["ok"] and "exact_atol" not in o:
+        elif o["max_abs_diff"] > o["atol"] or (not o["ok"] and "exact_atol" not in o):
             problems.append(f"output {o['name']}: max |ONNX - PyTorch| {o['max_abs_diff']:.3g} > atol {o['atol']:.3g}")
         elif not o["ok"]:
             problems.append(f"output {o['name']}: with fp32 compute max |ONNX - PyTorch| "
@@ -464,9 +462,14 @@ def trace_to_onnx(model: nn.Module, sig: Signature, opset: int = TORCHSCRIPT_MAX
         traced = Path(tmp) / "float.onnx"
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, sig.inputs(*EXPORT_SHAPE), str(traced), dynamo=False, opset_version=opset,
-                              do_constant_folding=False, input_names=sig.input_names,
-                              output_names=sig.output_names, dynamic_axes=_dynamic_axes(model, sig))
+            try:
+                torch.onnx.export(wrapper, sig.inputs(*EXPORT_SHAPE), str(traced), dynamo=False,
+                                  opset_version=opset, do_constant_folding=False, input_names=sig.input_names,
+                                  output_names=sig.output_names, dynamic_axes=_dynamic_axes(model, sig))
+            except Exception as e:  # an op or control flow the TorchScript exporter cannot trace
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise TritpressError(f"torch.onnx.export could not trace {type(model).__name__}: "
+                                     f"{type(e).__name__}: {first}") from e
         return onnx.load(str(traced))
 
 
