@@ -84,4 +84,7 @@ def render(report: dict) -> str:
     parts = [head, "", size_table(report["size"]), "", *summary_lines(report)]
     if report.get("training"):
         parts += ["", *training_lines(report["training"])]
+    if report.get("onnx"):
+        from exporters.onnx import onnx_lines
+        parts += ["", *onnx_lines(report["onnx"])]
     return "\n".join(parts)

@@ -23,6 +23,8 @@ from compressor.errors import TritpressError
 from compressor.quantize import GRANULARITIES, TERNARY_METHODS
 from compressor.train import PARALLEL, QUANT_SCHEDULES, SCHEDULES, TrainConfig
 
+from cli.export import OnnxFormat, export as export_command
+
 DEFAULTS = TernaryConfig()
 TRAIN = TrainConfig()
 
@@ -74,6 +76,7 @@ def _quiet_libraries() -> None:
 
 
 DebugOpt = typer.Option(False, "--debug", help="Show full tracebacks on errors.")
+app.command(name="export")(export_command)
 
 
 @app.command()
@@ -140,6 +143,10 @@ def run(
     parallel: Optional[Parallel] = typer.Option(None, help=f"With several processes [default: {TRAIN.parallel}]."),
     nproc: int = typer.Option(1, help="Start N local worker processes (torchrun); gloo on CPU, NCCL on GPU."),
     max_restarts: int = typer.Option(0, help="With --nproc: elastic restarts after a worker fails."),
+    onnx: Optional[bool] = typer.Option(None, "--onnx", help="Also export <out>/model.onnx (validated "
+                                        "with ONNX Runtime); see `compress export --help` for the formats."),
+    onnx_format: Optional[OnnxFormat] = typer.Option(None, "--onnx-format", help="With --onnx: matmulnbits | "
+                                                     "int2 | float [default: matmulnbits]."),
     check: Optional[bool] = typer.Option(None, "--check/--no-check",
                                          help="Compare outputs (original vs ternary, reload) [default: check]."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout instead of tables."),
@@ -166,7 +173,8 @@ def run(
                    "quant_schedule": _value(quant_schedule), "grad_clip": grad_clip, "task_weight": task_weight,
                    "kd_weight": kd_weight, "kd_temperature": kd_temperature, "hidden_weight": hidden_weight,
                    "max_train_tokens": max_train_tokens, "eval_tokens": eval_tokens, "seed": seed,
-                   "checkpoint_every": checkpoint_every, "resume": resume, "parallel": _value(parallel)}},
+                   "checkpoint_every": checkpoint_every, "resume": resume, "parallel": _value(parallel)},
+         "onnx": {"enabled": onnx, "format": _value(onnx_format)}},
     )
     if save_recipe:
         write_text(save_recipe, dump_recipe(cfg))

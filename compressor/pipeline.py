@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from exporters.onnx import OnnxConfig
+
 from .config import TernaryConfig
 from .errors import TritpressError
 from .fileio import refuse_overwrite_input, write_json
@@ -27,6 +29,7 @@ from .transform import convert, get_record, prepare
 
 PACKED_NAME = "model.tritpress.safetensors"
 REPORT_NAME = "report.json"
+ONNX_NAME = "model.onnx"
 
 
 @dataclass
@@ -38,6 +41,7 @@ class CompressConfig:
     quant: TernaryConfig = field(default_factory=TernaryConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     check: bool = True                           # compare outputs: original vs ternary, converted vs reload
+    onnx: OnnxConfig = field(default_factory=OnnxConfig)  # [onnx] enabled = true: export model.onnx last
 
     def out_dir(self) -> Path:
         if self.out:
@@ -71,7 +75,7 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
 
     out = cfg.out_dir()
     packed_path, report_path = out / PACKED_NAME, out / REPORT_NAME
-    refuse_overwrite_input([packed_path, report_path], [cfg.model, cfg.config])
+    refuse_overwrite_input([packed_path, report_path, out / ONNX_NAME], [cfg.model, cfg.config])
     timings = {}
 
     def stage(name):
@@ -132,6 +136,16 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
                                  f"(max |diff| {checks['reload_vs_converted']['max_abs_diff']:.3g})")
         done("verify")
 
+    onnx_result, onnx_error = None, None
+    if cfg.onnx.enabled:
+        stage("onnx")
+        from exporters.onnx import OnnxValidationError, export_onnx
+        try:
+            onnx_result = export_onnx(model, out / ONNX_NAME, cfg.onnx, packed_path=packed_path)
+        except OnnxValidationError as e:  # report it, then fail
+            onnx_result, onnx_error = e.result, e
+        done("onnx")
+
     report = {
         "tritpress_version": _version(),
         "model": {k: v for k, v in loaded.source.to_dict().items() if k != "hf_config"},
@@ -144,8 +158,13 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "platform": platform.platform()},
         "files": {"packed": str(packed_path), "report": str(report_path)},
+        "onnx": onnx_result,
     }
+    if onnx_result:
+        report["files"]["onnx"] = onnx_result["path"]
     write_json(report_path, report)
+    if onnx_error is not None:
+        raise onnx_error
     return report
 
 

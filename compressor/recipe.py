@@ -15,12 +15,14 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from exporters.onnx import OnnxConfig
+
 from .config import TernaryConfig
 from .errors import TritpressError
 from .pipeline import CompressConfig
 from .train import TrainConfig
 
-SECTIONS = {"quant": TernaryConfig, "train": TrainConfig}
+SECTIONS = {"quant": TernaryConfig, "train": TrainConfig, "onnx": OnnxConfig}
 
 
 def read_recipe(path: str) -> dict:

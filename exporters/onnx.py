@@ -1,0 +1,622 @@
+"""ONNX export of a converted (ternary) model, validated against PyTorch.
+
+    result = export_onnx(model, "model.onnx", OnnxConfig(format="matmulnbits"))
+
+1. `float_twin`: a copy of the converted model whose QLinear / QEmbedding / QRNN
+   are plain float modules holding the dequantized weights, one Parameter per
+   QTensor (tied and shared weights stay one Parameter, hence one initializer).
+   QLinear becomes `x @ Wt` with Wt = W^T stored as [in, out], so the exported
+   MatMul reads the initializer directly (no Transpose to constant-fold, which is
+   what duplicates shared weights: pytorch #108342).
+2. TorchScript export (`dynamo=False`) with dynamic batch and sequence axes and
+   without constant folding (ONNX Runtime folds at load time, in memory).
+3. `onnx_quant.quantize_graph` puts the codes back (MatMulNBits or
+   DequantizeLinear on INT2/INT4/INT8), `dedup_initializers` merges identical ones.
+4. `validate`: ONNX Runtime vs the converted PyTorch model at another batch size
+   and sequence length; every output's shape and max |diff| against `atol`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressor.errors import TritpressError
+from compressor.fileio import atomic_path
+from compressor.layers import QEmbedding, QLinear, QRNN, QTensor
+from compressor.quantize import quantize_activations_int8
+from compressor.transform import get_record
+
+ONNX_FORMATS = ("matmulnbits", "int2", "float")
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+TORCHSCRIPT_MAX_OPSET = 20
+EXTERNAL_DATA_BYTES = 2**31 - 2**26   # protobuf's 2 GB limit, with room for the graph itself
+# Default tolerances. A graph computing in fp32 matches PyTorch to rounding: FLOAT_ATOL. ORT's int8-activation
+# kernels (MatMulNBits accuracy_level 4; the int2 format too, since ORT fuses DequantizeLinear+MatMul into
+# MatMulNBits with session.qdq_matmulnbits_accuracy_level, default 4) quantize activations per block, which moves
+# outputs by a few % of their range on a post-training ternary model (SmolLM2: 5%): their default atol is
+# INT8_ACT_RTOL * max|PyTorch output|, and the same graph is also run with fp32 compute, which must match to
+# EXACT_RTOL * max(1, max|output|): a wrong weight layout fails that check, not only the loose one.
+FLOAT_ATOL = 1e-4
+INT8_ACT_RTOL = 0.1
+EXACT_RTOL = 1e-4
+FP16_RTOL = 1e-2
+EXPORT_SHAPE = (2, 5)      # (batch, sequence) traced at export
+VALIDATE_SHAPE = (3, 11)   # another (batch, sequence): checks the axes are really dynamic
+EXPORT_PAST, VALIDATE_PAST = 3, 9   # KV-cache graph: cached tokens before the new ones
+
+
+class OnnxValidationError(TritpressError):
+    """ONNX Runtime's outputs differ from PyTorch's by more than atol (the file is kept)."""
+
+    def __init__(self, message: str, result: dict):
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass
+class OnnxConfig:
+    """How `export_onnx` writes and checks the ONNX file."""
+
+    enabled: bool = False           # pipeline only: export after packing (`compress MODEL --onnx`)
+    format: str = "matmulnbits"     # matmulnbits (ORT contrib) | int2 (DequantizeLinear, opset 25) | float
+    accuracy_level: int = 4         # MatMulNBits compute type: 4 = int8 activations (fast CPU path)
+    block_size: int = 128           # MatMulNBits block along K (power of two >= 16)
+    atol: float | None = None       # max |ONNX - PyTorch| per output [default: FLOAT_ATOL / INT8_ACT_RTOL]
+    opset: int = 25                 # opset of the final graph when it needs INT2/INT4 (>= 21 / 25)
+    validate: bool = True           # run ONNX Runtime vs PyTorch after export
+    float_dtype: str = "fp32"       # format float: storage of the dequantized weights (fp16: half the file)
+    kv_cache: bool = False          # decoder LMs: incremental-decoding graph with past/present key-values
+
+    def __post_init__(self):
+        if self.format not in ONNX_FORMATS:
+            raise ValueError(f"format={self.format!r} is not one of {', '.join(ONNX_FORMATS)}")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise ValueError(f"accuracy_level={self.accuracy_level} is not one of 0..4")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size={self.block_size} must be a power of two >= 16")
+        if self.format == "int2" and self.opset < 25:
+            raise ValueError("format int2 needs opset >= 25 (INT2 appeared in ONNX opset 25)")
+        if self.float_dtype not in ("fp32", "fp16"):
+            raise ValueError(f"float_dtype={self.float_dtype!r} is not one of fp32, fp16")
+        if self.atol is not None and self.atol <= 0:
+            raise ValueError("atol must be > 0")
+
+    @property
+    def int8_activations(self) -> bool:
+        """ONNX Runtime computes this graph's quantized MatMuls with int8 activations."""
+        return self.format == "int2" or (self.format == "matmulnbits" and self.accuracy_level == 4)
+
+    def atol_for(self, reference: np.ndarray) -> float:
+        if self.atol is not None:
+            return self.atol
+        if self.int8_activations:
+            return INT8_ACT_RTOL * float(np.abs(reference).max(initial=0.0))
+        if self.format == "float" and self.float_dtype == "fp16":  # int8 codes x scale rounded to fp16
+            return FP16_RTOL * max(1.0, float(np.abs(reference).max(initial=0.0)))
+        return FLOAT_ATOL
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- float twin
+
+class MatMulLinear(nn.Module):
+    """QLinear as exported: x @ Wt (+ b), Wt = dequantized W^T laid out [in, out]."""
+
+    def __init__(self, wt: nn.Parameter, bias, act_bits):
+        super().__init__()
+        self.wt, self.bias, self.act_bits = wt, bias, act_bits
+
+    def forward(self, x):
+        if self.act_bits == 8:
+            x = quantize_activations_int8(x)
+        y = torch.matmul(x, self.wt)
+        return y if self.bias is None else y + self.bias
+
+
+class TiedLinear(nn.Module):
+    """A head tied to an embedding: reads the embedding's [vocab, dim] table (one initializer)."""
+
+    def __init__(self, weight: nn.Parameter, bias, act_bits):
+        super().__init__()
+        self.weight, self.bias, self.act_bits = weight, bias, act_bits
+
+    def forward(self, x):
+        if self.act_bits == 8:
+            x = quantize_activations_int8(x)
+        return F.linear(x, self.weight, self.bias)
+
+
+class TiedQLinear(nn.Module):
+    """A head tied to a quantized embedding, dequantizing the shared codes (ONNX Runtime
+    constant-folds Cast/Mul/Transpose of an initializer once, at load)."""
+
+    def __init__(self, qweight: QTensor, bias, act_bits):
+        super().__init__()
+        self.qweight, self.bias, self.act_bits = qweight, bias, act_bits
+
+    def forward(self, x):
+        if self.act_bits == 8:
+            x = quantize_activations_int8(x)
+        return F.linear(x, self.qweight.dequantize(x.dtype), self.bias)
+
+
+class U8Embedding(nn.Module):
+    """An int8 embedding whose table is stored as codes + 128 (uint8): the very bytes of the
+    tied head's 8-bit MatMulNBits weight, so the rewrite lets both read one initializer."""
+
+    def __init__(self, qweight: QTensor, padding_idx=None):
+        super().__init__()
+        self.register_buffer("table_u8", (qweight.codes.to(torch.int16) + 128).to(torch.uint8))
+        self.register_buffer("scale", qweight.scale.clone())
+        self.padding_idx = padding_idx
+
+    def forward(self, ids):
+        rows = self.table_u8[ids].float() - 128.0
+        return rows * (self.scale[ids].unsqueeze(-1) if self.scale.numel() > 1 else self.scale)
+
+
+def _float_rnn(q: QRNN, param: Callable) -> nn.Module:
+    rnn = copy.deepcopy(q._template).to_empty(device="cpu")
+    for n, _ in list(rnn.named_parameters()):
+        setattr(rnn, n, param(q.qweights[n], "rows") if n in q.qweights else getattr(q, n))
+    return rnn
+
+
+def float_twin(model: nn.Module, fmt: str = "float") -> tuple[nn.Module, dict[int, tuple]]:
+    """A copy of a converted model for export, and id(tensor) -> (QTensor, layout) for every
+    dequantized weight (layout "t": stored transposed, "rows": as the QTensor; "table": the
+    uint8 table of a U8Embedding). For `float` every weight is a float Parameter; otherwise
+    embeddings keep their integer codes (Gather on int8: never a whole float table per run)."""
+    if get_record(model) is None or not get_record(model).converted:
+        raise TritpressError("ONNX export needs a converted model (compressor.convert or load_packed)")
+    twin = copy.deepcopy(model)
+    modules = dict(twin.named_modules(remove_duplicate=False))
+    # QTensors read row-wise by an embedding: a head tied to one reads the same table
+    rows = {id(m.qweight) for m in modules.values() if isinstance(m, QEmbedding)}
+    params: dict[tuple, nn.Parameter] = {}
+    origin: dict[int, tuple] = {}
+
+    def param(qt: QTensor, layout: str) -> nn.Parameter:
+        key = (id(qt), layout)
+        if key not in params:
+            w = qt.dequantize(torch.float32)
+            p = nn.Parameter((w.t() if layout == "t" else w).contiguous(), requires_grad=False)
+            params[key] = p
+            origin[id(p)] = (qt, layout)
+        return params[key]
+
+    # int8 tables shared with a head: under matmulnbits the head is an 8-bit MatMulNBits and the
+    # embedding gathers from the same uint8 bytes
+    heads = {id(m.qweight) for m in modules.values() if isinstance(m, QLinear)}
+    u8_tables = {q for q in rows & heads if fmt == "matmulnbits"} - {
+        id(m.qweight) for m in modules.values() if isinstance(m, QEmbedding) and m.qweight.fmt.kind != "int8"}
+    replaced: dict[int, nn.Module] = {}  # a module placed at several paths is replaced by one twin
+    for name, m in modules.items():
+        if not isinstance(m, (QLinear, QEmbedding, QRNN)) or not name:
+            continue
+        if id(m) not in replaced:
+            tied = id(m.qweight) in rows if not isinstance(m, QRNN) else False
+            if isinstance(m, QLinear) and (not tied or id(m.qweight) in u8_tables):
+                new = MatMulLinear(param(m.qweight, "t"), m.bias, m.act_bits)
+            elif isinstance(m, QLinear):
+                new = (TiedLinear(param(m.qweight, "rows"), m.bias, m.act_bits) if fmt == "float"
+                       else TiedQLinear(m.qweight, m.bias, m.act_bits))
+            elif isinstance(m, QEmbedding) and id(m.qweight) in u8_tables:
+                new = U8Embedding(m.qweight, m.padding_idx)
+                origin[id(new.table_u8)] = (m.qweight, "table")
+            elif isinstance(m, QEmbedding) and fmt != "float":
+                new = m
+            elif isinstance(m, QEmbedding):
+                new = nn.Embedding.from_pretrained(param(m.qweight, "rows"), freeze=True,
+                                                   padding_idx=m.padding_idx)
+                new.weight = param(m.qweight, "rows")  # from_pretrained wraps a new Parameter
+            else:
+                new = _float_rnn(m, param)
+            replaced[id(m)] = new
+        parent_name, _, child = name.rpartition(".")
+        setattr(twin.get_submodule(parent_name) if parent_name else twin, child, replaced[id(m)])
+    return twin.eval(), origin
+
+
+def quant_weights(twin: nn.Module, origin: dict[int, tuple], prefix: str = "") -> dict:
+    """Initializer name (every alias) -> QuantWeight, in the layout the twin exports."""
+    from .onnx_quant import QuantWeight, TableOf
+
+    out = {}
+    tensors = [*twin.named_parameters(remove_duplicate=False), *twin.named_buffers(remove_duplicate=False)]
+    for name, p in tensors:
+        if id(p) not in origin:
+            continue
+        qt, layout = origin[id(p)]
+        if layout == "table":
+            out[prefix + name] = TableOf(id(qt))
+            continue
+        codes = qt.codes.numpy()
+        out[prefix + name] = QuantWeight(codes=codes.T.copy() if layout == "t" else codes.copy(),
+                                         scale=qt.scale.float().numpy().reshape(-1).copy(),
+                                         axis=1 if layout == "t" else 0, kind=qt.fmt.kind, source=id(qt))
+    return out
+
+
+# ---------------------------------------------------------------- model IO
+
+@dataclass
+class Signature:
+    """How the exported graph is called: input/output names and their dynamic axes."""
+
+    hf: bool
+    seq_first: bool
+    vocab: int
+    input_names: list
+    output_names: list
+    extra_kwargs: dict
+    cache: tuple | None = None   # KV-cache graph: (layers, kv heads, head dim, cache kwarg name)
+    past: int = 0                # cached tokens in the example inputs
+
+    def inputs(self, batch: int, seq: int, seed: int = 0) -> tuple:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, self.vocab, (batch, seq), generator=g)
+        if self.seq_first:
+            ids = ids.t().contiguous()
+        if not self.hf:
+            return (ids,)
+        if self.cache:
+            layers, heads, dim, _ = self.cache
+            mask = torch.ones(batch, self.past + seq, dtype=torch.long)
+            past = [torch.randn(batch, heads, self.past, dim, generator=g) for _ in range(2 * layers)]
+            return (ids, mask, *past)
+        return tuple(ids if n == "input_ids" else torch.ones_like(ids) for n in self.input_names)
+
+
+class Exportable(nn.Module):
+    """Positional tensors in, a tuple of tensors out: what torch.onnx.export traces."""
+
+    def __init__(self, model: nn.Module, sig: Signature):
+        super().__init__()
+        self.model, self.sig = model, sig
+
+    def forward(self, *inputs):
+        if self.sig.cache:
+            return self._forward_cached(*inputs)
+        if self.sig.hf:
+            out = self.model(**dict(zip(self.sig.input_names, inputs)), **self.sig.extra_kwargs)
+            return tuple(out[k] for k in self.sig.output_names)
+        return tuple(_flat_tensors(self.model(*inputs)))
+
+
+    def _forward_cached(self, ids, mask, *past):
+        from transformers import DynamicCache
+
+        layers, _, _, kwarg = self.sig.cache
+        cache = DynamicCache()
+        for i in range(layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, return_dict=True, **{kwarg: cache})
+        present = _cache_tensors(out.past_key_values)
+        return (out.logits, *present)
+
+
+def _cache_tensors(cache) -> list:
+    """[key 0, value 0, key 1, ...] of a transformers Cache."""
+    if hasattr(cache, "layers"):
+        return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    return [t for kv in cache for t in kv[:2]]  # legacy tuple of (key, value)
+
+
+def _flat_tensors(out) -> list:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flat_tensors(o)]
+    return []
+
+
+@torch.no_grad()
+def signature(model: nn.Module, kv_cache: bool = False) -> Signature:
+    """Input and output names of the exported graph (discovered by running the model once)."""
+    vocab = max((m.num_embeddings for m in model.modules() if isinstance(m, (nn.Embedding, QEmbedding))),
+                default=None)
+    if vocab is None:
+        raise TritpressError("ONNX export needs a model that takes token ids (no embedding found)")
+    hf = hasattr(model, "config") and hasattr(model.config, "to_dict")
+    rnns = [m for m in model.modules() if isinstance(m, (nn.LSTM, nn.GRU, nn.RNN, QRNN))]
+    seq_first = not hf and bool(rnns) and not all(getattr(r, "batch_first", False) for r in rnns)
+    if not hf:
+        sig = Signature(False, seq_first, vocab, ["input_ids"], [], {})
+        n = len(_flat_tensors(_call(model, sig, *EXPORT_SHAPE)))
+        sig.output_names = ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
+        return sig
+    params = inspect.signature(model.forward).parameters
+    if kv_cache:
+        return _cached_signature(model, vocab, params)
+    names = ["input_ids"] + (["attention_mask"] if "attention_mask" in params else [])
+    extra = {"return_dict": True}
+    if "use_cache" in params:
+        extra["use_cache"] = False  # full-sequence forward: no KV-cache outputs
+    sig = Signature(True, False, vocab, names, [], extra)
+    out = model(**dict(zip(names, sig.inputs(*EXPORT_SHAPE))), **extra)
+    sig.output_names = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
+    return sig
+
+
+def _cached_signature(model: nn.Module, vocab: int, params) -> Signature:
+    """Inputs input_ids, attention_mask (past + new tokens), past_key_values.{i}.key/value;
+    outputs logits, present.{i}.key/value (optimum's names). Shapes found by running once."""
+    if "use_cache" not in params or "attention_mask" not in params:
+        raise TritpressError("--kv-cache needs a transformers decoder LM (its forward takes use_cache)")
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, return_dict=True)
+    present = _cache_tensors(getattr(out, "past_key_values", None) or [])
+    if getattr(out, "logits", None) is None or not present or any(t.dim() != 4 for t in present):
+        raise TritpressError("--kv-cache needs a decoder LM returning logits and a [batch, heads, seq, dim] "
+                             "key/value cache")
+    layers, (_, heads, _, dim) = len(present) // 2, present[0].shape
+    kwarg = "past_key_values" if "past_key_values" in params else "cache"
+    kv = [f"{i}.{n}" for i in range(layers) for n in ("key", "value")]
+    return Signature(True, False, vocab, ["input_ids", "attention_mask"] + [f"past_key_values.{k}" for k in kv],
+                     ["logits"] + [f"present.{k}" for k in kv], {}, cache=(layers, heads, dim, kwarg),
+                     past=EXPORT_PAST)
+
+
+@torch.no_grad()
+def _call(model: nn.Module, sig: Signature, batch: int, seq: int) -> tuple:
+    return Exportable(model, sig).eval()(*sig.inputs(batch, seq))
+
+
+def _dynamic_axes(model: nn.Module, sig: Signature) -> dict:
+    """Input axes by construction; output axes found by running two input shapes."""
+    b, s = EXPORT_SHAPE
+    if sig.cache:
+        axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+                "logits": {0: "batch", 1: "sequence"}}
+        axes.update({n: {0: "batch", 2: "past_sequence"} for n in sig.input_names[2:]})
+        axes.update({n: {0: "batch", 2: "total_sequence"} for n in sig.output_names[1:]})
+        return axes
+    ab = {0: "sequence", 1: "batch"} if sig.seq_first else {0: "batch", 1: "sequence"}
+    axes = {n: dict(ab) for n in sig.input_names}
+    first = _call(model, sig, b, s)
+    by_batch = _call(model, sig, b + 1, s)
+    by_seq = _call(model, sig, b, s + 1)
+    for name, t0, tb, ts in zip(sig.output_names, first, by_batch, by_seq):
+        axes[name] = {i: ("batch" if tb.shape[i] != d else "sequence")
+                      for i, d in enumerate(t0.shape) if tb.shape[i] != d or ts.shape[i] != d}
+    return axes
+
+
+# ---------------------------------------------------------------- export
+
+def export_onnx(model: nn.Module, path, cfg: OnnxConfig | None = None, packed_path=None,
+                log: Callable[[str], None] | None = None, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict:
+    """Export a converted model to ONNX (atomically) and validate it. Returns the result dict;
+    raises OnnxValidationError (file kept) when an output differs by more than atol."""
+    from .onnx_quant import dedup_initializers, float16_weights, quantize_graph
+
+    cfg = cfg or OnnxConfig()
+    log = log or (lambda line: None)
+    path = Path(path)
+    model = model.eval()
+    sig = signature(model, cfg.kv_cache)
+    twin, origin = float_twin(model, cfg.format)
+    proto = trace_to_onnx(twin, sig, min(cfg.opset, TORCHSCRIPT_MAX_OPSET))
+    stats = {"matmulnbits": 0, "dequantize_linear": 0, "min_opset": 0}
+    if cfg.format == "float" and cfg.float_dtype == "fp16":
+        stats["float16_weights"] = float16_weights(proto, quant_weights(twin, origin, prefix="model."))
+    elif cfg.format != "float":
+        stats = quantize_graph(proto, quant_weights(twin, origin, prefix="model."), cfg.format, cfg.block_size,
+                               cfg.accuracy_level)
+    removed = dedup_initializers(proto)
+    _set_opset(proto, stats.pop("min_opset"), cfg.opset)
+    external = _save(proto, path, external_data_bytes)
+    result = {"path": str(path), "format": cfg.format, "config": cfg.to_dict(),
+              "file_bytes": _file_bytes(path), "external_data": external,
+              "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+              "rewrites": stats, "deduplicated_initializers": removed,
+              "inputs": sig.input_names, "outputs": sig.output_names}
+    if packed_path is not None:
+        packed = Path(packed_path).stat().st_size
+        result.update(packed_bytes=packed, size_ratio_vs_packed=round(result["file_bytes"] / packed, 4))
+    log(f"wrote {path} ({result['file_bytes'] / 1e6:.2f} MB, format {cfg.format}"
+        + (f", {result['size_ratio_vs_packed']:.2f}x the packed checkpoint" if packed_path else "") + ")")
+    if cfg.validate:
+        result["validation"] = validate(path, model, sig, cfg, log)
+        if not result["validation"]["passed"]:
+            raise OnnxValidationError(_failure_message(result), result)
+    return result
+
+
+def _failure_message(result: dict) -> str:
+    problems = []
+    for o in result["validation"]["outputs"]:
+        if not o["shape_ok"]:
+            problems.append(f"output {o['name']}: shape {o['onnx_shape']} != {o['torch_shape']}")
+        elif o["max_abs_diff"] > o["atol"] or (not o["ok"] and "exact_atol" not in o):
+            problems.append(f"output {o['name']}: max |ONNX - PyTorch| {o['max_abs_diff']:.3g} > atol {o['atol']:.3g}")
+        elif not o["ok"]:
+            problems.append(f"output {o['name']}: with fp32 compute max |ONNX - PyTorch| "
+                            f"{o['exact_max_abs_diff']:.3g} > {o['exact_atol']:.3g}")
+    if not problems:
+        problems.append("output names differ from the PyTorch model's")
+    return "ONNX validation failed: " + "; ".join(problems) + f" (file kept: {result['path']})"
+
+
+def trace_to_onnx(model: nn.Module, sig: Signature, opset: int = TORCHSCRIPT_MAX_OPSET):
+    """TorchScript export (no constant folding) of any float model -> ModelProto. Also how the
+    fp32 baseline of the original model is exported (benchmarks/bench_onnx.py)."""
+    import onnx
+
+    wrapper = Exportable(model, sig).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        traced = Path(tmp) / "float.onnx"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            try:
+                torch.onnx.export(wrapper, sig.inputs(*EXPORT_SHAPE), str(traced), dynamo=False,
+                                  opset_version=opset, do_constant_folding=False, input_names=sig.input_names,
+                                  output_names=sig.output_names, dynamic_axes=_dynamic_axes(model, sig))
+            except Exception as e:  # an op or control flow the TorchScript exporter cannot trace
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise TritpressError(f"torch.onnx.export could not trace {type(model).__name__}: "
+                                     f"{type(e).__name__}: {first}") from e
+        return onnx.load(str(traced))
+
+
+def save_onnx(proto, path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> bool:
+    """Write atomically (external data over 2 GB); True when the weights went to `<name>.data`."""
+    return _save(proto, Path(path), external_data_bytes)
+
+
+def _set_opset(proto, needed: int, requested: int) -> None:
+    """Raise the default-domain opset when the rewrite used newer types (INT4: 21, INT2: 25)."""
+    import onnx
+
+    if not needed:
+        return
+    if requested < needed:
+        raise TritpressError(f"this export needs opset >= {needed} (INT2/INT4 weights); got --opset {requested}")
+    for o in proto.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = max(o.version, requested)
+    default = [o for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    proto.ir_version = max(proto.ir_version, onnx.helper.find_min_ir_version_for(default))
+
+
+def _initializer_bytes(proto) -> int:
+    return sum(len(t.raw_data) for t in proto.graph.initializer)
+
+
+def _save(proto, path: Path, external_data_bytes: int) -> bool:
+    """Write atomically; weights go to `<name>.data` next to the file when over the 2 GB limit."""
+    import onnx
+
+    external = _initializer_bytes(proto) > external_data_bytes
+    with atomic_path(path) as tmp:
+        if external:
+            data_name = path.name + ".data"
+            if (path.parent / data_name).exists():
+                (path.parent / data_name).unlink()  # save_model appends to an existing data file
+            onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            onnx.save_model(proto, str(tmp))
+    return external
+
+
+def _file_bytes(path: Path) -> int:
+    data = path.parent / (path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+# ---------------------------------------------------------------- validation
+
+def ort_session(path_or_bytes, threads: int | None = None, config: dict | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or max(1, torch.get_num_threads())
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    for k, v in (config or {}).items():
+        so.add_session_config_entry(k, v)
+    src = path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def _run_fp32_compute(path: Path, feeds: dict) -> list:
+    """The same graph with its quantized MatMuls computed in fp32 (accuracy_level 0)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    for node in proto.graph.node:
+        for attr in node.attribute:
+            if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
+                attr.i = 0
+    config = {"session.qdq_matmulnbits_accuracy_level": "0"}
+    if _initializer_bytes(proto) < EXTERNAL_DATA_BYTES:
+        return ort_session(proto.SerializeToString(), config=config).run(None, feeds)
+    with tempfile.TemporaryDirectory() as tmp:
+        _save(proto, Path(tmp) / "exact.onnx", 0)
+        return ort_session(Path(tmp) / "exact.onnx", config=config).run(None, feeds)
+
+
+@torch.no_grad()
+def validate(path, model: nn.Module, sig: Signature, cfg: OnnxConfig, log: Callable[[str], None]) -> dict:
+    """ONNX Runtime vs the converted PyTorch model at VALIDATE_SHAPE, output by output."""
+    import onnxruntime as ort
+
+    if sig.cache:  # another batch size, past length and number of new tokens than the trace
+        sig = dataclasses.replace(sig, past=VALIDATE_PAST)
+    inputs = sig.inputs(*VALIDATE_SHAPE, seed=1)
+    feeds = {n: t.numpy() for n, t in zip(sig.input_names, inputs)}
+    ref = [t.float().numpy() for t in _call_with(model, sig, inputs)]
+    sess = ort_session(path)
+    got = sess.run(None, feeds)
+    exact = _run_fp32_compute(Path(path), feeds) if cfg.int8_activations else None
+    names = [o.name for o in sess.get_outputs()]
+    log(f"Validating ONNX model {path} (onnxruntime {ort.__version__}, inputs "
+        f"{', '.join(f'{n}{list(t.shape)}' for n, t in zip(sig.input_names, inputs))}):")
+    names_ok = names == sig.output_names
+    log(f"\t-[{'✓' if names_ok else 'x'}] ONNX model output names match reference model ({', '.join(names)})")
+    outputs = []
+    for i, (name, r, g) in enumerate(zip(sig.output_names, ref, got)):
+        o = _compare(name, r, g, cfg.atol_for(r))
+        log(f"\t- Validating ONNX Model output \"{name}\":")
+        log(f"\t\t-[{'✓' if o['shape_ok'] else 'x'}] {tuple(g.shape)} matches {tuple(r.shape)}")
+        how = "" if cfg.atol is not None or not cfg.int8_activations else \
+            f" = {INT8_ACT_RTOL:g} x max |PyTorch|, int8 activations"
+        close = o["max_abs_diff"] <= o["atol"]
+        log(f"\t\t-[{'✓' if close else 'x'}] {'all values close' if close else 'values not close enough'} "
+            f"(atol: {o['atol']:.3g}{how}), max |ONNX - PyTorch| = {o['max_abs_diff']:.3g}")
+        if exact is not None:
+            e = _compare(name, r, exact[i], EXACT_RTOL * max(1.0, float(np.abs(r).max(initial=0.0))))
+            o.update(exact_max_abs_diff=e["max_abs_diff"], exact_atol=e["atol"], ok=o["ok"] and e["ok"])
+            log(f"\t\t-[{'✓' if e['ok'] else 'x'}] same graph with fp32 compute (accuracy_level 0): "
+                f"max |ONNX - PyTorch| = {e['max_abs_diff']:.3g} (atol: {e['atol']:.3g})")
+        outputs.append(o)
+    passed = names_ok and len(outputs) == len(names) and all(o["ok"] for o in outputs)
+    return {"onnxruntime": ort.__version__, "passed": passed, "outputs": outputs,
+            "int8_activations": cfg.int8_activations,
+            "input_shapes": {n: list(t.shape) for n, t in zip(sig.input_names, inputs)}}
+
+
+def _compare(name: str, ref: np.ndarray, got: np.ndarray, atol: float) -> dict:
+    shape_ok = tuple(ref.shape) == tuple(got.shape)
+    diff = float(np.abs(ref - got).max(initial=0.0)) if shape_ok else float("inf")
+    ok = shape_ok and diff <= atol and bool(np.isfinite(got).all())
+    return {"name": name, "onnx_shape": list(got.shape), "torch_shape": list(ref.shape), "shape_ok": shape_ok,
+            "max_abs_diff": diff, "atol": atol, "ok": ok}
+
+
+def _call_with(model: nn.Module, sig: Signature, inputs: tuple) -> tuple:
+    return Exportable(model, sig).eval()(*inputs)
+
+
+def onnx_lines(result: dict) -> list[str]:
+    """The report's ONNX section: file size against the packed checkpoint, validation per output."""
+    size = f"ONNX ({result['format']}): {result['path']}, {result['file_bytes'] / 1e6:.2f} MB"
+    if "packed_bytes" in result:
+        size += (f" vs packed {result['packed_bytes'] / 1e6:.2f} MB "
+                 f"({result['size_ratio_vs_packed']:.2f}x)")
+    lines = [size]
+    v = result.get("validation")
+    if v:
+        lines.append(f"validation with onnxruntime {v['onnxruntime']}: " + ("passed" if v["passed"] else "FAILED"))
+        for o in v["outputs"]:
+            line = (f"  {o['name']}: shape {o['onnx_shape']} {'ok' if o['shape_ok'] else 'MISMATCH'}, "
+                    f"max |ONNX - PyTorch| {o['max_abs_diff']:.3g} (atol {o['atol']:.3g})")
+            if "exact_max_abs_diff" in o:
+                line += f"; fp32 compute {o['exact_max_abs_diff']:.3g} (atol {o['exact_atol']:.3g})"
+            lines.append(line)
+    return lines

