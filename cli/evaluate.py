@@ -29,6 +29,8 @@ def evaluate_command(
     recipe: Optional[str] = typer.Option(None, "--recipe", help="TOML/YAML recipe; its [eval] table; flags override."),
     lm_data: Optional[List[str]] = typer.Option(None, help="LM text (repeatable): WikiText .txt, .jsonl/.csv, pkg:ptb, "
                                                 f"or HF NAME[:CONFIG][@SPLIT] [default: {D.lm_data[0]}]."),
+    lm_train: Optional[str] = typer.Option(None, help="Masked-LM probe text for an encoder without an LM head "
+                                           "(same formats as --lm-data) [default: the HF train split]."),
     cls_data: Optional[str] = typer.Option(None, help=f"Classification eval data: GLUE .tsv, .jsonl/.csv or HF "
                                            f"[default: {D.cls_data} validation]."),
     cls_train: Optional[str] = typer.Option(None, help="Probe training data for cls [default: the HF train split]."),

@@ -140,6 +140,8 @@ def run(
     parallel: Optional[Parallel] = typer.Option(None, help=f"With several processes [default: {TRAIN.parallel}]."),
     nproc: int = typer.Option(1, help="Start N local worker processes (torchrun); gloo on CPU, NCCL on GPU."),
     max_restarts: int = typer.Option(0, help="With --nproc: elastic restarts after a worker fails."),
+    tasks: Optional[str] = typer.Option(None, help="After packing, evaluate and gate on these tasks "
+                                        "(lm,cls,tok,qa; data and tolerances from the recipe's [eval] table)."),
     check: Optional[bool] = typer.Option(None, "--check/--no-check",
                                          help="Compare outputs (original vs ternary, reload) [default: check]."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout instead of tables."),
@@ -153,7 +155,8 @@ def run(
 
     cfg = build_config(
         read_recipe(recipe) if recipe else {},
-        {"model": model, "out": out, "config": config, "trust_pickle": trust_pickle, "check": check},
+        {"model": model, "out": out, "config": config, "trust_pickle": trust_pickle, "check": check,
+         "tasks": tasks},
         {"quant": {"method": _value(method), "granularity": _value(granularity),
                    "act_bits": int(act_bits.value) if act_bits else None, "embedding": _value(embedding),
                    "head": _value(head), "outside_blocks": _value(outside_blocks),
@@ -186,6 +189,12 @@ def run(
     else:
         typer.echo(render(report))
         typer.echo(f"\nwrote {report['files']['packed']} and {report['files']['report']}")
+    if report.get("evaluation"):
+        from analyzers.quality.report import render as render_eval
+        if not json_out:
+            typer.echo("\n" + render_eval(report["evaluation"]))
+        if not report["evaluation"]["passed"]:
+            raise typer.Exit(1)
 
 
 @app.command()

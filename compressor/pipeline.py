@@ -38,6 +38,8 @@ class CompressConfig:
     quant: TernaryConfig = field(default_factory=TernaryConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     check: bool = True                           # compare outputs: original vs ternary, converted vs reload
+    tasks: str | None = None                     # evaluate after packing: lm,cls,tok,qa (settings: [eval])
+    eval: "EvalConfig" = field(default_factory=lambda: _eval_config())
 
     def out_dir(self) -> Path:
         if self.out:
@@ -146,6 +148,12 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
         "files": {"packed": str(packed_path), "report": str(report_path)},
     }
     write_json(report_path, report)
+    if cfg.tasks:
+        from analyzers.quality.evaluate import evaluate_stage
+        stage("evaluate")
+        report["evaluation"] = evaluate_stage(cfg, packed_path, out)
+        done("evaluate")
+        write_json(report_path, report)
     return report
 
 
@@ -198,6 +206,11 @@ def _fine_tune(cfg: CompressConfig, loaded, ctx, listener: Listener):
     findings.update(config=dataclasses.asdict(tcfg), train_sequences=len(blocks), eval_source=eval_source,
                     eval_sequences=len(eval_blocks), quality=quality)
     return model, findings
+
+
+def _eval_config():
+    from analyzers.quality.evaluate import EvalConfig
+    return EvalConfig()
 
 
 def _structure_summary(structure) -> dict:

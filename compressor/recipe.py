@@ -20,7 +20,9 @@ from .errors import TritpressError
 from .pipeline import CompressConfig
 from .train import TrainConfig
 
-SECTIONS = {"quant": TernaryConfig, "train": TrainConfig}
+from analyzers.quality.evaluate import EvalConfig  # noqa: E402
+
+SECTIONS = {"quant": TernaryConfig, "train": TrainConfig, "eval": EvalConfig}
 
 
 def read_recipe(path: str) -> dict:

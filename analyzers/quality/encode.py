@@ -31,8 +31,9 @@ def batches(n: int, size: int) -> list[range]:
 def progress_bar(desc: str, total: int, unit: str, quiet: bool):
     """A tqdm bar on stderr (rank 0 only); yields its update function."""
     from tqdm import tqdm
+    tty = sys.stderr.isatty()
     bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True,
-               disable=quiet or not distributed.is_main())
+               mininterval=0.2 if tty else 15.0, disable=quiet or not distributed.is_main())
     try:
         yield bar.update
     finally:
@@ -50,11 +51,12 @@ def model_inputs(model, enc) -> dict:
 
 
 @torch.no_grad()
-def map_batches(fn, n_batches: int, update=None) -> list:
-    """fn(batch index) -> list of per-item results, sharded over ranks and gathered in order."""
+def map_batches(fn, n_batches: int, update=None, sizes: list[int] | None = None) -> list:
+    """fn(batch index) -> list of per-item results, sharded over ranks and gathered in order.
+    The progress bar advances by sizes[i] (default: the items batch i returned)."""
     results = {}
     for i in distributed.my_batches(n_batches):
         results[i] = fn(i)
         if update:
-            update(len(results[i]))
+            update(sizes[i] if sizes else len(results[i]))
     return distributed.gather_by_batch(results)

@@ -24,7 +24,7 @@ from compressor.errors import TritpressError
 
 from . import data as qdata
 from .gate import gate_row, parse_max_drop, tolerance_for
-from .tasks import TASKS, parse_tasks, run_cls, run_lm, run_tok, use_own_head
+from .tasks import TASKS, needs_lm_probe, parse_tasks, run_cls, run_lm, run_tok, use_own_head
 
 PACKED_NAME = "model.tritpress.safetensors"
 
@@ -39,6 +39,7 @@ class EvalConfig:
     trust_pickle: bool = False
     # data: local files or HF names NAME[:CONFIG][@SPLIT]
     lm_data: list[str] = field(default_factory=lambda: [TASKS["lm"].default_data])
+    lm_train: str | None = None          # masked-LM probe text for encoders without an LM head
     cls_data: str = TASKS["cls"].default_data
     cls_train: str | None = None         # probe training data (default: the HF train split)
     tok_data: str = TASKS["tok"].default_data
@@ -222,18 +223,24 @@ def load_qa(cfg, need_train: bool):
 # ------------------------------------------------------------------ run
 
 
-def _jobs(cfg: EvalConfig, base_model):
+def _jobs(cfg: EvalConfig, base_model, tokenizer):
     """(label, task, runner(model, tokenizer, desc) -> result, data protocol) for each task and dataset."""
     from .qa import run_qa
     jobs = []
     for task in parse_tasks(cfg.tasks):
         need_train = task != "lm" and not use_own_head(base_model, task, cfg.probe)
         if task == "lm":
+            train = None
+            if needs_lm_probe(base_model, tokenizer, cfg.probe):
+                spec = cfg.lm_train or _hf_train(cfg.lm_data[0], "--lm-train")
+                train = _lm_texts(spec, cfg)
             for spec in cfg.lm_data:
                 texts = _lm_texts(spec, cfg)
                 prot = {"eval": {"data": spec, "lines_available": len(texts)}}
+                if train is not None:
+                    prot["probe_train"] = {"data": cfg.lm_train or "train split", "lines_available": len(train)}
                 jobs.append((f"lm:{_name(spec)}", "lm",
-                             lambda m, t, d, texts=texts: run_lm(m, t, texts, cfg, d), prot))
+                             lambda m, t, d, texts=texts, train=train: run_lm(m, t, texts, cfg, d, train), prot))
             continue
         loader, runner = {"cls": (load_cls, run_cls), "tok": (load_tok, run_tok), "qa": (load_qa, run_qa)}[task]
         train, test, prot = loader(cfg, need_train)
@@ -257,7 +264,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     refuse_overwrite_input([out / "report.json", out / "report.md"], [cfg.compressed, info["baseline"]])
     overrides = parse_max_drop(cfg.max_drop)
     tasks, rows = {}, []
-    for label, task, runner, data_prot in _jobs(cfg, base.model):
+    for label, task, runner, data_prot in _jobs(cfg, base.model, tokenizer):
         entry = {"task": task, "data": data_prot}
         try:
             for role, model in (("baseline", base.model), ("compressed", comp)):
@@ -299,3 +306,15 @@ def _versions(world: int, device) -> dict:
         except PackageNotFoundError:
             out[pkg] = None
     return out
+
+
+def evaluate_stage(ccfg, packed_path, out_dir) -> dict:
+    """The `compress MODEL --tasks ...` pipeline stage: the packed file against the input model,
+    with the settings of the recipe's [eval] table; run whole on this process (rank 0)."""
+    from .distributed import local_only
+    ecfg = dataclasses.replace(ccfg.eval, compressed=str(packed_path), baseline=ccfg.model, config=ccfg.config,
+                               trust_pickle=ccfg.trust_pickle, tasks=ccfg.tasks, out=str(Path(out_dir) / "eval"),
+                               quiet=True)
+    with local_only():
+        report = evaluate(ecfg)
+    return {k: report[k] for k in ("passed", "rows", "tasks", "files")}

@@ -119,7 +119,9 @@ def _chunk_nll(model, chunk: torch.Tensor) -> float:
 @torch.no_grad()
 def pseudo_perplexity(model: nn.Module, stream: LMText, context: int, mask_id: int, cls_id: int | None,
                       sep_id: int | None, max_positions: int = 0, seed: int = 0, batch_size: int = 16,
-                      progress=None) -> dict:
+                      progress=None, head: nn.Module | None = None) -> dict:
+    """`head` (optional): a probe mapping frozen features to vocabulary logits, for an encoder
+    without its own masked-LM head."""
     specials = [t for t in (cls_id, sep_id) if t is not None]
     span = context - len(specials)
     ids = stream.ids
@@ -150,8 +152,13 @@ def pseudo_perplexity(model: nn.Module, stream: LMText, context: int, mask_id: i
         for i, r in enumerate(rows):
             padded[i, :len(r)] = r
             mask[i, :len(r)] = 1
-        out = modelio.logits(model, padded, mask)
-        logp = F.log_softmax(out[torch.arange(len(rows)), torch.tensor(where)].double(), -1).cpu()
+        rows_at = (torch.arange(len(rows)), torch.tensor(where))
+        if head is None:
+            at = modelio.logits(model, padded, mask)[rows_at].cpu()
+        else:
+            enc = {"input_ids": padded, "attention_mask": mask}
+            at = head(modelio.features(model, _to(model, enc))[rows_at])
+        logp = F.log_softmax(at.double(), -1)
         results[bi] = [(-float(logp[i, t]), 1) for i, t in enumerate(targets)]
         if progress:
             progress(len(rows))
@@ -167,3 +174,72 @@ def _summary(nll_sum: float, n: int, stream: LMText | None, windows: int) -> dic
         out["bits_per_byte"] = nll_sum / math.log(2) / stream.n_bytes
         out["bytes"] = stream.n_bytes
     return out
+
+
+def _to(model, enc: dict) -> dict:
+    device = modelio.device_of(model)
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+class TiedLMProbe(nn.Module):
+    """BERT's masked-LM head shape (dense, GELU, LayerNorm, then the model's own input embedding
+    as the output matrix, frozen): the probe for an encoder shipped without its MLM head."""
+
+    def __init__(self, embedding: torch.Tensor):
+        super().__init__()
+        hidden = embedding.shape[1]
+        self.register_buffer("embedding", embedding)
+        self.dense = nn.Linear(hidden, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.bias = nn.Parameter(torch.zeros(embedding.shape[0]))
+
+    def forward(self, h):
+        return F.linear(self.norm(F.gelu(self.dense(h.float()))), self.embedding, self.bias)
+
+
+def embedding_table(model: nn.Module) -> torch.Tensor:
+    """[V, H] token embedding, read through the module (works for quantized embeddings too)."""
+    emb = model.get_input_embeddings()
+    vocab = getattr(emb, "num_embeddings", None)
+    with torch.no_grad():
+        return emb(torch.arange(vocab, device=modelio.device_of(model))).float().cpu()
+
+
+@torch.no_grad()
+def _masked_features(model, stream: LMText, span: int, mask_id: int, cls_id, sep_id, windows: int,
+                     rate: float, seed: int, batch_size: int, progress=None):
+    g = torch.Generator().manual_seed(seed)
+    starts = list(range(0, len(stream.ids) - span + 1, span))[:windows]
+    feats, targets = [], []
+    for i in range(0, len(starts), batch_size):
+        rows, picks = [], []
+        for b in starts[i:i + batch_size]:
+            seq = stream.ids[b:b + span].clone()
+            pick = (torch.rand(span, generator=g) < rate).nonzero().flatten()
+            targets.append(seq[pick].clone())
+            seq[pick] = mask_id
+            rows.append(torch.cat([torch.tensor([cls_id] if cls_id is not None else []), seq,
+                                   torch.tensor([sep_id] if sep_id is not None else [])]).long())
+            picks.append(pick + (1 if cls_id is not None else 0))
+        ids = torch.stack(rows)
+        h = modelio.features(model, _to(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
+        feats.extend(h[r, p] for r, p in enumerate(picks))
+        if progress:
+            progress(len(rows) * span)
+    return torch.cat(feats), torch.cat(targets)
+
+
+def train_mlm_probe(model, stream: LMText, context: int, mask_id: int, cls_id, sep_id, cfg, windows: int,
+                    batch_size: int, progress=None) -> TiedLMProbe:
+    """Masked-LM probe: 15 % of the tokens of `windows` training windows masked (seeded), the
+    head trained on their frozen features with the probe budget (ProbeConfig)."""
+    from .probe import train_probe_module
+    span = context - (cls_id is not None) - (sep_id is not None)
+    x, y = _masked_features(model, stream, span, mask_id, cls_id, sep_id, windows, 0.15, cfg.seed, batch_size,
+                            progress)
+    torch.manual_seed(cfg.seed)
+    head = TiedLMProbe(embedding_table(model))
+    with torch.no_grad():  # start from the unigram distribution of the training targets (add-one smoothed)
+        counts = torch.bincount(y, minlength=head.bias.numel()).float() + 1.0
+        head.bias.copy_((counts / counts.sum()).log())
+    return train_probe_module(head, x, lambda out, idx: F.cross_entropy(out, y[idx]), cfg)

@@ -45,8 +45,14 @@ def train_probe(x: torch.Tensor, loss_fn, outputs: int, cfg: ProbeConfig, mask: 
     `mask` ([N, T], optional) picks the positions whose features set the standardization."""
     torch.manual_seed(cfg.seed)
     flat = x.float().reshape(-1, x.shape[-1]) if mask is None else x.float()[mask.bool()]
-    head = LinearProbe(flat.mean(0), flat.std(0).clamp(min=1e-6), outputs)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return train_probe_module(LinearProbe(flat.mean(0), flat.std(0).clamp(min=1e-6), outputs), x, loss_fn, cfg)
+
+
+def train_probe_module(head: nn.Module, x: torch.Tensor, loss_fn, cfg: ProbeConfig) -> nn.Module:
+    """AdamW over shuffled mini-batches of x for cfg.epochs; seeded, so reruns are identical."""
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.epochs):
         order = torch.randperm(len(x), generator=g)

@@ -80,7 +80,7 @@ def _window_features(model, tok, examples, cfg, update):
         h = modelio.features(model, model_inputs(model, enc)).half()
         starts, ends = span_labels(chunk, sample, offsets, context)
         return [(h[j], context[j], starts[j], ends[j]) for j in range(len(sample))]
-    rows = map_batches(one, len(parts), update)
+    rows = map_batches(one, len(parts), update, [len(p) for p in parts])
     L = cfg.qa_max_length
     x = torch.zeros(len(rows), L, rows[0][0].shape[-1], dtype=torch.float16)
     allowed = torch.zeros(len(rows), L, dtype=torch.bool)
@@ -122,7 +122,7 @@ def run_qa(model, tokenizer, train, test, cfg, desc: str) -> dict:
             for j, k in enumerate(sample):
                 per_example.setdefault(k, []).append((start[j], end[j], offsets[j], context[j]))
             return [(ex.id, best_answer(ex, per_example[k], cfg, v2)) for k, ex in enumerate(chunk)]
-        predictions = dict(map_batches(one, len(parts), update))
+        predictions = dict(map_batches(one, len(parts), update, [len(p) for p in parts]))
     golds = {e.id: e.answers for e in test.examples}
     scores = squad_scores(predictions, golds)
     metrics = {"exact_match": scores["exact_match"], "f1": scores["f1"]}

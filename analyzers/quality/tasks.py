@@ -63,8 +63,15 @@ def probe_config(cfg, task: str) -> ProbeConfig:
 # ------------------------------------------------------------------ lm
 
 
-def run_lm(model, tokenizer, texts: list[str], cfg, desc: str) -> dict:
-    kind = modelio.lm_kind(model)
+def needs_lm_probe(model, tokenizer, probe: str) -> bool:
+    """An encoder without its own LM head (e.g. a sentence-embedding BERT): masked-LM probe."""
+    has_lm = modelio.lm_kind(model) is not None
+    return modelio.is_hf(model) and getattr(tokenizer, "mask_token_id", None) is not None and (
+        not has_lm or probe == "always" and modelio.lm_kind(model) == "masked")
+
+
+def run_lm(model, tokenizer, texts: list[str], cfg, desc: str, train_texts: list[str] | None = None) -> dict:
+    kind = "masked" if train_texts is not None else modelio.lm_kind(model)
     if kind is None:
         raise TritpressError(f"{type(model).__name__} has no language-model head (causal, masked or RNN)")
     from compressor.data import token_vocab_size, tokenizer_fn
@@ -75,13 +82,14 @@ def run_lm(model, tokenizer, texts: list[str], cfg, desc: str) -> dict:
         encode, bos = tokenizer_fn(None, texts, token_vocab_size(model)), None
     stream = lm.build_stream(texts, encode, cfg.lm_tokens, bos)
     limit = modelio.max_positions(model)
-    context = cfg.context or min(1024, limit or 1024)
+    context = cfg.context or (128 if kind == "masked" else min(1024, limit or 1024))
     if limit and context > limit:
         raise TritpressError(f"--context {context} exceeds the model's {limit} positions")
     stride = cfg.stride or (context // 2 if kind == "causal" else context)
     protocol = {"kind": kind, "context": context, "tokens": len(stream.ids), "bytes": stream.n_bytes,
                 "lines": stream.n_lines, "bos_prepended": bos is not None}
-    unit_total = len(stream.ids)
+    unit_total = len(stream.ids) if kind != "masked" or not cfg.mlm_positions else min(cfg.mlm_positions,
+                                                                                        len(stream.ids))
     with progress_bar(desc, unit_total, "tok", cfg.quiet) as update:
         if kind == "causal":
             protocol["stride"] = stride
@@ -92,11 +100,20 @@ def run_lm(model, tokenizer, texts: list[str], cfg, desc: str) -> dict:
         else:
             tok = ready_tokenizer(tokenizer)
             protocol.update(metric="pseudo-perplexity", max_positions=cfg.mlm_positions, seed=cfg.seed)
+            head = None
+            if train_texts is not None:
+                pc = probe_config(cfg, "lm")
+                windows = cfg.probe_samples or 256
+                train_stream = lm.build_stream(train_texts, encode, windows * context)
+                head = lm.train_mlm_probe(model, train_stream, context, tok.mask_token_id, tok.cls_token_id,
+                                          tok.sep_token_id, pc, windows, cfg.batch_size)
+                protocol.update(probe=pc.to_dict(), probe_train_windows=windows, mask_rate=0.15,
+                                probe_head="dense+GELU+LayerNorm, decoder = the model's own input embedding (frozen)")
             m = lm.pseudo_perplexity(model, stream, context, tok.mask_token_id, tok.cls_token_id,
-                                     tok.sep_token_id, cfg.mlm_positions, cfg.seed, cfg.batch_size, update)
+                                     tok.sep_token_id, cfg.mlm_positions, cfg.seed, cfg.batch_size, update, head)
     protocol.update(scored_tokens=m["scored_tokens"], windows=m["windows"])
     metrics = {k: m[k] for k in ("perplexity", "bits_per_byte") if k in m}
-    return {"metrics": metrics, "protocol": protocol, "head": "own"}
+    return {"metrics": metrics, "protocol": protocol, "head": "probe" if train_texts is not None else "own"}
 
 
 # ------------------------------------------------------------------ cls
