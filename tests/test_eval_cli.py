@@ -220,3 +220,27 @@ def test_pipeline_stage(gpt2_dirs, files, tmp_path, capsys):
     ev = report["evaluation"]
     assert ev["passed"] and [r["metric"] for r in ev["rows"]] == ["perplexity", "bits_per_byte"]
     assert (tmp_path / "o" / "eval" / "report.md").exists() and "gate: PASS" in out
+
+
+def test_two_processes_give_the_numbers_of_one(gpt2_dirs, files, tmp_path):
+    """torchrun, 2 gloo workers: examples sharded by batch, results gathered in order -> identical rows."""
+    import os
+    import subprocess
+    import sys
+    good, zeroed = gpt2_dirs
+    settings = dict(lm_data=[str(files / "lm.txt")], context=16, stride=8, batch_size=2, plots=False,
+                    cls_data=str(files / "dev.tsv"), cls_train=str(files / "train.tsv"), probe_epochs=2)
+    one = evaluate(EvalConfig(compressed=str(zeroed), baseline=str(good), tasks="lm,cls", out=str(tmp_path / "one"),
+                              quiet=True, **settings))
+    flags = ["--lm-data", files / "lm.txt", "--context", 16, "--stride", 8, "--batch-size", 2, "--no-plots",
+             "--cls-data", files / "dev.tsv", "--cls-train", files / "train.tsv", "--probe-epochs", 2]
+    cmd = [sys.executable, "-m", "cli.main", "evaluate", zeroed, "--baseline", good, "--tasks", "lm,cls",
+           "--out", tmp_path / "two", "--nproc", 2, *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]  # the zeroed model fails the gate, on 2 ranks too
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["environment"]["processes"] == 2 and one["environment"]["processes"] == 1
+    key = lambda r: (r["task"], r["metric"], r["baseline"], r["compressed"])  # noqa: E731
+    assert [key(r) for r in one["rows"]] == [key(r) for r in two["rows"]]
+    assert {r["task"].split(":")[0] for r in one["rows"]} == {"lm", "cls"}
