@@ -53,6 +53,8 @@ def evaluate_command(
     stride: Optional[int] = typer.Option(None, help="LM window stride [default: context/2 for causal LMs]."),
     mlm_positions: Optional[int] = typer.Option(None, help="Masked LMs: tokens scored for pseudo-perplexity "
                                                 f"[default: {D.mlm_positions}; 0 = all]."),
+    lm_probe_windows: Optional[int] = typer.Option(None, help="Masked-LM probe training windows "
+                                                   f"[default: {D.lm_probe_windows}]."),
     max_length: Optional[int] = typer.Option(None, help=f"cls/tok max tokens [default: {D.max_length}]."),
     qa_max_length: Optional[int] = typer.Option(None, help=f"QA window tokens [default: {D.qa_max_length}]."),
     doc_stride: Optional[int] = typer.Option(None, help=f"QA window overlap [default: {D.doc_stride}]."),
@@ -62,7 +64,8 @@ def evaluate_command(
     batch_size: Optional[int] = typer.Option(None, help=f"Examples per forward [default: {D.batch_size}]."),
     probe: Optional[str] = typer.Option(None, help="auto: the model's own head when it has one, else a probe; "
                                         "always: probe even then [default: auto]."),
-    probe_epochs: Optional[int] = typer.Option(None, help="Probe epochs [default: per task: cls 20, tok 10, qa 10]."),
+    probe_epochs: Optional[int] = typer.Option(None, help="Probe epochs [default: per task: lm 5, cls 20, tok 10, "
+                                               "qa 10]."),
     probe_lr: Optional[float] = typer.Option(None, help=f"Probe learning rate [default: {D.probe_lr}]."),
     seed: Optional[int] = typer.Option(None, help=f"Seed for subsamples and probes [default: {D.seed}]."),
     max_drop: Optional[List[str]] = typer.Option(None, help="Tolerance, repeatable: METRIC=VALUE or TASK.METRIC=VALUE, "
@@ -110,3 +113,34 @@ def build_eval_config(recipe: str | None, flags: dict) -> EvalConfig:
         return EvalConfig(**values)
     except (TypeError, ValueError) as e:
         raise TritpressError(f"invalid evaluation setting: {e}") from e
+
+
+def finetune_head_command(
+    model: str = typer.Argument(..., help="A transformers encoder: HF folder or pkg:all-MiniLM-L6-v2."),
+    task: str = typer.Option(..., help="cls, tok or qa."),
+    train: str = typer.Option(..., help="Training data (GLUE .tsv / CoNLL / SQuAD .json/.zip / .jsonl / .csv)."),
+    out: str = typer.Option(..., "--out", "-o", help="Output HF folder (model + tokenizer)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps [default: 300]."),
+    batch_size: Optional[int] = typer.Option(None, help="Examples per step [default: 16]."),
+    lr: Optional[float] = typer.Option(None, help="AdamW learning rate, linear decay [default: 5e-5]."),
+    max_length: Optional[int] = typer.Option(None, help="cls/tok tokens [default: 128]."),
+    qa_max_length: Optional[int] = typer.Option(None, help="QA window tokens [default: 256]."),
+    doc_stride: Optional[int] = typer.Option(None, help="QA window overlap [default: 128]."),
+    max_samples: Optional[int] = typer.Option(None, help="Use at most N training examples, seeded [default: all]."),
+    seed: Optional[int] = typer.Option(None, help="Seed [default: 0]."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+):
+    """Fine-tune MODEL with a fresh task head (a task-finetuned baseline to compress and evaluate)."""
+    import sys
+
+    from analyzers.quality.finetune import FinetuneConfig, finetune_head
+    from cli.main import _quiet_libraries
+
+    _quiet_libraries()
+    given = {k: v for k, v in locals().items() if k in {f.name for f in dataclasses.fields(FinetuneConfig)}
+             and v is not None}
+    info = finetune_head(FinetuneConfig(**given), progress=lambda s, n, loss: (
+        print(f"step {s}/{n} loss {loss:.4f}", file=sys.stderr, flush=True) if s == 1 or s % 25 == 0 or s == n
+        else None))
+    typer.echo(f"fine-tuned {task} head: loss {info['first_loss']:.4f} -> {info['final_loss_mean_last_10']:.4f} "
+               f"(mean of the last 10 steps); wrote {out}")

@@ -211,9 +211,10 @@ def info(packed: str = typer.Argument(..., help="A packed checkpoint (.safetenso
     typer.echo(json.dumps(size, indent=2) if json_out else size_table(size))
 
 
-from cli.evaluate import evaluate_command  # noqa: E402
+from cli.evaluate import evaluate_command, finetune_head_command  # noqa: E402
 
 app.command("evaluate")(evaluate_command)
+app.command("finetune-head")(finetune_head_command)
 
 
 def _launch_workers(nproc: int, max_restarts: int) -> int:

@@ -156,7 +156,7 @@ def test_probe_protocol_all_four_tasks_on_packed_encoder(bert_dir, files, tmp_pa
     code, out, err = run_cli([
         "evaluate", packed, "--baseline", bert_dir, "--tasks", "lm,cls,tok,qa",
         "--lm-data", files / "lm.txt", "--lm-train", files / "lm.txt", "--mlm-positions", 40, "--context", 16,
-        "--probe-samples", 8,
+        "--probe-samples", 8, "--lm-probe-windows", 8,
         "--cls-data", files / "dev.tsv", "--cls-train", files / "train.tsv",
         "--tok-data", files / "dev.conll", "--tok-train", files / "train.conll",
         "--qa-data", files / "squad.json", "--qa-max-length", 24, "--doc-stride", 8,
@@ -244,3 +244,20 @@ def test_two_processes_give_the_numbers_of_one(gpt2_dirs, files, tmp_path):
     key = lambda r: (r["task"], r["metric"], r["baseline"], r["compressed"])  # noqa: E731
     assert [key(r) for r in one["rows"]] == [key(r) for r in two["rows"]]
     assert {r["task"].split(":")[0] for r in one["rows"]} == {"lm", "cls"}
+
+
+@pytest.mark.parametrize("task,data", [("cls", "train.tsv"), ("tok", "train.conll"), ("qa", "squad.json")])
+def test_finetune_head_builds_a_baseline_with_its_own_head(bert_dir, files, tmp_path, capsys, task, data):
+    out = tmp_path / "ft"
+    code, text, err = run_cli(["finetune-head", bert_dir, "--task", task, "--train", files / data, "--out", out,
+                               "--steps", 4, "--batch-size", 8, "--qa-max-length", 24, "--doc-stride", 8], capsys)
+    assert code == 0, err
+    assert "fine-tuned" in text and (out / "config.json").exists() and (out / "finetune.json").exists()
+    report = evaluate(EvalConfig(compressed=str(out), baseline=str(out), tasks=task, quiet=True, plots=False,
+                                 cls_data=str(files / "dev.tsv"), tok_data=str(files / "dev.conll"),
+                                 qa_data=str(files / "squad.json"), qa_max_length=24, doc_stride=8,
+                                 out=str(tmp_path / "rep")))
+    assert report["rows"] and all(r["head"] == "own" for r in report["rows"])
+    code, _, err = run_cli(["finetune-head", bert_dir, "--task", "nope", "--train", files / data, "--out", out],
+                           capsys)
+    assert code == 1 and "--task" in err

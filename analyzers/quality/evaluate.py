@@ -57,6 +57,7 @@ class EvalConfig:
     context: int = 0                     # LM window (0 = min(1024, model positions))
     stride: int = 0                      # LM stride (0 = context / 2 for causal LMs)
     mlm_positions: int = 1024            # masked LMs: positions scored for pseudo-perplexity (0 = all)
+    lm_probe_windows: int = 128          # masked-LM probe: training windows of `context` tokens
     max_length: int = 128                # cls/tok sequence length
     qa_max_length: int = 384
     doc_stride: int = 128

@@ -116,11 +116,16 @@ def _deltas_plot(plt, report: dict, path: Path) -> str:
         values.append(100 * (-rel if r["lower_is_better"] else rel))
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
     colors = ["tab:green" if r["status"] == "PASS" else "tab:red" for r in rows]
-    ax.barh(range(len(rows)), values, color=colors)
+    shown = [max(-100.0, min(100.0, v)) for v in values]  # a 10^6 % perplexity blow-up would hide the rest
+    ax.barh(range(len(rows)), shown, color=colors)
+    for i, (v, s) in enumerate(zip(values, shown)):
+        ax.text(s, i, f" {v:+.3g}% ", va="center", ha="left" if s >= 0 else "right", fontsize=7)
+    ax.set_xlim(-130, 130)
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("quality change vs baseline, % (negative = worse; green PASS, red FAIL)")
+    ax.set_xlabel("quality change vs baseline, % of baseline (negative = worse, bars clipped at ±100; "
+                  "green PASS, red FAIL)", fontsize=8)
     ax.set_title("compressed vs baseline, per task and metric")
     return _save(plt, fig, path)
 

@@ -32,7 +32,7 @@ class Task:
 
 TASKS = {
     "lm": Task("lm", "language modeling", "wikitext:wikitext-2-raw-v1", "test", "train",
-               ("perplexity", "bits_per_byte")),
+               ("perplexity", "bits_per_byte"), probe_epochs=5),
     "cls": Task("cls", "text classification", "glue:sst2", "validation", "train",
                 ("accuracy", "macro_f1", "f1"), probe_epochs=20),
     "tok": Task("tok", "token classification (NER)", "conll2003", "validation", "train",
@@ -103,7 +103,7 @@ def run_lm(model, tokenizer, texts: list[str], cfg, desc: str, train_texts: list
             head = None
             if train_texts is not None:
                 pc = probe_config(cfg, "lm")
-                windows = cfg.probe_samples or 256
+                windows = cfg.lm_probe_windows
                 train_stream = lm.build_stream(train_texts, encode, windows * context)
                 head = lm.train_mlm_probe(model, train_stream, context, tok.mask_token_id, tok.cls_token_id,
                                           tok.sep_token_id, pc, windows, cfg.batch_size)
