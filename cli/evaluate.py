@@ -41,6 +41,9 @@ def evaluate_command(
                                           f"[default: {D.qa_data} validation]."),
     qa_train: Optional[str] = typer.Option(None, help="Probe training data for qa [default: HF train split; a local "
                                            "--qa-data file is split by article]."),
+    qa_heldout: Optional[bool] = typer.Option(None, "--qa-heldout", help="Own QA head: score only the articles a "
+                                              "probe would not train on (after finetune-head --qa-articles).",
+                                              show_default=False),
     text_column: Optional[str] = typer.Option(None, help="cls text column [default: sentence/text/...]."),
     text_pair_column: Optional[str] = typer.Option(None, help="cls second-text column [default: sentence2/...]."),
     label_column: Optional[str] = typer.Option(None, help="cls label column [default: label]."),
@@ -127,6 +130,8 @@ def finetune_head_command(
     qa_max_length: Optional[int] = typer.Option(None, help="QA window tokens [default: 256]."),
     doc_stride: Optional[int] = typer.Option(None, help="QA window overlap [default: 128]."),
     max_samples: Optional[int] = typer.Option(None, help="Use at most N training examples, seeded [default: all]."),
+    qa_articles: Optional[float] = typer.Option(None, help="qa: train on this leading fraction of the articles "
+                                                "(evaluate the rest with `evaluate --qa-heldout`) [default: all]."),
     seed: Optional[int] = typer.Option(None, help="Seed [default: 0]."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ):

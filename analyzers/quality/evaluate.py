@@ -65,6 +65,7 @@ class EvalConfig:
     n_best: int = 20
     null_threshold: float = 0.0
     qa_train_fraction: float = 0.5       # articles used for the probe when a local QA file is split
+    qa_heldout: bool = False             # own QA head: score only the articles after qa_train_fraction
     batch_size: int = 16
     probe: str = "auto"                  # auto: own head when the model has one; always: probe anyway
     probe_epochs: int = 0                # 0 = per-task default
@@ -201,6 +202,12 @@ def load_tok(cfg, need_train: bool):
 def load_qa(cfg, need_train: bool):
     test = qdata.read_qa(cfg.qa_data, TASKS["qa"].eval_split)
     train, prot = None, {}
+    if not need_train and cfg.qa_heldout:
+        train, test = qdata.split_by_article(test, cfg.qa_train_fraction)
+        prot["split_by_article"] = (f"{cfg.qa_data} split by article: only the last "
+                                    f"{len({e.article for e in test.examples})} articles are evaluated (the first "
+                                    f"{len({e.article for e in train.examples})} may have trained the head)")
+        train = None
     if need_train:
         if cfg.qa_train:
             train = qdata.read_qa(cfg.qa_train, "train")

@@ -36,6 +36,8 @@ class FinetuneConfig:
     qa_max_length: int = 256
     doc_stride: int = 128
     max_samples: int = 0              # 0 = all training examples
+    qa_articles: float = 0.0          # qa: train on this leading fraction of the articles only (0 = all);
+                                      # `compress evaluate --qa-heldout` then scores the other articles
     seed: int = 0
 
 
@@ -121,6 +123,8 @@ def _training_batches(cfg: FinetuneConfig, tok):
                      "label2id": index}, tags
     from .qa import encode_windows, span_labels
     d = qdata.read_qa(cfg.train, "train")
+    if cfg.qa_articles:
+        d, _ = qdata.split_by_article(d, cfg.qa_articles)
     idx = _pick(len(d.examples), cfg.max_samples, rnd)
     out = []
     for i in range(0, len(idx), cfg.batch_size):
