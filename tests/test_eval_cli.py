@@ -261,3 +261,20 @@ def test_finetune_head_builds_a_baseline_with_its_own_head(bert_dir, files, tmp_
     code, _, err = run_cli(["finetune-head", bert_dir, "--task", "nope", "--train", files / data, "--out", out],
                            capsys)
     assert code == 1 and "--task" in err
+
+
+def test_rnn_lm_packed_with_skeleton(files, tmp_path, capsys):
+    """A saved nn.Module LSTM LM (no tokenizer: word vocabulary from the text), packed, then
+    evaluated against the original: the stream perplexity path with carried state."""
+    from tests.tiny_models import build
+    pt = tmp_path / "lstm.pt"
+    torch.save(build("lstm"), pt)
+    code, _, err = run_cli([pt, "--trust-pickle", "--out", tmp_path / "packed"], capsys)
+    assert code == 0, err
+    report = evaluate(EvalConfig(compressed=str(tmp_path / "packed"), baseline=str(pt), trust_pickle=True,
+                                 tasks="lm", lm_data=[str(files / "lm.txt")], context=16, quiet=True, plots=False,
+                                 max_drop=["perplexity=1000%", "bits_per_byte=1000%"], out=str(tmp_path / "rep")))
+    entry = report["tasks"][f"lm:{files.name}/lm.txt"]
+    assert entry["baseline"]["protocol"]["kind"] == "rnn" and report["passed"]
+    assert entry["baseline"]["protocol"]["scored_tokens"] == entry["baseline"]["protocol"]["tokens"] - 1
+    assert entry["baseline"]["metrics"]["perplexity"] != entry["compressed"]["metrics"]["perplexity"]

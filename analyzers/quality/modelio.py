@@ -51,6 +51,13 @@ def lm_kind(model: nn.Module) -> str | None:
     return None
 
 
+def vocab_size(model: nn.Module) -> int | None:
+    """Rows of the token embedding, also when it was quantized (QEmbedding)."""
+    from compressor.data import token_vocab_size
+    return token_vocab_size(model) or next((m.num_embeddings for m in model.modules()
+                                            if isinstance(getattr(m, "num_embeddings", None), int)), None)
+
+
 def max_positions(model: nn.Module) -> int | None:
     cfg = getattr(model, "config", None)
     for key in ("n_positions", "max_position_embeddings", "n_ctx"):

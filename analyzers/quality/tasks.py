@@ -74,12 +74,13 @@ def run_lm(model, tokenizer, texts: list[str], cfg, desc: str, train_texts: list
     kind = "masked" if train_texts is not None else modelio.lm_kind(model)
     if kind is None:
         raise TritpressError(f"{type(model).__name__} has no language-model head (causal, masked or RNN)")
-    from compressor.data import token_vocab_size, tokenizer_fn
+    from compressor.data import tokenizer_fn
     if tokenizer is not None:
         encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
         bos = tokenizer.bos_token_id if kind == "causal" else None
     else:
-        encode, bos = tokenizer_fn(None, texts, token_vocab_size(model)), None
+        # no tokenizer (e.g. an LSTM LM): a word vocabulary from the text, sized by the embedding
+        encode, bos = tokenizer_fn(None, texts, modelio.vocab_size(model)), None
     stream = lm.build_stream(texts, encode, cfg.lm_tokens, bos)
     limit = modelio.max_positions(model)
     context = cfg.context or (128 if kind == "masked" else min(1024, limit or 1024))
