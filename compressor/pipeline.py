@@ -14,7 +14,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -24,6 +24,9 @@ from .fileio import refuse_overwrite_input, write_json
 from .ingest import load_model
 from .train import TrainConfig
 from .transform import convert, get_record, prepare
+
+if TYPE_CHECKING:
+    from analyzers.quality.evaluate import EvalConfig
 
 PACKED_NAME = "model.tritpress.safetensors"
 REPORT_NAME = "report.json"
