@@ -147,6 +147,8 @@ def run(
                                         "with ONNX Runtime); see `compress export --help` for the formats."),
     onnx_format: Optional[OnnxFormat] = typer.Option(None, "--onnx-format", help="With --onnx: matmulnbits | "
                                                      "int2 | float [default: matmulnbits]."),
+    tasks: Optional[str] = typer.Option(None, help="After packing, evaluate and gate on these tasks "
+                                        "(lm,cls,tok,qa; data and tolerances from the recipe's [eval] table)."),
     check: Optional[bool] = typer.Option(None, "--check/--no-check",
                                          help="Compare outputs (original vs ternary, reload) [default: check]."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout instead of tables."),
@@ -160,7 +162,8 @@ def run(
 
     cfg = build_config(
         read_recipe(recipe) if recipe else {},
-        {"model": model, "out": out, "config": config, "trust_pickle": trust_pickle, "check": check},
+        {"model": model, "out": out, "config": config, "trust_pickle": trust_pickle, "check": check,
+         "tasks": tasks},
         {"quant": {"method": _value(method), "granularity": _value(granularity),
                    "act_bits": int(act_bits.value) if act_bits else None, "embedding": _value(embedding),
                    "head": _value(head), "outside_blocks": _value(outside_blocks),
@@ -194,6 +197,12 @@ def run(
     else:
         typer.echo(render(report))
         typer.echo(f"\nwrote {report['files']['packed']} and {report['files']['report']}")
+    if report.get("evaluation"):
+        from analyzers.quality.report import render as render_eval
+        if not json_out:
+            typer.echo("\n" + render_eval(report["evaluation"]))
+        if not report["evaluation"]["passed"]:
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -208,6 +217,12 @@ def info(packed: str = typer.Argument(..., help="A packed checkpoint (.safetenso
     read_packed_state(packed)  # full integrity check before reporting
     size = size_report(packed)
     typer.echo(json.dumps(size, indent=2) if json_out else size_table(size))
+
+
+from cli.evaluate import evaluate_command, finetune_head_command  # noqa: E402
+
+app.command("evaluate")(evaluate_command)
+app.command("finetune-head")(finetune_head_command)
 
 
 def _launch_workers(nproc: int, max_restarts: int) -> int:

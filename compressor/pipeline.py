@@ -14,7 +14,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -26,6 +26,9 @@ from .fileio import refuse_overwrite_input, write_json
 from .ingest import load_model
 from .train import TrainConfig
 from .transform import convert, get_record, prepare
+
+if TYPE_CHECKING:
+    from analyzers.quality.evaluate import EvalConfig
 
 PACKED_NAME = "model.tritpress.safetensors"
 REPORT_NAME = "report.json"
@@ -42,6 +45,8 @@ class CompressConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     check: bool = True                           # compare outputs: original vs ternary, converted vs reload
     onnx: OnnxConfig = field(default_factory=OnnxConfig)  # [onnx] enabled = true: export model.onnx last
+    tasks: str | None = None                     # evaluate after packing: lm,cls,tok,qa (settings: [eval])
+    eval: "EvalConfig" = field(default_factory=lambda: _eval_config())
 
     def out_dir(self) -> Path:
         if self.out:
@@ -163,6 +168,12 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
     if onnx_result:
         report["files"]["onnx"] = onnx_result["path"]
     write_json(report_path, report)
+    if cfg.tasks:
+        from analyzers.quality.evaluate import evaluate_stage
+        stage("evaluate")
+        report["evaluation"] = evaluate_stage(cfg, packed_path, out)
+        done("evaluate")
+        write_json(report_path, report)
     if onnx_error is not None:
         raise onnx_error
     return report
@@ -217,6 +228,11 @@ def _fine_tune(cfg: CompressConfig, loaded, ctx, listener: Listener):
     findings.update(config=dataclasses.asdict(tcfg), train_sequences=len(blocks), eval_source=eval_source,
                     eval_sequences=len(eval_blocks), quality=quality)
     return model, findings
+
+
+def _eval_config():
+    from analyzers.quality.evaluate import EvalConfig
+    return EvalConfig()
 
 
 def _structure_summary(structure) -> dict:

@@ -22,7 +22,9 @@ from .errors import TritpressError
 from .pipeline import CompressConfig
 from .train import TrainConfig
 
-SECTIONS = {"quant": TernaryConfig, "train": TrainConfig, "onnx": OnnxConfig}
+from analyzers.quality.evaluate import EvalConfig  # noqa: E402
+
+SECTIONS = {"quant": TernaryConfig, "train": TrainConfig, "eval": EvalConfig, "onnx": OnnxConfig}
 
 
 def read_recipe(path: str) -> dict:

@@ -1,0 +1,260 @@
+"""Readers for the four evaluation tasks: local files in their standard formats, or a
+Hugging Face dataset `NAME[:CONFIG][@SPLIT]` when online.
+
+| task | local formats                                   | HF examples                         |
+|------|-------------------------------------------------|-------------------------------------|
+| lm   | WikiText .txt/.tokens/.raw, .jsonl/.csv/.parquet, pkg:ptb | wikitext:wikitext-2-raw-v1 |
+| cls  | GLUE .tsv (header row), .jsonl/.csv (columns)   | glue:sst2                           |
+| tok  | CoNLL column files (IOB1 or IOB2), .jsonl       | conll2003                           |
+| qa   | SQuAD .json (or a .zip holding one), .jsonl     | squad, squad_v2                     |
+"""
+from __future__ import annotations
+
+import csv
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compressor.errors import TritpressError
+
+from .metrics import iob1_to_iob2
+
+TEXT_COLUMNS = ("sentence", "text", "sentence1", "question1", "#1 String")
+PAIR_COLUMNS = ("sentence2", "question2", "#2 String")
+LABEL_COLUMNS = ("label", "Quality")
+
+
+@dataclass
+class Columns:
+    """Column names for tabular data; None = the usual names (GLUE/HF conventions)."""
+
+    text: str | None = None
+    text_pair: str | None = None
+    label: str | None = None
+
+
+@dataclass
+class ClsData:
+    texts: list[str]
+    pairs: list[str] | None
+    labels: list[int]
+    label_names: list[str]
+
+
+@dataclass
+class TokData:
+    words: list[list[str]]
+    tags: list[list[str]]          # IOB2
+
+
+@dataclass
+class QAExample:
+    id: str
+    question: str
+    context: str
+    answers: list[str]             # [] = unanswerable (SQuAD v2)
+    starts: list[int]
+    article: str = ""
+
+
+@dataclass
+class QAData:
+    examples: list[QAExample] = field(default_factory=list)
+    version: str = "1.1"
+
+
+def split_spec(spec: str, default_split: str) -> tuple[str, str | None, str]:
+    """'NAME[:CONFIG][@SPLIT]' -> (name, config, split)."""
+    spec, _, split = spec.partition("@")
+    name, _, config = spec.partition(":")
+    return name, config or None, split or default_split
+
+
+LOCAL_SUFFIXES = (".txt", ".tokens", ".raw", ".tsv", ".csv", ".jsonl", ".json", ".zip", ".gz", ".parquet",
+                  ".train", ".testa", ".testb", ".conll", ".iob", ".bio")
+
+
+def is_local(spec: str) -> bool:
+    """A path (existing, or named like a data file) rather than a hub dataset name."""
+    return Path(spec).exists() or Path(spec).suffix.lower() in LOCAL_SUFFIXES or spec.startswith((".", "/", "~"))
+
+
+def load_hf(spec: str, default_split: str):
+    from compressor.data import _datasets
+    name, config, split = split_spec(spec, default_split)
+    try:
+        return _datasets().load_dataset(name, config, split=split)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TritpressError(f"could not load dataset {spec!r} (split {split!r}; offline? pass a local file): "
+                             f"{first}") from e
+
+
+def _file(spec: str) -> Path:
+    path = Path(spec)
+    if not path.is_file():
+        raise TritpressError(f"no such data file: {spec}")
+    return path
+
+
+def _rows(path: Path) -> list[dict]:
+    """Rows of a .tsv (GLUE: header row, no quoting), .csv, .jsonl or .json list."""
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8-sig")
+    if suffix == ".tsv":
+        return list(csv.DictReader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
+    if suffix == ".csv":
+        return list(csv.DictReader(text.splitlines()))
+    if suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    if suffix == ".json":
+        data = json.loads(text)
+        return data if isinstance(data, list) else data.get("data", [])
+    raise TritpressError(f"unsupported data file {path.name}: use .tsv, .csv, .jsonl or .json")
+
+
+def _pick(columns, wanted: str | None, defaults: tuple, what: str, spec: str, required: bool = True):
+    if wanted:
+        if wanted not in columns:
+            raise TritpressError(f"{spec} has no column {wanted!r} (columns: {', '.join(columns)})")
+        return wanted
+    found = next((c for c in defaults if c in columns), None)
+    if found is None and required:
+        raise TritpressError(f"{spec}: no {what} column among {', '.join(columns)}; name it with a column flag")
+    return found
+
+
+# ------------------------------------------------------------------ cls
+
+
+def read_cls(spec: str, split: str, cols: Columns = Columns(), label_names: list[str] | None = None) -> ClsData:
+    if is_local(spec):
+        rows = _rows(_file(spec))
+        if not rows:
+            raise TritpressError(f"{spec} holds no examples")
+        columns = list(rows[0])
+        get = lambda c: [r[c] for r in rows]  # noqa: E731
+        names_from_data = None
+    else:
+        ds = load_hf(spec, split)
+        columns = ds.column_names
+        get = lambda c: list(ds[c])  # noqa: E731
+        feature = ds.features.get(cols.label or "label")
+        names_from_data = getattr(feature, "names", None)
+    text_c = _pick(columns, cols.text, TEXT_COLUMNS, "text", spec)
+    pair_c = _pick(columns, cols.text_pair, PAIR_COLUMNS, "text pair", spec, required=False)
+    label_c = _pick(columns, cols.label, LABEL_COLUMNS, "label", spec)
+    raw = [str(v).strip() for v in get(label_c)]
+    if any(v in ("", "-1", "None") for v in raw):
+        raise TritpressError(f"{spec} has unlabelled examples (a test split?); use a labelled split")
+    names = label_names or names_from_data or sorted(set(raw), key=lambda v: (not v.lstrip("-").isdigit(),
+                                                                              int(v) if v.lstrip("-").isdigit()
+                                                                              else 0, v))
+    if names_from_data and not label_names:
+        labels = [int(v) for v in raw]
+    else:
+        index = {n: i for i, n in enumerate(names)}
+        missing = sorted(set(raw) - set(index))
+        if missing:
+            raise TritpressError(f"{spec} has labels {missing[:3]} that the training data does not have")
+        labels = [index[v] for v in raw]
+    pairs = [str(t) for t in get(pair_c)] if pair_c else None
+    return ClsData([str(t) for t in get(text_c)], pairs, labels, [str(n) for n in names])
+
+
+# ------------------------------------------------------------------ tok
+
+
+def read_conll(path: Path, tag_column: int = -1) -> TokData:
+    words, tags, sent_w, sent_t = [], [], [], []
+
+    def flush():
+        if sent_w:
+            words.append(sent_w.copy())
+            tags.append(iob1_to_iob2(sent_t))
+            sent_w.clear()
+            sent_t.clear()
+
+    opener = __import__("gzip").open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            parts = line.split()
+            if not parts or parts[0] == "-DOCSTART-":
+                flush()
+                continue
+            sent_w.append(parts[0])
+            sent_t.append(parts[tag_column])
+    flush()
+    return TokData(words, tags)
+
+
+def read_tok(spec: str, split: str, tokens_column: str = "tokens", tags_column: str = "ner_tags") -> TokData:
+    if is_local(spec):
+        path = _file(spec)
+        if path.suffix.lower() in (".jsonl", ".json"):
+            rows = _rows(path)
+            data = TokData([r[tokens_column] for r in rows], [iob1_to_iob2(list(r[tags_column])) for r in rows])
+        else:
+            data = read_conll(path)
+    else:
+        ds = load_hf(spec, split)
+        names = getattr(ds.features[tags_column].feature, "names", None)
+        tags = [[names[t] if names else t for t in row] for row in ds[tags_column]]
+        data = TokData(list(ds[tokens_column]), [iob1_to_iob2(t) for t in tags])
+    if not data.words:
+        raise TritpressError(f"{spec} holds no sentences")
+    return data
+
+
+# ------------------------------------------------------------------ qa
+
+
+def _squad_json(data: dict) -> QAData:
+    out = QAData(version=str(data.get("version", "1.1")).lstrip("v"))
+    for article in data["data"]:
+        for para in article["paragraphs"]:
+            for qa in para["qas"]:
+                answers = [] if qa.get("is_impossible") else qa.get("answers", [])
+                out.examples.append(QAExample(qa["id"], qa["question"], para["context"],
+                                              [a["text"] for a in answers], [a["answer_start"] for a in answers],
+                                              article.get("title", "")))
+    if any(not e.answers for e in out.examples):
+        out.version = "2.0"
+    return out
+
+
+def _hf_rows(rows) -> QAData:
+    out = QAData()
+    for r in rows:
+        a = r["answers"]
+        out.examples.append(QAExample(str(r["id"]), r["question"], r["context"], list(a["text"]),
+                                      list(a["answer_start"]), r.get("title", "")))
+    out.version = "2.0" if any(not e.answers for e in out.examples) else "1.1"
+    return out
+
+
+def read_qa(spec: str, split: str) -> QAData:
+    if is_local(spec):
+        path = _file(spec)
+        if path.suffix.lower() == ".zip":
+            with zipfile.ZipFile(path) as z:
+                members = [n for n in z.namelist() if n.endswith(".json")]
+                if len(members) != 1:
+                    raise TritpressError(f"{spec} should hold exactly one .json file (found {len(members)})")
+                return _squad_json(json.loads(z.read(members[0])))
+        if path.suffix.lower() == ".json":
+            return _squad_json(json.loads(path.read_text(encoding="utf-8")))
+        return _hf_rows(_rows(path))
+    return _hf_rows(load_hf(spec, split))
+
+
+def split_by_article(data: QAData, train_fraction: float = 0.5) -> tuple[QAData, QAData]:
+    """Articles in file order: the first part trains a probe, the rest is evaluated (no article in both)."""
+    titles = list(dict.fromkeys(e.article for e in data.examples))
+    if len(titles) < 2:
+        raise TritpressError("splitting QA data by article needs at least two articles; pass --qa-train")
+    cut = set(titles[: max(1, round(len(titles) * train_fraction))])
+    train = QAData([e for e in data.examples if e.article in cut], data.version)
+    rest = QAData([e for e in data.examples if e.article not in cut], data.version)
+    return train, rest

@@ -1,0 +1,62 @@
+"""Tokenizing task data in batches and running the model over them (shared by the tasks)."""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+import torch
+
+from compressor.errors import TritpressError
+
+from . import distributed
+
+
+def ready_tokenizer(tokenizer, need_fast: bool = False):
+    if tokenizer is None:
+        raise TritpressError("this task needs a tokenizer; the model has none (give --baseline a model folder "
+                             "with tokenizer files)")
+    if need_fast and not getattr(tokenizer, "is_fast", False):
+        raise TritpressError(f"this task needs a fast tokenizer (word and character offsets); "
+                             f"{type(tokenizer).__name__} is not one")
+    if tokenizer.pad_token_id is None:  # GPT-2/LLaMA-style tokenizers: pad with EOS (masked out anyway)
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def batches(n: int, size: int) -> list[range]:
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@contextmanager
+def progress_bar(desc: str, total: int, unit: str, quiet: bool):
+    """A tqdm bar on stderr (rank 0 only); yields its update function."""
+    from tqdm import tqdm
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True,
+               mininterval=0.2 if tty else 15.0, disable=quiet or not distributed.is_main())
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+def model_inputs(model, enc) -> dict:
+    """Only the tensors the model's forward takes (e.g. no token_type_ids for GPT-2)."""
+    import inspect
+    params = inspect.signature(model.forward).parameters
+    from .modelio import device_of
+    keep, device = ("input_ids", "attention_mask", "token_type_ids"), device_of(model)
+    return {k: enc[k].to(device) for k in keep if k in enc and (k in params or any(
+        p.kind == p.VAR_KEYWORD for p in params.values()))}
+
+
+@torch.no_grad()
+def map_batches(fn, n_batches: int, update=None, sizes: list[int] | None = None) -> list:
+    """fn(batch index) -> list of per-item results, sharded over ranks and gathered in order.
+    The progress bar advances by sizes[i] (default: the items batch i returned)."""
+    results = {}
+    for i in distributed.my_batches(n_batches):
+        results[i] = fn(i)
+        if update:
+            update(sizes[i] if sizes else len(results[i]))
+    return distributed.gather_by_batch(results)

@@ -1,0 +1,245 @@
+"""Language-modeling quality: perplexity and bits per byte.
+
+- causal LMs: sliding window of `context` tokens moved by `stride` (the Hugging Face
+  "Perplexity of fixed-length models" protocol): each token is scored once, with up to
+  `context - 1` tokens of left context; tokens already scored by an earlier window are
+  context only.
+- masked LMs: pseudo-perplexity (Salazar et al. 2020): each scored token is masked on its
+  own and predicted from both sides; `max_positions` subsamples the tokens (seeded).
+- RNN LMs: one stream, read in chunks of `context` tokens with the recurrent state carried
+  across chunks, every token after the first scored.
+
+perplexity = exp(total NLL / scored tokens); bits per byte = total NLL / ln 2 / UTF-8 bytes of
+the text, comparable across tokenizers (reported when every token is scored).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressor.errors import TritpressError
+
+from . import distributed, modelio
+
+
+@dataclass
+class LMText:
+    ids: torch.Tensor        # [N] token ids of the whole stream
+    n_bytes: int             # UTF-8 bytes of the text those ids encode
+    n_lines: int
+
+
+def build_stream(texts: list[str], encode: Callable[[str], list[int]], max_tokens: int = 0,
+                 bos: int | None = None) -> LMText:
+    """Lines joined by newlines, cut after the line that reaches `max_tokens` (0 = all), so the
+    byte count is exactly that of the text the ids encode."""
+    lines, n = [], 0
+    for line in texts:
+        lines.append(line)
+        n += len(encode(line))
+        if max_tokens and n >= max_tokens:
+            break
+    text = "\n".join(lines)
+    ids = ([bos] if bos is not None else []) + encode(text)
+    if len(ids) < 2:
+        raise TritpressError("the language-modeling text has fewer than two tokens")
+    return LMText(torch.tensor(ids, dtype=torch.long), len(text.encode("utf-8")), len(lines))
+
+
+def sliding_windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) for each window over n tokens."""
+    if stride < 1 or context < 2 or stride > context:
+        raise TritpressError(f"need 1 <= stride <= context and context >= 2 (got context {context}, stride {stride})")
+    out, prev_end = [], 0
+    for begin in range(0, n, stride):
+        end = min(begin + context, n)
+        first = max(prev_end, begin + 1)
+        if first < end:
+            out.append((begin, end, first))
+        prev_end = end
+        if end == n:
+            break
+    return out
+
+
+def _nll_sums(model, batch_ids: torch.Tensor, first: list[int], begin: list[int]) -> list[tuple[float, int]]:
+    out = modelio.logits(model, batch_ids)
+    batch_ids = batch_ids.to(out.device)
+    logp = F.log_softmax(out[:, :-1].double(), -1)
+    nll = -logp.gather(-1, batch_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # nll[t-1] scores token t
+    return [(float(nll[i, f - b - 1:].sum()), batch_ids.shape[1] - (f - b)) for i, (f, b) in
+            enumerate(zip(first, begin))]
+
+
+@torch.no_grad()
+def causal_perplexity(model: nn.Module, stream: LMText, context: int, stride: int, batch_size: int = 4,
+                      progress=None) -> dict:
+    windows = sliding_windows(len(stream.ids), context, stride)
+    groups: dict[int, list] = {}
+    for w in windows:  # equal lengths batch without padding
+        groups.setdefault(w[1] - w[0], []).append(w)
+    batches = [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    results = {}
+    for i in distributed.my_batches(len(batches)):
+        batch = batches[i]
+        ids = torch.stack([stream.ids[b:e] for b, e, _ in batch])
+        results[i] = _nll_sums(model, ids, [f for _, _, f in batch], [b for b, _, _ in batch])
+        if progress:
+            progress(len(batch))
+    items = distributed.gather_by_batch(results)
+    return _summary(sum(x for x, _ in items), sum(n for _, n in items), stream, len(windows))
+
+
+@torch.no_grad()
+def rnn_perplexity(model: nn.Module, stream: LMText, context: int, progress=None) -> dict:
+    """One stream, chunk by chunk, state carried (sequential: every rank computes it whole)."""
+    nll_sum, n = 0.0, 0
+    ids = stream.ids
+    with modelio.carried_state(model):
+        for begin in range(0, len(ids) - 1, context):
+            chunk = ids[begin: begin + context + 1].unsqueeze(0)
+            count = chunk.shape[1] - 1
+            nll_sum += _chunk_nll(model, chunk)
+            n += count
+            if progress:
+                progress(count)
+    return _summary(nll_sum, n, stream, math.ceil((len(ids) - 1) / context))
+
+
+def _chunk_nll(model, chunk: torch.Tensor) -> float:
+    out = modelio.logits(model, chunk[:, :-1])
+    return float(F.cross_entropy(out[0].double(), chunk[0, 1:].to(out.device), reduction="sum"))
+
+
+@torch.no_grad()
+def pseudo_perplexity(model: nn.Module, stream: LMText, context: int, mask_id: int, cls_id: int | None,
+                      sep_id: int | None, max_positions: int = 0, seed: int = 0, batch_size: int = 16,
+                      progress=None, head: nn.Module | None = None) -> dict:
+    """`head` (optional): a probe mapping frozen features to vocabulary logits, for an encoder
+    without its own masked-LM head."""
+    specials = [t for t in (cls_id, sep_id) if t is not None]
+    span = context - len(specials)
+    ids = stream.ids
+    windows = [(b, min(b + span, len(ids))) for b in range(0, len(ids), span)]
+    positions = torch.arange(len(ids))
+    if max_positions and max_positions < len(ids):
+        g = torch.Generator().manual_seed(seed)
+        positions = torch.sort(torch.randperm(len(ids), generator=g)[:max_positions]).values
+    jobs = []  # (window index, position in stream)
+    for p in positions.tolist():
+        jobs.append((p // span, p))
+    batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
+    results = {}
+    for bi in distributed.my_batches(len(batches)):
+        rows, targets, where = [], [], []
+        for w, p in batches[bi]:
+            b, e = windows[w]
+            seq = ids[b:e].clone()
+            seq[p - b] = mask_id
+            prefix = [cls_id] if cls_id is not None else []
+            rows.append(torch.cat([torch.tensor(prefix, dtype=torch.long), seq,
+                                   torch.tensor([sep_id] if sep_id is not None else [], dtype=torch.long)]))
+            targets.append(int(ids[p]))
+            where.append(p - b + len(prefix))
+        lengths = [len(r) for r in rows]
+        padded = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+        mask = torch.zeros_like(padded)
+        for i, r in enumerate(rows):
+            padded[i, :len(r)] = r
+            mask[i, :len(r)] = 1
+        rows_at = (torch.arange(len(rows)), torch.tensor(where))
+        if head is None:
+            at = modelio.logits(model, padded, mask)[rows_at].cpu()
+        else:
+            enc = {"input_ids": padded, "attention_mask": mask}
+            at = head(modelio.features(model, _to(model, enc))[rows_at])
+        logp = F.log_softmax(at.double(), -1)
+        results[bi] = [(-float(logp[i, t]), 1) for i, t in enumerate(targets)]
+        if progress:
+            progress(len(rows))
+    items = distributed.gather_by_batch(results)
+    out = _summary(sum(x for x, _ in items), sum(n for _, n in items), None, len(windows))
+    out["scored_fraction"] = len(positions) / len(ids)
+    return out
+
+
+def _summary(nll_sum: float, n: int, stream: LMText | None, windows: int) -> dict:
+    out = {"perplexity": math.exp(nll_sum / n), "nll": nll_sum / n, "scored_tokens": n, "windows": windows}
+    if stream is not None:
+        out["bits_per_byte"] = nll_sum / math.log(2) / stream.n_bytes
+        out["bytes"] = stream.n_bytes
+    return out
+
+
+def _to(model, enc: dict) -> dict:
+    device = modelio.device_of(model)
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+class TiedLMProbe(nn.Module):
+    """BERT's masked-LM head shape (dense, GELU, LayerNorm, then the model's own input embedding
+    as the output matrix, frozen): the probe for an encoder shipped without its MLM head."""
+
+    def __init__(self, embedding: torch.Tensor):
+        super().__init__()
+        hidden = embedding.shape[1]
+        self.register_buffer("embedding", embedding)
+        self.dense = nn.Linear(hidden, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.bias = nn.Parameter(torch.zeros(embedding.shape[0]))
+
+    def forward(self, h):
+        return F.linear(self.norm(F.gelu(self.dense(h.float()))), self.embedding, self.bias)
+
+
+def embedding_table(model: nn.Module) -> torch.Tensor:
+    """[V, H] token embedding, read through the module (works for quantized embeddings too)."""
+    emb = model.get_input_embeddings()
+    vocab = getattr(emb, "num_embeddings", None)
+    with torch.no_grad():
+        return emb(torch.arange(vocab, device=modelio.device_of(model))).float().cpu()
+
+
+@torch.no_grad()
+def _masked_features(model, stream: LMText, span: int, mask_id: int, cls_id, sep_id, windows: int,
+                     rate: float, seed: int, batch_size: int, progress=None):
+    g = torch.Generator().manual_seed(seed)
+    starts = list(range(0, len(stream.ids) - span + 1, span))[:windows]
+    feats, targets = [], []
+    for i in range(0, len(starts), batch_size):
+        rows, picks = [], []
+        for b in starts[i:i + batch_size]:
+            seq = stream.ids[b:b + span].clone()
+            pick = (torch.rand(span, generator=g) < rate).nonzero().flatten()
+            targets.append(seq[pick].clone())
+            seq[pick] = mask_id
+            rows.append(torch.cat([torch.tensor([cls_id] if cls_id is not None else []), seq,
+                                   torch.tensor([sep_id] if sep_id is not None else [])]).long())
+            picks.append(pick + (1 if cls_id is not None else 0))
+        ids = torch.stack(rows)
+        h = modelio.features(model, _to(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
+        feats.extend(h[r, p] for r, p in enumerate(picks))
+        if progress:
+            progress(len(rows) * span)
+    return torch.cat(feats), torch.cat(targets)
+
+
+def train_mlm_probe(model, stream: LMText, context: int, mask_id: int, cls_id, sep_id, cfg, windows: int,
+                    batch_size: int, progress=None) -> TiedLMProbe:
+    """Masked-LM probe: 15 % of the tokens of `windows` training windows masked (seeded), the
+    head trained on their frozen features with the probe budget (ProbeConfig)."""
+    from .probe import train_probe_module
+    span = context - (cls_id is not None) - (sep_id is not None)
+    x, y = _masked_features(model, stream, span, mask_id, cls_id, sep_id, windows, 0.15, cfg.seed, batch_size,
+                            progress)
+    torch.manual_seed(cfg.seed)
+    head = TiedLMProbe(embedding_table(model))
+    with torch.no_grad():  # start from the unigram distribution of the training targets (add-one smoothed)
+        counts = torch.bincount(y, minlength=head.bias.numel()).float() + 1.0
+        head.bias.copy_((counts / counts.sum()).log())
+    return train_probe_module(head, x, lambda out, idx: F.cross_entropy(out, y[idx]), cfg)
