@@ -18,9 +18,10 @@ from pathlib import Path
 from .config import TernaryConfig
 from .errors import TritpressError
 from .pipeline import CompressConfig
+from .share import SharingConfig
 from .train import TrainConfig
 
-SECTIONS = {"quant": TernaryConfig, "train": TrainConfig}
+SECTIONS = {"quant": TernaryConfig, "train": TrainConfig, "sharing": SharingConfig}
 
 
 def read_recipe(path: str) -> dict:
