@@ -92,6 +92,8 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
     start, sharing = original, None  # start: the model quantized (tied when sharing), original: the teacher
     if cfg.sharing.active:
         from .sharing_stage import share_stage
+        if ctx.enabled and cfg.train.parallel == "fsdp":  # FSDP units are blocks: a tie would span units
+            raise TritpressError("--sharing is not supported with --parallel fsdp; use --parallel ddp")
         stage("share")
         start, sharing = share_stage(original, loaded.tokenizer, cfg.sharing, cfg.sharing.data or cfg.train.data,
                                      out / "analysis", cfg.quant.exclude, write=ctx.is_main)
