@@ -125,7 +125,7 @@ def tie_only_rows(name: str, sequences: int, seq_len: int, auto_targets: list[fl
     from compressor.structure import discover
 
     loaded = load_model(MODELS[name])
-    model = loaded.model.float().eval()
+    model = loaded.model.eval()
     structure = discover(model)
     n = structure.blocks.num_blocks
     ids = lambda split: calibration_ids(str(DATA / f"{split}.txt"), loaded.tokenizer, model, sequences, seq_len)  # noqa: E731

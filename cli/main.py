@@ -166,6 +166,8 @@ def run(
                                                 f"[default: {SHARING.calib_seq_len}]."),
     share_pairs: Optional[int] = typer.Option(None, help="Block pairs tied and measured at most "
                                               f"[default: {SHARING.auto_pairs}]."),
+    share_refine: Optional[int] = typer.Option(None, help="auto: block swaps tied and measured at most "
+                                               f"[default: {SHARING.auto_refine}]."),
     share_analyze: Optional[bool] = typer.Option(None, "--share-analyze/--no-share-analyze",
                                                  help="Write the redundancy analysis [default: on]."),
     check: Optional[bool] = typer.Option(None, "--check/--no-check",
@@ -199,7 +201,7 @@ def run(
                      "unique": share_unique, "relax_rank": relax_rank, "target_params": target_params,
                      "max_loss_increase": max_loss_increase, "data": share_data,
                      "calib_sequences": share_sequences, "calib_seq_len": share_seq_len,
-                     "auto_pairs": share_pairs, "analyze": share_analyze}},
+                     "auto_pairs": share_pairs, "auto_refine": share_refine, "analyze": share_analyze}},
     )
     if save_recipe:
         write_text(save_recipe, dump_recipe(cfg))

@@ -54,6 +54,7 @@ class SharingConfig:
     calib_sequences: int = 16
     calib_seq_len: int = 128
     auto_pairs: int = 66            # auto/analysis: at most this many block pairs are tied and measured
+    auto_refine: int = 12           # auto: at most this many block swaps are tied and measured
     analyze: bool = True            # compress: run the redundancy analysis first (needs calibration data)
 
     def __post_init__(self):
