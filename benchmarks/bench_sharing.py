@@ -8,8 +8,8 @@ Prints ONE JSON object on stdout; progress goes to stderr.
 
 "analysis": the full redundancy analysis (compressor/analyzers.redundancy.analyze: block
 influence, CKA, angular distance, weight cosine, all 66 block pairs tied and measured, 4 fixed
-strategies tied and measured) of a randomly initialized 12-block LLaMA-style model (hidden 256,
-FFN 688, vocab 2000) on 64 calibration sequences of 128 tokens, with torch's thread count as
+strategies tied and measured) of a randomly initialized 12-block LLaMA-style model (hidden 128,
+FFN 344, vocab 2000) on 64 calibration sequences of 128 tokens, with torch's thread count as
 given. Speed is also given as a ratio against one plain forward pass over the same calibration
 set, measured in the same run (`forward_s`): analysis_s / forward_s is how many calibration
 passes the analysis costs.
@@ -53,7 +53,7 @@ def bench_analysis(sequences: int, seq_len: int) -> dict:
     from compressor.share import SharingConfig
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=2000, hidden_size=256, intermediate_size=688, num_hidden_layers=12,
+    cfg = LlamaConfig(vocab_size=2000, hidden_size=128, intermediate_size=344, num_hidden_layers=12,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=seq_len,
                       tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg).eval()
@@ -65,7 +65,7 @@ def bench_analysis(sequences: int, seq_len: int) -> dict:
     result = analyze(model, cal, SharingConfig(auto_pairs=66))
     analysis_s = time.perf_counter() - t
     measured = sum(v is not None for row in result["loss_increase"] for v in row) // 2
-    return {"model": "random LlamaForCausalLM, 12 blocks, hidden 256, FFN 688, vocab 2000",
+    return {"model": "random LlamaForCausalLM, 12 blocks, hidden 128, FFN 344, vocab 2000",
             "params": sum(p.numel() for p in model.parameters()),
             "calibration": {"sequences": sequences, "seq_len": seq_len},
             "pairs_measured": measured, "strategies_measured": len(result["strategies"]),

@@ -344,3 +344,19 @@ def test_auto_max_loss_increase_respects_threshold():
     plan, findings = auto_plan(model, cal, cfg)
     assert tied_loss(model, plan, cfg, cal) - cal.base_loss <= 0.002 + 1e-9
     assert findings["steps"][-1]["loss_increase"] > 0.002 or plan.num_unique == 1
+
+
+def test_refinement_keeps_the_budget_and_never_worsens():
+    from analyzers.redundancy import Calibration, _pair_costs, analyze, measure_plan, refine_by_swaps
+
+    model = _llama(6)
+    cal = Calibration.build(model, torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0)))
+    cfg = SharingConfig(auto_refine=6)
+    structure = discover(model)
+    start = plan_groups(6, SharingConfig("sequence", unique=3))
+    measured = measure_plan(model, start, "sequence:3", cfg, cal, structure)
+    rows, best = refine_by_swaps(model, start, measured, _pair_costs(analyze(model, cal, cfg, strategies=False)),
+                                 cfg, cal, structure)
+    assert 1 <= len(rows) <= 6
+    assert best["loss_after_tying"] <= measured["loss_after_tying"]
+    assert sorted(map(len, best["groups"])) == [2, 2, 2]  # swaps keep the group sizes, hence the budget
