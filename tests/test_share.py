@@ -360,3 +360,30 @@ def test_refinement_keeps_the_budget_and_never_worsens():
     assert 1 <= len(rows) <= 6
     assert best["loss_after_tying"] <= measured["loss_after_tying"]
     assert sorted(map(len, best["groups"])) == [2, 2, 2]  # swaps keep the group sizes, hence the budget
+
+
+def test_onnx_export_stores_a_shared_weight_once():
+    onnx = pytest.importorskip("onnx")
+    import io
+
+    sizes = {}
+    for strategy in ("none", "alternate"):
+        cfg = SharingConfig(strategy)
+        model, _ = apply_sharing(_bert(4), plan_groups(4, cfg), cfg)
+        model = convert(model)
+
+        class Hidden(nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, ids):
+                return self.m(input_ids=ids).last_hidden_state
+
+        f = io.BytesIO()
+        torch.onnx.export(Hidden(model), (sample_ids(),), f, dynamo=False)
+        graph = onnx.load_from_string(f.getvalue()).graph
+        sizes[strategy] = sum(len(i.raw_data) for i in graph.initializer)
+    block_matrix_floats = 4 * 32 * 32 + 2 * 32 * 64  # per block: q, k, v, o, intermediate, output
+    # 2 of the 4 blocks' matrices are not stored again (whether exported as codes or folded to floats)
+    assert sizes["none"] - sizes["alternate"] >= 0.8 * 2 * block_matrix_floats
