@@ -74,7 +74,7 @@ def bench_analysis(sequences: int, seq_len: int) -> dict:
 
 
 def strategy_rows(name: str, steps: int, sequences: int, eval_tokens: int, auto_targets: list[float],
-                  strategies: list[str], out_root: Path) -> list[dict]:
+                  strategies: list[str], out_root: Path, init: str = "average", relax_rank: int = 0) -> list[dict]:
     from compressor.pipeline import CompressConfig, compress
     from compressor.share import SharingConfig
     from compressor.train import TrainConfig
@@ -86,7 +86,7 @@ def strategy_rows(name: str, steps: int, sequences: int, eval_tokens: int, auto_
         label = strategy + (f"@{extra['target_params']}" if extra else "")
         log(f"[{name}] {label} ...")
         sharing = SharingConfig(strategy, data=str(DATA / "valid.txt"), calib_sequences=sequences,
-                                analyze=False, **extra)
+                                analyze=False, init=init, relax_rank=relax_rank, **extra)
         train = TrainConfig(steps=steps, data=str(DATA / "valid.txt"), eval_data=str(DATA / "test.txt"),
                             eval_tokens=eval_tokens, checkpoint_every=0, seed=0)
         cfg = CompressConfig(MODELS[name], out=str(out_root / label.replace(":", "_")), train=train,
@@ -100,7 +100,7 @@ def strategy_rows(name: str, steps: int, sequences: int, eval_tokens: int, auto_
                "packed_bytes": report["size"]["file_bytes"], "wall_s": round(time.perf_counter() - t0, 1)}
         if s and "auto" in s:
             row["auto_chosen"] = s["auto"].get("chosen")
-            row["auto_candidates"] = {c["strategy"]: c["loss_after_tying"] for c in s["auto"]["candidates"]}
+            row["auto_candidates"] = [[c["strategy"], c["loss_after_tying"]] for c in s["auto"]["candidates"]]
         if s and "calibration_loss" in s:
             row["calibration_after_tying"] = s["calibration_loss"]
         if report.get("training"):
@@ -114,7 +114,7 @@ def strategy_rows(name: str, steps: int, sequences: int, eval_tokens: int, auto_
 
 
 def tie_only_rows(name: str, sequences: int, seq_len: int, auto_targets: list[float], strategies: list[str],
-                  pairs: int) -> dict:
+                  pairs: int, init: str = "average", relax_rank: int = 0) -> dict:
     """No training: load the model once; calibrate on wikitext-2 valid (auto's choice), evaluate
     each tied model on wikitext-2 test."""
     import math
@@ -138,7 +138,7 @@ def tie_only_rows(name: str, sequences: int, seq_len: int, auto_targets: list[fl
     for s in strategies:
         if s == "none":
             continue
-        cfg = SharingConfig(s)
+        cfg = SharingConfig(s, init=init, relax_rank=relax_rank)
         plan = plan_groups(n, cfg)
         r = measure_plan(model, plan, s, cfg, test, structure)
         rows.append({"strategy": s, "unique_blocks": plan.num_unique,
@@ -146,17 +146,18 @@ def tie_only_rows(name: str, sequences: int, seq_len: int, auto_targets: list[fl
         log(json.dumps(rows[-1]))
     for target in auto_targets:
         t = time.perf_counter()
-        cfg = SharingConfig("auto", target_params=target, auto_pairs=pairs)
+        cfg = SharingConfig("auto", target_params=target, auto_pairs=pairs, init=init, relax_rank=relax_rank)
         plan, findings = auto_plan(model, cal, cfg, structure)
         r = measure_plan(model, plan, "auto", cfg, test, structure)
         rows.append({"strategy": f"auto@{target}", "unique_blocks": plan.num_unique, "groups": plan.describe(),
                      "chosen": findings["chosen"], "unique_block_fraction": r["unique_block_fraction"],
                      "test": to_metric(r["loss_after_tying"]),
-                     "calibration_candidates": {c["strategy"]: to_metric(c["loss_after_tying"])
-                                                for c in findings["candidates"]},
+                     "calibration_candidates": [[c["strategy"], to_metric(c["loss_after_tying"])]
+                                                for c in findings["candidates"]],
                      "auto_wall_s": round(time.perf_counter() - t, 1)})
         log(json.dumps(rows[-1]))
-    return {"model": MODELS[name], "calibration": f"wikitext-2 valid, {sequences} x {seq_len} tokens",
+    return {"model": MODELS[name], "init": init, "relax_rank": relax_rank,
+            "calibration": f"wikitext-2 valid, {sequences} x {seq_len} tokens",
             "evaluation": f"wikitext-2 test, {sequences} x {seq_len} tokens", "forward_s": round(forward_s, 2),
             "rows": rows}
 
@@ -173,6 +174,8 @@ def main():
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--strategies", default="none,alternate,sequence:2,cycle:3,sequence:3,middle-cycle:3")
     ap.add_argument("--auto-targets", default="0.34,0.51", help="auto: --target-params values")
+    ap.add_argument("--init", default="average", help="table: shared-weight initialization")
+    ap.add_argument("--relax-rank", type=int, default=0, help="table: per-occurrence low-rank correction")
     ap.add_argument("--pairs", type=int, default=66, help="table with --steps 0: block pairs auto measures")
     ap.add_argument("--out", default=None, help="table: keep run folders here (default: a temp dir)")
     args = ap.parse_args()
@@ -187,7 +190,8 @@ def main():
     if args.table and args.steps == 0:
         result["table"] = tie_only_rows(args.table, args.table_sequences, args.seq_len,
                                         [float(t) for t in args.auto_targets.split(",") if t],
-                                        [s for s in args.strategies.split(",") if s], args.pairs)
+                                        [s for s in args.strategies.split(",") if s], args.pairs, args.init,
+                                        args.relax_rank)
     elif args.table:
         with tempfile.TemporaryDirectory() as tmp:
             out_root = Path(args.out) if args.out else Path(tmp)
@@ -195,7 +199,7 @@ def main():
             result["table"] = {"model": MODELS[args.table], "steps": args.steps,
                                "rows": strategy_rows(args.table, args.steps, args.table_sequences, args.eval_tokens,
                                                      targets, [s for s in args.strategies.split(",") if s],
-                                                     out_root)}
+                                                     out_root, args.init, args.relax_rank)}
     print(json.dumps(result, indent=2))
 
 
