@@ -12,7 +12,7 @@ from torch import nn
 from compressor.errors import TritpressError
 from compressor.ingest import SourceInfo
 from compressor.layers import QTensor
-from compressor.share import (SharedLinear, SharingConfig, SharingPlan, apply_sharing, fixed_plans, plan_fraction,
+from compressor.share import (SharedLinear, SharingConfig, apply_sharing, fixed_plans, plan_fraction,
                               plan_groups)
 from compressor.structure import discover
 from compressor.transform import convert, prepare
