@@ -19,7 +19,6 @@ RNN layer has no per-occurrence scale or relaxation here).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -451,10 +450,3 @@ def plan_fraction(model: nn.Module, plan: SharingPlan, cfg: SharingConfig,
     after = before - tied * (stack.num_blocks - plan.num_unique) + extra
     return after / before
 
-
-def dataclass_from(d: dict) -> SharingConfig:
-    names = {f.name for f in dataclasses.fields(SharingConfig)}
-    unknown = set(d) - names
-    if unknown:
-        raise ValueError(f"unknown sharing fields: {', '.join(sorted(unknown))}")
-    return SharingConfig(**d)
