@@ -383,7 +383,7 @@ def refine_by_swaps(model, plan: SharingPlan, measured: dict, costs, cfg: Sharin
     measured rows and the best row (`measured` when no swap helped)."""
     groups = [list(g) for g in plan.groups]
     best, best_loss, rows, evals = measured, measured["loss_after_tying"], [], 0
-    tried: set = set()
+    tried = {tuple(map(tuple, sorted(groups)))}  # swapping two singletons gives the same plan back
     while evals < cfg.auto_refine:
         swaps = []
         for ga in range(len(groups)):
