@@ -58,7 +58,8 @@ def summary_lines(report: dict) -> list[str]:
 def training_table(training: dict) -> str:
     """Held-out quality of the original, post-training ternary and QAT ternary models."""
     quality = training["quality"]
-    names = {"original": "original (teacher)", "ternary_post_training": "ternary, post-training",
+    names = {"original": "original (teacher)", "shared_float": "shared (float, right after tying)",
+             "ternary_post_training": "ternary, post-training",
              "ternary_qat": f"ternary, QAT {training['steps']} steps"}
     metric_names = [k for k in ("ppl", "nll", "cosine_to_teacher", "nmse_to_teacher")
                     if k in next(iter(quality.values()), {})]
@@ -75,6 +76,22 @@ def training_lines(training: dict) -> list[str]:
             "", training_table(training)]
 
 
+def sharing_lines(sharing: dict) -> list[str]:
+    plan = sharing["plan"]
+    lines = [f"sharing: {plan['strategy']} ({sharing['config']['share']} matrices, init {sharing['config']['init']}, "
+             f"relax rank {sharing['config']['relax_rank']}): {len(plan['groups'])} unique of {plan['num_blocks']} "
+             f"blocks, groups {';'.join(','.join(map(str, g)) for g in plan['groups'])}",
+             f"unique parameters: {sharing['unique_params_before']:,} -> {sharing['unique_params_after']:,} "
+             f"(block stack {sharing['block_params_before']:,} -> {sharing['block_params_after']:,}, "
+             f"{sharing['unique_block_fraction']:.3f})"]
+    if "calibration_loss" in sharing:
+        c = sharing["calibration_loss"]
+        lines.append(f"calibration {c['metric']}: original {c['original']:.4f}, right after tying {c['after_tying']:.4f}")
+    if isinstance(sharing.get("analysis"), dict) and sharing["analysis"]["files"]:
+        lines.append(f"analysis: {sharing['analysis']['files'][0]} (+ table and plots)")
+    return lines
+
+
 def render(report: dict) -> str:
     model = report["model"]
     blocks = report["structure"]["blocks"]
@@ -82,6 +99,8 @@ def render(report: dict) -> str:
     if blocks:
         head += f"; block stack {blocks['path']}: {blocks['num_blocks']} x {blocks['block_type']}"
     parts = [head, "", size_table(report["size"]), "", *summary_lines(report)]
+    if report.get("sharing"):
+        parts += ["", *sharing_lines(report["sharing"])]
     if report.get("training"):
         parts += ["", *training_lines(report["training"])]
     if report.get("onnx"):

@@ -21,12 +21,14 @@ from typer.core import TyperGroup
 from compressor.config import FLOAT_DTYPES, WEIGHT_FORMATS, TernaryConfig
 from compressor.errors import TritpressError
 from compressor.quantize import GRANULARITIES, TERNARY_METHODS
+from compressor.share import INITS, SHARE_KINDS, SharingConfig
 from compressor.train import PARALLEL, QUANT_SCHEDULES, SCHEDULES, TrainConfig
 
 from cli.export import OnnxFormat, export as export_command
 
 DEFAULTS = TernaryConfig()
 TRAIN = TrainConfig()
+SHARING = SharingConfig()
 
 
 class DefaultCommandGroup(TyperGroup):
@@ -57,6 +59,8 @@ ActBits = _choices("ActBits", ["8"])
 Schedule = _choices("Schedule", SCHEDULES)
 QuantSchedule = _choices("QuantSchedule", QUANT_SCHEDULES)
 Parallel = _choices("Parallel", PARALLEL)
+ShareKind = _choices("ShareKind", SHARE_KINDS)
+ShareInit = _choices("ShareInit", INITS)
 
 
 def _value(choice):
@@ -149,6 +153,32 @@ def run(
                                                      "int2 | float [default: matmulnbits]."),
     tasks: Optional[str] = typer.Option(None, help="After packing, evaluate and gate on these tasks "
                                         "(lm,cls,tok,qa; data and tolerances from the recipe's [eval] table)."),
+    sharing: Optional[str] = typer.Option(None, help="Cross-layer sharing: none, alternate, sequential[:N], "
+                                          "cycle[:K], sequence[:K], middle-cycle[:K], auto, explicit groups "
+                                          "\"0,2,4;1,3,5\" or a .json file [default: none]."),
+    share: Optional[ShareKind] = typer.Option(None, help="Matrices tied inside a block [default: all]."),
+    share_init: Optional[ShareInit] = typer.Option(None, help="Initial shared weight: group average, stepwise "
+                                                   "(one evenly spaced member) or closest to the mean "
+                                                   f"[default: {SHARING.init}]."),
+    share_every: Optional[int] = typer.Option(None, help=f"sequential: stride N [default: {SHARING.every}]."),
+    share_unique: Optional[int] = typer.Option(None, help="cycle/sequence/middle-cycle: unique blocks "
+                                               "[default: half the stack]."),
+    relax_rank: Optional[int] = typer.Option(None, help="Per-occurrence low-rank correction of shared "
+                                             "weights (counted in sizes) [default: 0]."),
+    target_params: Optional[float] = typer.Option(None, help="auto: unique block parameters to keep, as a "
+                                                  "fraction (e.g. 0.5)."),
+    max_loss_increase: Optional[float] = typer.Option(None, help="auto: largest calibration-loss increase."),
+    share_data: Optional[str] = typer.Option(None, help="Calibration text for the analysis [default: --data]."),
+    share_sequences: Optional[int] = typer.Option(None, help="Calibration sequences "
+                                                  f"[default: {SHARING.calib_sequences}]."),
+    share_seq_len: Optional[int] = typer.Option(None, help=f"Calibration tokens per sequence "
+                                                f"[default: {SHARING.calib_seq_len}]."),
+    share_pairs: Optional[int] = typer.Option(None, help="Block pairs tied and measured at most "
+                                              f"[default: {SHARING.auto_pairs}]."),
+    share_refine: Optional[int] = typer.Option(None, help="auto: block swaps tied and measured at most "
+                                               f"[default: {SHARING.auto_refine}]."),
+    share_analyze: Optional[bool] = typer.Option(None, "--share-analyze/--no-share-analyze",
+                                                 help="Write the redundancy analysis [default: on]."),
     check: Optional[bool] = typer.Option(None, "--check/--no-check",
                                          help="Compare outputs (original vs ternary, reload) [default: check]."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout instead of tables."),
@@ -177,7 +207,12 @@ def run(
                    "kd_weight": kd_weight, "kd_temperature": kd_temperature, "hidden_weight": hidden_weight,
                    "max_train_tokens": max_train_tokens, "eval_tokens": eval_tokens, "seed": seed,
                    "checkpoint_every": checkpoint_every, "resume": resume, "parallel": _value(parallel)},
-         "onnx": {"enabled": onnx, "format": _value(onnx_format)}},
+         "onnx": {"enabled": onnx, "format": _value(onnx_format)},
+         "sharing": {"strategy": sharing, "share": _value(share), "init": _value(share_init), "every": share_every,
+                     "unique": share_unique, "relax_rank": relax_rank, "target_params": target_params,
+                     "max_loss_increase": max_loss_increase, "data": share_data,
+                     "calib_sequences": share_sequences, "calib_seq_len": share_seq_len,
+                     "auto_pairs": share_pairs, "auto_refine": share_refine, "analyze": share_analyze}},
     )
     if save_recipe:
         write_text(save_recipe, dump_recipe(cfg))
@@ -223,6 +258,9 @@ from cli.evaluate import evaluate_command, finetune_head_command  # noqa: E402
 
 app.command("evaluate")(evaluate_command)
 app.command("finetune-head")(finetune_head_command)
+from cli.analyze import analyze  # noqa: E402  (registers `compress analyze`)
+
+app.command("analyze")(analyze)
 
 
 def _launch_workers(nproc: int, max_restarts: int) -> int:

@@ -141,8 +141,15 @@ class FakeQuantRNN(nn.Module):
         self.lam = 1.0
 
     def forward(self, *args, **kwargs):
-        weights = {n: (self.fmt.fake(p, self.lam) if n.startswith("weight_") else p)
-                   for n, p in self.rnn.named_parameters()}
+        # every name of a shared (cross-layer tied) matrix gets the same fake-quantized tensor
+        fake: dict[int, torch.Tensor] = {}
+        weights = {}
+        for n, p in self.rnn.named_parameters(remove_duplicate=False):
+            if n.startswith("weight_"):
+                if id(p) not in fake:
+                    fake[id(p)] = self.fmt.fake(p, self.lam)
+                p = fake[id(p)]
+            weights[n] = p
         return functional_call(self.rnn, weights, args, kwargs)
 
 
@@ -185,13 +192,17 @@ class QRNN(nn.Module):
         template = copy.deepcopy(rnn).to("meta")
         object.__setattr__(self, "_template", template)
         self.qweights = nn.ModuleDict(qweights)
-        for n, p in rnn.named_parameters():
+        for n, p in rnn.named_parameters(remove_duplicate=False):
             if n not in qweights:
                 setattr(self, n, p)
         self.batch_first = getattr(rnn, "batch_first", False)
 
     def forward(self, *args, **kwargs):
-        weights = {}
-        for n, _ in self._template.named_parameters():
-            weights[n] = self.qweights[n].dequantize() if n in self.qweights else getattr(self, n)
+        weights, cache = {}, {}
+        for n, _ in self._template.named_parameters(remove_duplicate=False):
+            if n in self.qweights:  # a QTensor shared by several layers is dequantized once
+                q = self.qweights[n]
+                weights[n] = cache[id(q)] = cache[id(q)] if id(q) in cache else q.dequantize()
+            else:
+                weights[n] = getattr(self, n)
         return functional_call(self._template, weights, args, kwargs)

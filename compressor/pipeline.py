@@ -24,6 +24,7 @@ from .config import TernaryConfig
 from .errors import TritpressError
 from .fileio import refuse_overwrite_input, write_json
 from .ingest import load_model
+from .share import SharingConfig
 from .train import TrainConfig
 from .transform import convert, get_record, prepare
 
@@ -43,6 +44,7 @@ class CompressConfig:
     trust_pickle: bool = False                   # allow full unpickling of a saved nn.Module
     quant: TernaryConfig = field(default_factory=TernaryConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sharing: SharingConfig = field(default_factory=SharingConfig)
     check: bool = True                           # compare outputs: original vs ternary, converted vs reload
     onnx: OnnxConfig = field(default_factory=OnnxConfig)  # [onnx] enabled = true: export model.onnx last
     tasks: str | None = None                     # evaluate after packing: lm,cls,tok,qa (settings: [eval])
@@ -96,16 +98,26 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
     original_params = sum(p.numel() for p in original.parameters())  # unique: parameters() dedups ties
     done("ingest")
 
+    start, sharing = original, None  # start: the model quantized (tied when sharing), original: the teacher
+    if cfg.sharing.active:
+        from .sharing_stage import share_stage
+        if ctx.enabled and cfg.train.parallel == "fsdp":  # FSDP units are blocks: a tie would span units
+            raise TritpressError("--sharing is not supported with --parallel fsdp; use --parallel ddp")
+        stage("share")
+        start, sharing = share_stage(original, loaded.tokenizer, cfg.sharing, cfg.sharing.data or cfg.train.data,
+                                     out / "analysis", cfg.quant.exclude, write=ctx.is_main)
+        done("share")
+
     training = None
     if cfg.train.steps > 0:
         stage("train")
-        model, training = _fine_tune(cfg, loaded, ctx, listener)
+        model, training = _fine_tune(cfg, loaded, ctx, listener, start)
         done("train")
         if not ctx.is_main:
             return None
     else:
         stage("quantize")
-        model = convert(copy.deepcopy(original), cfg.quant)
+        model = convert(copy.deepcopy(start), cfg.quant)
         done("quantize")
     record = get_record(model)
 
@@ -158,6 +170,7 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
         "quant_config": cfg.quant.to_dict(),
         "size": size_report(packed_path),
         "training": training,
+        "sharing": sharing,
         "checks": checks,
         "timings_s": timings,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
@@ -179,7 +192,7 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
     return report
 
 
-def _fine_tune(cfg: CompressConfig, loaded, ctx, listener: Listener):
+def _fine_tune(cfg: CompressConfig, loaded, ctx, listener: Listener, start=None):
     """prepare -> QAT with distillation from the original -> convert; quality before and after."""
     from .data import lm_blocks, read_texts, token_vocab_size, tokenizer_fn
     from .distributed import restarted_by_torchrun
@@ -187,6 +200,7 @@ def _fine_tune(cfg: CompressConfig, loaded, ctx, listener: Listener):
     from .train import ModelIO, evaluate, train_qat
 
     teacher = loaded.model
+    start = teacher if start is None else start  # the student starts from the tied model when sharing
     n_params = sum(p.numel() for p in teacher.parameters())
     tcfg = cfg.train.resolved(n_params)
     if restarted_by_torchrun():
@@ -210,10 +224,12 @@ def _fine_tune(cfg: CompressConfig, loaded, ctx, listener: Listener):
         raise TritpressError("not enough training text left after holding out evaluation blocks")
     structure = discover(teacher, cfg.quant.exclude)
     io = ModelIO.discover(teacher, structure)
-    student = prepare(copy.deepcopy(teacher), cfg.quant)
+    student = prepare(copy.deepcopy(start), cfg.quant)
     quality = {}
     if ctx.is_main:
         quality["original"] = evaluate(io, teacher, eval_blocks, teacher)
+        if start is not teacher:
+            quality["shared_float"] = evaluate(io, start, eval_blocks, teacher)
         quality["ternary_post_training"] = evaluate(io, convert(copy.deepcopy(student)), eval_blocks, teacher)
     findings = train_qat(student, teacher, structure, blocks, tcfg, cfg.out_dir() / "train", ctx,
                          on_step=lambda entry: listener.step(entry, tcfg.steps))
@@ -221,7 +237,7 @@ def _fine_tune(cfg: CompressConfig, loaded, ctx, listener: Listener):
     if not ctx.is_main:
         return None, findings  # rank 0 packs and reports
     if full_state is not None:  # FSDP: rebuild a plain student from the gathered weights
-        student = prepare(copy.deepcopy(teacher), cfg.quant)
+        student = prepare(copy.deepcopy(start), cfg.quant)
         student.load_state_dict(full_state)
     model = convert(student)
     quality["ternary_qat"] = evaluate(io, model, eval_blocks, teacher)

@@ -20,11 +20,13 @@ from exporters.onnx import OnnxConfig
 from .config import TernaryConfig
 from .errors import TritpressError
 from .pipeline import CompressConfig
+from .share import SharingConfig
 from .train import TrainConfig
 
 from analyzers.quality.evaluate import EvalConfig  # noqa: E402
 
-SECTIONS = {"quant": TernaryConfig, "train": TrainConfig, "eval": EvalConfig, "onnx": OnnxConfig}
+SECTIONS = {"quant": TernaryConfig, "train": TrainConfig, "eval": EvalConfig, "onnx": OnnxConfig,
+            "sharing": SharingConfig}
 
 
 def read_recipe(path: str) -> dict:

@@ -21,7 +21,8 @@ def is_linear(m: nn.Module) -> bool:
 
 
 def rnn_weight_names(rnn: nn.Module) -> list[str]:
-    return [n for n, _ in rnn.named_parameters(recurse=False) if n.startswith("weight_")]
+    # remove_duplicate=False: layers that share a matrix (cross-layer sharing) each name it
+    return [n for n, _ in rnn.named_parameters(recurse=False, remove_duplicate=False) if n.startswith("weight_")]
 
 
 @dataclass

@@ -26,6 +26,7 @@ from compressor.errors import CorruptCheckpointError, TritpressError
 from compressor.fileio import atomic_path
 from compressor.ingest import SourceInfo, build_from_config
 from compressor.layers import QTensor, WeightFormat
+from compressor.share import rebuild_wrappers, sharing_meta
 from compressor.structure import BlockStack, LayerInfo, ModelStructure
 from compressor.transform import (QuantRecord, _set_record, build_empty, get_record, qtensor_formats,
                                   storage_dtypes, tie_groups)
@@ -111,6 +112,7 @@ def save_packed(model: nn.Module, path, source: SourceInfo, extra: dict | None =
         "structure": record.structure.to_dict(),
         "module_map": record.module_map(model),
         "tie_map": {keys[0]: keys[1:] for keys in groups if len(keys) > 1},
+        "sharing": sharing_meta(model),
         "tensors": entries,
         "extra": extra or {},
     }
@@ -261,6 +263,8 @@ def load_packed(path, skeleton: nn.Module | None = None) -> nn.Module:
     else:
         raise TritpressError(f"{path} was made from a custom nn.Module ({source['model_class']}); "
                              "pass an instance of that class: load_packed(path, skeleton=...)")
+    if meta.get("sharing"):  # cross-layer sharing wrappers, before the layers inside them are rebuilt
+        rebuild_wrappers(model, meta["sharing"])
     build_empty(model, meta["module_map"])
     _set_record(model, _record_from_meta(meta))
     state = {}

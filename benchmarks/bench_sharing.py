@@ -1,0 +1,207 @@
+"""Benchmark of cross-layer sharing: analysis wall time, and the strategy table on a real model.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_sharing.py                  # analysis timing only (~1-2 min)
+    OMP_NUM_THREADS=1 python benchmarks/bench_sharing.py --table minilm --steps 40
+    OMP_NUM_THREADS=1 python benchmarks/bench_sharing.py --table smollm2 --steps 0 --sequences 8
+
+Prints ONE JSON object on stdout; progress goes to stderr.
+
+"analysis": the full redundancy analysis (compressor/analyzers.redundancy.analyze: block
+influence, CKA, angular distance, weight cosine, all 66 block pairs tied and measured, 4 fixed
+strategies tied and measured) of a randomly initialized 12-block LLaMA-style model (hidden 128,
+FFN 344, vocab 2000) on 64 calibration sequences of 128 tokens, with torch's thread count as
+given. Speed is also given as a ratio against one plain forward pass over the same calibration
+set, measured in the same run (`forward_s`): analysis_s / forward_s is how many calibration
+passes the analysis costs.
+
+"table": for each strategy at comparable budgets, `compress()` is run on the real model with
+that sharing plan (ternary QAT with distillation from the untied original when --steps > 0);
+per row: unique parameters, packed bytes, and the held-out metric of the model right after
+tying (float) and after QAT. MiniLM (encoder): cosine / normalized MSE of the last hidden
+state against the original on wikitext-2 test; SmolLM2 (causal LM): perplexity. The calibration
+(for auto) is wikitext-2 valid; training text too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2"
+MODELS = {"minilm": "pkg:all-MiniLM-L6-v2", "smollm2": "pkg:SmolLM2-135M"}
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def bench_analysis(sequences: int, seq_len: int) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from analyzers.redundancy import Calibration, analyze
+    from compressor.share import SharingConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=2000, hidden_size=128, intermediate_size=344, num_hidden_layers=12,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=seq_len,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (sequences, seq_len), generator=torch.Generator().manual_seed(1))
+    t = time.perf_counter()
+    cal = Calibration.build(model, ids)  # one calibration pass (the base loss)
+    forward_s = time.perf_counter() - t
+    t = time.perf_counter()
+    result = analyze(model, cal, SharingConfig(auto_pairs=66))
+    analysis_s = time.perf_counter() - t
+    measured = sum(v is not None for row in result["loss_increase"] for v in row) // 2
+    return {"model": "random LlamaForCausalLM, 12 blocks, hidden 128, FFN 344, vocab 2000",
+            "params": sum(p.numel() for p in model.parameters()),
+            "calibration": {"sequences": sequences, "seq_len": seq_len},
+            "pairs_measured": measured, "strategies_measured": len(result["strategies"]),
+            "forward_s": round(forward_s, 3), "analysis_s": round(analysis_s, 3),
+            "analysis_over_forward": round(analysis_s / forward_s, 2), "breakdown_s": result["timings"]}
+
+
+def strategy_rows(name: str, steps: int, sequences: int, eval_tokens: int, auto_targets: list[float],
+                  strategies: list[str], out_root: Path, init: str = "average", relax_rank: int = 0) -> list[dict]:
+    from compressor.pipeline import CompressConfig, compress
+    from compressor.share import SharingConfig
+    from compressor.train import TrainConfig
+
+    rows = []
+    runs = [(s, {}) for s in strategies] + [("auto", {"target_params": t}) for t in auto_targets]
+    for strategy, extra in runs:
+        t0 = time.perf_counter()
+        label = strategy + (f"@{extra['target_params']}" if extra else "")
+        log(f"[{name}] {label} ...")
+        sharing = SharingConfig(strategy, data=str(DATA / "valid.txt"), calib_sequences=sequences,
+                                analyze=False, init=init, relax_rank=relax_rank, **extra)
+        train = TrainConfig(steps=steps, data=str(DATA / "valid.txt"), eval_data=str(DATA / "test.txt"),
+                            eval_tokens=eval_tokens, checkpoint_every=0, seed=0)
+        cfg = CompressConfig(MODELS[name], out=str(out_root / label.replace(":", "_")), train=train,
+                             sharing=sharing, check=False)
+        report = compress(cfg)
+        s = report["sharing"]
+        row = {"strategy": label, "groups": ";".join(",".join(map(str, g)) for g in s["plan"]["groups"]) if s
+               else "none", "unique_blocks": len(s["plan"]["groups"]) if s else None,
+               "unique_params": s["unique_params_after"] if s else report["size"]["original"]["params"],
+               "unique_block_fraction": s["unique_block_fraction"] if s else 1.0,
+               "packed_bytes": report["size"]["file_bytes"], "wall_s": round(time.perf_counter() - t0, 1)}
+        if s and "auto" in s:
+            row["auto_chosen"] = s["auto"].get("chosen")
+            row["auto_candidates"] = [[c["strategy"], c["loss_after_tying"]] for c in s["auto"]["candidates"]]
+        if s and "calibration_loss" in s:
+            row["calibration_after_tying"] = s["calibration_loss"]
+        if report.get("training"):
+            q = report["training"]["quality"]
+            row["after_tying"] = q.get("shared_float", q["original"])
+            row["after_qat"] = q["ternary_qat"]
+            row["original"] = q["original"]
+        rows.append(row)
+        log(json.dumps(row))
+    return rows
+
+
+def tie_only_rows(name: str, sequences: int, seq_len: int, auto_targets: list[float], strategies: list[str],
+                  pairs: int, init: str = "average", relax_rank: int = 0) -> dict:
+    """No training: load the model once; calibrate on wikitext-2 valid (auto's choice), evaluate
+    each tied model on wikitext-2 test."""
+    import math
+
+    from analyzers.redundancy import Calibration, auto_plan, calibration_ids, measure_plan
+    from compressor.ingest import load_model
+    from compressor.share import SharingConfig, plan_groups
+    from compressor.structure import discover
+
+    loaded = load_model(MODELS[name])
+    model = loaded.model.eval()
+    structure = discover(model)
+    n = structure.blocks.num_blocks
+    ids = lambda split: calibration_ids(str(DATA / f"{split}.txt"), loaded.tokenizer, model, sequences, seq_len)  # noqa: E731
+    t = time.perf_counter()
+    cal, test = Calibration.build(model, ids("valid"), structure), Calibration.build(model, ids("test"), structure)
+    forward_s = (time.perf_counter() - t) / 2
+    to_metric = (lambda v: {"ppl": round(math.exp(v), 3)}) if cal.io.causal else (lambda v: {"nmse": round(v, 4)})  # noqa: E731
+    rows = [{"strategy": "none", "unique_blocks": n, "unique_block_fraction": 1.0, "test": to_metric(test.base_loss),
+             "calibration": to_metric(cal.base_loss)}]
+    for s in strategies:
+        if s == "none":
+            continue
+        cfg = SharingConfig(s, init=init, relax_rank=relax_rank)
+        plan = plan_groups(n, cfg)
+        r = measure_plan(model, plan, s, cfg, test, structure)
+        rows.append({"strategy": s, "unique_blocks": plan.num_unique,
+                     "unique_block_fraction": r["unique_block_fraction"], "test": to_metric(r["loss_after_tying"])})
+        log(json.dumps(rows[-1]))
+    for target in auto_targets:
+        t = time.perf_counter()
+        cfg = SharingConfig("auto", target_params=target, auto_pairs=pairs, init=init, relax_rank=relax_rank)
+        plan, findings = auto_plan(model, cal, cfg, structure)
+        r = measure_plan(model, plan, "auto", cfg, test, structure)
+        rows.append({"strategy": f"auto@{target}", "unique_blocks": plan.num_unique, "groups": plan.describe(),
+                     "chosen": findings["chosen"], "unique_block_fraction": r["unique_block_fraction"],
+                     "test": to_metric(r["loss_after_tying"]),
+                     "calibration_candidates": [[c["strategy"], to_metric(c["loss_after_tying"])]
+                                                for c in findings["candidates"]],
+                     "auto_wall_s": round(time.perf_counter() - t, 1)})
+        log(json.dumps(rows[-1]))
+    return {"model": MODELS[name], "init": init, "relax_rank": relax_rank,
+            "calibration": f"wikitext-2 valid, {sequences} x {seq_len} tokens",
+            "evaluation": f"wikitext-2 test, {sequences} x {seq_len} tokens", "forward_s": round(forward_s, 2),
+            "rows": rows}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sequences", type=int, default=64, help="analysis benchmark: calibration sequences")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--skip-analysis", action="store_true")
+    ap.add_argument("--table", choices=sorted(MODELS), help="also run the strategy table on this real model")
+    ap.add_argument("--steps", type=int, default=40, help="table: QAT steps per strategy (0 = none)")
+    ap.add_argument("--table-sequences", type=int, default=16, help="table: calibration sequences for auto")
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--strategies", default="none,alternate,sequence:2,cycle:3,sequence:3,middle-cycle:3")
+    ap.add_argument("--auto-targets", default="0.34,0.51", help="auto: --target-params values")
+    ap.add_argument("--init", default="average", help="table: shared-weight initialization")
+    ap.add_argument("--relax-rank", type=int, default=0, help="table: per-occurrence low-rank correction")
+    ap.add_argument("--pairs", type=int, default=66, help="table with --steps 0: block pairs auto measures")
+    ap.add_argument("--out", default=None, help="table: keep run folders here (default: a temp dir)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = {"environment": {"python": platform.python_version(), "torch": torch.__version__,
+                              "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}}
+    if not args.skip_analysis:
+        log("analysis benchmark ...")
+        result["analysis"] = bench_analysis(args.sequences, args.seq_len)
+        log(json.dumps(result["analysis"]))
+    if args.table and args.steps == 0:
+        result["table"] = tie_only_rows(args.table, args.table_sequences, args.seq_len,
+                                        [float(t) for t in args.auto_targets.split(",") if t],
+                                        [s for s in args.strategies.split(",") if s], args.pairs, args.init,
+                                        args.relax_rank)
+    elif args.table:
+        with tempfile.TemporaryDirectory() as tmp:
+            out_root = Path(args.out) if args.out else Path(tmp)
+            targets = [float(t) for t in args.auto_targets.split(",") if t]
+            result["table"] = {"model": MODELS[args.table], "steps": args.steps,
+                               "rows": strategy_rows(args.table, args.steps, args.table_sequences, args.eval_tokens,
+                                                     targets, [s for s in args.strategies.split(",") if s],
+                                                     out_root, args.init, args.relax_rank)}
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The sharing stage of `compress`: redundancy analysis on calibration text, a plan (fixed
+pattern, explicit groups or `auto`), and the tie itself, on a copy of the ingested model
+(the original stays untied: it is the distillation teacher)."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from torch import nn
+
+from .errors import TritpressError
+from .share import SharingConfig, apply_sharing, plan_groups
+from .structure import discover
+
+
+def calibration_for(model: nn.Module, tokenizer, scfg: SharingConfig, data: str | None, structure):
+    """Calibration of `model` on DATA, or None without DATA."""
+    from analyzers.redundancy import Calibration, calibration_ids
+
+    if not data:
+        return None
+    ids = calibration_ids(data, tokenizer, model, scfg.calib_sequences, scfg.calib_seq_len)
+    return Calibration.build(model, ids, structure)
+
+
+def share_stage(model: nn.Module, tokenizer, scfg: SharingConfig, data: str | None, out_dir: Path | None,
+                exclude=(), write: bool = True) -> tuple[nn.Module, dict]:
+    """-> (tied copy of `model`, findings for the report). Writes the analysis into out_dir."""
+    from analyzers.redundancy import analyze, auto_plan, write_outputs
+
+    structure = discover(model, exclude)
+    if structure.blocks is None:
+        raise TritpressError("--sharing: no stack of repeated blocks (or stacked LSTM/GRU layers) found in the model")
+    auto = scfg.strategy == "auto"
+    if auto and not data:
+        raise TritpressError("--sharing auto measures the loss of candidate ties: pass calibration text "
+                             "with --data or --share-data")
+    plan = None if auto else plan_groups(structure.blocks.num_blocks, scfg)  # refuse a bad plan early
+    findings: dict = {"config": scfg.to_dict()}
+    cal = calibration_for(model, tokenizer, scfg, data, structure) if (scfg.analyze or auto) else None
+    analysis = None
+    if cal is not None:
+        analysis = analyze(model, cal, scfg, structure, strategies=scfg.analyze)
+        files = write_outputs(analysis, out_dir) if (write and out_dir is not None) else []
+        findings["analysis"] = {"files": files, "wall_s": analysis["timings"]["total_s"],
+                                "calibration": analysis["calibration"],
+                                "strategies": analysis.get("strategies")}
+    else:
+        findings["analysis"] = "skipped: no calibration text (--data or --share-data)" if scfg.analyze else "off"
+    if auto:
+        plan, findings["auto"] = auto_plan(model, cal, scfg, structure, analysis)
+    tied, tie = apply_sharing(copy.deepcopy(model), plan, scfg, structure)
+    findings.update(tie)
+    if cal is not None:
+        findings["calibration_loss"] = {"metric": cal.metric, "original": round(cal.base_loss, 6),
+                                        "after_tying": round(cal.loss(tied), 6)}
+    return tied, findings
