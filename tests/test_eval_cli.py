@@ -19,14 +19,6 @@ GOOD, BAD = ["good", "great", "fine"], ["bad", "awful", "poor"]
 FILLER = ["to", "the", "a", "film", "was", "very", "and", "then", "home", "?", "who", "where", "did", "go", "."]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_cli(args, capsys):
     with pytest.raises(SystemExit) as exc:
         main([str(a) for a in args])

@@ -18,14 +18,6 @@ from compressor.errors import TritpressError
 from tests.tiny_models import build
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------ SQuAD (official evaluate-v1.1 / v2.0)
 
 @pytest.mark.parametrize("raw,norm", [

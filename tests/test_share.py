@@ -20,14 +20,6 @@ from exporters.packed import load_packed, read_metadata, save_packed
 from tests.tiny_models import LSTMLM, bert_config, gpt2_config, llama_config, main_output, sample_ids
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def groups(strategy, n, **kw):
     return plan_groups(n, SharingConfig(strategy, **kw)).groups
 

@@ -18,14 +18,6 @@ def run_cli(args, capsys):
     return exc.value.code, out, err
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("llama4")
