@@ -10,20 +10,13 @@ import pytest
 import torch
 
 from analyzers.quality import EvalConfig, evaluate
-from cli.main import main
+from tests.cli_helpers import run_cli
 
 NAMES = ["alice", "bob", "carol", "dave"]
 PLACES = ["paris", "rome", "oslo"]
 VERBS = ["went", "flew", "walked", "drove"]
 GOOD, BAD = ["good", "great", "fine"], ["bad", "awful", "poor"]
 FILLER = ["to", "the", "a", "film", "was", "very", "and", "then", "home", "?", "who", "where", "did", "go", "."]
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 def word_tokenizer():

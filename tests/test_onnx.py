@@ -9,7 +9,7 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from cli.main import main
+from tests.cli_helpers import run_cli
 from compressor.ingest import SourceInfo
 from compressor.transform import convert
 from exporters.onnx import OnnxConfig, OnnxValidationError, export_onnx, ort_session
@@ -157,13 +157,6 @@ def test_config_errors():
 
 
 # ---------------------------------------------------------------- command line
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
-
 
 @pytest.fixture
 def packed_gpt2(tmp_path):

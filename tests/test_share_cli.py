@@ -7,15 +7,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from cli.main import main
+from tests.cli_helpers import run_cli
 from tests.tiny_models import llama_config
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 @pytest.fixture(scope="module")
