@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .config import FLOAT_DTYPES
-from .quantize import dequantize, quantize_activations_int8, quantize_rows, quantize_ternary, ste
+from .quantize import _expand, dequantize, quantize_activations_int8, quantize_rows, quantize_ternary, ste
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class WeightFormat:
             return ste(w, w.detach().to(FLOAT_DTYPES[self.kind]).to(w.dtype), lam)
         with torch.no_grad():  # float codes: the same values as convert() stores, two passes fewer
             codes, scale = self.quantize(w, torch.float32)
-            q = codes.mul_(_expand_scale(scale, codes)).to(w.dtype)
+            q = codes.mul_(_expand(scale, codes)).to(w.dtype)
         return ste(w, q, lam)
 
     @property
@@ -59,10 +59,6 @@ class WeightFormat:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _expand_scale(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return scale.reshape([-1] + [1] * (like.dim() - 1)) if scale.numel() > 1 else scale.reshape([1] * like.dim())
 
 
 class QTensor(nn.Module):

@@ -21,8 +21,8 @@ steps and `resume=True` continues exactly where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
 import inspect
+import json
 import math
 import os
 import random
@@ -130,6 +130,7 @@ class ModelIO:
     has_head: bool           # output is logits over a vocabulary
     causal: bool             # next-token prediction applies
     block_paths: list[str]
+    no_cache: bool = False   # HF forward takes use_cache: pass False (one full-sequence forward, no KV cache)
 
     @classmethod
     def discover(cls, model: nn.Module, structure: ModelStructure) -> "ModelIO":
@@ -142,15 +143,15 @@ class ModelIO:
         blocks = []
         if structure.blocks is not None and structure.blocks.kind == "modulelist":
             blocks = [f"{structure.blocks.path}.{i}" for i in range(structure.blocks.num_blocks)]
-        return cls(hf, seq_first, structure.head is not None, causal and structure.head is not None, blocks)
+        no_cache = hf and "use_cache" in inspect.signature(model.forward).parameters
+        return cls(hf, seq_first, structure.head is not None, causal and structure.head is not None, blocks,
+                   no_cache)
 
     def forward(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         from analyzers.fidelity import first_float_output
 
         if self.hf:
-            # no KV cache: training and scoring use one full-sequence forward
-            inner = getattr(model, "module", model)  # DDP wraps the model
-            kwargs = {"use_cache": False} if "use_cache" in inspect.signature(inner.forward).parameters else {}
+            kwargs = {"use_cache": False} if self.no_cache else {}
             return first_float_output(model(input_ids=ids, **kwargs)).float()
         if self.seq_first:
             return first_float_output(model(ids.t())).float().transpose(0, 1)
