@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from cli.options import DebugOpt
+
 from compressor.share import INITS, SHARE_KINDS, SharingConfig
 
 SHARING = SharingConfig()
@@ -24,7 +26,7 @@ def analyze(
     seq_len: int = typer.Option(SHARING.calib_seq_len, help="Tokens per calibration sequence."),
     pairs: int = typer.Option(SHARING.auto_pairs, help="Block pairs tied and measured at most (0 = none)."),
     json_out: bool = typer.Option(False, "--json", help="Print analysis.json to stdout."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    debug: bool = DebugOpt,
 ):
     """Redundancy analysis of MODEL's block stack: Block Influence, CKA, angular distance, weight
     similarity and the measured loss increase of tying each pair of blocks."""

@@ -12,6 +12,8 @@ from typing import List, Optional
 
 import typer
 
+from cli.options import DebugOpt
+
 from analyzers.quality.evaluate import EvalConfig
 
 D = EvalConfig()
@@ -78,7 +80,7 @@ def evaluate_command(
     plots: Optional[bool] = typer.Option(None, "--plots/--no-plots", help="Write PNG plots [default: plots]."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout instead of the table."),
     nproc: int = typer.Option(1, help="Run N local processes (torchrun), examples sharded across them."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    debug: bool = DebugOpt,
 ):
     """Score COMPRESSED against its baseline on LM / classification / NER / QA; gate on the drops."""
     from cli.main import _launch_workers, _quiet_libraries
@@ -105,15 +107,12 @@ def evaluate_command(
 
 def build_eval_config(recipe: str | None, flags: dict) -> EvalConfig:
     from compressor.errors import TritpressError
-    from compressor.recipe import read_recipe
+    from compressor.recipe import read_recipe, section_config
 
     values = dict((read_recipe(recipe).get("eval") or {}) if recipe else {})
     values.update({k: v for k, v in flags.items() if v is not None and v != []})
-    unknown = set(values) - {f.name for f in dataclasses.fields(EvalConfig)}
-    if unknown:
-        raise TritpressError(f"unknown [eval] settings: {', '.join(sorted(unknown))}")
     try:
-        return EvalConfig(**values)
+        return section_config(EvalConfig, values, "eval")
     except (TypeError, ValueError) as e:
         raise TritpressError(f"invalid evaluation setting: {e}") from e
 
@@ -133,7 +132,7 @@ def finetune_head_command(
     qa_articles: Optional[float] = typer.Option(None, help="qa: train on this leading fraction of the articles "
                                                 "(evaluate the rest with `evaluate --qa-heldout`) [default: all]."),
     seed: Optional[int] = typer.Option(None, help="Seed [default: 0]."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    debug: bool = DebugOpt,
 ):
     """Fine-tune MODEL with a fresh task head (a task-finetuned baseline to compress and evaluate)."""
     import sys

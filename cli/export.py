@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from cli.options import DebugOpt
+
 from exporters.onnx import ONNX_FORMATS, OnnxConfig
 
 ONNX_DEFAULTS = OnnxConfig()
@@ -47,7 +49,7 @@ def export(
     kv_cache: Optional[bool] = typer.Option(None, "--kv-cache", help="Decoder LMs: export the incremental-"
                                             "decoding graph (past_key_values.* in, present.* out)."),
     json_out: bool = typer.Option(False, "--json", help="Print the export result as JSON."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    debug: bool = DebugOpt,
 ):
     """Export a packed checkpoint to ONNX (quantized weights stay quantized) and validate it
     with ONNX Runtime; exits non-zero when an output differs by more than --atol."""

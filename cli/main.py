@@ -25,6 +25,7 @@ from compressor.share import INITS, SHARE_KINDS, SharingConfig
 from compressor.train import PARALLEL, QUANT_SCHEDULES, SCHEDULES, TrainConfig
 
 from cli.export import OnnxFormat, export as export_command
+from cli.options import DebugOpt
 
 DEFAULTS = TernaryConfig()
 TRAIN = TrainConfig()
@@ -79,7 +80,6 @@ def _quiet_libraries() -> None:
         pass
 
 
-DebugOpt = typer.Option(False, "--debug", help="Show full tracebacks on errors.")
 app.command(name="export")(export_command)
 
 

@@ -53,7 +53,8 @@ def read_recipe(path: str) -> dict:
     return data
 
 
-def _section(cls, values: dict, name: str):
+def section_config(cls, values: dict, name: str):
+    """The dataclass of one recipe table; unknown keys are refused by name."""
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - fields
     if unknown:
@@ -75,7 +76,7 @@ def build_config(recipe: dict, overrides: dict, section_overrides: dict[str, dic
     if "model" not in top:
         raise TritpressError("no MODEL given (argument or `model = ...` in the recipe)")
     try:
-        built = {name: _section(cls, sections[name], name) for name, cls in SECTIONS.items()}
+        built = {name: section_config(cls, sections[name], name) for name, cls in SECTIONS.items()}
         return CompressConfig(**built, **top)
     except (TypeError, ValueError) as e:
         raise TritpressError(f"invalid setting: {e}") from e
