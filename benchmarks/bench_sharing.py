@@ -74,7 +74,8 @@ def bench_analysis(sequences: int, seq_len: int) -> dict:
 
 
 def strategy_rows(name: str, steps: int, sequences: int, eval_tokens: int, auto_targets: list[float],
-                  strategies: list[str], out_root: Path, init: str = "average", relax_rank: int = 0) -> list[dict]:
+                  strategies: list[str], out_root: Path, init: str = "average", relax_rank: int = 0,
+                  batch_size: int = 8, pairs: int = 66, probe_steps: int = 0) -> list[dict]:
     from compressor.pipeline import CompressConfig, compress
     from compressor.share import SharingConfig
     from compressor.train import TrainConfig
@@ -86,9 +87,10 @@ def strategy_rows(name: str, steps: int, sequences: int, eval_tokens: int, auto_
         label = strategy + (f"@{extra['target_params']}" if extra else "")
         log(f"[{name}] {label} ...")
         sharing = SharingConfig(strategy, data=str(DATA / "valid.txt"), calib_sequences=sequences,
-                                analyze=False, init=init, relax_rank=relax_rank, **extra)
+                                analyze=False, init=init, relax_rank=relax_rank, auto_pairs=pairs,
+                                auto_probe_steps=probe_steps if extra else 0, **extra)
         train = TrainConfig(steps=steps, data=str(DATA / "valid.txt"), eval_data=str(DATA / "test.txt"),
-                            eval_tokens=eval_tokens, checkpoint_every=0, seed=0)
+                            eval_tokens=eval_tokens, checkpoint_every=0, seed=0, batch_size=batch_size)
         cfg = CompressConfig(MODELS[name], out=str(out_root / label.replace(":", "_")), train=train,
                              sharing=sharing, check=False)
         report = compress(cfg)
@@ -176,7 +178,10 @@ def main():
     ap.add_argument("--auto-targets", default="0.34,0.51", help="auto: --target-params values")
     ap.add_argument("--init", default="average", help="table: shared-weight initialization")
     ap.add_argument("--relax-rank", type=int, default=0, help="table: per-occurrence low-rank correction")
-    ap.add_argument("--pairs", type=int, default=66, help="table with --steps 0: block pairs auto measures")
+    ap.add_argument("--pairs", type=int, default=66, help="table: block pairs auto measures")
+    ap.add_argument("--batch-size", type=int, default=8, help="table: QAT sequences per step")
+    ap.add_argument("--auto-probe-steps", type=int, default=0,
+                    help="table: auto ranks its candidates after this many QAT steps (0 = right after tying)")
     ap.add_argument("--out", default=None, help="table: keep run folders here (default: a temp dir)")
     args = ap.parse_args()
     if args.threads:
@@ -199,7 +204,8 @@ def main():
             result["table"] = {"model": MODELS[args.table], "steps": args.steps,
                                "rows": strategy_rows(args.table, args.steps, args.table_sequences, args.eval_tokens,
                                                      targets, [s for s in args.strategies.split(",") if s],
-                                                     out_root, args.init, args.relax_rank)}
+                                                     out_root, args.init, args.relax_rank, args.batch_size,
+                                                     args.pairs, args.auto_probe_steps)}
     print(json.dumps(result, indent=2))
 
 

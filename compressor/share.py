@@ -54,6 +54,8 @@ class SharingConfig:
     calib_seq_len: int = 128
     auto_pairs: int = 66            # auto/analysis: at most this many block pairs are tied and measured
     auto_refine: int = 12           # auto: at most this many block swaps are tied and measured
+    auto_probe_steps: int = 0       # auto: rank the best candidates after this many QAT steps (0 = right after tying)
+    auto_probe_top: int = 6         # auto with probe: how many candidates (best after tying first) are fine-tuned
     analyze: bool = True            # compress: run the redundancy analysis first (needs calibration data)
 
     def __post_init__(self):
