@@ -18,6 +18,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -413,13 +414,38 @@ def refine_by_swaps(model, plan: SharingPlan, measured: dict, costs, cfg: Sharin
     return rows, best
 
 
+def probe_candidates(model: nn.Module, rows: list[dict], probe: Callable[[nn.Module], nn.Module],
+                     cfg: SharingConfig, cal: Calibration, structure) -> tuple[dict, list[dict]]:
+    """Rank candidate plans by what fine-tuning makes of them: each distinct plan (best after
+    tying first, at most cfg.auto_probe_top, 0 = all) is tied, fine-tuned by `probe` (a short
+    ternary QAT run) and measured on the calibration data. -> (best row, probed rows)."""
+    seen, picked = set(), []
+    for row in sorted(rows, key=lambda r: r["loss_after_tying"]):
+        key = tuple(map(tuple, sorted(row["groups"])))
+        if key not in seen:
+            seen.add(key)
+            picked.append(row)
+    picked = picked[: cfg.auto_probe_top or None]
+    for row in picked:
+        t = time.perf_counter()
+        plan = SharingPlan(structure.blocks.num_blocks, row["groups"], cfg.share, "auto")
+        tied, _ = apply_sharing(copy.deepcopy(model), plan, cfg, structure)
+        row["loss_after_probe"] = round(cal.loss(probe(tied)), 6)
+        row["probe_s"] = round(time.perf_counter() - t, 2)
+    return min(picked, key=lambda r: r["loss_after_probe"]), picked
+
+
 def auto_plan(model: nn.Module, cal: Calibration, cfg: SharingConfig, structure: ModelStructure | None = None,
-              analysis: dict | None = None) -> tuple[SharingPlan, dict]:
+              analysis: dict | None = None, probe: Callable[[nn.Module], nn.Module] | None = None
+              ) -> tuple[SharingPlan, dict]:
     """Choose groups by the measured calibration-loss increase.
 
     --target-params F: the greedy plan (pairs merged by measured cost) and every fixed pattern
     with the same number of unique blocks are tied and measured; the lowest loss wins, so auto
-    is never worse than the best fixed pattern at that budget (on the calibration data).
+    is never worse than the best fixed pattern at that budget (on the calibration data), and
+    the winner is refined by measured block swaps. With `probe` (a short fine-tune, see
+    cfg.auto_probe_steps) these candidates are then ranked by their loss AFTER fine-tuning: a
+    plan that ties badly may train well, and the loss right after tying does not always say.
     --max-loss-increase D alone: merge greedily while the measured increase stays <= D."""
     structure = structure or discover(model)
     n = structure.blocks.num_blocks
@@ -436,9 +462,17 @@ def auto_plan(model: nn.Module, cal: Calibration, cfg: SharingConfig, structure:
         refined, best = refine_by_swaps(model, SharingPlan(n, best["groups"], cfg.share, "auto"), best, costs, cfg,
                                         cal, structure)
         rows += refined
+        findings = {"mode": "target_params", "target_params": cfg.target_params, "unique_blocks": g}
+        if probe is not None:
+            # the initial candidates (greedy + every fixed pattern) and the refined best
+            best, probed = probe_candidates(model, rows[: len(candidates)] + [best], probe, cfg, cal, structure)
+            findings["ranked_by"] = f"calibration loss after {cfg.auto_probe_steps} fine-tuning steps"
+            findings["probed"] = [{k: r[k] for k in ("strategy", "groups", "loss_after_tying", "loss_after_probe",
+                                                     "probe_s")} for r in probed]
+        else:
+            findings["ranked_by"] = "calibration loss right after tying"
         plan = SharingPlan(n, best["groups"], cfg.share, "auto")
-        findings = {"mode": "target_params", "target_params": cfg.target_params, "unique_blocks": g,
-                    "chosen": best["strategy"], "candidates": rows}
+        findings.update(chosen=best["strategy"], candidates=rows)
         if cfg.max_loss_increase and best["loss_increase"] > cfg.max_loss_increase:
             findings["warning"] = (f"the best plan at this budget raises the calibration loss by "
                                    f"{best['loss_increase']:.4f} > --max-loss-increase {cfg.max_loss_increase}")

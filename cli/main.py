@@ -177,6 +177,12 @@ def run(
                                               f"[default: {SHARING.auto_pairs}]."),
     share_refine: Optional[int] = typer.Option(None, help="auto: block swaps tied and measured at most "
                                                f"[default: {SHARING.auto_refine}]."),
+    share_probe_steps: Optional[int] = typer.Option(None, help="auto: rank the candidates by their calibration "
+                                                    "loss after this many QAT steps each, not right after tying "
+                                                    "(0 = off) [default: 0]."),
+    share_probe_top: Optional[int] = typer.Option(None, help="auto with --share-probe-steps: fine-tune at most "
+                                                  "this many candidates, best after tying first (0 = all) "
+                                                  "[default: 0]."),
     share_analyze: Optional[bool] = typer.Option(None, "--share-analyze/--no-share-analyze",
                                                  help="Write the redundancy analysis [default: on]."),
     check: Optional[bool] = typer.Option(None, "--check/--no-check",
@@ -212,7 +218,8 @@ def run(
                      "unique": share_unique, "relax_rank": relax_rank, "target_params": target_params,
                      "max_loss_increase": max_loss_increase, "data": share_data,
                      "calib_sequences": share_sequences, "calib_seq_len": share_seq_len,
-                     "auto_pairs": share_pairs, "auto_refine": share_refine, "analyze": share_analyze}},
+                     "auto_pairs": share_pairs, "auto_refine": share_refine, "auto_probe_steps": share_probe_steps,
+                     "auto_probe_top": share_probe_top, "analyze": share_analyze}},
     )
     if save_recipe:
         write_text(save_recipe, dump_recipe(cfg))

@@ -104,8 +104,10 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
         if ctx.enabled and cfg.train.parallel == "fsdp":  # FSDP units are blocks: a tie would span units
             raise TritpressError("--sharing is not supported with --parallel fsdp; use --parallel ddp")
         stage("share")
+        probe = (_qat_probe(cfg, loaded, ctx) if cfg.sharing.strategy == "auto" and cfg.sharing.auto_probe_steps > 0
+                 else None)
         start, sharing = share_stage(original, loaded.tokenizer, cfg.sharing, cfg.sharing.data or cfg.train.data,
-                                     out / "analysis", cfg.quant.exclude, write=ctx.is_main)
+                                     out / "analysis", cfg.quant.exclude, write=ctx.is_main, probe=probe)
         done("share")
 
     training = None
@@ -192,21 +194,13 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
     return report
 
 
-def _fine_tune(cfg: CompressConfig, loaded, ctx, listener: Listener, start=None):
-    """prepare -> QAT with distillation from the original -> convert; quality before and after."""
+def _training_blocks(tcfg: TrainConfig, loaded, need: str = "--steps"):
+    """-> (training token blocks, held-out blocks, where the held-out blocks come from)."""
     from .data import lm_blocks, read_texts, token_vocab_size, tokenizer_fn
-    from .distributed import restarted_by_torchrun
-    from .structure import discover
-    from .train import ModelIO, evaluate, train_qat
 
     teacher = loaded.model
-    start = teacher if start is None else start  # the student starts from the tied model when sharing
-    n_params = sum(p.numel() for p in teacher.parameters())
-    tcfg = cfg.train.resolved(n_params)
-    if restarted_by_torchrun():
-        tcfg.resume = True  # an elastic restart continues from the last checkpoint
     if not tcfg.data:
-        raise TritpressError("--steps needs training text: pass --data FILE, pkg:ptb or a dataset name")
+        raise TritpressError(f"{need} needs training text: pass --data FILE, pkg:ptb or a dataset name")
     texts = read_texts(tcfg.data, "train", tcfg.text_column)
     encode = tokenizer_fn(loaded.tokenizer, texts, token_vocab_size(teacher))
     max_tokens = tcfg.max_train_tokens or None
@@ -222,6 +216,46 @@ def _fine_tune(cfg: CompressConfig, loaded, ctx, listener: Listener, start=None)
         eval_source = f"last {n_eval} blocks of {tcfg.data} (held out from training)"
     if len(blocks) < 1:
         raise TritpressError("not enough training text left after holding out evaluation blocks")
+    return blocks, eval_blocks, eval_source
+
+
+def _qat_probe(cfg: CompressConfig, loaded, ctx) -> Callable:
+    """For `--sharing auto --auto-probe-steps N`: a function that fine-tunes a tied candidate for N
+    steps with the run's own QAT recipe (same data, seed, distillation; no checkpoints) and
+    returns the converted ternary model, so auto can rank candidates by what training makes of them."""
+    import tempfile
+
+    from .structure import discover
+    from .train import train_qat
+
+    teacher = loaded.model
+    n_params = sum(p.numel() for p in teacher.parameters())
+    tcfg = dataclasses.replace(cfg.train, steps=cfg.sharing.auto_probe_steps, checkpoint_every=0,
+                               resume=False).resolved(n_params)
+    blocks, _, _ = _training_blocks(tcfg, loaded, need="--share-probe-steps")
+    structure = discover(teacher, cfg.quant.exclude)
+
+    def probe(tied):
+        student = prepare(tied, cfg.quant)
+        with tempfile.TemporaryDirectory() as tmp:
+            train_qat(student, teacher, structure, blocks, tcfg, tmp, ctx)
+        return convert(student)
+    return probe
+
+
+def _fine_tune(cfg: CompressConfig, loaded, ctx, listener: Listener, start=None):
+    """prepare -> QAT with distillation from the original -> convert; quality before and after."""
+    from .distributed import restarted_by_torchrun
+    from .structure import discover
+    from .train import ModelIO, evaluate, train_qat
+
+    teacher = loaded.model
+    start = teacher if start is None else start  # the student starts from the tied model when sharing
+    n_params = sum(p.numel() for p in teacher.parameters())
+    tcfg = cfg.train.resolved(n_params)
+    if restarted_by_torchrun():
+        tcfg.resume = True  # an elastic restart continues from the last checkpoint
+    blocks, eval_blocks, eval_source = _training_blocks(tcfg, loaded)
     structure = discover(teacher, cfg.quant.exclude)
     io = ModelIO.discover(teacher, structure)
     student = prepare(copy.deepcopy(start), cfg.quant)

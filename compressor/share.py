@@ -55,7 +55,7 @@ class SharingConfig:
     auto_pairs: int = 66            # auto/analysis: at most this many block pairs are tied and measured
     auto_refine: int = 12           # auto: at most this many block swaps are tied and measured
     auto_probe_steps: int = 0       # auto: rank the best candidates after this many QAT steps (0 = right after tying)
-    auto_probe_top: int = 6         # auto with probe: how many candidates (best after tying first) are fine-tuned
+    auto_probe_top: int = 0         # auto with probe: fine-tune at most this many candidates (0 = all of them)
     analyze: bool = True            # compress: run the redundancy analysis first (needs calibration data)
 
     def __post_init__(self):
@@ -77,8 +77,10 @@ class SharingConfig:
                                  "(or explicit groups like \"0,2,4;1,3,5\" / a .json file)")
         if self.strategy == "groups" and not self.groups:
             raise ValueError("sharing strategy 'groups' needs groups, e.g. \"0,2,4;1,3,5\"")
-        if self.relax_rank < 0 or self.every < 1 or self.unique < 0:
-            raise ValueError("relax_rank >= 0, every >= 1 and unique >= 0 are required")
+        if self.relax_rank < 0 or self.every < 1 or self.unique < 0 or self.auto_probe_steps < 0 \
+                or self.auto_probe_top < 0:
+            raise ValueError("relax_rank >= 0, every >= 1, unique >= 0, auto_probe_steps >= 0 and "
+                             "auto_probe_top >= 0 are required")
         if not 0.0 <= self.target_params <= 1.0:
             raise ValueError("target_params is a fraction of the unique block parameters, in [0, 1]")
         if self.strategy == "auto" and not (self.target_params or self.max_loss_increase):

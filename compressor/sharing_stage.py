@@ -24,8 +24,9 @@ def calibration_for(model: nn.Module, tokenizer, scfg: SharingConfig, data: str 
 
 
 def share_stage(model: nn.Module, tokenizer, scfg: SharingConfig, data: str | None, out_dir: Path | None,
-                exclude=(), write: bool = True) -> tuple[nn.Module, dict]:
-    """-> (tied copy of `model`, findings for the report). Writes the analysis into out_dir."""
+                exclude=(), write: bool = True, probe=None) -> tuple[nn.Module, dict]:
+    """-> (tied copy of `model`, findings for the report). Writes the analysis into out_dir.
+    `probe` (auto only): fine-tunes a tied candidate, see redundancy.auto_plan."""
     from analyzers.redundancy import analyze, auto_plan, write_outputs
 
     structure = discover(model, exclude)
@@ -48,7 +49,7 @@ def share_stage(model: nn.Module, tokenizer, scfg: SharingConfig, data: str | No
     else:
         findings["analysis"] = "skipped: no calibration text (--data or --share-data)" if scfg.analyze else "off"
     if auto:
-        plan, findings["auto"] = auto_plan(model, cal, scfg, structure, analysis)
+        plan, findings["auto"] = auto_plan(model, cal, scfg, structure, analysis, probe)
     tied, tie = apply_sharing(copy.deepcopy(model), plan, scfg, structure)
     findings.update(tie)
     if cal is not None:

@@ -327,6 +327,52 @@ def test_auto_is_no_worse_than_fixed_patterns_at_its_budget():
         auto_plan(model, cal, SharingConfig("auto", target_params=0.05))
 
 
+def test_auto_with_probe_ranks_by_the_loss_after_fine_tuning():
+    """The probe decides, not the loss right after tying: a probe that 'fine-tunes' one chosen
+    plan back to the original (and ruins the others) makes auto pick that plan, even when it is
+    the worst right after tying; every fixed pattern at the budget is probed."""
+    import copy
+
+    from analyzers.redundancy import Calibration, auto_plan, measure_plan
+
+    model = _llama(6)
+    structure = discover(model)
+    cal = Calibration.build(model, torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0)))
+    cfg = SharingConfig("auto", target_params=0.55, auto_probe_steps=1)
+    after_tying = {name: measure_plan(model, p, name, cfg, cal, structure)["loss_after_tying"]
+                   for name, p in fixed_plans(6, 3, "all").items()}
+    worst = max(after_tying, key=after_tying.get)
+    target = fixed_plans(6, 3, "all")[worst].groups
+    seen = []
+
+    def probe(tied):
+        # which blocks share storage in this candidate
+        q = [tied.model.layers[b].self_attn.q_proj for b in range(6)]
+        weights = [getattr(m, "inner", m).weight for m in q]
+        groups = sorted(sorted(j for j in range(6) if weights[j] is weights[i]) for i in range(6))
+        groups = [g for k, g in enumerate(groups) if g not in groups[:k]]
+        seen.append(groups)
+        if groups == target:
+            return copy.deepcopy(model)
+        with torch.no_grad():  # "training" ruined every other candidate
+            for p in tied.parameters():
+                p.mul_(20)
+        return tied
+
+    plan, findings = auto_plan(model, cal, cfg, structure, probe=probe)
+    assert plan.groups == target and findings["chosen"] == worst
+    assert "after 1 fine-tuning steps" in findings["ranked_by"]
+    assert all(p.groups in seen for p in fixed_plans(6, 3, "all").values())
+    probed = {r["strategy"]: r["loss_after_probe"] for r in findings["probed"]}
+    assert probed[worst] == pytest.approx(cal.base_loss, abs=1e-6) == min(probed.values())
+    # without a probe the same call ranks right after tying
+    plan0, findings0 = auto_plan(model, cal, cfg, structure)
+    assert findings0["ranked_by"] == "calibration loss right after tying" and "probed" not in findings0
+    capped = auto_plan(model, cal, SharingConfig("auto", target_params=0.55, auto_probe_steps=1, auto_probe_top=2),
+                       structure, probe=lambda t: t)[1]
+    assert len(capped["probed"]) == 2
+
+
 def test_auto_max_loss_increase_respects_threshold():
     from analyzers.redundancy import Calibration, auto_plan, tied_loss
 
