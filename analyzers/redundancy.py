@@ -77,14 +77,22 @@ class Calibration:
         return "nll" if self.io.causal else "nmse_to_original"
 
 
+CALIBRATION_POOL_TOKENS = 1 << 20
+
+
 def calibration_ids(spec: str, tokenizer, model: nn.Module, sequences: int, seq_len: int) -> torch.Tensor:
-    """[sequences, seq_len] token ids from the validation split of DATA (a file is used as is)."""
+    """[sequences, seq_len] token ids from the validation split of DATA (a file is used as is),
+    spread evenly over the text (its first 2^20 tokens, or 32x what is needed if more): the
+    first N consecutive blocks come from a handful of documents, and plans ranked on them did
+    not keep their order on other text (docs/sharing.md)."""
     from compressor.data import lm_blocks, read_texts, token_vocab_size, tokenizer_fn
 
     texts = read_texts(spec, "validation")
     encode = tokenizer_fn(tokenizer, texts, token_vocab_size(model))
-    ids = lm_blocks(texts, encode, seq_len, sequences * seq_len)
-    return ids[:sequences]
+    pool = lm_blocks(texts, encode, seq_len, max(CALIBRATION_POOL_TOKENS, 32 * sequences * seq_len))
+    if len(pool) <= sequences:
+        return pool
+    return pool[torch.linspace(0, len(pool) - 1, sequences).round().long()]
 
 
 def tied_loss(model: nn.Module, plan: SharingPlan, cfg: SharingConfig, cal: Calibration,

@@ -75,7 +75,7 @@ def bench_analysis(sequences: int, seq_len: int) -> dict:
 
 def strategy_rows(name: str, steps: int, sequences: int, eval_tokens: int, auto_targets: list[float],
                   strategies: list[str], out_root: Path, init: str = "average", relax_rank: int = 0,
-                  batch_size: int = 8, pairs: int = 66, probe_steps: int = 0) -> list[dict]:
+                  batch_size: int = 8, pairs: int = 66, probe_steps: int = 0, probe_top: int = 0) -> list[dict]:
     from compressor.pipeline import CompressConfig, compress
     from compressor.share import SharingConfig
     from compressor.train import TrainConfig
@@ -88,7 +88,7 @@ def strategy_rows(name: str, steps: int, sequences: int, eval_tokens: int, auto_
         log(f"[{name}] {label} ...")
         sharing = SharingConfig(strategy, data=str(DATA / "valid.txt"), calib_sequences=sequences,
                                 analyze=False, init=init, relax_rank=relax_rank, auto_pairs=pairs,
-                                auto_probe_steps=probe_steps if extra else 0, **extra)
+                                auto_probe_steps=probe_steps if extra else 0, auto_probe_top=probe_top, **extra)
         train = TrainConfig(steps=steps, data=str(DATA / "valid.txt"), eval_data=str(DATA / "test.txt"),
                             eval_tokens=eval_tokens, checkpoint_every=0, seed=0, batch_size=batch_size)
         cfg = CompressConfig(MODELS[name], out=str(out_root / label.replace(":", "_")), train=train,
@@ -102,6 +102,8 @@ def strategy_rows(name: str, steps: int, sequences: int, eval_tokens: int, auto_
                "packed_bytes": report["size"]["file_bytes"], "wall_s": round(time.perf_counter() - t0, 1)}
         if s and "auto" in s:
             row["auto_chosen"] = s["auto"].get("chosen")
+            row["auto_ranked_by"] = s["auto"].get("ranked_by")
+            row["auto_probed"] = s["auto"].get("probed")
             row["auto_candidates"] = [[c["strategy"], c["loss_after_tying"]] for c in s["auto"]["candidates"]]
         if s and "calibration_loss" in s:
             row["calibration_after_tying"] = s["calibration_loss"]
@@ -182,6 +184,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8, help="table: QAT sequences per step")
     ap.add_argument("--auto-probe-steps", type=int, default=0,
                     help="table: auto ranks its candidates after this many QAT steps (0 = right after tying)")
+    ap.add_argument("--auto-probe-top", type=int, default=0, help="table: fine-tune only this many candidates")
     ap.add_argument("--out", default=None, help="table: keep run folders here (default: a temp dir)")
     args = ap.parse_args()
     if args.threads:
@@ -205,7 +208,7 @@ def main():
                                "rows": strategy_rows(args.table, args.steps, args.table_sequences, args.eval_tokens,
                                                      targets, [s for s in args.strategies.split(",") if s],
                                                      out_root, args.init, args.relax_rank, args.batch_size,
-                                                     args.pairs, args.auto_probe_steps)}
+                                                     args.pairs, args.auto_probe_steps, args.auto_probe_top)}
     print(json.dumps(result, indent=2))
 
 

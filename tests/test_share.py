@@ -312,6 +312,22 @@ def test_analysis_metrics_and_outputs(tmp_path):
     assert pngs and all(open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for f in pngs)
 
 
+def test_calibration_sequences_are_spread_over_the_text(tmp_path):
+    from analyzers.redundancy import calibration_ids
+    from compressor.data import lm_blocks, read_texts, tokenizer_fn
+
+    f = tmp_path / "cal.txt"
+    f.write_text("\n".join(" ".join(f"w{(d * 7 + i) % 90}" for i in range(50)) for d in range(40)))  # 2000 words
+    model = _llama(2)
+    ids = calibration_ids(str(f), None, model, 4, 16)
+    texts = read_texts(str(f), "validation")
+    every = lm_blocks(texts, tokenizer_fn(None, texts, 100), 16)
+    assert ids.shape == (4, 16)
+    assert torch.equal(ids[0], every[0]) and torch.equal(ids[-1], every[-1])  # first and last block
+    assert torch.equal(ids[1], every[round((len(every) - 1) / 3)])
+    assert torch.equal(calibration_ids(str(f), None, model, 500, 16), every)  # short text: all of it
+
+
 def test_auto_is_no_worse_than_fixed_patterns_at_its_budget():
     from analyzers.redundancy import Calibration, auto_plan, measure_plan
 

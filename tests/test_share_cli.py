@@ -71,8 +71,8 @@ def test_compress_auto_sharing(llama_dir, text, tmp_path, capsys):
     assert code == 0, err
     s = json.loads(stdout)["sharing"]
     assert s["auto"]["unique_blocks"] == len(s["plan"]["groups"]) and s["unique_block_fraction"] <= 0.6
-    losses = {c["strategy"]: c["loss_after_tying"] for c in s["auto"]["candidates"]}
-    assert losses[s["auto"]["chosen"]] == min(losses.values())
+    losses = [c["loss_after_tying"] for c in s["auto"]["candidates"]]  # several rows may be "refined"
+    assert s["calibration_loss"]["after_tying"] == pytest.approx(min(losses), abs=1e-6)
 
 
 def test_compress_auto_sharing_ranked_after_fine_tuning(llama_dir, text, tmp_path, capsys):
