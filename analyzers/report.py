@@ -87,6 +87,13 @@ def sharing_lines(sharing: dict) -> list[str]:
     if "calibration_loss" in sharing:
         c = sharing["calibration_loss"]
         lines.append(f"calibration {c['metric']}: original {c['original']:.4f}, right after tying {c['after_tying']:.4f}")
+    auto = sharing.get("auto")
+    if auto and auto.get("mode") == "target_params":
+        lines.append(f"auto: chose {auto['chosen']} by the {auto['ranked_by']}")
+        if auto.get("probed"):
+            lines += [f"  {r['strategy']:<16} {';'.join(','.join(map(str, g)) for g in r['groups']):<24} "
+                      f"after tying {r['loss_after_tying']:.4f}  after probe {r['loss_after_probe']:.4f}"
+                      for r in auto["probed"]]
     if isinstance(sharing.get("analysis"), dict) and sharing["analysis"]["files"]:
         lines.append(f"analysis: {sharing['analysis']['files'][0]} (+ table and plots)")
     return lines

@@ -76,16 +76,19 @@ def test_compress_auto_sharing(llama_dir, text, tmp_path, capsys):
 
 
 def test_compress_auto_sharing_ranked_after_fine_tuning(llama_dir, text, tmp_path, capsys):
-    code, stdout, err = run_cli([llama_dir, "--sharing", "auto", "--target-params", 0.6, "--share-probe-steps", 2,
-                                 "--data", text, "--steps", 2, "--seq-len", 16, "--batch-size", 2,
-                                 "--eval-tokens", 64, *SMALL, "--no-share-analyze", "--out", tmp_path / "o",
-                                 "--json"], capsys)
+    args = [llama_dir, "--sharing", "auto", "--target-params", 0.6, "--share-probe-steps", 2, "--data", text,
+            "--steps", 2, "--seq-len", 16, "--batch-size", 2, "--eval-tokens", 64, *SMALL, "--no-share-analyze"]
+    code, stdout, err = run_cli([*args, "--out", tmp_path / "o", "--json"], capsys)
     assert code == 0, err
     auto = json.loads(stdout)["sharing"]["auto"]
     assert auto["ranked_by"] == "calibration loss after 2 fine-tuning steps"
     probed = {r["strategy"]: r["loss_after_probe"] for r in auto["probed"]}
     assert {"cycle:2", "sequence:2", "alternate"} & set(probed) and auto["chosen"] in probed
     assert probed[auto["chosen"]] == min(probed.values())
+    code, text_out, err = run_cli([*args, "--out", tmp_path / "t"], capsys)  # the terminal report says the same
+    assert code == 0, err
+    assert f"auto: chose {auto['chosen']} by the calibration loss after 2 fine-tuning steps" in text_out
+    assert "after probe" in text_out
     # probes leave nothing behind: the only training log is the real run's
     assert list((tmp_path / "o").glob("**/train_log.jsonl")) == [tmp_path / "o" / "train" / "train_log.jsonl"]
     code, _, err = run_cli([llama_dir, "--sharing", "auto", "--target-params", 0.6, "--share-probe-steps", 2,
