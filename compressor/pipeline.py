@@ -99,13 +99,17 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
     done("ingest")
 
     start, sharing = original, None  # start: the model quantized (tied when sharing), original: the teacher
+    train_data = None  # (training blocks, held-out blocks, their source), when the sharing probe needed them first
     if cfg.sharing.active:
         from .sharing_stage import share_stage
         if ctx.enabled and cfg.train.parallel == "fsdp":  # FSDP units are blocks: a tie would span units
             raise TritpressError("--sharing is not supported with --parallel fsdp; use --parallel ddp")
         stage("share")
-        probe = (_qat_probe(cfg, loaded, ctx) if cfg.sharing.strategy == "auto" and cfg.sharing.auto_probe_steps > 0
-                 else None)
+        probe = None
+        if cfg.sharing.strategy == "auto" and cfg.sharing.auto_probe_steps > 0:
+            # the probes train on the same blocks as the real run: read and tokenize them once
+            train_data = _training_blocks(cfg.train, loaded, need="--share-probe-steps")
+            probe = _qat_probe(cfg, loaded, ctx, train_data[0])
         start, sharing = share_stage(original, loaded.tokenizer, cfg.sharing, cfg.sharing.data or cfg.train.data,
                                      out / "analysis", cfg.quant.exclude, write=ctx.is_main, probe=probe)
         done("share")
@@ -113,7 +117,7 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
     training = None
     if cfg.train.steps > 0:
         stage("train")
-        model, training = _fine_tune(cfg, loaded, ctx, listener, start)
+        model, training = _fine_tune(cfg, loaded, ctx, listener, start, train_data)
         done("train")
         if not ctx.is_main:
             return None
@@ -219,10 +223,10 @@ def _training_blocks(tcfg: TrainConfig, loaded, need: str = "--steps"):
     return blocks, eval_blocks, eval_source
 
 
-def _qat_probe(cfg: CompressConfig, loaded, ctx) -> Callable:
-    """For `--sharing auto --auto-probe-steps N`: a function that fine-tunes a tied candidate for N
-    steps with the run's own QAT recipe (same data, seed, distillation; no checkpoints) and
-    returns the converted ternary model, so auto can rank candidates by what training makes of them."""
+def _qat_probe(cfg: CompressConfig, loaded, ctx, blocks) -> Callable:
+    """For `--sharing auto --share-probe-steps N`: a function that fine-tunes a tied candidate for N
+    steps on `blocks` with the run's own QAT recipe (same data, seed, distillation; no checkpoints)
+    and returns the converted ternary model, so auto can rank candidates by what training makes of them."""
     import tempfile
 
     from .structure import discover
@@ -232,7 +236,6 @@ def _qat_probe(cfg: CompressConfig, loaded, ctx) -> Callable:
     n_params = sum(p.numel() for p in teacher.parameters())
     tcfg = dataclasses.replace(cfg.train, steps=cfg.sharing.auto_probe_steps, checkpoint_every=0,
                                resume=False).resolved(n_params)
-    blocks, _, _ = _training_blocks(tcfg, loaded, need="--share-probe-steps")
     structure = discover(teacher, cfg.quant.exclude)
 
     def probe(tied):
@@ -243,8 +246,9 @@ def _qat_probe(cfg: CompressConfig, loaded, ctx) -> Callable:
     return probe
 
 
-def _fine_tune(cfg: CompressConfig, loaded, ctx, listener: Listener, start=None):
-    """prepare -> QAT with distillation from the original -> convert; quality before and after."""
+def _fine_tune(cfg: CompressConfig, loaded, ctx, listener: Listener, start=None, train_data=None):
+    """prepare -> QAT with distillation from the original -> convert; quality before and after.
+    `train_data`: _training_blocks' result when already read (the sharing probe)."""
     from .distributed import restarted_by_torchrun
     from .structure import discover
     from .train import ModelIO, evaluate, train_qat
@@ -255,7 +259,7 @@ def _fine_tune(cfg: CompressConfig, loaded, ctx, listener: Listener, start=None)
     tcfg = cfg.train.resolved(n_params)
     if restarted_by_torchrun():
         tcfg.resume = True  # an elastic restart continues from the last checkpoint
-    blocks, eval_blocks, eval_source = _training_blocks(tcfg, loaded)
+    blocks, eval_blocks, eval_source = train_data or _training_blocks(tcfg, loaded)
     structure = discover(teacher, cfg.quant.exclude)
     io = ModelIO.discover(teacher, structure)
     student = prepare(copy.deepcopy(start), cfg.quant)
