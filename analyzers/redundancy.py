@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.errors import TritpressError
-from compressor.share import (SharingConfig, SharingPlan, _as_matrix, apply_sharing, block_matrices, fixed_plans,
+from tritpress.compressor.errors import TritpressError
+from tritpress.compressor.share import (SharingConfig, SharingPlan, _as_matrix, apply_sharing, block_matrices, fixed_plans,
                               plan_fraction, plan_groups)
-from compressor.structure import ModelStructure, discover
+from tritpress.compressor.structure import ModelStructure, discover
 
 MAX_CKA_TOKENS = 4096
 
@@ -36,7 +36,7 @@ MAX_CKA_TOKENS = 4096
 class Calibration:
     """Calibration sequences and what the original model does on them."""
 
-    io: object                      # compressor.train.ModelIO
+    io: object                      # compressor.modelio.ModelIO
     ids: torch.Tensor               # [N, seq_len] token ids
     reference: list[torch.Tensor]   # the original's main output per batch (encoders)
     base_loss: float
@@ -45,7 +45,7 @@ class Calibration:
     @classmethod
     def build(cls, model: nn.Module, ids: torch.Tensor, structure: ModelStructure | None = None,
               batch: int = 8) -> "Calibration":
-        from compressor.train import ModelIO
+        from tritpress.compressor.modelio import ModelIO
 
         io = ModelIO.discover(model, structure or discover(model))
         model.eval()
@@ -85,7 +85,7 @@ def calibration_ids(spec: str, tokenizer, model: nn.Module, sequences: int, seq_
     spread evenly over the text (its first 2^20 tokens, or 32x what is needed if more): the
     first N consecutive blocks come from a handful of documents, and plans ranked on them did
     not keep their order on other text (docs/sharing.md)."""
-    from compressor.data import lm_blocks, read_texts, token_vocab_size, tokenizer_fn
+    from tritpress.compressor.data import lm_blocks, read_texts, token_vocab_size, tokenizer_fn
 
     texts = read_texts(spec, "validation")
     encode = tokenizer_fn(tokenizer, texts, token_vocab_size(model))
@@ -298,7 +298,7 @@ def _fmt(matrix, i, j=None):
 
 def write_outputs(result: dict, out_dir) -> list[str]:
     """analysis.json, analysis.txt and PNG plots (heatmaps, block influence) into out_dir."""
-    from compressor.fileio import atomic_path, write_json, write_text
+    from tritpress.compressor.fileio import atomic_path, write_json, write_text
 
     out_dir = Path(out_dir)
     write_json(out_dir / "analysis.json", result)
@@ -500,9 +500,9 @@ def auto_plan(model: nn.Module, cal: Calibration, cfg: SharingConfig, structure:
 def analyze_model(spec: str, cfg: SharingConfig, out_dir, config: str | None = None,
                   trust_pickle: bool = False) -> tuple[dict, list[str]]:
     """Load MODEL, calibrate on cfg.data, analyze, write the outputs. -> (result, files)."""
-    from compressor.fileio import refuse_overwrite_input
-    from compressor.ingest import load_model
-    from compressor.sharing_stage import calibration_for
+    from tritpress.compressor.fileio import refuse_overwrite_input
+    from tritpress.compressor.ingest import load_model
+    from tritpress.compressor.sharing_stage import calibration_for
 
     refuse_overwrite_input([Path(out_dir) / "analysis.json"], [spec, config])
     loaded = load_model(spec, config, trust_pickle)

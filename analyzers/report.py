@@ -111,6 +111,6 @@ def render(report: dict) -> str:
     if report.get("training"):
         parts += ["", *training_lines(report["training"])]
     if report.get("onnx"):
-        from exporters.onnx import onnx_lines
+        from tritpress.exporters.onnx import onnx_lines
         parts += ["", *onnx_lines(report["onnx"])]
     return "\n".join(parts)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from exporters.packed import read_header, read_metadata
+from tritpress.exporters.packed import read_header, read_metadata
 
 COMPONENTS = ("ternary layers", "embeddings", "head", "other layers", "norms/biases", "scales", "metadata")
 

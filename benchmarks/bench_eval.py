@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,15 +22,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
 
 
 def make_packed(spec: str, folder: Path) -> Path:
     import copy
 
-    from compressor import convert, load_model
-    from exporters.packed import save_packed
+    from tritpress.compressor import convert, load_model
+    from tritpress.exporters.packed import save_packed
     loaded = load_model(spec)
     path = folder / "model.tritpress.safetensors"
     save_packed(convert(copy.deepcopy(loaded.model)), path, loaded.source,
@@ -58,7 +56,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from analyzers.quality import EvalConfig, evaluate
+    from tritpress.analyzers.quality import EvalConfig, evaluate
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         packed = make_packed(args.model, Path(tmp))

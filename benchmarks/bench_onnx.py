@@ -32,12 +32,11 @@ import json  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from compressor.ingest import load_model  # noqa: E402
-from compressor.structure import discover  # noqa: E402
-from compressor.transform import convert  # noqa: E402
-from exporters.onnx import OnnxConfig, export_onnx, save_onnx, signature, trace_to_onnx  # noqa: E402
+from tritpress.compressor.ingest import load_model  # noqa: E402
+from tritpress.compressor.structure import discover  # noqa: E402
+from tritpress.compressor.transform import convert  # noqa: E402
+from tritpress.exporters.onnx import OnnxConfig, export_onnx, save_onnx, signature, trace_to_onnx  # noqa: E402
 
 MODELS = {"minilm": "pkg:all-MiniLM-L6-v2", "smollm2": "pkg:SmolLM2-135M"}
 CASES = [("decode_step_b1", 1, 1), ("seq128_b1", 1, 128), ("seq128_b16", 16, 128)]

@@ -40,15 +40,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from analyzers.size import size_report  # noqa: E402
-from compressor import TernaryConfig, convert, get_record, load_model  # noqa: E402
-from compressor.ingest import SourceInfo  # noqa: E402
-from compressor.layers import QTensor, WeightFormat  # noqa: E402
-from compressor.transform import qtensor_formats  # noqa: E402
-from exporters import load_packed, save_packed  # noqa: E402
-from exporters import packed as packed_mod  # noqa: E402
-from compressor.transform import tie_groups  # noqa: E402
-from exporters.packing import (MAX_TRIT_BYTE, TRITS_PER_BYTE, pack_trits, packed_trits_size,  # noqa: E402
+from tritpress.analyzers.size import size_report  # noqa: E402
+from tritpress.compressor import TernaryConfig, convert, get_record, load_model  # noqa: E402
+from tritpress.compressor.ingest import SourceInfo  # noqa: E402
+from tritpress.compressor.layers import QTensor, WeightFormat  # noqa: E402
+from tritpress.compressor.transform import qtensor_formats  # noqa: E402
+from tritpress.exporters import load_packed, save_packed  # noqa: E402
+from tritpress.exporters import packed as packed_mod  # noqa: E402
+from tritpress.compressor.transform import tie_groups  # noqa: E402
+from tritpress.exporters.packing import (MAX_TRIT_BYTE, TRITS_PER_BYTE, pack_trits, packed_trits_size,  # noqa: E402
                                unpack_trits)
 
 SEED = 0
@@ -363,7 +363,7 @@ def run_row(letter: str, model: nn.Module, source: SourceInfo, cfg: TernaryConfi
 
 
 def packed_meta_components(path, component: str) -> set[str]:
-    from exporters.packed import read_metadata
+    from tritpress.exporters.packed import read_metadata
     return {k for k, e in read_metadata(path)["tensors"].items() if e["component"] == component}
 
 

@@ -60,8 +60,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from compressor import TernaryConfig, discover, load_model, prepare, set_lambda  # noqa: E402
-from compressor.train import (BlockOutputs, ModelIO, TrainConfig, batch_indices, distill_losses,  # noqa: E402
+from tritpress.compressor import TernaryConfig, discover, load_model, prepare, set_lambda  # noqa: E402
+from tritpress.compressor.modelio import BlockOutputs, ModelIO  # noqa: E402
+from tritpress.compressor.train import (TrainConfig, batch_indices, distill_losses,  # noqa: E402
                               lr_factor, train_qat)
 
 SEED = 0

@@ -34,7 +34,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
@@ -49,8 +48,8 @@ def log(*a):
 def bench_analysis(sequences: int, seq_len: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from analyzers.redundancy import Calibration, analyze
-    from compressor.share import SharingConfig
+    from tritpress.analyzers.redundancy import Calibration, analyze
+    from tritpress.compressor.share import SharingConfig
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=2000, hidden_size=128, intermediate_size=344, num_hidden_layers=12,
@@ -76,9 +75,9 @@ def bench_analysis(sequences: int, seq_len: int) -> dict:
 def strategy_rows(name: str, steps: int, sequences: int, eval_tokens: int, auto_targets: list[float],
                   strategies: list[str], out_root: Path, init: str = "average", relax_rank: int = 0,
                   batch_size: int = 8, pairs: int = 66, probe_steps: int = 0, probe_top: int = 0) -> list[dict]:
-    from compressor.pipeline import CompressConfig, compress
-    from compressor.share import SharingConfig
-    from compressor.train import TrainConfig
+    from tritpress.cli.pipeline import CompressConfig, compress
+    from tritpress.compressor.share import SharingConfig
+    from tritpress.compressor.train import TrainConfig
 
     rows = []
     runs = [(s, {}) for s in strategies] + [("auto", {"target_params": t}) for t in auto_targets]
@@ -123,10 +122,10 @@ def tie_only_rows(name: str, sequences: int, seq_len: int, auto_targets: list[fl
     each tied model on wikitext-2 test."""
     import math
 
-    from analyzers.redundancy import Calibration, auto_plan, calibration_ids, measure_plan
-    from compressor.ingest import load_model
-    from compressor.share import SharingConfig, plan_groups
-    from compressor.structure import discover
+    from tritpress.analyzers.redundancy import Calibration, auto_plan, calibration_ids, measure_plan
+    from tritpress.compressor.ingest import load_model
+    from tritpress.compressor.share import SharingConfig, plan_groups
+    from tritpress.compressor.structure import discover
 
     loaded = load_model(MODELS[name])
     model = loaded.model.eval()

@@ -10,10 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compressor.pipeline import PACKED_NAME, REPORT_NAME  # noqa: E402
-from exporters.packed import read_packed_state  # noqa: E402
+from tritpress.cli.pipeline import PACKED_NAME, REPORT_NAME  # noqa: E402
+from tritpress.exporters.packed import read_packed_state  # noqa: E402
 
 
 def compare(ref: dict, other: dict) -> dict:

@@ -10,7 +10,8 @@ DATA=${DATA:-../shared/data/wikitext-2}; OUT=${OUT:-/tmp/gpu_check}; STEPS=${STE
 LAYERS=${LAYERS:-6}; WIDTH=${WIDTH:-256}; BENCH_MODELS=${BENCH_MODELS:-smollm2-arch,llama}
 BENCH_ARGS=${BENCH_ARGS:---batch 8 --seq-len 512 --warmup 3 --repeats 10}
 BENCH_DEVICE=${BENCH_DEVICE:-cuda}
-export HF_HUB_OFFLINE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+pip install -q --no-deps -e .  # tritpress.* is a namespace: import it installed
 RUNS=$(mktemp -d); mkdir -p "$OUT"
 python3 - "$RUNS/model" "$LAYERS" "$WIDTH" <<'PY'
 import sys, torch
@@ -23,9 +24,9 @@ print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
 PY
 ARGS=(--steps "$STEPS" --data "$DATA/valid.txt" --eval-data "$DATA/test.txt" --seq-len 128 --batch-size 16
       --eval-tokens 8192 --no-check)
-python3 -m cli.main "$RUNS/model" --out "$RUNS/single" "${ARGS[@]}"
+python3 -m tritpress.cli.main "$RUNS/model" --out "$RUNS/single" "${ARGS[@]}"
 for par in ddp fsdp; do
-  python3 -m torch.distributed.run --standalone --nproc-per-node=1 -m cli.main "$RUNS/model" \
+  python3 -m torch.distributed.run --standalone --nproc-per-node=1 -m tritpress.cli.main "$RUNS/model" \
     --out "$RUNS/$par" --parallel "$par" "${ARGS[@]}"
 done
 python3 benchmarks/compare_runs.py "$RUNS/single" "$RUNS/ddp" "$RUNS/fsdp" | tee "$OUT/compare.json"

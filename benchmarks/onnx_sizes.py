@@ -25,13 +25,12 @@ import json  # noqa: E402
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from compressor.ingest import SourceInfo, load_model  # noqa: E402
-from compressor.structure import discover  # noqa: E402
-from compressor.transform import convert  # noqa: E402
-from exporters.onnx import ONNX_FORMATS, OnnxConfig, OnnxValidationError, export_onnx  # noqa: E402
-from exporters.packed import save_packed  # noqa: E402
+from tritpress.compressor.ingest import SourceInfo, load_model  # noqa: E402
+from tritpress.compressor.structure import discover  # noqa: E402
+from tritpress.compressor.transform import convert  # noqa: E402
+from tritpress.exporters.onnx import ONNX_FORMATS, OnnxConfig, OnnxValidationError, export_onnx  # noqa: E402
+from tritpress.exporters.packed import save_packed  # noqa: E402
 
 MAX_RATIO = 1.3
 

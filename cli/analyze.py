@@ -6,9 +6,9 @@ from typing import Optional
 
 import typer
 
-from cli.options import DebugOpt
+from tritpress.cli.options import DebugOpt
 
-from compressor.share import INITS, SHARE_KINDS, SharingConfig
+from tritpress.compressor.share import INITS, SHARE_KINDS, SharingConfig
 
 SHARING = SharingConfig()
 
@@ -30,8 +30,8 @@ def analyze(
 ):
     """Redundancy analysis of MODEL's block stack: Block Influence, CKA, angular distance, weight
     similarity and the measured loss increase of tying each pair of blocks."""
-    from analyzers.redundancy import analyze_model, table
-    from compressor.errors import TritpressError
+    from tritpress.analyzers.redundancy import analyze_model, table
+    from tritpress.compressor.errors import TritpressError
 
     try:
         cfg = SharingConfig(share=share, init=share_init, relax_rank=relax_rank, calib_sequences=sequences,

@@ -12,9 +12,9 @@ from typing import List, Optional
 
 import typer
 
-from cli.options import DebugOpt
+from tritpress.cli.options import DebugOpt
 
-from analyzers.quality.evaluate import EvalConfig
+from tritpress.analyzers.quality.evaluate import EvalConfig
 
 D = EvalConfig()
 
@@ -83,16 +83,16 @@ def evaluate_command(
     debug: bool = DebugOpt,
 ):
     """Score COMPRESSED against its baseline on LM / classification / NER / QA; gate on the drops."""
-    from cli.main import _launch_workers, _quiet_libraries
+    from tritpress.cli.main import _launch_workers, _quiet_libraries
 
     given = {k: v for k, v in locals().items() if k in {f.name for f in dataclasses.fields(EvalConfig)}}
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(_launch_workers(nproc, 0))
     _quiet_libraries()
     cfg = build_eval_config(recipe, {**given, "quiet": json_out})
-    from analyzers.quality import evaluate
-    from analyzers.quality.distributed import is_main
-    from analyzers.quality.report import render
+    from tritpress.analyzers.quality import evaluate
+    from tritpress.analyzers.quality.distributed import is_main
+    from tritpress.analyzers.quality.report import render
 
     report = evaluate(cfg)
     if is_main():
@@ -106,8 +106,8 @@ def evaluate_command(
 
 
 def build_eval_config(recipe: str | None, flags: dict) -> EvalConfig:
-    from compressor.errors import TritpressError
-    from compressor.recipe import read_recipe, section_config
+    from tritpress.compressor.errors import TritpressError
+    from tritpress.cli.recipe import read_recipe, section_config
 
     values = dict((read_recipe(recipe).get("eval") or {}) if recipe else {})
     values.update({k: v for k, v in flags.items() if v is not None and v != []})
@@ -137,8 +137,8 @@ def finetune_head_command(
     """Fine-tune MODEL with a fresh task head (a task-finetuned baseline to compress and evaluate)."""
     import sys
 
-    from analyzers.quality.finetune import FinetuneConfig, finetune_head
-    from cli.main import _quiet_libraries
+    from tritpress.analyzers.quality.finetune import FinetuneConfig, finetune_head
+    from tritpress.cli.main import _quiet_libraries
 
     _quiet_libraries()
     given = {k: v for k, v in locals().items() if k in {f.name for f in dataclasses.fields(FinetuneConfig)}

@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from cli.options import DebugOpt
+from tritpress.cli.options import DebugOpt
 
-from exporters.onnx import ONNX_FORMATS, OnnxConfig
+from tritpress.exporters.onnx import ONNX_FORMATS, OnnxConfig
 
 ONNX_DEFAULTS = OnnxConfig()
 OnnxFormat = Enum("OnnxFormat", {f: f for f in ONNX_FORMATS}, type=str)
@@ -17,7 +17,7 @@ OnnxFormat = Enum("OnnxFormat", {f: f for f in ONNX_FORMATS}, type=str)
 
 def onnx_config(**values) -> OnnxConfig:
     """OnnxConfig from flags (None = not given), with a one-line error for bad values."""
-    from compressor.errors import TritpressError
+    from tritpress.compressor.errors import TritpressError
 
     try:
         return OnnxConfig(**{k: v for k, v in values.items() if v is not None})
@@ -53,9 +53,9 @@ def export(
 ):
     """Export a packed checkpoint to ONNX (quantized weights stay quantized) and validate it
     with ONNX Runtime; exits non-zero when an output differs by more than --atol."""
-    from compressor.fileio import refuse_overwrite_input
-    from exporters.onnx import export_onnx
-    from exporters.packed import load_packed
+    from tritpress.compressor.fileio import refuse_overwrite_input
+    from tritpress.exporters.onnx import export_onnx
+    from tritpress.exporters.packed import load_packed
 
     cfg = onnx_config(format=onnx_format.value if onnx_format else None, accuracy_level=accuracy_level,
                       block_size=block_size, atol=atol, opset=opset, validate=validate,

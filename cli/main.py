@@ -18,14 +18,14 @@ from typing import List, Optional
 import typer
 from typer.core import TyperGroup
 
-from compressor.config import FLOAT_DTYPES, WEIGHT_FORMATS, TernaryConfig
-from compressor.errors import TritpressError
-from compressor.quantize import GRANULARITIES, TERNARY_METHODS
-from compressor.share import INITS, SHARE_KINDS, SharingConfig
-from compressor.train import PARALLEL, QUANT_SCHEDULES, SCHEDULES, TrainConfig
+from tritpress.compressor.config import FLOAT_DTYPES, WEIGHT_FORMATS, TernaryConfig
+from tritpress.compressor.errors import TritpressError
+from tritpress.compressor.quantize import GRANULARITIES, TERNARY_METHODS
+from tritpress.compressor.share import INITS, SHARE_KINDS, SharingConfig
+from tritpress.compressor.train import PARALLEL, QUANT_SCHEDULES, SCHEDULES, TrainConfig
 
-from cli.export import OnnxFormat, export as export_command
-from cli.options import DebugOpt
+from tritpress.cli.export import OnnxFormat, export as export_command
+from tritpress.cli.options import DebugOpt
 
 DEFAULTS = TernaryConfig()
 TRAIN = TrainConfig()
@@ -193,8 +193,8 @@ def run(
     debug: bool = DebugOpt,
 ):
     """Ingest MODEL, quantize to ternary, pack (1.6 bits/weight) and report sizes."""
-    from compressor.fileio import write_text
-    from compressor.recipe import build_config, dump_recipe, read_recipe
+    from tritpress.compressor.fileio import write_text
+    from tritpress.cli.recipe import build_config, dump_recipe, read_recipe
 
     cfg = build_config(
         read_recipe(recipe) if recipe else {},
@@ -228,8 +228,8 @@ def run(
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(_launch_workers(nproc, max_restarts))
     _quiet_libraries()
-    from analyzers.report import render
-    from compressor.pipeline import compress
+    from tritpress.analyzers.report import render
+    from tritpress.cli.pipeline import compress
 
     report = _with_progress(lambda listener: compress(cfg, listener), quiet=json_out)
     if report is None:  # a non-zero rank under torchrun: rank 0 reports
@@ -240,7 +240,7 @@ def run(
         typer.echo(render(report))
         typer.echo(f"\nwrote {report['files']['packed']} and {report['files']['report']}")
     if report.get("evaluation"):
-        from analyzers.quality.report import render as render_eval
+        from tritpress.analyzers.quality.report import render as render_eval
         if not json_out:
             typer.echo("\n" + render_eval(report["evaluation"]))
         if not report["evaluation"]["passed"]:
@@ -252,20 +252,20 @@ def info(packed: str = typer.Argument(..., help="A packed checkpoint (.safetenso
          json_out: bool = typer.Option(False, "--json", help="Print JSON."),
          debug: bool = DebugOpt):
     """Size report of a packed checkpoint (verifies its checksum)."""
-    from analyzers.report import size_table
-    from analyzers.size import size_report
-    from exporters.packed import read_packed_state
+    from tritpress.analyzers.report import size_table
+    from tritpress.analyzers.size import size_report
+    from tritpress.exporters.packed import read_packed_state
 
     read_packed_state(packed)  # full integrity check before reporting
     size = size_report(packed)
     typer.echo(json.dumps(size, indent=2) if json_out else size_table(size))
 
 
-from cli.evaluate import evaluate_command, finetune_head_command  # noqa: E402
+from tritpress.cli.evaluate import evaluate_command, finetune_head_command  # noqa: E402
 
 app.command("evaluate")(evaluate_command)
 app.command("finetune-head")(finetune_head_command)
-from cli.analyze import analyze  # noqa: E402  (registers `compress analyze`)
+from tritpress.cli.analyze import analyze  # noqa: E402  (registers `compress analyze`)
 
 app.command("analyze")(analyze)
 
@@ -286,7 +286,7 @@ def _launch_workers(nproc: int, max_restarts: int) -> int:
             continue
         args.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           f"--max-restarts={max_restarts}", "-m", "cli.main", *args]
+           f"--max-restarts={max_restarts}", "-m", "tritpress.cli.main", *args]
     return subprocess.call(cmd)
 
 
@@ -313,7 +313,7 @@ def _with_progress(fn, quiet: bool):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from compressor.pipeline import Listener
+    from tritpress.cli.pipeline import Listener
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),

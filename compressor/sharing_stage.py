@@ -15,7 +15,7 @@ from .structure import discover
 
 def calibration_for(model: nn.Module, tokenizer, scfg: SharingConfig, data: str | None, structure):
     """Calibration of `model` on DATA, or None without DATA."""
-    from analyzers.redundancy import Calibration, calibration_ids
+    from tritpress.analyzers.redundancy import Calibration, calibration_ids
 
     if not data:
         return None
@@ -27,7 +27,7 @@ def share_stage(model: nn.Module, tokenizer, scfg: SharingConfig, data: str | No
                 exclude=(), write: bool = True, probe=None) -> tuple[nn.Module, dict]:
     """-> (tied copy of `model`, findings for the report). Writes the analysis into out_dir.
     `probe` (auto only): fine-tunes a tied candidate, see redundancy.auto_plan."""
-    from analyzers.redundancy import analyze, auto_plan, write_outputs
+    from tritpress.analyzers.redundancy import analyze, auto_plan, write_outputs
 
     structure = discover(model, exclude)
     if structure.blocks is None:

@@ -21,7 +21,6 @@ steps and `resume=True` continues exactly where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -40,6 +39,7 @@ from torch import nn
 from .distributed import DistContext
 from .errors import TritpressError
 from .fileio import atomic_path, write_json
+from .modelio import BlockOutputs, ModelIO, nmse
 from .structure import ModelStructure
 from .transform import set_lambda, tie_groups
 
@@ -118,74 +118,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-# ------------------------------------------------------------------ model calls
-
-
-@dataclass
-class ModelIO:
-    """How to call the model and read its output, discovered once from its structure."""
-
-    hf: bool                 # keyword input_ids (transformers) or positional ids (custom module)
-    seq_first: bool          # custom RNN models built with batch_first=False
-    has_head: bool           # output is logits over a vocabulary
-    causal: bool             # next-token prediction applies
-    block_paths: list[str]
-    no_cache: bool = False   # HF forward takes use_cache: pass False (one full-sequence forward, no KV cache)
-
-    @classmethod
-    def discover(cls, model: nn.Module, structure: ModelStructure) -> "ModelIO":
-        hf = hasattr(model, "config") and hasattr(model.config, "to_dict")
-        rnns = [m for m in model.modules() if isinstance(m, (nn.LSTM, nn.GRU, nn.RNN))]
-        seq_first = not hf and bool(rnns) and not all(getattr(r, "batch_first", False) for r in rnns)
-        name = type(model).__name__
-        causal = (not hf and bool(rnns)) or name.endswith(("ForCausalLM", "LMHeadModel")) \
-            or bool(getattr(getattr(model, "config", None), "is_decoder", False))
-        blocks = []
-        if structure.blocks is not None and structure.blocks.kind == "modulelist":
-            blocks = [f"{structure.blocks.path}.{i}" for i in range(structure.blocks.num_blocks)]
-        no_cache = hf and "use_cache" in inspect.signature(model.forward).parameters
-        return cls(hf, seq_first, structure.head is not None, causal and structure.head is not None, blocks,
-                   no_cache)
-
-    def forward(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        from analyzers.fidelity import first_float_output
-
-        if self.hf:
-            kwargs = {"use_cache": False} if self.no_cache else {}
-            return first_float_output(model(input_ids=ids, **kwargs)).float()
-        if self.seq_first:
-            return first_float_output(model(ids.t())).float().transpose(0, 1)
-        return first_float_output(model(ids)).float()
-
-
-class BlockOutputs:
-    """Forward hooks that record each block's output (the hidden state it passes on)."""
-
-    def __init__(self, model: nn.Module, paths: list[str]):
-        self.outputs: list[torch.Tensor] = []
-        self.handles = [model.get_submodule(p).register_forward_hook(self._hook) for p in paths]
-
-    def _hook(self, module, args, output):
-        out = output[0] if isinstance(output, (tuple, list)) else output
-        self.outputs.append(out)
-
-    def take(self) -> list[torch.Tensor]:
-        out, self.outputs = self.outputs, []
-        return out
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
-def _nmse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """MSE normalized by the teacher's mean square, per sequence, averaged over sequences:
-    scale-free across blocks and models, and a mean of per-sequence terms, so splitting a batch
-    across processes does not change it."""
-    s, t = student.float().flatten(1), teacher.float().flatten(1)
-    return ((s - t).pow(2).mean(1) / t.pow(2).mean(1).clamp(min=1e-8)).mean()
-
-
 def distill_losses(io: ModelIO, student, teacher, ids, s_blocks: BlockOutputs, t_blocks: BlockOutputs,
                    cfg: TrainConfig) -> dict[str, torch.Tensor]:
     with torch.no_grad():
@@ -201,37 +133,12 @@ def distill_losses(io: ModelIO, student, teacher, ids, s_blocks: BlockOutputs, t
         if io.causal:
             losses["task"] = F.cross_entropy(s_out[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     else:
-        losses["kd"] = _nmse(s_out, t_out)
+        losses["kd"] = nmse(s_out, t_out)
     if s_hidden:
-        losses["hidden"] = torch.stack([_nmse(s, t) for s, t in zip(s_hidden, t_hidden)]).mean()
+        losses["hidden"] = torch.stack([nmse(s, t) for s, t in zip(s_hidden, t_hidden)]).mean()
     weights = {"task": cfg.task_weight, "kd": cfg.kd_weight, "hidden": cfg.hidden_weight}
     losses["loss"] = sum(weights[k] * v for k, v in losses.items())
     return losses
-
-
-@torch.no_grad()
-def evaluate(io: ModelIO, model: nn.Module, blocks: torch.Tensor, teacher: nn.Module | None = None,
-             batch: int = 8) -> dict:
-    """Held-out quality: perplexity for causal LMs, agreement with the teacher otherwise."""
-    model.eval()
-    nll_sum, n_tokens, cos_sum, nmse_sum, n_batches = 0.0, 0, 0.0, 0.0, 0
-    for i in range(0, len(blocks), batch):
-        ids = blocks[i: i + batch]
-        out = io.forward(model, ids)
-        if io.causal:
-            nll_sum += float(F.cross_entropy(out[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
-            n_tokens += ids[:, 1:].numel()
-        elif teacher is not None:
-            ref = io.forward(teacher, ids)
-            cos_sum += float(F.cosine_similarity(out.mean(1), ref.mean(1), dim=-1).mean())
-            nmse_sum += float(_nmse(out, ref))
-            n_batches += 1
-    if io.causal:
-        return {"nll": nll_sum / n_tokens, "ppl": math.exp(nll_sum / n_tokens), "tokens": n_tokens}
-    if n_batches:
-        return {"cosine_to_teacher": cos_sum / n_batches, "nmse_to_teacher": nmse_sum / n_batches,
-                "sequences": len(blocks)}
-    return {}
 
 
 # ------------------------------------------------------------------ state

@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.errors import TritpressError
-from compressor.fileio import atomic_path
-from compressor.layers import QEmbedding, QLinear, QRNN, QTensor
-from compressor.quantize import quantize_activations_int8
-from compressor.transform import get_record
+from tritpress.compressor.errors import TritpressError
+from tritpress.compressor.fileio import atomic_path
+from tritpress.compressor.layers import QEmbedding, QLinear, QRNN, QTensor
+from tritpress.compressor.quantize import quantize_activations_int8
+from tritpress.compressor.transform import get_record
 
 ONNX_FORMATS = ("matmulnbits", "int2", "float")
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from compressor.config import TernaryConfig
-from compressor.errors import CorruptCheckpointError, TritpressError
-from compressor.fileio import atomic_path
-from compressor.ingest import SourceInfo, build_from_config
-from compressor.layers import QTensor, WeightFormat
-from compressor.share import rebuild_wrappers, sharing_meta
-from compressor.structure import BlockStack, LayerInfo, ModelStructure
-from compressor.transform import (QuantRecord, _set_record, build_empty, get_record, qtensor_formats,
+from tritpress.compressor.config import TernaryConfig
+from tritpress.compressor.errors import CorruptCheckpointError, TritpressError
+from tritpress.compressor.fileio import atomic_path
+from tritpress.compressor.ingest import SourceInfo, build_from_config
+from tritpress.compressor.layers import QTensor, WeightFormat
+from tritpress.compressor.share import rebuild_wrappers, sharing_meta
+from tritpress.compressor.structure import BlockStack, LayerInfo, ModelStructure
+from tritpress.compressor.transform import (QuantRecord, _set_record, build_empty, get_record, qtensor_formats,
                                   storage_dtypes, tie_groups)
 
 from .packing import pack_int4, pack_trits, packed_int4_size, packed_trits_size, unpack_int4, unpack_trits

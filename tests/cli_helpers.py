@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from cli.main import main
+from tritpress.cli.main import main
 
 
 def run_cli(args, capsys):

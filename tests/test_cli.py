@@ -109,7 +109,7 @@ def test_refuses_to_write_into_input_folder(tiny_gpt2_dir, capsys):
 
 def test_debug_shows_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-c", "from cli.main import main; main()", str(tmp_path / "missing.pt")]
+    cmd = [sys.executable, "-c", "from tritpress.cli.main import main; main()", str(tmp_path / "missing.pt")]
     plain = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert plain.returncode == 1 and "Traceback" not in plain.stderr
     debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, env=env)

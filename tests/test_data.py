@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from compressor.data import WordVocab, lm_blocks, read_texts, tokenizer_fn
-from compressor.errors import TritpressError
+from tritpress.compressor.data import WordVocab, lm_blocks, read_texts, tokenizer_fn
+from tritpress.compressor.errors import TritpressError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an unknown dataset name must fail at once, never hang on the network
 

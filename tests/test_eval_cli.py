@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from analyzers.quality import EvalConfig, evaluate
+from tritpress.analyzers.quality import EvalConfig, evaluate
 from tests.cli_helpers import run_cli
 
 NAMES = ["alice", "bob", "carol", "dave"]
@@ -219,7 +219,7 @@ def test_two_processes_give_the_numbers_of_one(gpt2_dirs, files, tmp_path):
                               quiet=True, **settings))
     flags = ["--lm-data", files / "lm.txt", "--context", 16, "--stride", 8, "--batch-size", 2, "--no-plots",
              "--cls-data", files / "dev.tsv", "--cls-train", files / "train.tsv", "--probe-epochs", 2]
-    cmd = [sys.executable, "-m", "cli.main", "evaluate", zeroed, "--baseline", good, "--tasks", "lm,cls",
+    cmd = [sys.executable, "-m", "tritpress.cli.main", "evaluate", zeroed, "--baseline", good, "--tasks", "lm,cls",
            "--out", tmp_path / "two", "--nproc", 2, *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=300)

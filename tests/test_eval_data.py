@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from analyzers.quality import data as qdata
-from compressor.errors import TritpressError
+from tritpress.analyzers.quality import data as qdata
+from tritpress.compressor.errors import TritpressError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")

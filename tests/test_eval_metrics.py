@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from analyzers.quality import lm
-from analyzers.quality.gate import Tolerance, gate_row, parse_max_drop, tolerance_for
-from analyzers.quality.metrics import (classification_scores, entity_scores, iob1_to_iob2, normalize_answer,
+from tritpress.analyzers.quality import lm
+from tritpress.analyzers.quality.gate import Tolerance, gate_row, parse_max_drop, tolerance_for
+from tritpress.analyzers.quality.metrics import (classification_scores, entity_scores, iob1_to_iob2, normalize_answer,
                                        squad_exact, squad_f1, squad_scores, token_accuracy)
-from compressor.errors import TritpressError
+from tritpress.compressor.errors import TritpressError
 from tests.tiny_models import build
 
 
@@ -142,7 +142,7 @@ def test_full_context_equals_one_forward():
 @pytest.mark.parametrize("name", ["lstm", "gru"])
 def test_rnn_stream_carries_state(name):
     """Chunks of 7 with the state carried == one forward over the whole stream."""
-    from compressor.transform import convert
+    from tritpress.compressor.transform import convert
     model = build(name)
     ids = torch.randint(0, 100, (40,), generator=torch.Generator().manual_seed(2))
     for m in (model, convert(copy.deepcopy(model))):  # nn.LSTM, and our QRNN after convert

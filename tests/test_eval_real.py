@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressor.pipeline import CompressConfig, compress
-from analyzers.quality import EvalConfig
+from tritpress.cli.pipeline import CompressConfig, compress
+from tritpress.analyzers.quality import EvalConfig
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

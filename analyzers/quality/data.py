@@ -16,7 +16,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compressor.errors import TritpressError
+from tritpress.compressor.errors import TritpressError
 
 from .metrics import iob1_to_iob2
 
@@ -81,7 +81,7 @@ def is_local(spec: str) -> bool:
 
 
 def load_hf(spec: str, default_split: str):
-    from compressor.data import _datasets
+    from tritpress.compressor.data import _datasets
     name, config, split = split_spec(spec, default_split)
     try:
         return _datasets().load_dataset(name, config, split=split)

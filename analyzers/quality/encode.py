@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import torch
 
-from compressor.errors import TritpressError
+from tritpress.compressor.errors import TritpressError
 
 from . import distributed
 

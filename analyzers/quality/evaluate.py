@@ -1,6 +1,6 @@
 """`compress evaluate COMPRESSED --baseline ORIGINAL --tasks lm,cls,tok,qa` as a function.
 
-    from analyzers.quality import EvalConfig, evaluate
+    from tritpress.analyzers.quality import EvalConfig, evaluate
     report = evaluate(EvalConfig(compressed="runs/minilm", baseline="pkg:all-MiniLM-L6-v2",
                                  tasks="cls,tok", cls_data="sst-2/dev.tsv", cls_train="sst-2/train.tsv", ...))
     report["passed"]  # the gate's verdict
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from compressor.errors import TritpressError
+from tritpress.compressor.errors import TritpressError
 
 from . import data as qdata
 from .gate import gate_row, parse_max_drop, tolerance_for
@@ -92,7 +92,7 @@ def _packed_file(spec: str) -> Path | None:
     if p.is_dir() and (p / PACKED_NAME).is_file():
         return p / PACKED_NAME
     if p.is_file() and p.suffix == ".safetensors":
-        from exporters.packed import read_metadata
+        from tritpress.exporters.packed import read_metadata
         try:
             read_metadata(p)
             return p
@@ -103,11 +103,11 @@ def _packed_file(spec: str) -> Path | None:
 
 def load_models(cfg: EvalConfig):
     """(baseline LoadedModel, compressed nn.Module, tokenizer, description)."""
-    from compressor.ingest import load_model
+    from tritpress.compressor.ingest import load_model
     packed = _packed_file(cfg.compressed)
     baseline_spec = cfg.baseline
     if baseline_spec is None and packed is not None:
-        from exporters.packed import read_metadata
+        from tritpress.exporters.packed import read_metadata
         src = read_metadata(packed)["source"]
         baseline_spec = str(Path(src["path"]) / src["gguf_file"]) if src.get("gguf_file") else src["path"]
         if not Path(baseline_spec).exists():
@@ -116,7 +116,7 @@ def load_models(cfg: EvalConfig):
         raise TritpressError("pass --baseline ORIGINAL (the model the compressed one is compared with)")
     base = load_model(baseline_spec, cfg.config, cfg.trust_pickle)
     if packed is not None:
-        from exporters.packed import load_packed
+        from tritpress.exporters.packed import load_packed
         skeleton = None if base.source.is_transformers else copy.deepcopy(base.model)
         comp, comp_tok, comp_desc = load_packed(packed, skeleton=skeleton), None, str(packed)
     else:
@@ -155,7 +155,7 @@ def _data_protocol(spec: str, split: str, n_total: int, n_used: int, seed: int) 
 
 
 def _lm_texts(spec: str, cfg: EvalConfig) -> list[str]:
-    from compressor.data import read_texts
+    from tritpress.compressor.data import read_texts
     if qdata.is_local(spec) or spec.startswith("pkg:"):
         name, split = spec.partition("@")[0], spec.partition("@")[2] or TASKS["lm"].eval_split
         return read_texts(name, split, cfg.lm_text_column)
@@ -258,8 +258,8 @@ def _jobs(cfg: EvalConfig, base_model, tokenizer):
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Score the baseline and the compressed model on every task, gate, write the report files."""
-    from compressor.distributed import init_distributed
-    from compressor.fileio import refuse_overwrite_input
+    from tritpress.compressor.distributed import init_distributed
+    from tritpress.compressor.fileio import refuse_overwrite_input
 
     ctx = init_distributed()
     torch.manual_seed(cfg.seed)

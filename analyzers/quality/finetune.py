@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from compressor.errors import TritpressError
+from tritpress.compressor.errors import TritpressError
 
 from . import data as qdata
 
@@ -42,7 +42,7 @@ class FinetuneConfig:
 
 
 def _folder(spec: str) -> str:
-    from compressor.bundled import resolve_bundled
+    from tritpress.compressor.bundled import resolve_bundled
     if spec.startswith("pkg:"):
         folder, gguf = resolve_bundled(spec)
         if gguf:
@@ -55,7 +55,7 @@ def _folder(spec: str) -> str:
 
 def finetune_head(cfg: FinetuneConfig, progress=None) -> dict:
     import transformers
-    from compressor.fileio import refuse_overwrite_input, write_json
+    from tritpress.compressor.fileio import refuse_overwrite_input, write_json
     if cfg.task not in AUTO_CLASSES:
         raise TritpressError(f"--task must be one of {', '.join(AUTO_CLASSES)}")
     folder = _folder(cfg.model)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from compressor.errors import TritpressError
+from tritpress.compressor.errors import TritpressError
 
 LOWER_IS_BETTER = {"perplexity", "bits_per_byte"}
 DEFAULT_MAX_DROP = {"perplexity": "5%", "bits_per_byte": "2%"}  # everything else: 1.0 point

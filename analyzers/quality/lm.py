@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressor.errors import TritpressError
+from tritpress.compressor.errors import TritpressError
 
 from . import distributed, modelio
 

@@ -77,7 +77,7 @@ def _seqeval():
         from seqeval import metrics
         from seqeval.scheme import IOB2
     except ImportError as e:
-        from compressor.errors import TritpressError
+        from tritpress.compressor.errors import TritpressError
         raise TritpressError("entity-level NER scores need seqeval: pip install seqeval") from e
     return metrics, IOB2
 

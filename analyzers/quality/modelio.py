@@ -6,7 +6,7 @@ import contextlib
 import torch
 from torch import nn
 
-from compressor.errors import TritpressError
+from tritpress.compressor.errors import TritpressError
 
 HEAD_SUFFIXES = {
     "cls": ("ForSequenceClassification",),
@@ -23,7 +23,7 @@ def is_hf(model: nn.Module) -> bool:
 
 def recurrent_modules(model: nn.Module) -> list[nn.Module]:
     """The outermost recurrent modules (nn.LSTM/GRU/RNN, or our wrappers around one)."""
-    from compressor.layers import FakeQuantRNN, QRNN
+    from tritpress.compressor.layers import FakeQuantRNN, QRNN
     kinds = (nn.RNNBase, QRNN, FakeQuantRNN)
     found, inside = [], set()
     for name, m in model.named_modules():
@@ -53,7 +53,7 @@ def lm_kind(model: nn.Module) -> str | None:
 
 def vocab_size(model: nn.Module) -> int | None:
     """Rows of the token embedding, also when it was quantized (QEmbedding)."""
-    from compressor.data import token_vocab_size
+    from tritpress.compressor.data import token_vocab_size
     return token_vocab_size(model) or next((m.num_embeddings for m in model.modules()
                                             if isinstance(getattr(m, "num_embeddings", None), int)), None)
 
@@ -82,8 +82,8 @@ def logits(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | N
     if is_hf(model):
         kw = {} if attention_mask is None else {"attention_mask": attention_mask}
         return model(input_ids=ids, **kw).logits.float()
-    from compressor.structure import discover
-    from compressor.train import ModelIO
+    from tritpress.compressor.structure import discover
+    from tritpress.compressor.modelio import ModelIO
     io = getattr(model, "_tritpress_io", None) or ModelIO.discover(model, discover(model))
     model._tritpress_io = io
     return io.forward(model, ids)

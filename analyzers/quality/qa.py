@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from compressor.errors import TritpressError
+from tritpress.compressor.errors import TritpressError
 
 from . import modelio
 from .encode import batches, map_batches, model_inputs, progress_bar, ready_tokenizer

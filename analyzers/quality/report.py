@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from compressor.fileio import atomic_path, write_json, write_text
+from tritpress.compressor.fileio import atomic_path, write_json, write_text
 
 HEADERS = ["task", "metric", "head", "baseline", "compressed", "Δ abs", "Δ rel", "max drop", "result"]
 
@@ -131,7 +131,7 @@ def _deltas_plot(plt, report: dict, path: Path) -> str:
 
 
 def _size_plot(plt, packed_file: str, path: Path) -> str:
-    from analyzers.size import size_report
+    from tritpress.analyzers.size import size_report
     size = size_report(packed_file)
     comps = [c for c in size["components"] if c["bytes"]]
     fig, ax = plt.subplots(figsize=(8, 2.6))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compressor.errors import TritpressError
+from tritpress.compressor.errors import TritpressError
 
 from . import lm, modelio
 from .encode import batches, map_batches, model_inputs, progress_bar, ready_tokenizer
@@ -74,7 +74,7 @@ def run_lm(model, tokenizer, texts: list[str], cfg, desc: str, train_texts: list
     kind = "masked" if train_texts is not None else modelio.lm_kind(model)
     if kind is None:
         raise TritpressError(f"{type(model).__name__} has no language-model head (causal, masked or RNN)")
-    from compressor.data import tokenizer_fn
+    from tritpress.compressor.data import tokenizer_fn
     if tokenizer is not None:
         encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
         bos = tokenizer.bos_token_id if kind == "causal" else None

@@ -18,18 +18,18 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from exporters.onnx import OnnxConfig
+from tritpress.exporters.onnx import OnnxConfig
 
-from .config import TernaryConfig
-from .errors import TritpressError
-from .fileio import refuse_overwrite_input, write_json
-from .ingest import load_model
-from .share import SharingConfig
-from .train import TrainConfig
-from .transform import convert, get_record, prepare
+from tritpress.compressor.config import TernaryConfig
+from tritpress.compressor.errors import TritpressError
+from tritpress.compressor.fileio import refuse_overwrite_input, write_json
+from tritpress.compressor.ingest import load_model
+from tritpress.compressor.share import SharingConfig
+from tritpress.compressor.train import TrainConfig
+from tritpress.compressor.transform import convert, get_record, prepare
 
 if TYPE_CHECKING:
-    from analyzers.quality.evaluate import EvalConfig
+    from tritpress.analyzers.quality.evaluate import EvalConfig
 
 PACKED_NAME = "model.tritpress.safetensors"
 REPORT_NAME = "report.json"
@@ -71,14 +71,14 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
     """Run the pipeline; writes <out>/model.tritpress.safetensors and <out>/report.json.
     Returns the report (the same dict as report.json). Under torchrun every rank trains;
     only rank 0 packs, reports and returns the report (the others return None)."""
-    from .distributed import init_distributed
+    from tritpress.compressor.distributed import init_distributed
 
     listener = listener or Listener()
     on_stage = listener.stage
     ctx = init_distributed()
-    from analyzers import fidelity
-    from analyzers.size import size_report
-    from exporters.packed import load_packed, save_packed
+    from tritpress.compressor import modelio
+    from tritpress.analyzers.size import size_report
+    from tritpress.exporters.packed import load_packed, save_packed
 
     out = cfg.out_dir()
     packed_path, report_path = out / PACKED_NAME, out / REPORT_NAME
@@ -101,7 +101,7 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
     start, sharing = original, None  # start: the model quantized (tied when sharing), original: the teacher
     train_data = None  # (training blocks, held-out blocks, their source), when the sharing probe needed them first
     if cfg.sharing.active:
-        from .sharing_stage import share_stage
+        from tritpress.compressor.sharing_stage import share_stage
         if ctx.enabled and cfg.train.parallel == "fsdp":  # FSDP units are blocks: a tie would span units
             raise TritpressError("--sharing is not supported with --parallel fsdp; use --parallel ddp")
         stage("share")
@@ -131,10 +131,10 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
     if cfg.check:
         stage("check")
         try:
-            inputs = fidelity.example_inputs(original, loaded.tokenizer)
-            ref = fidelity.run(original, inputs)
-            ternary_out = fidelity.run(model, inputs)
-            checks["ternary_vs_original"] = {**fidelity.compare(ref, ternary_out), "fine_tuned": training is not None}
+            inputs = modelio.example_inputs(original, loaded.tokenizer)
+            ref = modelio.run_model(original, inputs)
+            ternary_out = modelio.run_model(model, inputs)
+            checks["ternary_vs_original"] = {**modelio.compare_outputs(ref, ternary_out), "fine_tuned": training is not None}
         except Exception as e:  # a custom forward we cannot call: report, do not fail
             checks["skipped"] = f"could not run the model on an example input: {type(e).__name__}: {e}"
         done("check")
@@ -148,8 +148,8 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
         stage("verify")
         skeleton = None if loaded.source.is_transformers else copy.deepcopy(original)
         reloaded = load_packed(packed_path, skeleton=skeleton)
-        reload_out = fidelity.run(reloaded, inputs)
-        checks["reload_vs_converted"] = fidelity.compare(ternary_out, reload_out)
+        reload_out = modelio.run_model(reloaded, inputs)
+        checks["reload_vs_converted"] = modelio.compare_outputs(ternary_out, reload_out)
         reloaded_state = reloaded.state_dict()
         codes_equal = all(torch.equal(t, reloaded_state[k]) for k, t in model.state_dict().items()
                           if k.endswith(".codes"))
@@ -162,7 +162,7 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
     onnx_result, onnx_error = None, None
     if cfg.onnx.enabled:
         stage("onnx")
-        from exporters.onnx import OnnxValidationError, export_onnx
+        from tritpress.exporters.onnx import OnnxValidationError, export_onnx
         try:
             onnx_result = export_onnx(model, out / ONNX_NAME, cfg.onnx, packed_path=packed_path)
         except OnnxValidationError as e:  # report it, then fail
@@ -188,7 +188,7 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
         report["files"]["onnx"] = onnx_result["path"]
     write_json(report_path, report)
     if cfg.tasks:
-        from analyzers.quality.evaluate import evaluate_stage
+        from tritpress.analyzers.quality.evaluate import evaluate_stage
         stage("evaluate")
         report["evaluation"] = evaluate_stage(cfg, packed_path, out)
         done("evaluate")
@@ -200,7 +200,7 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
 
 def _training_blocks(tcfg: TrainConfig, loaded, need: str = "--steps"):
     """-> (training token blocks, held-out blocks, where the held-out blocks come from)."""
-    from .data import lm_blocks, read_texts, token_vocab_size, tokenizer_fn
+    from tritpress.compressor.data import lm_blocks, read_texts, token_vocab_size, tokenizer_fn
 
     teacher = loaded.model
     if not tcfg.data:
@@ -229,8 +229,8 @@ def _qat_probe(cfg: CompressConfig, loaded, ctx, blocks) -> Callable:
     and returns the converted ternary model, so auto can rank candidates by what training makes of them."""
     import tempfile
 
-    from .structure import discover
-    from .train import train_qat
+    from tritpress.compressor.structure import discover
+    from tritpress.compressor.train import train_qat
 
     teacher = loaded.model
     n_params = sum(p.numel() for p in teacher.parameters())
@@ -249,9 +249,10 @@ def _qat_probe(cfg: CompressConfig, loaded, ctx, blocks) -> Callable:
 def _fine_tune(cfg: CompressConfig, loaded, ctx, listener: Listener, start=None, train_data=None):
     """prepare -> QAT with distillation from the original -> convert; quality before and after.
     `train_data`: _training_blocks' result when already read (the sharing probe)."""
-    from .distributed import restarted_by_torchrun
-    from .structure import discover
-    from .train import ModelIO, evaluate, train_qat
+    from tritpress.compressor.distributed import restarted_by_torchrun
+    from tritpress.compressor.structure import discover
+    from tritpress.compressor.modelio import ModelIO, held_out_quality
+    from tritpress.compressor.train import train_qat
 
     teacher = loaded.model
     start = teacher if start is None else start  # the student starts from the tied model when sharing
@@ -265,10 +266,10 @@ def _fine_tune(cfg: CompressConfig, loaded, ctx, listener: Listener, start=None,
     student = prepare(copy.deepcopy(start), cfg.quant)
     quality = {}
     if ctx.is_main:
-        quality["original"] = evaluate(io, teacher, eval_blocks, teacher)
+        quality["original"] = held_out_quality(io, teacher, eval_blocks, teacher)
         if start is not teacher:
-            quality["shared_float"] = evaluate(io, start, eval_blocks, teacher)
-        quality["ternary_post_training"] = evaluate(io, convert(copy.deepcopy(student)), eval_blocks, teacher)
+            quality["shared_float"] = held_out_quality(io, start, eval_blocks, teacher)
+        quality["ternary_post_training"] = held_out_quality(io, convert(copy.deepcopy(student)), eval_blocks, teacher)
     findings = train_qat(student, teacher, structure, blocks, tcfg, cfg.out_dir() / "train", ctx,
                          on_step=lambda entry: listener.step(entry, tcfg.steps))
     full_state = findings.pop("_full_state", None)
@@ -278,14 +279,14 @@ def _fine_tune(cfg: CompressConfig, loaded, ctx, listener: Listener, start=None,
         student = prepare(copy.deepcopy(start), cfg.quant)
         student.load_state_dict(full_state)
     model = convert(student)
-    quality["ternary_qat"] = evaluate(io, model, eval_blocks, teacher)
+    quality["ternary_qat"] = held_out_quality(io, model, eval_blocks, teacher)
     findings.update(config=dataclasses.asdict(tcfg), train_sequences=len(blocks), eval_source=eval_source,
                     eval_sequences=len(eval_blocks), quality=quality)
     return model, findings
 
 
 def _eval_config():
-    from analyzers.quality.evaluate import EvalConfig
+    from tritpress.analyzers.quality.evaluate import EvalConfig
     return EvalConfig()
 
 

@@ -15,15 +15,15 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from exporters.onnx import OnnxConfig
+from tritpress.exporters.onnx import OnnxConfig
 
-from .config import TernaryConfig
-from .errors import TritpressError
+from tritpress.compressor.config import TernaryConfig
+from tritpress.compressor.errors import TritpressError
 from .pipeline import CompressConfig
-from .share import SharingConfig
-from .train import TrainConfig
+from tritpress.compressor.share import SharingConfig
+from tritpress.compressor.train import TrainConfig
 
-from analyzers.quality.evaluate import EvalConfig  # noqa: E402
+from tritpress.analyzers.quality.evaluate import EvalConfig  # noqa: E402
 
 SECTIONS = {"quant": TernaryConfig, "train": TrainConfig, "eval": EvalConfig, "onnx": OnnxConfig,
             "sharing": SharingConfig}
