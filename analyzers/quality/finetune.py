@@ -18,6 +18,7 @@ import torch
 from tritpress.compressor.errors import TritpressError
 
 from . import data as qdata
+from .encode import encode_texts, encode_words, first_subtokens
 
 AUTO_CLASSES = {"cls": "AutoModelForSequenceClassification", "tok": "AutoModelForTokenClassification",
                 "qa": "AutoModelForQuestionAnswering"}
@@ -95,8 +96,7 @@ def _training_batches(cfg: FinetuneConfig, tok):
         out = []
         for i in range(0, len(idx), cfg.batch_size):
             b = idx[i:i + cfg.batch_size]
-            enc = tok([d.texts[k] for k in b], [d.pairs[k] for k in b] if d.pairs else None, truncation=True,
-                      max_length=cfg.max_length, padding=True, return_tensors="pt")
+            enc = encode_texts(tok, d, b, cfg.max_length)
             enc["labels"] = torch.tensor([d.labels[k] for k in b])
             out.append(dict(enc))
         return out, {"num_labels": len(d.label_names)}, d.label_names
@@ -108,14 +108,11 @@ def _training_batches(cfg: FinetuneConfig, tok):
         out = []
         for i in range(0, len(idx), cfg.batch_size):
             b = idx[i:i + cfg.batch_size]
-            enc = tok([d.words[k] for k in b], is_split_into_words=True, truncation=True, max_length=cfg.max_length,
-                      padding=True, return_tensors="pt")
+            enc = encode_words(tok, d.words, b, cfg.max_length)
             labels = torch.full(enc["input_ids"].shape, -100)
             for r, k in enumerate(b):  # the first sub-token of each word carries its tag
-                seen = set()
-                for t, w in enumerate(enc.word_ids(r)):
-                    if w is not None and w not in seen:
-                        seen.add(w)
+                for w, t in enumerate(first_subtokens(enc, r, len(d.words[k]))):
+                    if t is not None:
                         labels[r, t] = index[d.tags[k][w]]
             enc["labels"] = labels
             out.append(dict(enc))
