@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +42,26 @@ class ClsData:
     labels: list[int]
     label_names: list[str]
 
+    @property
+    def size(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx: list[int]) -> "ClsData":
+        return ClsData([self.texts[i] for i in idx], [self.pairs[i] for i in idx] if self.pairs else None,
+                       [self.labels[i] for i in idx], self.label_names)
+
 
 @dataclass
 class TokData:
     words: list[list[str]]
     tags: list[list[str]]          # IOB2
+
+    @property
+    def size(self) -> int:
+        return len(self.words)
+
+    def subset(self, idx: list[int]) -> "TokData":
+        return TokData([self.words[i] for i in idx], [self.tags[i] for i in idx])
 
 
 @dataclass
@@ -63,6 +79,13 @@ class QAData:
     examples: list[QAExample] = field(default_factory=list)
     version: str = "1.1"
 
+    @property
+    def size(self) -> int:
+        return len(self.examples)
+
+    def subset(self, idx: list[int]) -> "QAData":
+        return QAData([self.examples[i] for i in idx], self.version)
+
 
 def split_spec(spec: str, default_split: str) -> tuple[str, str | None, str]:
     """'NAME[:CONFIG][@SPLIT]' -> (name, config, split)."""
@@ -78,6 +101,35 @@ LOCAL_SUFFIXES = (".txt", ".tokens", ".raw", ".tsv", ".csv", ".jsonl", ".json", 
 def is_local(spec: str) -> bool:
     """A path (existing, or named like a data file) rather than a hub dataset name."""
     return Path(spec).exists() or Path(spec).suffix.lower() in LOCAL_SUFFIXES or spec.startswith((".", "/", "~"))
+
+
+def short_name(spec: str) -> str:
+    """A data file as parent/name (the report label of an LM text); a hub name as given."""
+    p = Path(spec)
+    return f"{p.parent.name}/{p.name}" if is_local(spec) and p.parent.name else spec
+
+
+def hf_train_spec(spec: str, flag: str, split: str = "train") -> str:
+    """The training split of the hub dataset `spec`; a local file has none: pass `flag`."""
+    if is_local(spec):
+        raise TritpressError(f"the probe needs training data for {spec}: pass {flag}")
+    name, config, _ = split_spec(spec, "")
+    return f"{name}:{config}@{split}" if config else f"{name}@{split}"
+
+
+def subsample(n: int, k: int, seed: int) -> list[int]:
+    """Sorted seeded sample of k of range(n); all of it when k is 0 or >= n."""
+    if not k or k >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), k))
+
+
+def sample(data, k: int, seed: int, spec: str, split: str):
+    """(at most k items of ClsData/TokData/QAData `data`, seeded; its provenance for the report)."""
+    idx = subsample(data.size, k, seed)
+    provenance = {"data": spec, "split": split if not is_local(spec) else "(file)", "available": data.size,
+                  "used": len(idx), "subsample_seed": seed if len(idx) < data.size else None}
+    return data.subset(idx), provenance
 
 
 def load_hf(spec: str, default_split: str):

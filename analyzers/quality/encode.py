@@ -60,3 +60,29 @@ def map_batches(fn, n_batches: int, update=None, sizes: list[int] | None = None)
         if update:
             update(sizes[i] if sizes else len(results[i]))
     return distributed.gather_by_batch(results)
+
+
+def encode_texts(tok, data, idx, max_length: int):
+    """Classification examples `idx` of ClsData `data` (text, or text pair), padded to the batch."""
+    pairs = [data.pairs[i] for i in idx] if data.pairs else None
+    return tok([data.texts[i] for i in idx], pairs, truncation=True, max_length=max_length, padding=True,
+               return_tensors="pt")
+
+
+def encode_words(tok, words: list[list[str]], idx, max_length: int):
+    """Pre-split sentences `idx` (NER), padded to the batch."""
+    try:
+        return tok([words[i] for i in idx], is_split_into_words=True, truncation=True, max_length=max_length,
+                   padding=True, return_tensors="pt")
+    except Exception as e:  # e.g. byte-level BPE without add_prefix_space
+        raise TritpressError(f"the tokenizer cannot encode pre-split words: {str(e).splitlines()[0]}") from e
+
+
+def first_subtokens(enc, row: int, n_words: int) -> list[int | None]:
+    """Token index of each word's first sub-token (None if truncated away): the token that
+    carries the word's tag."""
+    first = [None] * n_words
+    for t, w in enumerate(enc.word_ids(row)):
+        if w is not None and first[w] is None:
+            first[w] = t
+    return first

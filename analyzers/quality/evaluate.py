@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import platform
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +21,9 @@ import torch
 
 from tritpress.compressor.errors import TritpressError
 
-from . import data as qdata
+from . import tasks as builtin
 from .gate import gate_row, parse_max_drop, tolerance_for
-from .tasks import TASKS, needs_lm_probe, parse_tasks, run_cls, run_lm, run_tok, use_own_head
+from .registry import Task, TaskData, get, parse_tasks
 
 PACKED_NAME = "model.tritpress.safetensors"
 
@@ -38,13 +37,13 @@ class EvalConfig:
     config: str | None = None            # HF config.json when the baseline is a bare state_dict
     trust_pickle: bool = False
     # data: local files or HF names NAME[:CONFIG][@SPLIT]
-    lm_data: list[str] = field(default_factory=lambda: [TASKS["lm"].default_data])
+    lm_data: list[str] = field(default_factory=lambda: [builtin.LM.default_data])
     lm_train: str | None = None          # masked-LM probe text for encoders without an LM head
-    cls_data: str = TASKS["cls"].default_data
+    cls_data: str = builtin.CLS.default_data
     cls_train: str | None = None         # probe training data (default: the HF train split)
-    tok_data: str = TASKS["tok"].default_data
+    tok_data: str = builtin.TOK.default_data
     tok_train: str | None = None
-    qa_data: str = TASKS["qa"].default_data
+    qa_data: str = builtin.QA.default_data
     qa_train: str | None = None          # default: HF train split; a local file is split by article
     text_column: str | None = None       # cls columns (default: GLUE/HF names)
     text_pair_column: str | None = None
@@ -128,132 +127,50 @@ def load_models(cfg: EvalConfig):
     return base, comp.eval(), base.tokenizer or comp_tok, info
 
 
-# ------------------------------------------------------------------ data
-
-
-def _subsample(n: int, k: int, seed: int) -> list[int]:
-    if not k or k >= n:
-        return list(range(n))
-    return sorted(random.Random(seed).sample(range(n), k))
-
-
-def _name(spec: str) -> str:
-    p = Path(spec)
-    return f"{p.parent.name}/{p.name}" if qdata.is_local(spec) and p.parent.name else spec
-
-
-def _hf_train(spec: str, flag: str) -> str:
-    if qdata.is_local(spec):
-        raise TritpressError(f"the probe needs training data for {spec}: pass {flag}")
-    name, config, _ = qdata.split_spec(spec, "")
-    return f"{name}:{config}@train" if config else f"{name}@train"
-
-
-def _data_protocol(spec: str, split: str, n_total: int, n_used: int, seed: int) -> dict:
-    return {"data": spec, "split": split if not qdata.is_local(spec) else "(file)", "available": n_total,
-            "used": n_used, "subsample_seed": seed if n_used < n_total else None}
-
-
-def _lm_texts(spec: str, cfg: EvalConfig) -> list[str]:
-    from tritpress.compressor.data import read_texts
-    if qdata.is_local(spec) or spec.startswith("pkg:"):
-        name, split = spec.partition("@")[0], spec.partition("@")[2] or TASKS["lm"].eval_split
-        return read_texts(name, split, cfg.lm_text_column)
-    name, config, split = qdata.split_spec(spec, TASKS["lm"].eval_split)
-    return read_texts(f"{name}:{config}" if config else name, split, cfg.lm_text_column)
-
-
-def load_cls(cfg, need_train: bool):
-    cols = qdata.Columns(cfg.text_column, cfg.text_pair_column, cfg.label_column)
-    train = qdata.read_cls(cfg.cls_train or _hf_train(cfg.cls_data, "--cls-train"), "train", cols) \
-        if need_train else None
-    test = qdata.read_cls(cfg.cls_data, TASKS["cls"].eval_split, cols, train.label_names if train else None)
-    prot = {"eval": _data_protocol(cfg.cls_data, TASKS["cls"].eval_split, len(test.texts),
-                                   min(len(test.texts), cfg.max_samples or len(test.texts)), cfg.seed)}
-    test = _take_cls(test, _subsample(len(test.texts), cfg.max_samples, cfg.seed))
-    if train:
-        idx = _subsample(len(train.texts), cfg.probe_samples, cfg.seed)
-        prot["probe_train"] = _data_protocol(cfg.cls_train or "train split", "train", len(train.texts), len(idx),
-                                             cfg.seed)
-        train = _take_cls(train, idx)
-    return train, test, prot
-
-
-def _take_cls(d, idx):
-    return qdata.ClsData([d.texts[i] for i in idx], [d.pairs[i] for i in idx] if d.pairs else None,
-                         [d.labels[i] for i in idx], d.label_names)
-
-
-def load_tok(cfg, need_train: bool):
-    test = qdata.read_tok(cfg.tok_data, TASKS["tok"].eval_split)
-    idx = _subsample(len(test.words), cfg.max_samples, cfg.seed)
-    prot = {"eval": _data_protocol(cfg.tok_data, TASKS["tok"].eval_split, len(test.words), len(idx), cfg.seed)}
-    test = qdata.TokData([test.words[i] for i in idx], [test.tags[i] for i in idx])
-    train = None
-    if need_train:
-        full = qdata.read_tok(cfg.tok_train or _hf_train(cfg.tok_data, "--tok-train"), "train")
-        idx = _subsample(len(full.words), cfg.probe_samples, cfg.seed)
-        prot["probe_train"] = _data_protocol(cfg.tok_train or "train split", "train", len(full.words), len(idx),
-                                             cfg.seed)
-        train = qdata.TokData([full.words[i] for i in idx], [full.tags[i] for i in idx])
-    return train, test, prot
-
-
-def load_qa(cfg, need_train: bool):
-    test = qdata.read_qa(cfg.qa_data, TASKS["qa"].eval_split)
-    train, prot = None, {}
-    if not need_train and cfg.qa_heldout:
-        train, test = qdata.split_by_article(test, cfg.qa_train_fraction)
-        prot["split_by_article"] = (f"{cfg.qa_data} split by article: only the last "
-                                    f"{len({e.article for e in test.examples})} articles are evaluated (the first "
-                                    f"{len({e.article for e in train.examples})} may have trained the head)")
-        train = None
-    if need_train:
-        if cfg.qa_train:
-            train = qdata.read_qa(cfg.qa_train, "train")
-        elif qdata.is_local(cfg.qa_data):
-            train, test = qdata.split_by_article(test, cfg.qa_train_fraction)
-            prot["split_by_article"] = (f"{cfg.qa_data} split by article: the first "
-                                        f"{len({e.article for e in train.examples})} articles train the probe, the "
-                                        f"other {len({e.article for e in test.examples})} are evaluated")
-        else:
-            train = qdata.read_qa(_hf_train(cfg.qa_data, "--qa-train"), "train")
-        idx = _subsample(len(train.examples), cfg.probe_samples, cfg.seed)
-        prot["probe_train"] = _data_protocol(cfg.qa_train or cfg.qa_data, "train", len(train.examples), len(idx),
-                                             cfg.seed)
-        train = qdata.QAData([train.examples[i] for i in idx], train.version)
-    idx = _subsample(len(test.examples), cfg.max_samples, cfg.seed)
-    prot["eval"] = _data_protocol(cfg.qa_data, TASKS["qa"].eval_split, len(test.examples), len(idx), cfg.seed)
-    test = qdata.QAData([test.examples[i] for i in idx], test.version)
-    return train, test, prot
-
-
 # ------------------------------------------------------------------ run
 
 
-def _jobs(cfg: EvalConfig, base_model, tokenizer):
-    """(label, task, runner(model, tokenizer, desc) -> result, data protocol) for each task and dataset."""
-    from .qa import run_qa
+def read_jobs(cfg: EvalConfig, base_model, tokenizer) -> list[tuple[Task, TaskData]]:
+    """Every task's data, read once before any model runs (a bad file fails fast): the same data
+    for the baseline and the compressed model. The baseline decides own head or probe."""
     jobs = []
-    for task in parse_tasks(cfg.tasks):
-        need_train = task != "lm" and not use_own_head(base_model, task, cfg.probe)
-        if task == "lm":
-            train = None
-            if needs_lm_probe(base_model, tokenizer, cfg.probe):
-                spec = cfg.lm_train or _hf_train(cfg.lm_data[0], "--lm-train")
-                train = _lm_texts(spec, cfg)
-            for spec in cfg.lm_data:
-                texts = _lm_texts(spec, cfg)
-                prot = {"eval": {"data": spec, "lines_available": len(texts)}}
-                if train is not None:
-                    prot["probe_train"] = {"data": cfg.lm_train or "train split", "lines_available": len(train)}
-                jobs.append((f"lm:{_name(spec)}", "lm",
-                             lambda m, t, d, texts=texts, train=train: run_lm(m, t, texts, cfg, d, train), prot))
-            continue
-        loader, runner = {"cls": (load_cls, run_cls), "tok": (load_tok, run_tok), "qa": (load_qa, run_qa)}[task]
-        train, test, prot = loader(cfg, need_train)
-        jobs.append((task, task, lambda m, t, d, r=runner, a=train, b=test: r(m, t, a, b, cfg, d), prot))
+    for name in parse_tasks(cfg.tasks):
+        task = get(name)
+        need_train = task.probe_needed(base_model, tokenizer, cfg)
+        jobs += [(task, data) for data in task.read(task, cfg, need_train)]
     return jobs
+
+
+def score_job(task: Task, data: TaskData, models, tokenizer, cfg: EvalConfig) -> dict:
+    """report.json tasks.<label>: both models' results, or why the task was skipped (an error on
+    the baseline skips the task; one on the compressed model only is raised)."""
+    entry = {"task": task.name, "data": data.protocol}
+    try:
+        for role, model in zip(("baseline", "compressed"), models):
+            t0 = time.perf_counter()
+            entry[role] = task.run(task, model, tokenizer, data, cfg, f"{data.label} {role}")
+            entry[role]["seconds"] = round(time.perf_counter() - t0, 3)
+    except TritpressError as e:
+        if "baseline" in entry:
+            raise
+        entry["skipped"] = str(e)
+    return entry
+
+
+def gate_rows(task: Task, label: str, entry: dict, overrides: dict) -> list[dict]:
+    """One gate row per declared metric that both models reported."""
+    if "skipped" in entry:
+        return []
+    base, comp = entry["baseline"]["metrics"], entry["compressed"]["metrics"]
+    return [gate_row(label, label, metric, base[metric.name], comp[metric.name], entry["compressed"]["head"],
+                     tolerance_for(task.name, metric, overrides))
+            for metric in task.metrics if metric.name in base and metric.name in comp]
+
+
+def _out_dir(cfg: EvalConfig, info: dict) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    return Path(info["packed_file"]).parent / "eval" if info["packed_file"] else Path("runs") / "eval"
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -267,36 +184,17 @@ def evaluate(cfg: EvalConfig) -> dict:
     device = ctx.device if cfg.device == "auto" else torch.device(cfg.device)
     base.model.to(device)
     comp.to(device)
-    out = Path(cfg.out) if cfg.out else (Path(info["packed_file"]).parent / "eval" if info["packed_file"]
-                                         else Path("runs") / "eval")
+    out = _out_dir(cfg, info)
     refuse_overwrite_input([out / "report.json", out / "report.md"], [cfg.compressed, info["baseline"]])
     overrides = parse_max_drop(cfg.max_drop)
     tasks, rows = {}, []
-    for label, task, runner, data_prot in _jobs(cfg, base.model, tokenizer):
-        entry = {"task": task, "data": data_prot}
-        try:
-            for role, model in (("baseline", base.model), ("compressed", comp)):
-                t0 = time.perf_counter()
-                entry[role] = runner(model, tokenizer, f"{label} {role}")
-                entry[role]["seconds"] = round(time.perf_counter() - t0, 3)
-        except TritpressError as e:
-            if "baseline" in entry:  # the baseline ran, the compressed model did not: that is a failure
-                raise
-            entry["skipped"] = str(e)
-            tasks[label] = entry
-            continue
-        tasks[label] = entry
-        head = entry["compressed"]["head"]
-        for metric in TASKS[task].metrics:
-            if metric in entry["baseline"]["metrics"] and metric in entry["compressed"]["metrics"]:
-                rows.append(gate_row(label, label, metric, entry["baseline"]["metrics"][metric],
-                                     entry["compressed"]["metrics"][metric], head,
-                                     tolerance_for(task, metric, overrides)))
+    for task, data in read_jobs(cfg, base.model, tokenizer):
+        tasks[data.label] = score_job(task, data, (base.model, comp), tokenizer, cfg)
+        rows += gate_rows(task, data.label, tasks[data.label], overrides)
     report = {"passed": bool(rows) and all(r["status"] == "PASS" for r in rows), "rows": rows, "tasks": tasks,
               "models": info, "config": dataclasses.asdict(cfg), "environment": _versions(ctx.world, device),
               "files": {}}
     if not rows:
-        report["passed"] = False
         report["note"] = "no task produced numbers for both models"
     if ctx.is_main:
         from .report import write_outputs
@@ -316,13 +214,25 @@ def _versions(world: int, device) -> dict:
     return out
 
 
-def evaluate_stage(ccfg, packed_path, out_dir) -> dict:
-    """The `compress MODEL --tasks ...` pipeline stage: the packed file against the input model,
-    with the settings of the recipe's [eval] table; run whole on this process (rank 0)."""
+STAGE_KEYS = ("passed", "rows", "tasks", "files")  # what the pipeline's report.json keeps of it
+
+
+def evaluate_packed(settings: EvalConfig, tasks: str, packed_path, baseline: str, report_dir, *,
+                    config: str | None = None, trust_pickle: bool = False) -> dict:
+    """A packed file against its original model on `tasks` (e.g. "lm,cls"), with `settings` (a
+    recipe's [eval] table; its model, task and output fields are replaced); the report files go
+    to `report_dir`. Runs whole on this process (rank 0 after training), quietly; returns the
+    report's STAGE_KEYS. The pipeline's evaluation stage."""
     from .distributed import local_only
-    ecfg = dataclasses.replace(ccfg.eval, compressed=str(packed_path), baseline=ccfg.model, config=ccfg.config,
-                               trust_pickle=ccfg.trust_pickle, tasks=ccfg.tasks, out=str(Path(out_dir) / "eval"),
-                               quiet=True)
+    ecfg = dataclasses.replace(settings, compressed=str(packed_path), baseline=baseline, config=config,
+                               trust_pickle=trust_pickle, tasks=tasks, out=str(report_dir), quiet=True)
     with local_only():
         report = evaluate(ecfg)
-    return {k: report[k] for k in ("passed", "rows", "tasks", "files")}
+    return {k: report[k] for k in STAGE_KEYS}
+
+
+def evaluate_stage(ccfg, packed_path, out_dir) -> dict:
+    """The old signature (the pipeline's CompressConfig), kept until the pipeline calls
+    evaluate_packed; reads only ccfg.eval/.tasks/.model/.config/.trust_pickle."""
+    return evaluate_packed(ccfg.eval, ccfg.tasks, packed_path, ccfg.model, Path(out_dir) / "eval",
+                           config=ccfg.config, trust_pickle=ccfg.trust_pickle)

@@ -18,6 +18,7 @@ import torch
 from tritpress.compressor.errors import TritpressError
 
 from . import data as qdata
+from .encode import encode_texts, encode_words, first_subtokens
 
 AUTO_CLASSES = {"cls": "AutoModelForSequenceClassification", "tok": "AutoModelForTokenClassification",
                 "qa": "AutoModelForQuestionAnswering"}
@@ -88,54 +89,54 @@ def finetune_head(cfg: FinetuneConfig, progress=None) -> dict:
 
 
 def _training_batches(cfg: FinetuneConfig, tok):
-    rnd = random.Random(cfg.seed)
-    if cfg.task == "cls":
-        d = qdata.read_cls(cfg.train, "train")
-        idx = _pick(len(d.texts), cfg.max_samples, rnd)
-        out = []
-        for i in range(0, len(idx), cfg.batch_size):
-            b = idx[i:i + cfg.batch_size]
-            enc = tok([d.texts[k] for k in b], [d.pairs[k] for k in b] if d.pairs else None, truncation=True,
-                      max_length=cfg.max_length, padding=True, return_tensors="pt")
-            enc["labels"] = torch.tensor([d.labels[k] for k in b])
-            out.append(dict(enc))
-        return out, {"num_labels": len(d.label_names)}, d.label_names
-    if cfg.task == "tok":
-        d = qdata.read_tok(cfg.train, "train")
-        tags = sorted({t for s in d.tags for t in s})
-        index = {t: i for i, t in enumerate(tags)}
-        idx = _pick(len(d.words), cfg.max_samples, rnd)
-        out = []
-        for i in range(0, len(idx), cfg.batch_size):
-            b = idx[i:i + cfg.batch_size]
-            enc = tok([d.words[k] for k in b], is_split_into_words=True, truncation=True, max_length=cfg.max_length,
-                      padding=True, return_tensors="pt")
-            labels = torch.full(enc["input_ids"].shape, -100)
-            for r, k in enumerate(b):  # the first sub-token of each word carries its tag
-                seen = set()
-                for t, w in enumerate(enc.word_ids(r)):
-                    if w is not None and w not in seen:
-                        seen.add(w)
-                        labels[r, t] = index[d.tags[k][w]]
-            enc["labels"] = labels
-            out.append(dict(enc))
-        return out, {"num_labels": len(tags), "id2label": dict(enumerate(tags)),
-                     "label2id": index}, tags
+    """(batches of model inputs with labels, extra from_pretrained kwargs for the head, label names)."""
+    return {"cls": _cls_batches, "tok": _tok_batches, "qa": _qa_batches}[cfg.task](cfg, tok)
+
+
+def _shuffled_batches(n: int, cfg: FinetuneConfig) -> list[list[int]]:
+    """range(n) in a seeded random order, the first cfg.max_samples (0 = all), in batches."""
+    idx = list(range(n))
+    random.Random(cfg.seed).shuffle(idx)
+    idx = idx[:cfg.max_samples] if cfg.max_samples else idx
+    return [idx[i:i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
+
+
+def _cls_batches(cfg: FinetuneConfig, tok):
+    d = qdata.read_cls(cfg.train, "train")
+    out = []
+    for b in _shuffled_batches(len(d.texts), cfg):
+        enc = encode_texts(tok, d, b, cfg.max_length)
+        enc["labels"] = torch.tensor([d.labels[k] for k in b])
+        out.append(dict(enc))
+    return out, {"num_labels": len(d.label_names)}, d.label_names
+
+
+def _tok_batches(cfg: FinetuneConfig, tok):
+    d = qdata.read_tok(cfg.train, "train")
+    tags = sorted({t for s in d.tags for t in s})
+    index = {t: i for i, t in enumerate(tags)}
+    out = []
+    for b in _shuffled_batches(len(d.words), cfg):
+        enc = encode_words(tok, d.words, b, cfg.max_length)
+        labels = torch.full(enc["input_ids"].shape, -100)
+        for r, k in enumerate(b):  # the first sub-token of each word carries its tag
+            for w, t in enumerate(first_subtokens(enc, r, len(d.words[k]))):
+                if t is not None:
+                    labels[r, t] = index[d.tags[k][w]]
+        enc["labels"] = labels
+        out.append(dict(enc))
+    return out, {"num_labels": len(tags), "id2label": dict(enumerate(tags)), "label2id": index}, tags
+
+
+def _qa_batches(cfg: FinetuneConfig, tok):
     from .qa import encode_windows, span_labels
     d = qdata.read_qa(cfg.train, "train")
     if cfg.qa_articles:
         d, _ = qdata.split_by_article(d, cfg.qa_articles)
-    idx = _pick(len(d.examples), cfg.max_samples, rnd)
     out = []
-    for i in range(0, len(idx), cfg.batch_size):
-        chunk = [d.examples[k] for k in idx[i:i + cfg.batch_size]]
+    for b in _shuffled_batches(len(d.examples), cfg):
+        chunk = [d.examples[k] for k in b]
         enc, sample, offsets, context = encode_windows(tok, chunk, cfg)
         enc["start_positions"], enc["end_positions"] = span_labels(chunk, sample, offsets, context)
         out.append(dict(enc))
     return out, {}, None
-
-
-def _pick(n: int, k: int, rnd: random.Random) -> list[int]:
-    idx = list(range(n))
-    rnd.shuffle(idx)
-    return idx[:k] if k else idx

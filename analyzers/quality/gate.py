@@ -2,8 +2,9 @@
 
 A tolerance is the largest allowed *drop* (in the metric's bad direction): absolute in the
 metric's own units (points, for the 0-100 scores) or relative (a fraction of the baseline,
-written with %). Defaults: 1 point for accuracy/F1/EM, 5 % for perplexity, 2 % for bits per
-byte. `--max-drop METRIC=VALUE[%]` or `--max-drop TASK.METRIC=VALUE[%]` overrides them."""
+written with %). Each metric declares its direction and default tolerance (metrics.Metric:
+1 point for accuracy/F1/EM, 5 % for perplexity, 2 % for bits per byte).
+`--max-drop METRIC=VALUE[%]` or `--max-drop TASK.METRIC=VALUE[%]` overrides them."""
 from __future__ import annotations
 
 import math
@@ -11,8 +12,8 @@ from dataclasses import dataclass
 
 from tritpress.compressor.errors import TritpressError
 
-LOWER_IS_BETTER = {"perplexity", "bits_per_byte"}
-DEFAULT_MAX_DROP = {"perplexity": "5%", "bits_per_byte": "2%"}  # everything else: 1.0 point
+from .metrics import Metric
+from .registry import find_metric
 
 
 @dataclass
@@ -45,20 +46,29 @@ def parse_max_drop(items: list[str]) -> dict[str, Tolerance]:
     return out
 
 
-def tolerance_for(task: str, metric: str, overrides: dict[str, Tolerance]) -> Tolerance:
-    for key in (f"{task}.{metric}", metric):
+def _declared(task: str, metric: Metric | str) -> Metric:
+    """A metric given by name is looked up in the task's declaration."""
+    return metric if isinstance(metric, Metric) else find_metric(task, metric)
+
+
+def tolerance_for(task: str, metric: Metric | str, overrides: dict[str, Tolerance]) -> Tolerance:
+    metric = _declared(task, metric)
+    for key in (f"{task}.{metric.name}", metric.name):
         if key in overrides:
             return overrides[key]
-    return Tolerance.parse(DEFAULT_MAX_DROP.get(metric, "1"))
+    return Tolerance.parse(metric.max_drop)
 
 
-def gate_row(task: str, label: str, metric: str, base: float, comp: float, head: str, tol: Tolerance) -> dict:
-    lower = metric in LOWER_IS_BETTER
+def gate_row(task: str, label: str, metric: Metric | str, base: float, comp: float, head: str,
+             tol: Tolerance) -> dict:
+    """`label` names the row (lm:<dataset> for each LM text); `task` finds a metric given by name."""
+    metric = _declared(task, metric)
+    lower = metric.lower_is_better
     delta = comp - base
     rel = delta / abs(base) if base not in (0, 0.0) and math.isfinite(base) else float("nan")
     drop = delta if lower else -delta
     allowed = tol.value * abs(base) if tol.relative else tol.value
     ok = math.isfinite(comp) and math.isfinite(base) and drop <= allowed + 1e-12
-    return {"task": label, "metric": metric, "head": head, "baseline": base, "compressed": comp,
+    return {"task": label, "metric": metric.name, "head": head, "baseline": base, "compressed": comp,
             "delta": delta, "delta_rel": rel, "tolerance": str(tol), "tolerance_kind":
             "relative" if tol.relative else "absolute", "lower_is_better": lower, "status": "PASS" if ok else "FAIL"}

@@ -11,9 +11,35 @@ from __future__ import annotations
 import collections
 import re
 import string
+from dataclasses import dataclass
 
 ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 PUNCT = set(string.punctuation)
+
+
+# ------------------------------------------------------------------ what the gate compares
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A gated score, declared with what the gate needs to judge it: which way is better, and
+    how large a drop passes when `--max-drop` says nothing about it."""
+
+    name: str                      # the key in a runner's "metrics" dict and in report rows
+    lower_is_better: bool = False
+    max_drop: str = "1"            # absolute in the metric's units (points, for 0-100 scores) or "N%" of
+                                   # the baseline; the --max-drop syntax
+
+
+PERPLEXITY = Metric("perplexity", lower_is_better=True, max_drop="5%")
+BITS_PER_BYTE = Metric("bits_per_byte", lower_is_better=True, max_drop="2%")
+ACCURACY = Metric("accuracy")
+MACRO_F1 = Metric("macro_f1")
+F1 = Metric("f1")
+F1_LENIENT = Metric("f1_lenient")
+F1_STRICT = Metric("f1_strict")
+TOKEN_ACCURACY = Metric("token_accuracy")
+EXACT_MATCH = Metric("exact_match")
 
 
 # ------------------------------------------------------------------ SQuAD

@@ -78,3 +78,9 @@ def span_probe(x: torch.Tensor, allowed: torch.Tensor, starts: torch.Tensor, end
         e = out[..., 1].masked_fill(~allowed[idx], neg)
         return (F.cross_entropy(s, starts[idx]) + F.cross_entropy(e, ends[idx])) / 2
     return train_probe(x, loss, 2, cfg, mask=allowed)
+
+
+def probe_config(cfg, task) -> ProbeConfig:
+    """The probe budget of EvalConfig `cfg` for `task` (its own epoch count unless --probe-epochs)."""
+    return ProbeConfig(epochs=cfg.probe_epochs or task.probe_epochs, lr=cfg.probe_lr,
+                       batch_size=cfg.probe_batch_size, seed=cfg.seed)

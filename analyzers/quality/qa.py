@@ -5,18 +5,14 @@ A long context is split into windows of `qa_max_length` tokens that overlap by
 or the probe's). The answer is the best span over all windows of the question, among
 the `n_best` starts and ends of each window, end >= start, at most `max_answer_length`
 tokens, inside the context. SQuAD v2: the null answer (position 0) wins when its score
-beats the best span by more than `null_threshold`."""
+beats the best span by more than `null_threshold`.
+
+The QA task itself (data, own head or probe, scores) is analyzers/quality/qa_task.py."""
 from __future__ import annotations
 
 import torch
 
 from tritpress.compressor.errors import TritpressError
-
-from . import modelio
-from .encode import batches, map_batches, model_inputs, progress_bar, ready_tokenizer
-from .metrics import squad_scores
-from .probe import span_probe
-from .tasks import probe_config, use_own_head
 
 
 def encode_windows(tok, examples, cfg):
@@ -68,73 +64,3 @@ def best_answer(ex, windows, cfg, v2: bool) -> str:
     if v2 and (best_score is None or null_score > best_score + cfg.null_threshold):
         return ""
     return best
-
-
-def _window_features(model, tok, examples, cfg, update):
-    """Frozen features [W, L, H] (fp16, padded to qa_max_length), context masks and labels."""
-    parts = batches(len(examples), max(1, cfg.batch_size // 2))
-
-    def one(i):
-        chunk = [examples[k] for k in parts[i]]
-        enc, sample, offsets, context = encode_windows(tok, chunk, cfg)
-        h = modelio.features(model, model_inputs(model, enc)).half()
-        starts, ends = span_labels(chunk, sample, offsets, context)
-        return [(h[j], context[j], starts[j], ends[j]) for j in range(len(sample))]
-    rows = map_batches(one, len(parts), update, [len(p) for p in parts])
-    L = cfg.qa_max_length
-    x = torch.zeros(len(rows), L, rows[0][0].shape[-1], dtype=torch.float16)
-    allowed = torch.zeros(len(rows), L, dtype=torch.bool)
-    for j, (h, ctx, _, _) in enumerate(rows):
-        x[j, :len(h)] = h
-        allowed[j, :len(ctx)] = ctx
-    allowed[:, 0] = True  # the null answer
-    return x, allowed, torch.stack([r[2] for r in rows]), torch.stack([r[3] for r in rows])
-
-
-def run_qa(model, tokenizer, train, test, cfg, desc: str) -> dict:
-    tok = ready_tokenizer(tokenizer, need_fast=True)
-    v2 = test.version.startswith("2")
-    protocol = {"squad_version": "2.0" if v2 else "1.1", "eval_questions": len(test.examples),
-                "max_length": cfg.qa_max_length, "doc_stride": cfg.doc_stride,
-                "max_answer_length": cfg.max_answer_length, "n_best": cfg.n_best,
-                "null_threshold": cfg.null_threshold if v2 else None,
-                "normalization": "official SQuAD (lower, no punctuation/articles, collapsed spaces), max over golds"}
-    own = use_own_head(model, "qa", cfg.probe)
-    total = len(test.examples) + (0 if own else len(train.examples))
-    with progress_bar(desc, total, "q", cfg.quiet) as update:
-        if own:
-            scorer = lambda enc: _own_logits(model, enc)  # noqa: E731
-            head = "own"
-        else:
-            pc = probe_config(cfg, "qa")
-            x, allowed, starts, ends = _window_features(model, tok, train.examples, cfg, update)
-            probe = span_probe(x, allowed, starts, ends, pc)
-            scorer = lambda enc: _probe_logits(model, probe, enc)  # noqa: E731
-            head = "probe"
-            protocol.update(probe=pc.to_dict(), probe_train_questions=len(train.examples), probe_train_windows=len(x))
-        parts = batches(len(test.examples), max(1, cfg.batch_size // 2))
-
-        def one(i):
-            chunk = [test.examples[k] for k in parts[i]]
-            enc, sample, offsets, context = encode_windows(tok, chunk, cfg)
-            start, end = scorer(model_inputs(model, enc))
-            per_example = {}
-            for j, k in enumerate(sample):
-                per_example.setdefault(k, []).append((start[j], end[j], offsets[j], context[j]))
-            return [(ex.id, best_answer(ex, per_example[k], cfg, v2)) for k, ex in enumerate(chunk)]
-        predictions = dict(map_batches(one, len(parts), update, [len(p) for p in parts]))
-    golds = {e.id: e.answers for e in test.examples}
-    scores = squad_scores(predictions, golds)
-    metrics = {"exact_match": scores["exact_match"], "f1": scores["f1"]}
-    metrics.update({k: v for k, v in scores.items() if k.startswith(("HasAns", "NoAns")) and not k.endswith("total")})
-    return {"metrics": metrics, "protocol": protocol, "head": head}
-
-
-def _own_logits(model, enc):
-    out = model(**enc)
-    return out.start_logits.float().cpu(), out.end_logits.float().cpu()
-
-
-def _probe_logits(model, probe, enc):
-    out = probe(modelio.features(model, enc))
-    return out[..., 0], out[..., 1]

@@ -1,0 +1,92 @@
+"""The token classification task (NER, CoNLL-style): entity F1 (seqeval, lenient and strict)
+and token accuracy. Each word is labelled at its first sub-token, by the model's own
+token-classification head or a linear probe on frozen features."""
+from __future__ import annotations
+
+import torch
+
+from tritpress.compressor.errors import TritpressError
+
+from . import data as qdata
+from . import modelio
+from .encode import (batches, encode_words, first_subtokens, map_batches, model_inputs, progress_bar,
+                     ready_tokenizer)
+from .metrics import entity_scores, token_accuracy
+from .probe import classifier_probe, probe_config
+from .registry import TaskData, use_own_head
+
+
+def read_tok(task, cfg, need_train: bool) -> list[TaskData]:
+    spec, train_spec = task.eval_data(cfg), task.train_data(cfg)
+    prot = {}
+    test, prot["eval"] = qdata.sample(qdata.read_tok(spec, task.eval_split), cfg.max_samples, cfg.seed, spec,
+                                      task.eval_split)
+    train = None
+    if need_train:
+        full = qdata.read_tok(train_spec or qdata.hf_train_spec(spec, task.train_flag, task.train_split),
+                              task.train_split)
+        train, prot["probe_train"] = qdata.sample(full, cfg.probe_samples, cfg.seed, train_spec or "train split",
+                                                  task.train_split)
+    return [TaskData(task.name, test, train, prot)]
+
+
+def _word_outputs(model, tok, words, cfg, update, fn) -> list:
+    """fn(per-token tensor [T, ...]) at each word's first sub-token; None for truncated words."""
+    parts = batches(len(words), cfg.batch_size)
+
+    def one(i):
+        enc = encode_words(tok, words, parts[i], cfg.max_length)
+        out = fn(model_inputs(model, enc))
+        rows = []
+        for r, s in enumerate(parts[i]):
+            rows.append([None if t is None else out[r, t] for t in first_subtokens(enc, r, len(words[s]))])
+        return rows
+    return map_batches(one, len(parts), update)
+
+
+def _own_tags(model, tok, test, cfg, update) -> list[list[str]]:
+    id2label = {int(k): v for k, v in model.config.id2label.items()}
+    gold_tags = {t for s in test.tags for t in s}
+    if not gold_tags & set(id2label.values()) - {"O"}:
+        raise TritpressError(f"the model's labels {sorted(id2label.values())[:6]} do not match the data's "
+                             f"tags {sorted(gold_tags)[:6]}")
+    per_word = _word_outputs(model, tok, test.words, cfg, update, lambda enc: model(**enc).logits.argmax(-1).cpu())
+    return [["O" if p is None else id2label[int(p)] for p in row] for row in per_word]
+
+
+def _probe_tags(task, model, tok, train, test, cfg, update, protocol: dict) -> list[list[str]]:
+    pc = probe_config(cfg, task)
+    tags = sorted({t for s in train.tags for t in s})
+    index = {t: i for i, t in enumerate(tags)}
+    feats = lambda enc: modelio.features(model, enc)  # noqa: E731
+    train_rows = _word_outputs(model, tok, train.words, cfg, update, feats)
+    x = torch.stack([v for row in train_rows for v in row if v is not None])
+    y = torch.tensor([index[t] for row, ts in zip(train_rows, train.tags) for v, t in zip(row, ts) if v is not None])
+    probe = classifier_probe(x, y, len(tags), pc)
+    test_rows = _word_outputs(model, tok, test.words, cfg, update, feats)
+    flat = [v for row in test_rows for v in row if v is not None]
+    with torch.no_grad():
+        predicted = iter(probe(torch.stack(flat)).argmax(-1).tolist() if flat else [])
+    protocol.update(probe=pc.to_dict(), probe_train_sentences=len(train.words), probe_train_words=len(y))
+    return [["O" if v is None else tags[next(predicted)] for v in row] for row in test_rows]
+
+
+def _scores(gold: list[list[str]], preds: list[list[str]]) -> dict:
+    lenient, strict = entity_scores(gold, preds, "lenient"), entity_scores(gold, preds, "strict")
+    return {"f1_lenient": lenient["f1"], "f1_strict": strict["f1"], "token_accuracy": token_accuracy(gold, preds),
+            "precision_lenient": lenient["precision"], "recall_lenient": lenient["recall"],
+            "precision_strict": strict["precision"], "recall_strict": strict["recall"]}
+
+
+def run_tok(task, model, tokenizer, data: TaskData, cfg, desc: str) -> dict:
+    tok, test, own = ready_tokenizer(tokenizer, need_fast=True), data.test, use_own_head(model, task, cfg.probe)
+    protocol = {"eval_sentences": len(test.words), "eval_words": sum(map(len, test.words)),
+                "tagging": "IOB2 (IOB1 input converted)", "first_subtoken_labels_word": True,
+                "seqeval": {"lenient": "default (conlleval)", "strict": "mode='strict', scheme=IOB2"},
+                "max_length": cfg.max_length}
+    with progress_bar(desc, len(test.words) + (0 if own else len(data.train.words)), "sent", cfg.quiet) as update:
+        if own:
+            preds, head = _own_tags(model, tok, test, cfg, update), "own"
+        else:
+            preds, head = _probe_tags(task, model, tok, data.train, test, cfg, update, protocol), "probe"
+    return {"metrics": _scores(test.tags, preds), "protocol": protocol, "head": head}
