@@ -39,15 +39,17 @@ ONNX_NAME = "model.onnx"
 @dataclass
 class CompressConfig:
     model: str                                   # path, hub id or pkg:NAME
-    out: str | None = None                       # output folder (default runs/<model name>)
+    out: str | None = None                       # output folder [default: runs/<model name>]
     config: str | None = None                    # HF config.json for a bare state_dict
-    trust_pickle: bool = False                   # allow full unpickling of a saved nn.Module
+    trust_pickle: bool = False                   # allow full unpickling of a saved nn.Module (runs code from
+                                                 # the file: trusted files only)
     quant: TernaryConfig = field(default_factory=TernaryConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sharing: SharingConfig = field(default_factory=SharingConfig)
     check: bool = True                           # compare outputs: original vs ternary, converted vs reload
     onnx: OnnxConfig = field(default_factory=OnnxConfig)  # [onnx] enabled = true: export model.onnx last
-    tasks: str | None = None                     # evaluate after packing: lm,cls,tok,qa (settings: [eval])
+    tasks: str | None = None                     # after packing, evaluate and gate on these tasks (lm,cls,tok,qa;
+                                                 # data and tolerances from the recipe's [eval] table)
     eval: "EvalConfig" = field(default_factory=lambda: _eval_config())
 
     def out_dir(self) -> Path:

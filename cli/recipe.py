@@ -62,13 +62,12 @@ def section_config(cls, values: dict, name: str):
     return cls(**values)
 
 
-def build_config(recipe: dict, overrides: dict, section_overrides: dict[str, dict]) -> CompressConfig:
-    """Recipe values, then explicitly given flags (None = not given)."""
+def build_config(recipe: dict, flags: dict[str, dict]) -> CompressConfig:
+    """Recipe values, then the flags given on the command line: {table: {key: value}}, where
+    table "" holds the top-level keys (model, out, ...)."""
     recipe = dict(recipe)
-    sections = {name: dict(recipe.pop(name, {}) or {}) for name in SECTIONS}
-    for name, values in section_overrides.items():
-        sections[name].update({k: v for k, v in values.items() if v is not None})
-    top = {**recipe, **{k: v for k, v in overrides.items() if v is not None}}
+    sections = {name: {**(recipe.pop(name, {}) or {}), **flags.get(name, {})} for name in SECTIONS}
+    top = {**recipe, **flags.get("", {})}
     fields = {f.name for f in dataclasses.fields(CompressConfig)} - set(SECTIONS)
     unknown = set(top) - fields
     if unknown:

@@ -1,4 +1,5 @@
-"""Configuration dataclasses. Every CLI flag maps to one field here."""
+"""Configuration dataclasses. Every CLI flag maps to one field here; a field's trailing comment is
+its --help (cli/flags.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,15 +24,15 @@ class TernaryConfig:
     follow their own format; norms and biases stay float (stored as `float_dtype`).
     """
 
-    method: str = "absmean"          # absmean (BitNet b1.58) | twn (TernaryBERT)
-    granularity: str = "tensor"      # one scale per tensor | per output channel
-    act_bits: int | None = None      # 8 -> per-token absmax int8 activations (W1.58A8)
-    embedding: str = "int8"          # keep | fp32 | fp16 | bf16 | int8 | int4 | ternary (per row)
-    head: str = "int8"               # output head; a head tied to the embedding follows `embedding`
+    method: str = "absmean"          # ternary quantizer: absmean (BitNet b1.58) | twn (TernaryBERT)
+    granularity: str = "tensor"      # one scale per tensor or per output channel
+    act_bits: int | None = None      # 8: per-token absmax int8 activations (W1.58A8) [default: off]
+    embedding: str = "int8"          # embedding storage: keep | fp32 | fp16 | bf16 | int8 | int4 | ternary (per row)
+    head: str = "int8"               # output head storage; a head tied to the embedding follows --embedding
     outside_blocks: str = "keep"     # Linears outside the block stack (pooler, classifier...)
     float_dtype: str = "fp16"        # storage of norms, biases and tensors kept float
     scale_dtype: str = "fp16"        # storage of quantization scales
-    exclude: list[str] = field(default_factory=list)  # regexes of module names left untouched
+    exclude: list[str] = field(default_factory=list)  # regex of module names left float (repeatable)
 
     def __post_init__(self):
         def check(name, value, allowed):

@@ -40,23 +40,28 @@ INITS = ("average", "stepwise", "closest")
 class SharingConfig:
     """Which blocks share weights, what is tied inside a block, and how the shared weight starts."""
 
-    strategy: str = "none"          # none | alternate | sequential | cycle | sequence | middle-cycle | groups | auto
-    groups: str | None = None       # explicit groups: "0,2,4;1,3,5" or a JSON file ([[0,2,4],[1,3,5]])
-    every: int = 2                  # sequential: blocks i, i+every, i+2*every... share
-    unique: int = 0                 # cycle / sequence / middle-cycle: unique blocks; 0 = half the stack
-    share: str = "all"              # all | attention | ffn: which matrices of a block are tied
-    init: str = "average"           # average | stepwise | closest: initial value of a shared weight
-    relax_rank: int = 0             # per-occurrence low-rank correction (0 = strict tie)
-    target_params: float = 0.0      # auto: unique block parameters after / before (e.g. 0.5)
+    strategy: str = "none"          # cross-layer sharing: none, alternate, sequential[:N], cycle[:K], sequence[:K],
+                                    # middle-cycle[:K], auto, explicit groups "0,2,4;1,3,5" or a .json file
+    groups: str | None = None       # with strategy groups: "0,2,4;1,3,5" or a JSON file ([[0,2,4],[1,3,5]])
+    every: int = 2                  # sequential: stride N (blocks i, i+N, i+2N... share)
+    unique: int = 0                 # cycle/sequence/middle-cycle: unique blocks; 0 = half the stack
+    share: str = "all"              # matrices tied inside a block: all | attention | ffn
+    init: str = "average"           # initial shared weight: group average, stepwise (one evenly spaced member)
+                                    # or closest to the mean
+    relax_rank: int = 0             # per-occurrence low-rank correction of shared weights (counted in sizes);
+                                    # 0 = strict tie
+    target_params: float = 0.0      # auto: unique block parameters to keep, as a fraction (e.g. 0.5)
     max_loss_increase: float = 0.0  # auto: largest calibration-loss increase accepted
-    data: str | None = None         # calibration text (default: the training --data)
-    calib_sequences: int = 16
-    calib_seq_len: int = 128
-    auto_pairs: int = 66            # auto/analysis: at most this many block pairs are tied and measured
-    auto_refine: int = 12           # auto: at most this many block swaps are tied and measured
-    auto_probe_steps: int = 0       # auto: rank the best candidates after this many QAT steps (0 = right after tying)
-    auto_probe_top: int = 0         # auto with probe: fine-tune at most this many candidates (0 = all of them)
-    analyze: bool = True            # compress: run the redundancy analysis first (needs calibration data)
+    data: str | None = None         # calibration text for the analysis [default: the training --data]
+    calib_sequences: int = 16       # calibration sequences
+    calib_seq_len: int = 128        # calibration tokens per sequence
+    auto_pairs: int = 66            # auto/analysis: block pairs tied and measured at most (0 = none)
+    auto_refine: int = 12           # auto: block swaps tied and measured at most
+    auto_probe_steps: int = 0       # auto: rank the candidates by their calibration loss after this many QAT
+                                    # steps each, not right after tying (0 = off)
+    auto_probe_top: int = 0         # auto with --share-probe-steps: fine-tune at most this many candidates,
+                                    # best after tying first (0 = all)
+    analyze: bool = True            # compress: write the redundancy analysis first (needs calibration text)
 
     def __post_init__(self):
         s = str(self.strategy)

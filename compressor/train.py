@@ -51,30 +51,31 @@ CRASH_ENV = "TRITPRESS_CRASH_AT_STEP"  # test hook: hard-exit after this step, a
 
 @dataclass
 class TrainConfig:
-    steps: int = 0                 # optimizer steps; 0 = post-training quantization only
-    data: str | None = None        # training text: file, pkg:ptb, or HF dataset NAME[:CONFIG]
-    text_column: str = "text"
-    eval_data: str | None = None   # held-out text for before/after loss (default: DATA's held-out split)
-    seq_len: int = 128
-    batch_size: int = 8            # sequences per optimizer step, across all processes
-    micro_batch_size: int = 0      # sequences per forward per process; 0 = no accumulation
-    lr: float = 0.0                # 0 = by model size: 2e-4 below 100M params, 1e-4 above
-    weight_decay: float = 0.0
-    warmup_steps: int = -1         # learning-rate warm-up; -1 = 10% of steps
-    schedule: str = "cosine"       # cosine | linear | constant decay after warm-up
-    quant_warmup: int = -1         # steps for lambda to reach 1; -1 = half of steps
-    quant_schedule: str = "linear"  # linear: min(step/warmup, 1) | sigmoid | none (lambda = 1)
-    grad_clip: float = 1.0
-    task_weight: float = 1.0
-    kd_weight: float = 1.0
-    kd_temperature: float = 1.0
-    hidden_weight: float = 1.0
-    max_train_tokens: int = 0      # 0 = all of DATA
+    steps: int = 0                 # QAT optimizer steps with distillation from the original; 0 = post-training only
+    data: str | None = None        # training text: .txt/.jsonl/.json/.csv/.tsv/.parquet file, pkg:ptb,
+                                   # or a HF dataset NAME[:CONFIG] (online)
+    text_column: str = "text"      # text column of tabular data
+    eval_data: str | None = None   # held-out text for before/after loss [default: the last 5% of --data]
+    seq_len: int = 128             # tokens per training sequence
+    batch_size: int = 8            # sequences per optimizer step, all processes together
+    micro_batch_size: int = 0      # sequences per forward per process (gradient accumulation); 0 = no accumulation
+    lr: float = 0.0                # peak learning rate [default: 2e-4 below 100M params, 1e-4 above]
+    weight_decay: float = 0.0      # AdamW weight decay
+    warmup_steps: int = -1         # learning-rate warm-up steps [default: 10% of steps]
+    schedule: str = "cosine"       # LR decay after warm-up: cosine | linear | constant
+    quant_warmup: int = -1         # steps for lambda to reach 1 [default: half of steps]
+    quant_schedule: str = "linear"  # lambda schedule: linear = min(step/warmup, 1) | sigmoid | none (lambda = 1)
+    grad_clip: float = 1.0         # gradient-norm clip
+    task_weight: float = 1.0       # next-token CE weight
+    kd_weight: float = 1.0         # logit KL / output MSE weight
+    kd_temperature: float = 1.0    # KD temperature
+    hidden_weight: float = 1.0     # per-block hidden-state MSE weight
+    max_train_tokens: int = 0      # use at most this many training tokens; 0 = all of --data
     eval_tokens: int = 32768       # held-out tokens scored before and after
-    seed: int = 0
-    checkpoint_every: int = 50     # steps; 0 = never
-    resume: bool = False
-    parallel: str = "ddp"          # ddp | fsdp (with more than one process)
+    seed: int = 0                  # seed for data order and init
+    checkpoint_every: int = 50     # save training state every N steps; 0 = never
+    resume: bool = False           # continue from the last training checkpoint in --out
+    parallel: str = "ddp"          # with several processes: ddp | fsdp
 
     def __post_init__(self):
         for name, allowed in (("schedule", SCHEDULES), ("quant_schedule", QUANT_SCHEDULES),

@@ -68,15 +68,20 @@ class OnnxValidationError(TritpressError):
 class OnnxConfig:
     """How `export_onnx` writes and checks the ONNX file."""
 
-    enabled: bool = False           # pipeline only: export after packing (`compress MODEL --onnx`)
-    format: str = "matmulnbits"     # matmulnbits (ORT contrib) | int2 (DequantizeLinear, opset 25) | float
-    accuracy_level: int = 4         # MatMulNBits compute type: 4 = int8 activations (fast CPU path)
-    block_size: int = 128           # MatMulNBits block along K (power of two >= 16)
-    atol: float | None = None       # max |ONNX - PyTorch| per output [default: FLOAT_ATOL / INT8_ACT_RTOL]
-    opset: int = 25                 # opset of the final graph when it needs INT2/INT4 (>= 21 / 25)
-    validate: bool = True           # run ONNX Runtime vs PyTorch after export
-    float_dtype: str = "fp32"       # format float: storage of the dequantized weights (fp16: half the file)
-    kv_cache: bool = False          # decoder LMs: incremental-decoding graph with past/present key-values
+    enabled: bool = False           # pipeline only: also export <out>/model.onnx (validated with ONNX Runtime)
+    format: str = "matmulnbits"     # matmulnbits: ORT com.microsoft::MatMulNBits (2-bit); int2: standard
+                                    # DequantizeLinear on INT2 (opset 25); float: dequantized fp32 weights
+    accuracy_level: int = 4         # MatMulNBits compute type, 4 = int8 activations (fast CPU path)
+    block_size: int = 128           # MatMulNBits block size along the input dimension (power of two >= 16)
+    atol: float | None = None       # max |ONNX - PyTorch| per output [default: 1e-4 with fp32 compute;
+                                    # 0.1 x max |PyTorch output| with int8 activations (matmulnbits at
+                                    # accuracy level 4, int2)]
+    opset: int = 25                 # opset of a graph that needs INT2/INT4 initializers (>= 25 / 21); others
+                                    # keep the TorchScript exporter's 20
+    validate: bool = True           # compare ONNX Runtime with PyTorch after export
+    float_dtype: str = "fp32"       # format float: fp32 or fp16 storage of the dequantized weights
+    kv_cache: bool = False          # decoder LMs: export the incremental-decoding graph (past_key_values.* in,
+                                    # present.* out)
 
     def __post_init__(self):
         if self.format not in ONNX_FORMATS:

@@ -27,19 +27,19 @@ AUTO_CLASSES = {"cls": "AutoModelForSequenceClassification", "tok": "AutoModelFo
 @dataclass
 class FinetuneConfig:
     model: str = ""                   # an HF folder or pkg:NAME (a transformers encoder)
-    task: str = "cls"                 # cls | tok | qa
-    train: str = ""                   # training data (same formats as `compress evaluate`)
-    out: str = ""
-    steps: int = 300
-    batch_size: int = 16
-    lr: float = 5e-5
-    max_length: int = 128             # cls/tok; qa uses qa_max_length / doc_stride
-    qa_max_length: int = 256
-    doc_stride: int = 128
-    max_samples: int = 0              # 0 = all training examples
+    task: str = "cls"                 # cls, tok or qa
+    train: str = ""                   # training data (GLUE .tsv / CoNLL / SQuAD .json/.zip / .jsonl / .csv)
+    out: str = ""                     # output HF folder (model + tokenizer)
+    steps: int = 300                  # optimizer steps
+    batch_size: int = 16              # examples per step
+    lr: float = 5e-5                  # AdamW learning rate, linear decay
+    max_length: int = 128             # cls/tok tokens; qa uses --qa-max-length / --doc-stride
+    qa_max_length: int = 256          # QA window tokens
+    doc_stride: int = 128             # QA window overlap
+    max_samples: int = 0              # use at most N training examples, seeded; 0 = all
     qa_articles: float = 0.0          # qa: train on this leading fraction of the articles only (0 = all);
                                       # `compress evaluate --qa-heldout` then scores the other articles
-    seed: int = 0
+    seed: int = 0                     # seed
 
 
 def _folder(spec: str) -> str:

@@ -1,0 +1,214 @@
+"""A setting is declared once: every field of every config dataclass is reachable by a flag
+and (where the command reads recipes) by a recipe key, and setting it either way, or through
+the Python API, gives the same config. Also: the CLI modules import without a cycle and
+without touching the environment."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.cli_helpers import run_cli
+from tritpress.analyzers.quality.evaluate import EvalConfig
+from tritpress.analyzers.quality.finetune import FinetuneConfig
+from tritpress.cli import settings
+from tritpress.cli.flags import choice_enum, field_comments, field_type
+from tritpress.cli.pipeline import CompressConfig
+from tritpress.cli.recipe import SECTIONS
+from tritpress.compressor.share import SharingConfig
+from tritpress.exporters.onnx import OnnxConfig
+
+# values a generic rule (next choice, default + 1, ...) would get wrong: they must be valid
+VALUES = {
+    ("TernaryConfig", "act_bits"): 8, ("TernaryConfig", "exclude"): ["blocks\\.0"],
+    ("SharingConfig", "strategy"): "alternate", ("SharingConfig", "groups"): "0,1;2,3",
+    ("OnnxConfig", "accuracy_level"): 1, ("OnnxConfig", "block_size"): 64, ("OnnxConfig", "float_dtype"): "fp16",
+    ("EvalConfig", "tasks"): "lm,qa", ("EvalConfig", "probe"): "always", ("EvalConfig", "device"): "cpu",
+    ("EvalConfig", "max_drop"): ["perplexity=5%", "cls.accuracy=2"], ("EvalConfig", "qa_train_fraction"): 0.25,
+    ("FinetuneConfig", "task"): "qa",
+}
+POSITIONAL = {"CompressConfig": "model", "EvalConfig": "compressed", "FinetuneConfig": "model"}
+
+
+def other_value(cls, f: dataclasses.Field):
+    """A valid value different from the field's default."""
+    if (cls.__name__, f.name) in VALUES:
+        return VALUES[(cls.__name__, f.name)]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    choices = choice_enum(cls, f.name)
+    if choices:
+        return next(c.value for c in choices if c.value != default)
+    scalar, is_list = field_type(cls, f)
+    if is_list:
+        return ["a.txt", "b.txt"]
+    if scalar is bool:
+        return not default
+    if scalar is str:
+        return f"{f.name}-value"
+    return scalar((default or 0) + (1 if scalar is int else 0.5))
+
+
+def flag_args(section, f: dataclasses.Field, value) -> list[str]:
+    flag = section.flag_names(f.name)[0]
+    if isinstance(value, bool):
+        return [flag] if value else [f"--no-{flag[2:]}"]
+    if isinstance(value, list):
+        return [a for v in value for a in (flag, str(v))]
+    return [flag, str(value)]
+
+
+def cases(command: str, sections):
+    return [pytest.param(command, s, f, id=f"{command}-{s.name or 'top'}.{f.name}")
+            for s in sections for f in s.fields()]
+
+
+ALL_CASES = (cases("run", settings.RUN) + cases("evaluate", settings.EVALUATE)
+             + cases("finetune-head", settings.FINETUNE) + cases("export", settings.EXPORT)
+             + cases("analyze", settings.ANALYZE))
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Replace each command's work by recording the config it built."""
+    import tritpress.analyzers.redundancy as redundancy
+    from tritpress.cli import evaluate, export, run
+
+    seen = []
+    monkeypatch.setattr(run, "run_pipeline", lambda cfg, quiet: seen.append(cfg))
+    monkeypatch.setattr(evaluate, "run_evaluation", lambda cfg: seen.append(cfg) or {"passed": True})
+    monkeypatch.setattr(evaluate, "show_evaluation", lambda report, json_out: None)
+    monkeypatch.setattr(evaluate, "run_finetune",
+                        lambda cfg: seen.append(cfg) or {"first_loss": 1.0, "final_loss_mean_last_10": 1.0})
+    monkeypatch.setattr(export, "run_export", lambda packed, onnx, cfg, quiet: seen.append(cfg) or {})
+    monkeypatch.setattr(redundancy, "analyze_model", lambda model, cfg, *a: seen.append(cfg) or ({}, []))
+    return seen
+
+
+BASE_ARGS = {"run": ["run", "m"], "evaluate": ["evaluate", "m"], "export": ["export", "p.safetensors", "--onnx", "o"],
+             "finetune-head": ["finetune-head", "m", "--task", "tok", "--train", "t", "--out", "o"],
+             "analyze": ["analyze", "m", "--json", "--share-data", "cal.txt"]}
+
+
+def api_config(command: str, section, name: str, value):
+    """The config the Python API builds for the same setting."""
+    if command == "run" and section.name == "":
+        return CompressConfig(model="m", **{name: value})
+    if command == "run":
+        return CompressConfig(model="m", **{section.name: section.cls(**{name: value})})
+    if command == "evaluate":
+        return EvalConfig(compressed="m", **{name: value})
+    if command == "finetune-head":
+        return FinetuneConfig(**{"model": "m", "task": "tok", "train": "t", "out": "o", name: value})
+    if command == "analyze":
+        return SharingConfig(**{"data": "cal.txt", name: value})
+    return section.cls(**{name: value})
+
+
+@pytest.mark.parametrize("command, section, f", ALL_CASES)
+def test_flag_and_api_give_the_same_config(command, section, f, captured, capsys):
+    value = other_value(section.cls, f)
+    code, _, err = run_cli([*BASE_ARGS[command], *flag_args(section, f, value)], capsys)
+    assert code == 0, err
+    expected = api_config(command, section, f.name, value)
+    assert captured == [expected]
+    assert expected != DEFAULTS[command]  # the flag really changed the setting
+
+
+DEFAULTS = {"run": CompressConfig(model="m"), "evaluate": EvalConfig(compressed="m"), "export": OnnxConfig(),
+            "finetune-head": FinetuneConfig(model="m", task="tok", train="t", out="o"),
+            "analyze": SharingConfig(data="cal.txt")}
+
+
+def _recipe(tmp_path, table: str, key: str, value) -> str:
+    path = tmp_path / "r.toml"
+    head = f"{key} = {json.dumps(value)}\n" if not table else f"[{table}]\n{key} = {json.dumps(value)}\n"
+    path.write_text(head)
+    return str(path)
+
+
+RECIPE_CASES = [pytest.param(s, f, id=f"{s.name or 'top'}.{f.name}") for s in settings.RUN for f in s.fields()] + \
+    [pytest.param(settings.EVALUATE[0], f, id=f"eval.{f.name}") for f in dataclasses.fields(EvalConfig)]
+
+
+@pytest.mark.parametrize("section, f", RECIPE_CASES)
+def test_recipe_key_gives_the_config_of_the_flag(section, f, captured, tmp_path, capsys):
+    """`compress run --recipe` reads every table, [eval] included; `compress evaluate --recipe` its [eval]."""
+    value = other_value(section.cls, f)
+    recipe = _recipe(tmp_path, section.name, f.name, value)
+    code, _, err = run_cli(["run", "m", "--recipe", recipe], capsys)
+    assert code == 0, err
+    if section.cls is EvalConfig:
+        assert captured[-1] == CompressConfig(model="m", eval=EvalConfig(**{f.name: value}))
+        if f.name != "compressed":  # the positional argument wins over the recipe
+            code, _, err = run_cli(["evaluate", "m", "--recipe", recipe], capsys)
+            assert code == 0, err
+            assert captured[-1] == EvalConfig(compressed="m", **{f.name: value})
+    else:
+        assert captured[-1] == api_config("run", section, f.name, value)
+
+
+def test_every_field_has_a_flag_or_is_the_positional_argument():
+    covered = {}
+    for sections in (settings.RUN, settings.EVALUATE, settings.FINETUNE, settings.EXPORT):
+        for s in sections:
+            covered.setdefault(s.cls, set()).update(f.name for f in s.fields())
+    for cls, names in covered.items():
+        missing = {f.name for f in dataclasses.fields(cls)} - names
+        if cls is CompressConfig:
+            missing -= set(SECTIONS)  # tables: their own sections above ([eval]: `compress evaluate`)
+        missing.discard(POSITIONAL.get(cls.__name__))
+        assert not missing, (cls.__name__, missing)
+    assert EvalConfig in covered and set(SECTIONS.values()) - {EvalConfig} <= set(covered)
+
+
+def test_help_comes_from_the_field_comments(capsys):
+    comments = field_comments(SharingConfig)
+    assert comments["strategy"].endswith('explicit groups "0,2,4;1,3,5" or a .json file')  # continuation line
+    evaluation = field_comments(EvalConfig)
+    assert evaluation["trust_pickle"] == "allow unpickling a saved nn.Module"  # the group comment after it: not help
+    assert evaluation["lm_data"].startswith("LM text (repeatable): WikiText .txt")  # continued at another column
+    code, out, _ = run_cli(["run", "--help"], capsys)
+    assert code == 0
+    assert "Tokens per training sequence [default: 128]" in out and "--share-probe-steps" in out
+
+
+def test_analyze_old_flag_names_still_work(captured, capsys):
+    new = ["--share-data", "cal.txt", "--share-sequences", 4, "--share-seq-len", 16, "--share-pairs", 3]
+    old = ["--data", "cal.txt", "--sequences", 4, "--seq-len", 16, "--pairs", 3]
+    for flags in (new, old):
+        code, _, err = run_cli(["analyze", "m", "--json", *flags], capsys)
+        assert code == 0, err
+    assert captured[0] == captured[1] == SharingConfig(data="cal.txt", calib_sequences=4, calib_seq_len=16,
+                                                         auto_pairs=3)
+    code, out, _ = run_cli(["analyze", "--help"], capsys)
+    assert "--share-data" in out and "--sequences" not in out  # the old names are hidden
+    code, _, err = run_cli(["analyze", "m"], capsys)
+    assert code == 2 and "--share-data" in err
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_importing_the_cli_sets_nothing_and_has_no_cycle():
+    proc = _python("import os, sys\n"
+                   "import tritpress.cli.main\n"
+                   "assert 'torch' not in sys.modules, 'cli.main imports torch'\n"
+                   "import tritpress.cli.evaluate, tritpress.cli.analyze, tritpress.cli.export, tritpress.cli.run\n"
+                   "assert 'tritpress.cli.app' not in sys.modules, 'a command imports the app'\n"
+                   "import tritpress.cli.app\n"
+                   "assert 'TQDM_DISABLE' not in os.environ\n")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_main_disables_library_progress_bars_before_they_load():
+    proc = _python("from tritpress.cli.main import main\n"
+                   "try:\n    main(['info', '--help'])\nexcept SystemExit:\n    pass\n"
+                   "import tqdm\n"
+                   "assert tqdm.tqdm(total=2).disable\n")
+    assert proc.returncode == 0, proc.stderr
