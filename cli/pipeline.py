@@ -110,8 +110,10 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
             # the probes train on the same blocks as the real run: read and tokenize them once
             train_data = _training_blocks(cfg.train, loaded, need="--share-probe-steps")
             probe = _qat_probe(cfg, loaded, ctx, train_data[0])
+        from tritpress.analyzers.redundancy import write_outputs
+        write_analysis = (lambda analysis: write_outputs(analysis, out / "analysis")) if ctx.is_main else None
         start, sharing = share_stage(original, loaded.tokenizer, cfg.sharing, cfg.sharing.data or cfg.train.data,
-                                     out / "analysis", cfg.quant.exclude, write=ctx.is_main, probe=probe)
+                                     cfg.quant.exclude, write_analysis=write_analysis, probe=probe)
         done("share")
 
     training = None
