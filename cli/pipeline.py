@@ -272,9 +272,9 @@ def _fine_tune(cfg: CompressConfig, loaded, ctx, listener: Listener, start=None,
         if start is not teacher:
             quality["shared_float"] = held_out_quality(io, start, eval_blocks, teacher)
         quality["ternary_post_training"] = held_out_quality(io, convert(copy.deepcopy(student)), eval_blocks, teacher)
-    findings = train_qat(student, teacher, structure, blocks, tcfg, cfg.out_dir() / "train", ctx,
-                         on_step=lambda entry: listener.step(entry, tcfg.steps))
-    full_state = findings.pop("_full_state", None)
+    result = train_qat(student, teacher, structure, blocks, tcfg, cfg.out_dir() / "train", ctx,
+                       on_step=lambda entry: listener.step(entry, tcfg.steps))
+    findings, full_state = result.findings, result.full_state
     if not ctx.is_main:
         return None, findings  # rank 0 packs and reports
     if full_state is not None:  # FSDP: rebuild a plain student from the gathered weights
