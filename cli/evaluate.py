@@ -83,7 +83,7 @@ def evaluate_command(
     debug: bool = DebugOpt,
 ):
     """Score COMPRESSED against its baseline on LM / classification / NER / QA; gate on the drops."""
-    from tritpress.cli.main import _launch_workers, _quiet_libraries
+    from tritpress.cli.launch import launch_workers as _launch_workers, quiet_libraries as _quiet_libraries
 
     given = {k: v for k, v in locals().items() if k in {f.name for f in dataclasses.fields(EvalConfig)}}
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
@@ -138,7 +138,7 @@ def finetune_head_command(
     import sys
 
     from tritpress.analyzers.quality.finetune import FinetuneConfig, finetune_head
-    from tritpress.cli.main import _quiet_libraries
+    from tritpress.cli.launch import quiet_libraries as _quiet_libraries
 
     _quiet_libraries()
     given = {k: v for k, v in locals().items() if k in {f.name for f in dataclasses.fields(FinetuneConfig)}

@@ -25,6 +25,7 @@ from tritpress.compressor.share import INITS, SHARE_KINDS, SharingConfig
 from tritpress.compressor.train import PARALLEL, QUANT_SCHEDULES, SCHEDULES, TrainConfig
 
 from tritpress.cli.export import OnnxFormat, export as export_command
+from tritpress.cli.launch import launch_workers as _launch_workers, quiet_libraries as _quiet_libraries
 from tritpress.cli.options import DebugOpt
 
 DEFAULTS = TernaryConfig()
@@ -66,18 +67,6 @@ ShareInit = _choices("ShareInit", INITS)
 
 def _value(choice):
     return None if choice is None else choice.value
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-    warnings.filterwarnings("ignore")
-    try:
-        import transformers
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:
-        pass
 
 
 app.command(name="export")(export_command)
@@ -268,26 +257,6 @@ app.command("finetune-head")(finetune_head_command)
 from tritpress.cli.analyze import analyze  # noqa: E402  (registers `compress analyze`)
 
 app.command("analyze")(analyze)
-
-
-def _launch_workers(nproc: int, max_restarts: int) -> int:
-    """Re-run this very command under torchrun with N local workers (minus --nproc)."""
-    import subprocess
-
-    args, skip = [], False
-    for a in sys.argv[1:]:
-        if skip:
-            skip = False
-            continue
-        if a in ("--nproc", "--max-restarts"):
-            skip = True
-            continue
-        if a.startswith(("--nproc=", "--max-restarts=")):
-            continue
-        args.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           f"--max-restarts={max_restarts}", "-m", "tritpress.cli.main", *args]
-    return subprocess.call(cmd)
 
 
 class _PlainListener:
