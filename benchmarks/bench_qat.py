@@ -236,7 +236,7 @@ def check_replica(model, structure, io, ids, n_params: int) -> dict:
     rep = Stepper("A", fresh_copy(model), io, tcfg, teacher=model)
     t = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_qat_") as tmp:
-        findings = train_qat(ref_student, model, structure, ids, tcfg, tmp)
+        findings = train_qat(ref_student, model, structure, ids, tcfg, tmp).findings
     rep_losses = []
     for step in range(steps):
         rep.step(ids[batch_indices(step, len(ids), batch, tcfg.seed)])

@@ -6,7 +6,7 @@
 
 Prints ONE JSON object on stdout; progress goes to stderr.
 
-"analysis": the full redundancy analysis (compressor/analyzers.redundancy.analyze: block
+"analysis": the full redundancy analysis (compressor/redundancy.analyze: block
 influence, CKA, angular distance, weight cosine, all 66 block pairs tied and measured, 4 fixed
 strategies tied and measured) of a randomly initialized 12-block LLaMA-style model (hidden 128,
 FFN 344, vocab 2000) on 64 calibration sequences of 128 tokens, with torch's thread count as
@@ -48,7 +48,7 @@ def log(*a):
 def bench_analysis(sequences: int, seq_len: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tritpress.analyzers.redundancy import Calibration, analyze
+    from tritpress.compressor.redundancy import Calibration, analyze
     from tritpress.compressor.share import SharingConfig
 
     torch.manual_seed(0)
@@ -122,7 +122,8 @@ def tie_only_rows(name: str, sequences: int, seq_len: int, auto_targets: list[fl
     each tied model on wikitext-2 test."""
     import math
 
-    from tritpress.analyzers.redundancy import Calibration, auto_plan, calibration_ids, measure_plan
+    from tritpress.compressor.redundancy import Calibration, calibration_ids, measure_plan
+    from tritpress.compressor.redundancy_auto import auto_plan
     from tritpress.compressor.ingest import load_model
     from tritpress.compressor.share import SharingConfig, plan_groups
     from tritpress.compressor.structure import discover

@@ -1,9 +1,12 @@
 """The `compress MODEL` pipeline as a Python function:
 
-    checkpoint -> model -> ternary model (post-training) -> packed file -> report
+    checkpoint -> model -> [tied model] -> ternary model (post-training or QAT) -> packed file
+               -> [ONNX] -> report [-> evaluation]
 
-Each stage is a plain function call; `compress()` strings them together and
-collects the report. The CLI is a thin layer over `compress()`.
+Each stage is a function of the run state (`RunState`: the config, the models, what earlier stages
+found) that returns its findings; `compress()` reads top to bottom as the list of stages and
+writes each stage's findings into the run state, then collects the report. The CLI is a thin
+layer over `compress()`.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
+from torch import nn
 
 from tritpress.exporters.onnx import OnnxConfig
 
@@ -30,6 +34,8 @@ from tritpress.compressor.transform import convert, get_record, prepare
 
 if TYPE_CHECKING:
     from tritpress.analyzers.quality.evaluate import EvalConfig
+    from tritpress.compressor.distributed import DistContext
+    from tritpress.compressor.ingest import LoadedModel
 
 PACKED_NAME = "model.tritpress.safetensors"
 REPORT_NAME = "report.json"
@@ -69,135 +75,231 @@ class Listener:
         pass
 
 
+@dataclass
+class RunState:
+    """One `compress` run: what it was asked, and what its stages have made and found so far."""
+    cfg: CompressConfig
+    ctx: "DistContext"                     # this process in the (possibly 1-process) job
+    listener: Listener
+    out: Path
+    loaded: "LoadedModel | None" = None    # the ingested checkpoint; its model is the original and teacher
+    start: nn.Module | None = None         # the model to quantize: the original, or its tied copy
+    model: nn.Module | None = None         # the ternary model: converted, then packed
+    train_data: tuple | None = None        # (training blocks, held-out blocks, their source), read once
+    sharing: dict | None = None
+    training: dict | None = None
+    checks: dict = field(default_factory=dict)
+    example: tuple | None = None           # (inputs, ternary model's output) of the check, for verify
+    onnx: dict | None = None
+    onnx_error: Exception | None = None    # ONNX validation failed: reported, then raised at the end
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def packed_path(self) -> Path:
+        return self.out / PACKED_NAME
+
+    @property
+    def report_path(self) -> Path:
+        return self.out / REPORT_NAME
+
+
 def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | None:
     """Run the pipeline; writes <out>/model.tritpress.safetensors and <out>/report.json.
     Returns the report (the same dict as report.json). Under torchrun every rank trains;
     only rank 0 packs, reports and returns the report (the others return None)."""
     from tritpress.compressor.distributed import init_distributed
 
-    listener = listener or Listener()
-    on_stage = listener.stage
-    ctx = init_distributed()
-    from tritpress.compressor import modelio
-    from tritpress.analyzers.size import size_report
-    from tritpress.exporters.packed import load_packed, save_packed
-
-    out = cfg.out_dir()
-    packed_path, report_path = out / PACKED_NAME, out / REPORT_NAME
-    refuse_overwrite_input([packed_path, report_path, out / ONNX_NAME], [cfg.model, cfg.config])
-    timings = {}
-
-    def stage(name):
-        on_stage(name)
-        timings[name] = time.perf_counter()
-
-    def done(name):
-        timings[name] = round(time.perf_counter() - timings[name], 3)
-
-    stage("ingest")
-    loaded = load_model(cfg.model, cfg.config, cfg.trust_pickle)
-    original = loaded.model
-    original_params = sum(p.numel() for p in original.parameters())  # unique: parameters() dedups ties
-    done("ingest")
-
-    start, sharing = original, None  # start: the model quantized (tied when sharing), original: the teacher
-    train_data = None  # (training blocks, held-out blocks, their source), when the sharing probe needed them first
+    run = RunState(cfg, init_distributed(), listener or Listener(), cfg.out_dir())
+    refuse_overwrite_input([run.packed_path, run.report_path, run.out / ONNX_NAME], [cfg.model, cfg.config])
+    run.loaded = timed(run, "ingest", ingest)
+    run.start = run.loaded.model  # the original stays untouched: it is the teacher
     if cfg.sharing.active:
-        from tritpress.compressor.sharing_stage import share_stage
-        if ctx.enabled and cfg.train.parallel == "fsdp":  # FSDP units are blocks: a tie would span units
-            raise TritpressError("--sharing is not supported with --parallel fsdp; use --parallel ddp")
-        stage("share")
-        probe = None
-        if cfg.sharing.strategy == "auto" and cfg.sharing.auto_probe_steps > 0:
-            # the probes train on the same blocks as the real run: read and tokenize them once
-            train_data = _training_blocks(cfg.train, loaded, need="--share-probe-steps")
-            probe = _qat_probe(cfg, loaded, ctx, train_data[0])
-        start, sharing = share_stage(original, loaded.tokenizer, cfg.sharing, cfg.sharing.data or cfg.train.data,
-                                     out / "analysis", cfg.quant.exclude, write=ctx.is_main, probe=probe)
-        done("share")
-
-    training = None
+        refuse_sharing_with_fsdp(run)
+        run.start, run.sharing = timed(run, "share", share)
     if cfg.train.steps > 0:
-        stage("train")
-        model, training = _fine_tune(cfg, loaded, ctx, listener, start, train_data)
-        done("train")
-        if not ctx.is_main:
-            return None
+        run.model, run.training = timed(run, "train", fine_tune)
+        if not run.ctx.is_main:
+            return None  # rank 0 packs and reports
     else:
-        stage("quantize")
-        model = convert(copy.deepcopy(start), cfg.quant)
-        done("quantize")
-    record = get_record(model)
-
-    checks = {}
+        run.model = timed(run, "quantize", quantize)
     if cfg.check:
-        stage("check")
-        try:
-            inputs = modelio.example_inputs(original, loaded.tokenizer)
-            ref = modelio.run_model(original, inputs)
-            ternary_out = modelio.run_model(model, inputs)
-            checks["ternary_vs_original"] = {**modelio.compare_outputs(ref, ternary_out), "fine_tuned": training is not None}
-        except Exception as e:  # a custom forward we cannot call: report, do not fail
-            checks["skipped"] = f"could not run the model on an example input: {type(e).__name__}: {e}"
-        done("check")
-
-    stage("pack")
-    extra = {"original_params": original_params, "tritpress_version": _version()}
-    save_packed(model, packed_path, loaded.source, extra)
-    done("pack")
-
-    if cfg.check and "skipped" not in checks:
-        stage("verify")
-        skeleton = None if loaded.source.is_transformers else copy.deepcopy(original)
-        reloaded = load_packed(packed_path, skeleton=skeleton)
-        reload_out = modelio.run_model(reloaded, inputs)
-        checks["reload_vs_converted"] = modelio.compare_outputs(ternary_out, reload_out)
-        reloaded_state = reloaded.state_dict()
-        codes_equal = all(torch.equal(t, reloaded_state[k]) for k, t in model.state_dict().items()
-                          if k.endswith(".codes"))
-        checks["reload_vs_converted"]["codes_bit_identical"] = codes_equal
-        if checks["reload_vs_converted"]["max_abs_diff"] != 0.0 or not codes_equal:
-            raise TritpressError(f"reloading {packed_path} did not reproduce the converted model "
-                                 f"(max |diff| {checks['reload_vs_converted']['max_abs_diff']:.3g})")
-        done("verify")
-
-    onnx_result, onnx_error = None, None
+        run.checks, run.example = timed(run, "check", check)
+    timed(run, "pack", pack)
+    if run.example is not None:
+        run.checks["reload_vs_converted"] = timed(run, "verify", verify)
     if cfg.onnx.enabled:
-        stage("onnx")
-        from tritpress.exporters.onnx import OnnxValidationError, export_onnx
-        try:
-            onnx_result = export_onnx(model, out / ONNX_NAME, cfg.onnx, packed_path=packed_path)
-        except OnnxValidationError as e:  # report it, then fail
-            onnx_result, onnx_error = e.result, e
-        done("onnx")
+        run.onnx, run.onnx_error = timed(run, "onnx", export)
+    report = report_of(run)
+    write_json(run.report_path, report)
+    if cfg.tasks:
+        report["evaluation"] = timed(run, "evaluate", evaluate)  # report["timings_s"] is run.timings
+        write_json(run.report_path, report)
+    if run.onnx_error is not None:
+        raise run.onnx_error
+    return report
+
+
+def timed(run: RunState, name: str, stage: Callable[[RunState], object]):
+    """Announce the stage, run it, record its wall time in run.timings[name]."""
+    run.listener.stage(name)
+    t0 = time.perf_counter()
+    findings = stage(run)
+    run.timings[name] = round(time.perf_counter() - t0, 3)
+    return findings
+
+
+# ------------------------------------------------------------------ stages
+
+
+def ingest(run: RunState):
+    return load_model(run.cfg.model, run.cfg.config, run.cfg.trust_pickle)
+
+
+def refuse_sharing_with_fsdp(run: RunState) -> None:
+    if run.ctx.enabled and run.cfg.train.parallel == "fsdp":  # FSDP units are blocks: a tie would span units
+        raise TritpressError("--sharing is not supported with --parallel fsdp; use --parallel ddp")
+
+
+def share(run: RunState) -> tuple[nn.Module, dict]:
+    """-> (tied copy of the original, sharing findings). The analysis files go to <out>/analysis."""
+    from tritpress.analyzers.redundancy import write_outputs
+    from tritpress.compressor.sharing_stage import share_stage
+
+    cfg, probe = run.cfg, None
+    if cfg.sharing.strategy == "auto" and cfg.sharing.auto_probe_steps > 0:
+        # the probes train on the same blocks as the real run: read and tokenize them once
+        probe = _qat_probe(cfg, run.loaded, run.ctx, training_data(run, need="--share-probe-steps")[0])
+    write = (lambda analysis: write_outputs(analysis, run.out / "analysis")) if run.ctx.is_main else None
+    return share_stage(run.loaded.model, run.loaded.tokenizer, cfg.sharing, cfg.sharing.data or cfg.train.data,
+                       cfg.quant.exclude, write_analysis=write, probe=probe)
+
+
+def quantize(run: RunState) -> nn.Module:
+    """Post-training quantization: the ternary model, no training."""
+    return convert(copy.deepcopy(run.start), run.cfg.quant)
+
+
+def fine_tune(run: RunState) -> tuple[nn.Module | None, dict]:
+    """prepare -> QAT with distillation from the original -> convert; quality before and after.
+    -> (ternary model, training findings); the model is None on ranks other than 0."""
+    from tritpress.compressor.modelio import ModelIO, held_out_quality
+    from tritpress.compressor.structure import discover
+    from tritpress.compressor.train import train_qat  # looked up per run: tests wrap it
+
+    cfg, ctx, teacher = run.cfg, run.ctx, run.loaded.model
+    tcfg = _resolved_train_config(cfg, teacher)
+    blocks, eval_blocks, eval_source = training_data(run)
+    structure = discover(teacher, cfg.quant.exclude)
+    io = ModelIO.discover(teacher, structure)
+    student = prepare(copy.deepcopy(run.start), cfg.quant)  # from the tied model when sharing
+    quality = _quality_before(run, io, student, eval_blocks) if ctx.is_main else {}
+    result = train_qat(student, teacher, structure, blocks, tcfg, run.out / "train", ctx,
+                       on_step=lambda entry: run.listener.step(entry, tcfg.steps))
+    if not ctx.is_main:
+        return None, result.findings  # rank 0 packs and reports
+    if result.full_state is not None:  # FSDP left the student sharded: rebuild a plain one
+        student = prepare(copy.deepcopy(run.start), cfg.quant)
+        student.load_state_dict(result.full_state)
+    model = convert(student)
+    quality["ternary_qat"] = held_out_quality(io, model, eval_blocks, teacher)
+    result.findings.update(config=dataclasses.asdict(tcfg), train_sequences=len(blocks), eval_source=eval_source,
+                           eval_sequences=len(eval_blocks), quality=quality)
+    return model, result.findings
+
+
+def check(run: RunState) -> tuple[dict, tuple | None]:
+    """Original vs ternary outputs on an example input. -> (checks, (inputs, ternary output) for
+    verify, or None when the model could not be run)."""
+    from tritpress.compressor import modelio
+
+    original = run.loaded.model
+    try:
+        inputs = modelio.example_inputs(original, run.loaded.tokenizer)
+        ref = modelio.run_model(original, inputs)
+        ternary_out = modelio.run_model(run.model, inputs)
+        checks = {"ternary_vs_original": {**modelio.compare_outputs(ref, ternary_out),
+                                          "fine_tuned": run.training is not None}}
+    except Exception as e:  # a custom forward we cannot call: report, do not fail
+        return {"skipped": f"could not run the model on an example input: {type(e).__name__}: {e}"}, None
+    return checks, (inputs, ternary_out)
+
+
+def pack(run: RunState) -> None:
+    from tritpress.exporters.packed import save_packed
+
+    original_params = sum(p.numel() for p in run.loaded.model.parameters())  # unique: parameters() dedups ties
+    extra = {"original_params": original_params, "tritpress_version": _version()}
+    save_packed(run.model, run.packed_path, run.loaded.source, extra)
+
+
+def verify(run: RunState) -> dict:
+    """Reload the packed file: its outputs and codes must be the converted model's, exactly."""
+    from tritpress.compressor import modelio
+    from tritpress.exporters.packed import load_packed
+
+    inputs, ternary_out = run.example
+    skeleton = None if run.loaded.source.is_transformers else copy.deepcopy(run.loaded.model)
+    reloaded = load_packed(run.packed_path, skeleton=skeleton)
+    result = modelio.compare_outputs(ternary_out, modelio.run_model(reloaded, inputs))
+    reloaded_state = reloaded.state_dict()
+    codes_equal = all(torch.equal(t, reloaded_state[k]) for k, t in run.model.state_dict().items()
+                      if k.endswith(".codes"))
+    result["codes_bit_identical"] = codes_equal
+    if result["max_abs_diff"] != 0.0 or not codes_equal:
+        raise TritpressError(f"reloading {run.packed_path} did not reproduce the converted model "
+                             f"(max |diff| {result['max_abs_diff']:.3g})")
+    return result
+
+
+def export(run: RunState) -> tuple[dict | None, Exception | None]:
+    """model.onnx. -> (ONNX findings, the validation error to raise once the report is written)."""
+    from tritpress.exporters.onnx import OnnxValidationError, export_onnx
+
+    try:
+        return export_onnx(run.model, run.out / ONNX_NAME, run.cfg.onnx, packed_path=run.packed_path), None
+    except OnnxValidationError as e:  # report it, then fail
+        return e.result, e
+
+
+def report_of(run: RunState) -> dict:
+    from tritpress.analyzers.size import size_report
 
     report = {
         "tritpress_version": _version(),
-        "model": {k: v for k, v in loaded.source.to_dict().items() if k != "hf_config"},
-        "structure": _structure_summary(record.structure),
-        "quant_config": cfg.quant.to_dict(),
-        "size": size_report(packed_path),
-        "training": training,
-        "sharing": sharing,
-        "checks": checks,
-        "timings_s": timings,
+        "model": {k: v for k, v in run.loaded.source.to_dict().items() if k != "hf_config"},
+        "structure": _structure_summary(get_record(run.model).structure),
+        "quant_config": run.cfg.quant.to_dict(),
+        "size": size_report(run.packed_path),
+        "training": run.training,
+        "sharing": run.sharing,
+        "checks": run.checks,
+        "timings_s": run.timings,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "platform": platform.platform()},
-        "files": {"packed": str(packed_path), "report": str(report_path)},
-        "onnx": onnx_result,
+        "files": {"packed": str(run.packed_path), "report": str(run.report_path)},
+        "onnx": run.onnx,
     }
-    if onnx_result:
-        report["files"]["onnx"] = onnx_result["path"]
-    write_json(report_path, report)
-    if cfg.tasks:
-        from tritpress.analyzers.quality.evaluate import evaluate_stage
-        stage("evaluate")
-        report["evaluation"] = evaluate_stage(cfg, packed_path, out)
-        done("evaluate")
-        write_json(report_path, report)
-    if onnx_error is not None:
-        raise onnx_error
+    if run.onnx:
+        report["files"]["onnx"] = run.onnx["path"]
     return report
+
+
+def evaluate(run: RunState) -> dict:
+    """The packed file against the original on the --tasks, gated (analyzers/quality)."""
+    from tritpress.analyzers.quality.evaluate import evaluate_stage
+
+    return evaluate_stage(run.cfg, run.packed_path, run.out)
+
+
+# ------------------------------------------------------------------ training helpers
+
+
+def training_data(run: RunState, need: str = "--steps") -> tuple:
+    """The training and held-out blocks, read and tokenized on first use (the sharing probe and
+    the real QAT run train on the same blocks)."""
+    if run.train_data is None:
+        run.train_data = _training_blocks(run.cfg.train, run.loaded, need)
+    return run.train_data
 
 
 def _training_blocks(tcfg: TrainConfig, loaded, need: str = "--steps"):
@@ -248,43 +350,26 @@ def _qat_probe(cfg: CompressConfig, loaded, ctx, blocks) -> Callable:
     return probe
 
 
-def _fine_tune(cfg: CompressConfig, loaded, ctx, listener: Listener, start=None, train_data=None):
-    """prepare -> QAT with distillation from the original -> convert; quality before and after.
-    `train_data`: _training_blocks' result when already read (the sharing probe)."""
+def _resolved_train_config(cfg: CompressConfig, teacher: nn.Module) -> TrainConfig:
     from tritpress.compressor.distributed import restarted_by_torchrun
-    from tritpress.compressor.structure import discover
-    from tritpress.compressor.modelio import ModelIO, held_out_quality
-    from tritpress.compressor.train import train_qat
 
-    teacher = loaded.model
-    start = teacher if start is None else start  # the student starts from the tied model when sharing
-    n_params = sum(p.numel() for p in teacher.parameters())
-    tcfg = cfg.train.resolved(n_params)
+    tcfg = cfg.train.resolved(sum(p.numel() for p in teacher.parameters()))
     if restarted_by_torchrun():
         tcfg.resume = True  # an elastic restart continues from the last checkpoint
-    blocks, eval_blocks, eval_source = train_data or _training_blocks(tcfg, loaded)
-    structure = discover(teacher, cfg.quant.exclude)
-    io = ModelIO.discover(teacher, structure)
-    student = prepare(copy.deepcopy(start), cfg.quant)
-    quality = {}
-    if ctx.is_main:
-        quality["original"] = held_out_quality(io, teacher, eval_blocks, teacher)
-        if start is not teacher:
-            quality["shared_float"] = held_out_quality(io, start, eval_blocks, teacher)
-        quality["ternary_post_training"] = held_out_quality(io, convert(copy.deepcopy(student)), eval_blocks, teacher)
-    findings = train_qat(student, teacher, structure, blocks, tcfg, cfg.out_dir() / "train", ctx,
-                         on_step=lambda entry: listener.step(entry, tcfg.steps))
-    full_state = findings.pop("_full_state", None)
-    if not ctx.is_main:
-        return None, findings  # rank 0 packs and reports
-    if full_state is not None:  # FSDP: rebuild a plain student from the gathered weights
-        student = prepare(copy.deepcopy(start), cfg.quant)
-        student.load_state_dict(full_state)
-    model = convert(student)
-    quality["ternary_qat"] = held_out_quality(io, model, eval_blocks, teacher)
-    findings.update(config=dataclasses.asdict(tcfg), train_sequences=len(blocks), eval_source=eval_source,
-                    eval_sequences=len(eval_blocks), quality=quality)
-    return model, findings
+    return tcfg
+
+
+def _quality_before(run: RunState, io, student: nn.Module, eval_blocks) -> dict:
+    """Held-out quality of the original, the tied float model (when sharing) and the ternary
+    model before training."""
+    from tritpress.compressor.modelio import held_out_quality
+
+    teacher = run.loaded.model
+    quality = {"original": held_out_quality(io, teacher, eval_blocks, teacher)}
+    if run.start is not teacher:
+        quality["shared_float"] = held_out_quality(io, run.start, eval_blocks, teacher)
+    quality["ternary_post_training"] = held_out_quality(io, convert(copy.deepcopy(student)), eval_blocks, teacher)
+    return quality
 
 
 def _eval_config():

@@ -4,31 +4,31 @@ pattern, explicit groups or `auto`), and the tie itself, on a copy of the ingest
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+from typing import Callable
 
 from torch import nn
 
 from .errors import TritpressError
+from .redundancy import Calibration, analyze, calibration_ids
+from .redundancy_auto import auto_plan
 from .share import SharingConfig, apply_sharing, plan_groups
 from .structure import discover
 
 
 def calibration_for(model: nn.Module, tokenizer, scfg: SharingConfig, data: str | None, structure):
     """Calibration of `model` on DATA, or None without DATA."""
-    from tritpress.analyzers.redundancy import Calibration, calibration_ids
-
     if not data:
         return None
     ids = calibration_ids(data, tokenizer, model, scfg.calib_sequences, scfg.calib_seq_len)
     return Calibration.build(model, ids, structure)
 
 
-def share_stage(model: nn.Module, tokenizer, scfg: SharingConfig, data: str | None, out_dir: Path | None,
-                exclude=(), write: bool = True, probe=None) -> tuple[nn.Module, dict]:
-    """-> (tied copy of `model`, findings for the report). Writes the analysis into out_dir.
-    `probe` (auto only): fine-tunes a tied candidate, see redundancy.auto_plan."""
-    from tritpress.analyzers.redundancy import analyze, auto_plan, write_outputs
-
+def share_stage(model: nn.Module, tokenizer, scfg: SharingConfig, data: str | None, exclude=(),
+                write_analysis: Callable[[dict], list[str]] | None = None, probe=None) -> tuple[nn.Module, dict]:
+    """-> (tied copy of `model`, findings for the report). `write_analysis` writes the analysis
+    and returns the files (the pipeline passes analyzers.redundancy.write_outputs into its folder:
+    drawing reports is a floor above this one); None writes nothing.
+    `probe` (auto only): fine-tunes a tied candidate, see redundancy_auto.auto_plan."""
     structure = discover(model, exclude)
     if structure.blocks is None:
         raise TritpressError("--sharing: no stack of repeated blocks (or stacked LSTM/GRU layers) found in the model")
@@ -42,7 +42,7 @@ def share_stage(model: nn.Module, tokenizer, scfg: SharingConfig, data: str | No
     analysis = None
     if cal is not None:
         analysis = analyze(model, cal, scfg, structure, strategies=scfg.analyze)
-        files = write_outputs(analysis, out_dir) if (write and out_dir is not None) else []
+        files = write_analysis(analysis) if write_analysis is not None else []
         findings["analysis"] = {"files": files, "wall_s": analysis["timings"]["total_s"],
                                 "calibration": analysis["calibration"],
                                 "strategies": analysis.get("strategies")}

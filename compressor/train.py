@@ -1,8 +1,8 @@
 """Ternary quantization-aware fine-tuning with distillation from the original model.
 
     student = prepare(copy.deepcopy(model), TernaryConfig())   # fake-quant, trainable
-    findings = train_qat(student, teacher=model, blocks=..., cfg=TrainConfig(steps=200))
-    model = convert(student)
+    result = train_qat(student, teacher=model, blocks=..., cfg=TrainConfig(steps=200))
+    model = convert(student)          # result.findings: curves, timings, final losses
 
 Loss = task_weight * next-token CE (causal LMs)
      + kd_weight * KL(teacher || student) on logits at temperature T (models with an output head),
@@ -26,7 +26,7 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -46,7 +46,6 @@ from .transform import set_lambda, tie_groups
 SCHEDULES = ("cosine", "linear", "constant")
 QUANT_SCHEDULES = ("linear", "sigmoid", "none")
 PARALLEL = ("ddp", "fsdp")
-CRASH_ENV = "TRITPRESS_CRASH_AT_STEP"  # test hook: hard-exit after this step, as a kill would
 
 
 @dataclass
@@ -208,98 +207,179 @@ def _load_full_state(wrapped, student, optimizer, model_state, optim_state, ctx,
     optimizer.load_state_dict(optim_state)
 
 
-def train_qat(student: nn.Module, teacher: nn.Module, structure: ModelStructure, train_blocks: torch.Tensor,
-              cfg: TrainConfig, state_dir: str | os.PathLike, ctx: DistContext | None = None,
-              on_step: Callable[[dict], None] | None = None) -> dict:
-    """Fine-tune the prepared `student` in place against the frozen `teacher`, on the process's
-    device (its GPU under CUDA, bf16 autocast), and leave it on the CPU. Returns findings (curves,
-    timings, final losses). `cfg` must be `resolved()`. The teacher comes back unchanged."""
-    ctx = ctx or DistContext()
+@dataclass
+class TrainResult:
+    """What train_qat gives back: the findings for the report and, under FSDP, the gathered full
+    state dict (the student itself stays sharded: rebuild a plain one from it)."""
+    findings: dict
+    full_state: dict | None = None
+
+
+@dataclass
+class _Run:
+    """Everything one training run's steps share."""
+    cfg: TrainConfig
+    ctx: DistContext
+    io: ModelIO
+    student: nn.Module
+    teacher: nn.Module
+    wrapped: nn.Module          # the student under DDP/FSDP, or the student itself
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    blocks: tuple[BlockOutputs, BlockOutputs]   # student's, teacher's
+    local: int                  # sequences per step on this process
+    micro: int                  # sequences per forward
+    state_dir: Path
+    autocast: object
+
+
+def _per_process_batch(cfg: TrainConfig, ctx: DistContext) -> tuple[int, int]:
+    """-> (sequences per step on this process, sequences per forward)."""
     if cfg.batch_size % ctx.world:
         raise TritpressError(f"batch size {cfg.batch_size} must be a multiple of the {ctx.world} processes")
     local = cfg.batch_size // ctx.world
     micro = cfg.micro_batch_size or local
     if local % micro:
         raise TritpressError(f"micro batch {micro} must divide the per-process batch {local}")
-    io = ModelIO.discover(student, structure)
-    # the caller's teacher is borrowed: frozen and moved for the run, given back as it came
+    return local, micro
+
+
+@contextmanager
+def _borrowed(teacher: nn.Module, device: torch.device):
+    """The caller's teacher, frozen and on `device` for the run, given back as it came."""
     teacher_device = next(teacher.parameters()).device
     teacher_grad = [p.requires_grad for p in teacher.parameters()]
-    teacher.eval().requires_grad_(False).to(ctx.device)
+    teacher.eval().requires_grad_(False).to(device)
+    try:
+        yield teacher
+    finally:
+        for p, flag in zip(teacher.parameters(), teacher_grad):
+            p.requires_grad_(flag)
+        teacher.to(teacher_device)
+
+
+def _setup(student, teacher, io: ModelIO, cfg: TrainConfig, ctx: DistContext, batch: tuple[int, int],
+           state_dir) -> _Run:
     student.to(ctx.device)
     student.eval()  # dropout off: see module docstring
-    s_blocks, t_blocks = BlockOutputs(student, io.block_paths), BlockOutputs(teacher, io.block_paths)
+    blocks = BlockOutputs(student, io.block_paths), BlockOutputs(teacher, io.block_paths)
     wrapped = _wrap(student, ctx, cfg, io)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    state_dir = Path(state_dir)
-    ckpt_path = state_dir / "train_state.pt"
-    log_path = state_dir / "train_log.jsonl"
-    start, curve = 0, []
-    torch.manual_seed(cfg.seed)
-    if cfg.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file
-        _load_full_state(wrapped, student, optimizer, ckpt["model"], ckpt["optimizer"], ctx, cfg)
-        scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
-        start, curve = ckpt["step"], ckpt["curve"]
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda" else nullcontext())
-    crash_at = int(os.environ.get(CRASH_ENV, "0"))
-    t0, tokens_done = time.perf_counter(), 0
-    for step in range(start, cfg.steps):
-        lam = quant_lambda(step, cfg)
-        set_lambda(student, lam)
-        idx = batch_indices(step, len(train_blocks), cfg.batch_size, cfg.seed)
-        mine = train_blocks[idx[ctx.rank * local:(ctx.rank + 1) * local]].to(ctx.device)
-        sums: dict[str, float] = {}
-        for m0 in range(0, local, micro):
-            ids = mine[m0: m0 + micro]
-            last = m0 + micro >= local
-            sync = nullcontext() if (last or not hasattr(wrapped, "no_sync")) else wrapped.no_sync()
-            with sync, autocast:
-                losses = distill_losses(io, wrapped, teacher, ids, s_blocks, t_blocks, cfg)
-                (losses["loss"] * (len(ids) / local)).backward()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().item() * len(ids) / local
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if cfg.grad_clip > 0 else 0.0
-        lr_used = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_done += cfg.batch_size * cfg.seq_len
-        metrics = ctx.all_reduce_mean(sums)
+    return _Run(cfg, ctx, io, student, teacher, wrapped, params, optimizer, scheduler, blocks, *batch,
+                Path(state_dir), autocast)
+
+
+def _resume(run: _Run) -> tuple[int, list]:
+    """Seed, then continue from the checkpoint when asked to. -> (first step, curve so far)."""
+    torch.manual_seed(run.cfg.seed)
+    ckpt_path = run.state_dir / "train_state.pt"
+    if not (run.cfg.resume and ckpt_path.exists()):
+        return 0, []
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file
+    _load_full_state(run.wrapped, run.student, run.optimizer, ckpt["model"], ckpt["optimizer"], run.ctx, run.cfg)
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    _set_rng_state(ckpt["rng"])
+    return ckpt["step"], ckpt["curve"]
+
+
+def _accumulate(run: _Run, mine: torch.Tensor) -> dict[str, float]:
+    """Forward and backward over this process's sequences in micro batches (gradients sync on
+    the last one). -> this process's losses, averaged over its sequences."""
+    sums: dict[str, float] = {}
+    s_blocks, t_blocks = run.blocks
+    for m0 in range(0, run.local, run.micro):
+        ids = mine[m0: m0 + run.micro]
+        last = m0 + run.micro >= run.local
+        sync = nullcontext() if (last or not hasattr(run.wrapped, "no_sync")) else run.wrapped.no_sync()
+        with sync, run.autocast:
+            losses = distill_losses(run.io, run.wrapped, run.teacher, ids, s_blocks, t_blocks, run.cfg)
+            (losses["loss"] * (len(ids) / run.local)).backward()
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().item() * len(ids) / run.local
+    return sums
+
+
+def _step(run: _Run, step: int, train_blocks: torch.Tensor) -> dict:
+    """One optimizer step on the global batch of `step`. -> its curve entry (without timing)."""
+    cfg, ctx = run.cfg, run.ctx
+    lam = quant_lambda(step, cfg)
+    set_lambda(run.student, lam)
+    idx = batch_indices(step, len(train_blocks), cfg.batch_size, cfg.seed)
+    mine = train_blocks[idx[ctx.rank * run.local:(ctx.rank + 1) * run.local]].to(ctx.device)
+    sums = _accumulate(run, mine)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)) if cfg.grad_clip > 0 else 0.0
+    lr_used = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    metrics = ctx.all_reduce_mean(sums)
+    return {"step": step + 1, **{k: round(v, 6) for k, v in metrics.items()}, "lambda": round(lam, 4),
+            "lr": lr_used, "grad_norm": round(grad_norm, 4)}
+
+
+def _log(run: _Run, entry: dict) -> None:
+    if run.ctx.is_main:
+        run.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(run.state_dir / "train_log.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def _checkpoint(run: _Run, done: int, curve: list) -> None:
+    """Every `checkpoint_every` steps and at the last: the full training state, atomically."""
+    cfg = run.cfg
+    if not cfg.checkpoint_every or not (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+        return
+    model_state, optim_state = _full_state(run.wrapped, run.student, run.optimizer, run.ctx, cfg)
+    if run.ctx.is_main:
+        with atomic_path(run.state_dir / "train_state.pt") as tmp:
+            torch.save({"step": done, "model": model_state, "optimizer": optim_state,
+                        "scheduler": run.scheduler.state_dict(), "rng": _rng_state(), "curve": curve,
+                        "config": dataclasses.asdict(cfg)}, tmp)
+    run.ctx.barrier()
+
+
+def _train_steps(run: _Run, train_blocks: torch.Tensor, start: int, curve: list,
+                 on_step: Callable[[dict], None] | None) -> float:
+    """Steps `start`..cfg.steps, each logged and checkpointed when due. -> start time."""
+    t0 = time.perf_counter()
+    for step in range(start, run.cfg.steps):
+        entry = _step(run, step, train_blocks)
         elapsed = time.perf_counter() - t0
-        entry = {"step": step + 1, **{k: round(v, 6) for k, v in metrics.items()}, "lambda": round(lam, 4),
-                 "lr": lr_used, "grad_norm": round(grad_norm, 4),
-                 "tokens_per_s": round(tokens_done / elapsed, 1), "elapsed_s": round(elapsed, 2)}
+        tokens_done = (step + 1 - start) * run.cfg.batch_size * run.cfg.seq_len
+        entry.update(tokens_per_s=round(tokens_done / elapsed, 1), elapsed_s=round(elapsed, 2))
         curve.append(entry)
-        if ctx.is_main:
-            state_dir.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-            if on_step:
-                on_step(entry)
-        done = step + 1
-        if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            model_state, optim_state = _full_state(wrapped, student, optimizer, ctx, cfg)
-            if ctx.is_main:
-                with atomic_path(ckpt_path) as tmp:
-                    torch.save({"step": done, "model": model_state, "optimizer": optim_state,
-                                "scheduler": scheduler.state_dict(), "rng": _rng_state(), "curve": curve,
-                                "config": dataclasses.asdict(cfg)}, tmp)
-            ctx.barrier()
-        if crash_at and done == crash_at:
-            os._exit(17)  # simulate a killed worker (tests)
-    set_lambda(student, 1.0)
-    s_blocks.remove()
-    t_blocks.remove()
-    for p, flag in zip(teacher.parameters(), teacher_grad):
-        p.requires_grad_(flag)
-    teacher.to(teacher_device)
-    final_state = None
+        _log(run, entry)
+        _checkpoint(run, step + 1, curve)
+        if on_step and run.ctx.is_main:  # after the checkpoint: a callback sees a finished step
+            on_step(entry)
+    return t0
+
+
+def train_qat(student: nn.Module, teacher: nn.Module, structure: ModelStructure, train_blocks: torch.Tensor,
+              cfg: TrainConfig, state_dir: str | os.PathLike, ctx: DistContext | None = None,
+              on_step: Callable[[dict], None] | None = None) -> TrainResult:
+    """Fine-tune the prepared `student` in place against the frozen `teacher`, on the process's
+    device (its GPU under CUDA, bf16 autocast), and leave it on the CPU. Returns the findings
+    (curves, timings, final losses) and, under FSDP, the gathered weights. `cfg` must be
+    `resolved()`. The teacher comes back unchanged. `on_step(entry)` runs on rank 0 after each
+    step (and its checkpoint, when one is due)."""
+    ctx = ctx or DistContext()
+    batch = _per_process_batch(cfg, ctx)  # a bad split is refused before the models move
+    io = ModelIO.discover(student, structure)
+    with _borrowed(teacher, ctx.device):
+        run = _setup(student, teacher, io, cfg, ctx, batch, state_dir)
+        start, curve = _resume(run)
+        t0 = _train_steps(run, train_blocks, start, curve, on_step)
+        set_lambda(student, 1.0)
+        for hooks in run.blocks:
+            hooks.remove()
+    full_state = None
     if ctx.enabled and cfg.parallel == "fsdp":
-        final_state, _ = _full_state(wrapped, student, optimizer, ctx, cfg)
+        full_state, _ = _full_state(run.wrapped, student, run.optimizer, ctx, cfg)
     else:
         student.to("cpu")  # convert and pack run on the CPU
     findings = {"steps": cfg.steps, "resumed_from": start, "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
@@ -307,8 +387,6 @@ def train_qat(student: nn.Module, teacher: nn.Module, structure: ModelStructure,
                 "world_size": ctx.world, "parallel": cfg.parallel if ctx.enabled else "none",
                 "device": str(ctx.device), "bf16_autocast": ctx.device.type == "cuda",
                 "curve": curve}
-    if final_state is not None:
-        findings["_full_state"] = final_state
     if ctx.is_main and curve:
-        write_json(state_dir / "train_curve.json", curve)
-    return findings
+        write_json(run.state_dir / "train_curve.json", curve)
+    return TrainResult(findings, full_state)

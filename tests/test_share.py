@@ -286,7 +286,8 @@ def test_lstm_refuses_attention_split_and_relaxation():
 
 
 def test_analysis_metrics_and_outputs(tmp_path):
-    from tritpress.analyzers.redundancy import Calibration, analyze, linear_cka, write_outputs
+    from tritpress.analyzers.redundancy import write_outputs
+    from tritpress.compressor.redundancy import Calibration, analyze, linear_cka
 
     x = torch.randn(200, 8)
     assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-5)
@@ -301,7 +302,7 @@ def test_analysis_metrics_and_outputs(tmp_path):
     measured = [(i, j) for i in range(n) for j in range(i + 1, n) if result["loss_increase"][i][j] is not None]
     assert len(measured) == 6
     i, j = measured[0]  # the stored number is the loss of a real tie of that pair
-    from tritpress.analyzers.redundancy import pair_plan, tied_loss
+    from tritpress.compressor.redundancy import pair_plan, tied_loss
     cfg = SharingConfig()
     assert result["loss_increase"][i][j] == pytest.approx(tied_loss(model, pair_plan(n, i, j, "all"), cfg, cal)
                                                           - cal.base_loss, abs=1e-5)
@@ -313,7 +314,7 @@ def test_analysis_metrics_and_outputs(tmp_path):
 
 
 def test_calibration_sequences_are_spread_over_the_text(tmp_path):
-    from tritpress.analyzers.redundancy import calibration_ids
+    from tritpress.compressor.redundancy import calibration_ids
     from tritpress.compressor.data import lm_blocks, read_texts, tokenizer_fn
 
     f = tmp_path / "cal.txt"
@@ -329,7 +330,8 @@ def test_calibration_sequences_are_spread_over_the_text(tmp_path):
 
 
 def test_auto_is_no_worse_than_fixed_patterns_at_its_budget():
-    from tritpress.analyzers.redundancy import Calibration, auto_plan, measure_plan
+    from tritpress.compressor.redundancy import Calibration, measure_plan
+    from tritpress.compressor.redundancy_auto import auto_plan
 
     model = _bert(6)
     cal = Calibration.build(model, torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0)))
@@ -349,7 +351,8 @@ def test_auto_with_probe_ranks_by_the_loss_after_fine_tuning():
     the worst right after tying; every fixed pattern at the budget is probed."""
     import copy
 
-    from tritpress.analyzers.redundancy import Calibration, auto_plan, measure_plan
+    from tritpress.compressor.redundancy import Calibration, measure_plan
+    from tritpress.compressor.redundancy_auto import auto_plan
 
     model = _llama(6)
     structure = discover(model)
@@ -390,7 +393,8 @@ def test_auto_with_probe_ranks_by_the_loss_after_fine_tuning():
 
 
 def test_auto_max_loss_increase_respects_threshold():
-    from tritpress.analyzers.redundancy import Calibration, auto_plan, tied_loss
+    from tritpress.compressor.redundancy import Calibration, tied_loss
+    from tritpress.compressor.redundancy_auto import auto_plan
 
     model = _llama(4)
     cal = Calibration.build(model, torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0)))
@@ -401,7 +405,8 @@ def test_auto_max_loss_increase_respects_threshold():
 
 
 def test_refinement_keeps_the_budget_and_never_worsens():
-    from tritpress.analyzers.redundancy import Calibration, _pair_costs, analyze, measure_plan, refine_by_swaps
+    from tritpress.compressor.redundancy import Calibration, analyze, measure_plan
+    from tritpress.compressor.redundancy_auto import _pair_costs, refine_by_swaps
 
     model = _llama(6)
     cal = Calibration.build(model, torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0)))

@@ -27,12 +27,14 @@ from tritpress.compressor.distributed import DistContext
 from tritpress.compressor.errors import TritpressError
 from tritpress.compressor.layers import FakeQuantEmbedding, FakeQuantLinear, FakeQuantRNN
 from tritpress.compressor.structure import discover
-from tritpress.compressor.train import CRASH_ENV, TrainConfig, batch_indices, lr_factor, quant_lambda, train_qat
+from tritpress.compressor.train import TrainConfig, batch_indices, lr_factor, quant_lambda, train_qat
 from tritpress.compressor.transform import prepare
 from tritpress.exporters.packed import load_packed, read_metadata
+from tests.crash_site.sitecustomize import ENV as CRASH_ENV, crash_at_step
 from tests.tiny_models import build, gpt2_config
 
 REPO = Path(__file__).resolve().parents[1]
+CRASH_SITE = Path(__file__).resolve().parent / "crash_site"  # sitecustomize: dies at CRASH_ENV's step
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -150,7 +152,7 @@ def _train(name, blocks, state_dir, **kw):
     teacher = build(name)
     student = prepare(copy.deepcopy(teacher), TernaryConfig())
     cfg = TrainConfig(**{"seq_len": blocks.shape[1], "checkpoint_every": 0, **kw}).resolved(10_000)
-    findings = train_qat(student, teacher, discover(teacher), blocks, cfg, state_dir)
+    findings = train_qat(student, teacher, discover(teacher), blocks, cfg, state_dir).findings
     return teacher, student, findings
 
 
@@ -160,7 +162,7 @@ def test_loss_decreases_and_teacher_is_untouched(text_blocks, tmp_path):
     student = prepare(copy.deepcopy(teacher), TernaryConfig())
     cfg = TrainConfig(steps=20, seq_len=16, batch_size=4, lr=3e-3, warmup_steps=0, schedule="constant",
                       quant_schedule="none", checkpoint_every=0).resolved(10_000)
-    findings = train_qat(student, teacher, discover(teacher), text_blocks, cfg, tmp_path)
+    findings = train_qat(student, teacher, discover(teacher), text_blocks, cfg, tmp_path).findings
     curve = findings["curve"]
     assert [e["step"] for e in curve] == list(range(1, 21))
     assert {e["lambda"] for e in curve} == {1.0} and {e["lr"] for e in curve} == {3e-3}
@@ -245,10 +247,13 @@ def cli(args) -> tuple[int, str, str]:
 
 
 def cli_proc(args, env=None, timeout=420) -> subprocess.CompletedProcess:
-    """`compress ...` as its own process (needed for --nproc: torchrun, and for a hard crash)."""
+    """`compress ...` as its own process (needed for --nproc: torchrun, and for a hard crash:
+    with CRASH_ENV in `env`, tests/crash_site/sitecustomize.py makes it die after that step)."""
     full_env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
     full_env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     full_env.update(env or {})
+    if CRASH_ENV in full_env:
+        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CRASH_SITE), full_env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "tritpress.cli.main", *map(str, args)], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -343,11 +348,8 @@ def test_kill_then_resume_matches_an_uninterrupted_run(work):
     assert state["step"] == 3 and len(state["curve"]) == 3
     assert not (out / "report.json").exists()
     # the same command again, with --resume (still with the crash hook: it fires only at step 3)
-    os.environ[CRASH_ENV] = "3"
-    try:
+    with crash_at_step(3):
         code, _, err = cli([*args, "--out", out, "--resume"])
-    finally:
-        del os.environ[CRASH_ENV]
     assert code == 0, err
     code, _, err = cli([*args, "--out", work / "uninterrupted"])
     assert code == 0, err

@@ -1,0 +1,261 @@
+"""Redundancy measures of a block stack on calibration data: which blocks could share weights.
+
+Per block: Block Influence (ShortGPT: 1 - mean cosine between a block's input and output
+tokens). Per pair of blocks: linear CKA (Kornblith et al. 2019) and angular distance
+(arccos(cos)/pi on the last token, arXiv 2403.17887) between block outputs, cosine
+similarity of the weights per matrix type, and the ground truth: the calibration-loss
+increase measured when the pair is actually tied (share.apply_sharing, with the chosen
+initialization). Cosine-type scores correlate only moderately with that increase, so `auto`
+(redundancy_auto.py) decides by the measured numbers. The outputs of `compress analyze`
+(analysis.json, the text table, PNG heatmaps) are drawn by analyzers/redundancy.py.
+
+Calibration loss: next-token NLL for causal LMs; for encoders (no LM loss), the normalized
+MSE of the output against the original model's output (0 for the original itself).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import TritpressError
+from .share import (SharingConfig, SharingPlan, _as_matrix, apply_sharing, block_matrices, fixed_plans,
+                    plan_fraction, plan_groups)
+from .structure import ModelStructure, discover
+
+MAX_CKA_TOKENS = 4096
+
+
+@dataclass
+class Calibration:
+    """Calibration sequences and what the original model does on them."""
+
+    io: object                      # compressor.modelio.ModelIO
+    ids: torch.Tensor               # [N, seq_len] token ids
+    reference: list[torch.Tensor]   # the original's main output per batch (encoders)
+    base_loss: float
+    batch: int = 8
+
+    @classmethod
+    def build(cls, model: nn.Module, ids: torch.Tensor, structure: ModelStructure | None = None,
+              batch: int = 8) -> "Calibration":
+        from tritpress.compressor.modelio import ModelIO
+
+        io = ModelIO.discover(model, structure or discover(model))
+        model.eval()
+        with torch.no_grad():
+            reference = [] if io.causal else [io.forward(model, ids[i:i + batch]) for i in range(0, len(ids), batch)]
+        cal = cls(io, ids, reference, 0.0, batch)
+        cal.base_loss = cal.loss(model)
+        return cal
+
+    @torch.no_grad()
+    def loss(self, model: nn.Module) -> float:
+        model.eval()
+        total, count = 0.0, 0
+        for bi, i in enumerate(range(0, len(self.ids), self.batch)):
+            ids = self.ids[i:i + self.batch]
+            out = self.io.forward(model, ids)
+            if self.io.causal:
+                total += float(F.cross_entropy(out[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
+                count += ids[:, 1:].numel()
+            else:
+                ref = self.reference[bi]
+                total += float(((out - ref).pow(2).flatten(1).mean(1) / ref.pow(2).flatten(1).mean(1)
+                                .clamp(min=1e-8)).sum())
+                count += len(ids)
+        return total / count
+
+    @property
+    def metric(self) -> str:
+        return "nll" if self.io.causal else "nmse_to_original"
+
+
+CALIBRATION_POOL_TOKENS = 1 << 20
+
+
+def calibration_ids(spec: str, tokenizer, model: nn.Module, sequences: int, seq_len: int) -> torch.Tensor:
+    """[sequences, seq_len] token ids from the validation split of DATA (a file is used as is),
+    spread evenly over the text (its first 2^20 tokens, or 32x what is needed if more): the
+    first N consecutive blocks come from a handful of documents, and plans ranked on them did
+    not keep their order on other text (docs/sharing.md)."""
+    from tritpress.compressor.data import lm_blocks, read_texts, token_vocab_size, tokenizer_fn
+
+    texts = read_texts(spec, "validation")
+    encode = tokenizer_fn(tokenizer, texts, token_vocab_size(model))
+    pool = lm_blocks(texts, encode, seq_len, max(CALIBRATION_POOL_TOKENS, 32 * sequences * seq_len))
+    if len(pool) <= sequences:
+        return pool
+    return pool[torch.linspace(0, len(pool) - 1, sequences).round().long()]
+
+
+def tied_loss(model: nn.Module, plan: SharingPlan, cfg: SharingConfig, cal: Calibration,
+              structure: ModelStructure | None = None) -> float:
+    """Calibration loss of a copy of `model` with `plan` really tied."""
+    tied, _ = apply_sharing(copy.deepcopy(model), plan, cfg, structure)
+    return cal.loss(tied)
+
+
+# ------------------------------------------------------------------ activation metrics
+
+
+class _BlockIO:
+    """Hooks recording each block's input and output hidden states."""
+
+    def __init__(self, model: nn.Module, paths: list[str]):
+        self.inputs: dict[int, list] = {i: [] for i in range(len(paths))}
+        self.outputs: dict[int, list] = {i: [] for i in range(len(paths))}
+        self.handles = []
+        for i, p in enumerate(paths):
+            m = model.get_submodule(p)
+            self.handles.append(m.register_forward_pre_hook(self._pre(i), with_kwargs=True))
+            self.handles.append(m.register_forward_hook(self._post(i)))
+
+    def _pre(self, i):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states")
+            self.inputs[i].append(x.detach().float())
+        return hook
+
+    def _post(self, i):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            self.outputs[i].append(out.detach().float())
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA of two [tokens, features] representations."""
+    x = x - x.mean(0, keepdim=True)
+    y = y - y.mean(0, keepdim=True)
+    xty = (x.t() @ y).pow(2).sum()
+    return float(xty / ((x.t() @ x).pow(2).sum().sqrt() * (y.t() @ y).pow(2).sum().sqrt()).clamp(min=1e-12))
+
+
+def angular_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over sequences of arccos(cos(a, b)) / pi on the last token ([seqs, tokens, dim])."""
+    cos = F.cosine_similarity(a[:, -1], b[:, -1], dim=-1).clamp(-1, 1)
+    return float((torch.arccos(cos) / math.pi).mean())
+
+
+def block_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> float:
+    """ShortGPT: 1 - mean over tokens of cos(block input, block output)."""
+    return float(1 - F.cosine_similarity(x_in, x_out, dim=-1).mean())
+
+
+@torch.no_grad()
+def activation_metrics(model: nn.Module, cal: Calibration, paths: list[str]) -> dict:
+    hooks = _BlockIO(model, paths)
+    try:
+        for i in range(0, len(cal.ids), cal.batch):
+            cal.io.forward(model, cal.ids[i:i + cal.batch])
+    finally:
+        hooks.remove()
+    n = len(paths)
+    ins = [torch.cat(hooks.inputs[i]) for i in range(n)]
+    outs = [torch.cat(hooks.outputs[i]) for i in range(n)]
+    g = torch.Generator().manual_seed(0)
+    flat = [o.flatten(0, -2) for o in outs]
+    take = torch.randperm(flat[0].shape[0], generator=g)[:MAX_CKA_TOKENS]
+    flat = [f[take] for f in flat]
+    cka = [[round(linear_cka(flat[i], flat[j]), 5) for j in range(n)] for i in range(n)]
+    ang = [[round(angular_distance(outs[i], outs[j]), 5) for j in range(n)] for i in range(n)]
+    influence = [round(block_influence(ins[i], outs[i]), 5) for i in range(n)]
+    return {"block_influence": influence, "cka": cka, "angular_distance": ang}
+
+
+def weight_similarity(model: nn.Module, structure: ModelStructure, share: str) -> dict[str, list[list[float]]]:
+    """Per matrix type (name inside the block): pairwise cosine of the flattened weights."""
+    mats = block_matrices(model, structure, share)
+    n = len(mats)
+    out = {}
+    for name in mats[0]:
+        ws = torch.stack([_as_matrix(*mats[b][name]).flatten() for b in range(n)])
+        ws = F.normalize(ws, dim=1)
+        out[name] = [[round(float(v), 5) for v in row] for row in ws @ ws.t()]
+    return out
+
+
+# ------------------------------------------------------------------ the analysis
+
+
+def candidate_pairs(n: int, weight_sim: dict, limit: int) -> list[tuple[int, int]]:
+    """All block pairs, or the `limit` most weight-similar ones when there are more."""
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    if len(pairs) <= limit:
+        return pairs
+    mean = [[sum(m[i][j] for m in weight_sim.values()) / len(weight_sim) for j in range(n)] for i in range(n)]
+    return sorted(sorted(pairs, key=lambda p: -mean[p[0]][p[1]])[:limit])
+
+
+def pair_plan(n: int, i: int, j: int, share: str) -> SharingPlan:
+    groups = sorted([[i, j]] + [[b] for b in range(n) if b not in (i, j)])
+    return SharingPlan(n, groups, share, f"pair {i},{j}")
+
+
+def analyze(model: nn.Module, cal: Calibration, cfg: SharingConfig, structure: ModelStructure | None = None,
+            measure_pairs: bool = True, strategies: bool = True) -> dict:
+    """The redundancy analysis as a JSON-able dict (see module docstring)."""
+    t0 = time.perf_counter()
+    structure = structure or discover(model)
+    stack = structure.blocks
+    if stack is None:
+        raise TritpressError("cannot analyze: no stack of repeated blocks (or stacked LSTM/GRU layers) found")
+    n = stack.num_blocks
+    result = {"model_blocks": {"path": stack.path, "num_blocks": n, "block_type": stack.block_type},
+              "calibration": {"sequences": len(cal.ids), "seq_len": cal.ids.shape[1], "metric": cal.metric,
+                              "base_loss": round(cal.base_loss, 6)},
+              "share": cfg.share, "init": cfg.init, "relax_rank": cfg.relax_rank}
+    timings = {}
+    t = time.perf_counter()
+    if stack.kind == "modulelist":
+        result.update(activation_metrics(model, cal, [f"{stack.path}.{i}" for i in range(n)]))
+    else:  # nn.LSTM runs its layers inside one kernel: per-layer hidden states are not observable
+        result.update(block_influence=None, cka=None, angular_distance=None)
+    timings["activations_s"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    sims = weight_similarity(model, structure, cfg.share)
+    result["weight_cosine"] = sims
+    result["weight_cosine_mean"] = [[round(sum(m[i][j] for m in sims.values()) / len(sims), 5) for j in range(n)]
+                                    for i in range(n)]
+    timings["weights_s"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    increase = [[None] * n for _ in range(n)]
+    if measure_pairs and n > 1:
+        for i, j in candidate_pairs(n, sims, cfg.auto_pairs):
+            d = tied_loss(model, pair_plan(n, i, j, cfg.share), cfg, cal, structure) - cal.base_loss
+            increase[i][j] = increase[j][i] = round(d, 6)
+    result["loss_increase"] = increase
+    timings["pairs_s"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    if strategies and n > 1:
+        result["strategies"] = strategy_table(model, cal, cfg, structure, max(1, (n + 1) // 2))
+    timings["strategies_s"] = round(time.perf_counter() - t, 3)
+    timings["total_s"] = round(time.perf_counter() - t0, 3)
+    result["timings"] = timings
+    return result
+
+
+def strategy_table(model, cal: Calibration, cfg: SharingConfig, structure, num_unique: int) -> list[dict]:
+    """Each fixed pattern with `num_unique` unique blocks (plus alternate), tied and measured."""
+    n = structure.blocks.num_blocks
+    plans = fixed_plans(n, num_unique, cfg.share)
+    if num_unique != 2 and n >= 2:
+        plans = {"alternate": plan_groups(n, SharingConfig("alternate", share=cfg.share)), **plans}
+    return [measure_plan(model, plan, name, cfg, cal, structure) for name, plan in plans.items()]
+
+
+def measure_plan(model, plan: SharingPlan, name: str, cfg: SharingConfig, cal: Calibration, structure) -> dict:
+    loss = tied_loss(model, plan, cfg, cal, structure)
+    return {"strategy": name, "groups": plan.groups, "unique_blocks": plan.num_unique,
+            "unique_block_fraction": round(plan_fraction(model, plan, cfg, structure), 5),
+            "loss_after_tying": round(loss, 6), "loss_increase": round(loss - cal.base_loss, 6)}
