@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from tritpress.compressor import modelio
 from tritpress.compressor.errors import TritpressError
 
-from . import modelio
 from .encode import batches, map_batches, model_inputs, progress_bar, ready_tokenizer
 from .metrics import squad_scores
 from .probe import span_probe

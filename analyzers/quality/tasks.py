@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from tritpress.compressor.errors import TritpressError
+from tritpress.compressor.modelio import features, is_hf
 
 from . import lm, modelio
 from .encode import batches, map_batches, model_inputs, progress_bar, ready_tokenizer
@@ -66,7 +67,7 @@ def probe_config(cfg, task: str) -> ProbeConfig:
 def needs_lm_probe(model, tokenizer, probe: str) -> bool:
     """An encoder without its own LM head (e.g. a sentence-embedding BERT): masked-LM probe."""
     has_lm = modelio.lm_kind(model) is not None
-    return modelio.is_hf(model) and getattr(tokenizer, "mask_token_id", None) is not None and (
+    return is_hf(model) and getattr(tokenizer, "mask_token_id", None) is not None and (
         not has_lm or probe == "always" and modelio.lm_kind(model) == "masked")
 
 
@@ -132,7 +133,7 @@ def _pooled(model, tok, data, cfg, update) -> torch.Tensor:
 
     def one(i):
         enc = _cls_encode(tok, data, parts[i], cfg.max_length)
-        h = modelio.features(model, model_inputs(model, enc))
+        h = features(model, model_inputs(model, enc))
         mask = enc["attention_mask"].unsqueeze(-1).float()  # CPU, like h
         return list((h * mask).sum(1) / mask.sum(1))
     return torch.stack(map_batches(one, len(parts), update))
@@ -218,7 +219,7 @@ def run_tok(model, tokenizer, train, test, cfg, desc: str) -> dict:
             pc = probe_config(cfg, "tok")
             tags = sorted({t for s in train.tags for t in s})
             index = {t: i for i, t in enumerate(tags)}
-            feats = lambda enc: modelio.features(model, enc)  # noqa: E731
+            feats = lambda enc: features(model, enc)  # noqa: E731
             train_rows = _word_outputs(model, tok, train.words, cfg, update, feats)
             x = torch.stack([v for row in train_rows for v in row if v is not None])
             y = torch.tensor([index[t] for row, ts in zip(train_rows, train.tags) for v, t in zip(row, ts)
