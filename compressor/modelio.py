@@ -232,7 +232,7 @@ def features(model: nn.Module, enc: dict) -> torch.Tensor:
     """Last hidden state [B, T, H] of a transformers model (the probe's frozen features), on the CPU."""
     if not is_hf(model):
         raise TritpressError(f"probing {type(model).__name__} needs a transformers model (hidden states)")
-    out = model(**enc, output_hidden_states=True)
+    out = ModelIO.of(model).call(model, enc, output_hidden_states=True)
     hidden = getattr(out, "hidden_states", None)
     h = hidden[-1] if hidden else getattr(out, "last_hidden_state", None)
     if h is None:

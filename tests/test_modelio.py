@@ -9,8 +9,9 @@ from torch import nn
 
 from tritpress.compressor import TernaryConfig, convert, prepare
 from tritpress.compressor.layers import QLinear, QTensor, WeightFormat, layer_input
-from tritpress.compressor.modelio import (BlockOutputs, ModelIO, batched_forward, held_out_loss, held_out_quality,
-                                          keyword_inputs, logits, next_token_nll, nmse, nmse_per_sequence)
+from tritpress.compressor.modelio import (BlockOutputs, ModelIO, batched_forward, features, held_out_loss,
+                                          held_out_quality, keyword_inputs, logits, next_token_nll, nmse,
+                                          nmse_per_sequence)
 from tritpress.compressor.quantize import quantize_activations_int8
 from tritpress.compressor.structure import discover, set_submodule
 from tests.tiny_models import build, main_output, sample_ids
@@ -205,3 +206,22 @@ def test_qlinear_multiplies_the_layer_input_by_the_dequantized_weight(act_bits):
     expected_x = quantize_activations_int8(x) if act_bits == 8 else x
     assert torch.equal(layer_input(x, act_bits), expected_x)
     assert torch.equal(QLinear(q, None, act_bits)(x), F.linear(expected_x, q.dequantize()))
+
+
+@torch.no_grad()
+def test_features_are_the_last_hidden_state():
+    model = build("bert")
+    ids = sample_ids()
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    expected = model(**enc, output_hidden_states=True).hidden_states[-1]
+    assert torch.equal(features(model, enc), expected.float())
+
+
+def test_onnx_export_of_a_seq_first_rnn_takes_seq_first_ids(tmp_path):
+    from tritpress.exporters.onnx import OnnxConfig, export_onnx
+
+    torch.manual_seed(0)
+    result = export_onnx(convert(prepare(SeqFirstLSTM().eval(), TernaryConfig())), tmp_path / "m.onnx",
+                         OnnxConfig(format="float"))
+    assert result["validation"]["passed"]
+    assert result["validation"]["input_shapes"]["input_ids"] == [11, 3]  # [sequence, batch]
