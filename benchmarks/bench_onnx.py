@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 
 from tritpress.compressor.ingest import load_model  # noqa: E402
-from tritpress.compressor.structure import discover  # noqa: E402
+from tritpress.compressor.structure import discover, set_submodule  # noqa: E402
 from tritpress.compressor.transform import convert  # noqa: E402
 from tritpress.exporters.onnx import OnnxConfig, export_onnx, save_onnx, signature, trace_to_onnx  # noqa: E402
 
@@ -52,9 +52,8 @@ def first_blocks(model, n):
     stack = discover(model).blocks
     if stack is None or stack.kind != "modulelist" or n >= stack.num_blocks:
         return model
-    parent, _, child = stack.path.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    setattr(owner, child, torch.nn.ModuleList(list(getattr(owner, child))[:n]))
+    blocks = model.get_submodule(stack.path)
+    set_submodule(model, stack.path, torch.nn.ModuleList(list(blocks)[:n]))
     for key in ("num_hidden_layers", "n_layer"):
         if hasattr(model.config, key):
             setattr(model.config, key, n)

@@ -86,6 +86,12 @@ class QTensor(nn.Module):
         return f"{self.fmt.kind}, shape={tuple(self.codes.shape)}"
 
 
+def layer_input(x: torch.Tensor, act_bits: int | None, lam: float = 1.0) -> torch.Tensor:
+    """The activations a linear layer multiplies: int8 fake-quantized per token when act_bits == 8
+    (blended in by `lam` during warm-up), as they are otherwise."""
+    return quantize_activations_int8(x, lam) if act_bits == 8 else x
+
+
 # ---------------------------------------------------------------- fake-quant forms
 
 class FakeQuantLinear(nn.Module):
@@ -100,9 +106,7 @@ class FakeQuantLinear(nn.Module):
         self.lam = 1.0
 
     def forward(self, x):
-        if self.act_bits == 8:
-            x = quantize_activations_int8(x, self.lam)
-        return F.linear(x, self.fmt.fake(self.weight, self.lam), self.bias)
+        return F.linear(layer_input(x, self.act_bits, self.lam), self.fmt.fake(self.weight, self.lam), self.bias)
 
     def extra_repr(self):
         return f"{self.fmt.kind}, shape={tuple(self.weight.shape)}, act_bits={self.act_bits}"
@@ -152,6 +156,10 @@ class FakeQuantRNN(nn.Module):
 # ---------------------------------------------------------------- converted forms
 
 class QLinear(nn.Module):
+    """A Linear whose weight is a QTensor, dequantized at each forward. Also the exported form of
+    a head tied to a quantized embedding (ONNX Runtime constant-folds the Cast/Mul/Transpose of
+    the shared codes once, at load)."""
+
     def __init__(self, qweight: QTensor, bias, act_bits: int | None = None):
         super().__init__()
         self.qweight = qweight
@@ -160,8 +168,7 @@ class QLinear(nn.Module):
         self.out_features, self.in_features = qweight.codes.shape
 
     def forward(self, x):
-        if self.act_bits == 8:
-            x = quantize_activations_int8(x)
+        x = layer_input(x, self.act_bits)
         return F.linear(x, self.qweight.dequantize(x.dtype), self.bias)
 
 

@@ -2,14 +2,19 @@
 main output, hooks block outputs and measures held-out quality. Training, the sharing analysis,
 evaluation, export and the pipeline's checks all go through it.
 
-- `ModelIO`: how to call a model and read its output, discovered once from its structure.
-- `BlockOutputs`: forward hooks recording each block's output.
+- `ModelIO`: how to call a model and read its output, discovered once from its structure;
+  `forward` takes token ids or a dict of keyword inputs.
+- `logits` / `features` / `carried_state`: evaluation's calls (on the model's device, hidden
+  states, recurrent state carried across calls).
+- `BlockOutputs`: forward hooks recording each block's output (and input).
 - `example_inputs` / `run_model` / `compare_outputs`: one example batch through two models, compared
   (the pipeline's checks: original vs ternary, converted vs reloaded packed file).
-- `held_out_quality`: perplexity for causal LMs, agreement with a teacher otherwise.
+- `held_out_loss` / `held_out_quality`: calibration loss; perplexity for causal LMs, agreement
+  with a teacher otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from dataclasses import dataclass
@@ -18,29 +23,92 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .structure import ModelStructure
+from .errors import TritpressError
+from .layers import FakeQuantEmbedding, FakeQuantRNN, QEmbedding, QRNN
+from .structure import ModelStructure, discover
 
 EXAMPLE_TEXT = [
     "The quick brown fox jumps over the lazy dog near the river bank.",
     "Ternary weights keep only the sign and a shared scale of every parameter.",
 ]
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")   # transformers class names of next-token LMs
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+IO_ATTR = "_tritpress_io"   # ModelIO cached on the model by ModelIO.of
+
+
+# ---------------------------------------------------------------- what the model is
+
+def is_hf(model: nn.Module) -> bool:
+    """A transformers model: keyword inputs, a ModelOutput back."""
+    return hasattr(model, "config") and hasattr(model.config, "to_dict")
+
+
+def forward_params(model: nn.Module):
+    """The parameters of model.forward, by name."""
+    return inspect.signature(model.forward).parameters
+
+
+def recurrent_modules(model: nn.Module) -> list[nn.Module]:
+    """The outermost recurrent modules (nn.LSTM/GRU/RNN, or our wrappers around one)."""
+    kinds = (nn.RNNBase, QRNN, FakeQuantRNN)
+    found, inside = [], set()
+    for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(m, kinds):
+            found.append(m)
+            inside.add(name)
+    return found
+
+
+def _rnns(model: nn.Module) -> list[nn.Module]:
+    """Every module running a recurrence with a batch_first flag (a fake-quant wrapper's inner RNN)."""
+    return [m for m in model.modules() if isinstance(m, (nn.RNNBase, QRNN))]
+
+
+def embedding_rows(model: nn.Module) -> int | None:
+    """Rows of the largest embedding table (float, fake-quant or quantized): the ids it takes."""
+    kinds = (nn.Embedding, FakeQuantEmbedding, QEmbedding)
+    return max((m.num_embeddings for m in model.modules() if isinstance(m, kinds)), default=None)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------- inputs and outputs
+
+def random_ids(vocab: int, batch: int, seq: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=generator)
 
 
 def example_inputs(model: nn.Module, tokenizer=None, seq_len: int = 16, seed: int = 0) -> dict | tuple:
     """Keyword inputs for a transformers model (tokenized text when a tokenizer exists,
     else random ids), or a positional (ids,) tuple for a custom module."""
-    vocab = max((m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)), default=None)
+    vocab = embedding_rows(model)
     if tokenizer is not None:
         if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None):
             tokenizer.pad_token = tokenizer.eos_token
         enc = tokenizer(EXAMPLE_TEXT, return_tensors="pt", padding=True, truncation=True, max_length=seq_len * 4)
         if vocab is None or int(enc["input_ids"].max()) < vocab:
-            return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            return {k: v for k, v in enc.items() if k in TOKEN_INPUTS}
     g = torch.Generator().manual_seed(seed)
     if vocab is None:
         raise ValueError("cannot build an example input: the model has no embedding and no tokenizer")
-    ids = torch.randint(0, vocab, (2, seq_len), generator=g)
+    ids = random_ids(vocab, 2, seq_len, g)
     return {"input_ids": ids} if hasattr(model, "config") else (ids,)
+
+
+def keyword_inputs(model: nn.Module, enc: dict) -> dict:
+    """The token tensors of `enc` the model's forward takes (no token_type_ids for GPT-2), on its device."""
+    params = forward_params(model)
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    device = device_of(model)
+    return {k: enc[k].to(device) for k in TOKEN_INPUTS if k in enc and (k in params or takes_any)}
 
 
 def first_float_output(out) -> torch.Tensor:
@@ -63,6 +131,15 @@ def first_float_output(out) -> torch.Tensor:
     raise ValueError(f"no float tensor in the model output ({type(out).__name__})")
 
 
+def output_tensors(out) -> list[torch.Tensor]:
+    """Every tensor of a custom module's output (nested tuples and lists flattened, in order)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in output_tensors(o)]
+    return []
+
+
 @torch.no_grad()
 def run_model(model: nn.Module, inputs) -> torch.Tensor:
     out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
@@ -79,6 +156,8 @@ def compare_outputs(reference: torch.Tensor, other: torch.Tensor) -> dict:
     }
 
 
+# ---------------------------------------------------------------- calling it
+
 @dataclass
 class ModelIO:
     """How to call the model and read its output, discovered once from its structure."""
@@ -89,37 +168,123 @@ class ModelIO:
     causal: bool             # next-token prediction applies
     block_paths: list[str]
     no_cache: bool = False   # HF forward takes use_cache: pass False (one full-sequence forward, no KV cache)
+    keywords: frozenset | None = None   # HF forward's keyword names; None: it takes any (**kwargs)
 
     @classmethod
-    def discover(cls, model: nn.Module, structure: ModelStructure) -> "ModelIO":
-        hf = hasattr(model, "config") and hasattr(model.config, "to_dict")
-        rnns = [m for m in model.modules() if isinstance(m, (nn.LSTM, nn.GRU, nn.RNN))]
+    def discover(cls, model: nn.Module, structure: ModelStructure | None = None) -> "ModelIO":
+        structure = structure or discover(model)
+        hf = is_hf(model)
+        rnns = _rnns(model)
         seq_first = not hf and bool(rnns) and not all(getattr(r, "batch_first", False) for r in rnns)
-        name = type(model).__name__
-        causal = (not hf and bool(rnns)) or name.endswith(("ForCausalLM", "LMHeadModel")) \
+        causal = (not hf and bool(rnns)) or type(model).__name__.endswith(CAUSAL_SUFFIXES) \
             or bool(getattr(getattr(model, "config", None), "is_decoder", False))
         blocks = []
         if structure.blocks is not None and structure.blocks.kind == "modulelist":
             blocks = [f"{structure.blocks.path}.{i}" for i in range(structure.blocks.num_blocks)]
-        no_cache = hf and "use_cache" in inspect.signature(model.forward).parameters
+        params = forward_params(model) if hf else {}
+        takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
         return cls(hf, seq_first, structure.head is not None, causal and structure.head is not None, blocks,
-                   no_cache)
+                   "use_cache" in params, None if takes_any or not hf else frozenset(params))
 
-    def forward(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        if self.hf:
-            kwargs = {"use_cache": False} if self.no_cache else {}
-            return first_float_output(model(input_ids=ids, **kwargs)).float()
-        if self.seq_first:
-            return first_float_output(model(ids.t())).float().transpose(0, 1)
-        return first_float_output(model(ids)).float()
+    @classmethod
+    def of(cls, model: nn.Module) -> "ModelIO":
+        """The model's ModelIO, discovered on first use and kept on the model."""
+        io = getattr(model, IO_ATTR, None)
+        if io is None:
+            io = cls.discover(model)
+            object.__setattr__(model, IO_ATTR, io)
+        return io
+
+    def takes(self, name: str) -> bool:
+        return self.keywords is None or name in self.keywords
+
+    def call(self, model: nn.Module, inputs, **kwargs):
+        """The model's raw output on inputs in its own layout (a custom RNN's ids [seq, batch]):
+        token ids, or a dict of keyword inputs (those the forward does not take are left out; a
+        custom module gets input_ids alone). `kwargs` go to a transformers forward as they are."""
+        if not self.hf:
+            return model(inputs["input_ids"] if isinstance(inputs, dict) else inputs, **kwargs)
+        if not isinstance(inputs, dict):
+            inputs = {"input_ids": inputs}
+        inputs = {k: v for k, v in inputs.items() if self.takes(k)}
+        if self.no_cache:
+            kwargs = {"use_cache": False, **kwargs}
+        return model(**inputs, **kwargs)
+
+    def forward(self, model: nn.Module, inputs) -> torch.Tensor:
+        """Main output as float [batch, seq, ...] for token ids [batch, seq] or keyword inputs."""
+        if not self.seq_first:
+            return first_float_output(self.call(model, inputs)).float()
+        ids = inputs["input_ids"] if isinstance(inputs, dict) else inputs
+        return first_float_output(self.call(model, ids.t())).float().transpose(0, 1)
+
+
+def logits(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits on the model's device."""
+    ids = ids.to(device_of(model))
+    inputs = {"input_ids": ids}
+    if attention_mask is not None:
+        inputs["attention_mask"] = attention_mask.to(ids.device)
+    return ModelIO.of(model).forward(model, inputs)
+
+
+def features(model: nn.Module, enc: dict) -> torch.Tensor:
+    """Last hidden state [B, T, H] of a transformers model (the probe's frozen features), on the CPU."""
+    if not is_hf(model):
+        raise TritpressError(f"probing {type(model).__name__} needs a transformers model (hidden states)")
+    out = ModelIO.of(model).call(model, enc, output_hidden_states=True)
+    hidden = getattr(out, "hidden_states", None)
+    h = hidden[-1] if hidden else getattr(out, "last_hidden_state", None)
+    if h is None:
+        raise TritpressError(f"{type(model).__name__} returns no hidden states to probe")
+    return h.float().cpu()
+
+
+# ---------------------------------------------------------------- hooks
+
+@contextlib.contextmanager
+def carried_state(model: nn.Module):
+    """While active, every outermost recurrent module starts from the state it ended with on the
+    previous call (the stream is read as one sequence), whatever the model's own forward does."""
+    state: dict[int, object] = {}
+
+    def pre(module, args, kwargs):
+        key = id(module)
+        if key in state and len(args) == 1 and "hx" not in kwargs:
+            return args + (state[key],), kwargs
+        return None
+
+    def post(module, args, kwargs, output):
+        hx = output[1]
+        state[id(module)] = tuple(h.detach() for h in hx) if isinstance(hx, tuple) else hx.detach()
+
+    handles = []
+    for m in recurrent_modules(model):
+        handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(m.register_forward_hook(post, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class BlockOutputs:
-    """Forward hooks that record each block's output (the hidden state it passes on)."""
+    """Forward hooks that record each block's output (the hidden state it passes on), in call
+    order; with `inputs`, also the hidden state each block received."""
 
-    def __init__(self, model: nn.Module, paths: list[str]):
+    def __init__(self, model: nn.Module, paths: list[str], inputs: bool = False):
         self.outputs: list[torch.Tensor] = []
-        self.handles = [model.get_submodule(p).register_forward_hook(self._hook) for p in paths]
+        self.inputs: list[torch.Tensor] = []
+        self.handles = []
+        for p in paths:
+            block = model.get_submodule(p)
+            if inputs:
+                self.handles.append(block.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            self.handles.append(block.register_forward_hook(self._hook))
+
+    def _pre_hook(self, module, args, kwargs):
+        self.inputs.append(args[0] if args else kwargs.get("hidden_states"))
 
     def _hook(self, module, args, output):
         out = output[0] if isinstance(output, (tuple, list)) else output
@@ -129,38 +294,83 @@ class BlockOutputs:
         out, self.outputs = self.outputs, []
         return out
 
+    def take_inputs(self) -> list[torch.Tensor]:
+        out, self.inputs = self.inputs, []
+        return out
+
     def remove(self):
         for h in self.handles:
             h.remove()
+
+
+# ---------------------------------------------------------------- held-out quality
+
+def nmse_per_sequence(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """[B]: each sequence's MSE normalized by the teacher's mean square."""
+    s, t = student.float().flatten(1), teacher.float().flatten(1)
+    return (s - t).pow(2).mean(1) / t.pow(2).mean(1).clamp(min=1e-8)
 
 
 def nmse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """MSE normalized by the teacher's mean square, per sequence, averaged over sequences:
     scale-free across blocks and models, and a mean of per-sequence terms, so splitting a batch
     across processes does not change it."""
-    s, t = student.float().flatten(1), teacher.float().flatten(1)
-    return ((s - t).pow(2).mean(1) / t.pow(2).mean(1).clamp(min=1e-8)).mean()
+    return nmse_per_sequence(student, teacher).mean()
+
+
+def next_token_nll(out: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL of a batch of logits over its ids, and the number of tokens scored."""
+    nll = F.cross_entropy(out[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+    return float(nll), ids[:, 1:].numel()
+
+
+def batched_forward(io: ModelIO, model: nn.Module, ids: torch.Tensor, batch: int):
+    """Yield (ids of the batch, main output) over `ids` in batches of `batch` sequences."""
+    for i in range(0, len(ids), batch):
+        chunk = ids[i: i + batch]
+        yield chunk, io.forward(model, chunk)
+
+
+@torch.no_grad()
+def held_out_sums(io: ModelIO, model: nn.Module, ids: torch.Tensor, reference: list | None = None,
+                  batch: int = 8) -> tuple[float, int]:
+    """(summed loss, count): next-token NLL over tokens for causal LMs, else NMSE against
+    `reference` (the original's output per batch) over sequences."""
+    model.eval()
+    total, count = 0.0, 0
+    for k, (chunk, out) in enumerate(batched_forward(io, model, ids, batch)):
+        if io.causal:
+            loss, n = next_token_nll(out, chunk)
+        else:
+            loss, n = float(nmse_per_sequence(out, reference[k]).sum()), len(chunk)
+        total += loss
+        count += n
+    return total, count
+
+
+def held_out_loss(io: ModelIO, model: nn.Module, ids: torch.Tensor, reference: list | None = None,
+                  batch: int = 8) -> float:
+    """Mean loss of `held_out_sums`: NLL per token, or NMSE per sequence."""
+    total, count = held_out_sums(io, model, ids, reference, batch)
+    return total / count
 
 
 @torch.no_grad()
 def held_out_quality(io: ModelIO, model: nn.Module, blocks: torch.Tensor, teacher: nn.Module | None = None,
-             batch: int = 8) -> dict:
+                     batch: int = 8) -> dict:
     """Held-out quality: perplexity for causal LMs, agreement with the teacher otherwise."""
     model.eval()
-    nll_sum, n_tokens, cos_sum, nmse_sum, n_batches = 0.0, 0, 0.0, 0.0, 0
-    for i in range(0, len(blocks), batch):
-        ids = blocks[i: i + batch]
-        out = io.forward(model, ids)
-        if io.causal:
-            nll_sum += float(F.cross_entropy(out[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
-            n_tokens += ids[:, 1:].numel()
-        elif teacher is not None:
-            ref = io.forward(teacher, ids)
-            cos_sum += float(F.cosine_similarity(out.mean(1), ref.mean(1), dim=-1).mean())
-            nmse_sum += float(nmse(out, ref))
-            n_batches += 1
     if io.causal:
+        nll_sum, n_tokens = held_out_sums(io, model, blocks, None, batch)
         return {"nll": nll_sum / n_tokens, "ppl": math.exp(nll_sum / n_tokens), "tokens": n_tokens}
+    if teacher is None:
+        return {}
+    cos_sum, nmse_sum, n_batches = 0.0, 0.0, 0
+    for ids, out in batched_forward(io, model, blocks, batch):
+        ref = io.forward(teacher, ids)
+        cos_sum += float(F.cosine_similarity(out.mean(1), ref.mean(1), dim=-1).mean())
+        nmse_sum += float(nmse(out, ref))
+        n_batches += 1
     if n_batches:
         return {"cosine_to_teacher": cos_sum / n_batches, "nmse_to_teacher": nmse_sum / n_batches,
                 "sequences": len(blocks)}

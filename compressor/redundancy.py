@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import TritpressError
+from .modelio import BlockOutputs, ModelIO, batched_forward, held_out_loss
 from .share import (SharingConfig, SharingPlan, _as_matrix, apply_sharing, block_matrices, fixed_plans,
                     plan_fraction, plan_groups)
 from .structure import ModelStructure, discover
@@ -35,7 +36,7 @@ MAX_CKA_TOKENS = 4096
 class Calibration:
     """Calibration sequences and what the original model does on them."""
 
-    io: object                      # compressor.modelio.ModelIO
+    io: ModelIO
     ids: torch.Tensor               # [N, seq_len] token ids
     reference: list[torch.Tensor]   # the original's main output per batch (encoders)
     base_loss: float
@@ -44,32 +45,16 @@ class Calibration:
     @classmethod
     def build(cls, model: nn.Module, ids: torch.Tensor, structure: ModelStructure | None = None,
               batch: int = 8) -> "Calibration":
-        from tritpress.compressor.modelio import ModelIO
-
         io = ModelIO.discover(model, structure or discover(model))
         model.eval()
         with torch.no_grad():
-            reference = [] if io.causal else [io.forward(model, ids[i:i + batch]) for i in range(0, len(ids), batch)]
+            reference = [] if io.causal else [out for _, out in batched_forward(io, model, ids, batch)]
         cal = cls(io, ids, reference, 0.0, batch)
         cal.base_loss = cal.loss(model)
         return cal
 
-    @torch.no_grad()
     def loss(self, model: nn.Module) -> float:
-        model.eval()
-        total, count = 0.0, 0
-        for bi, i in enumerate(range(0, len(self.ids), self.batch)):
-            ids = self.ids[i:i + self.batch]
-            out = self.io.forward(model, ids)
-            if self.io.causal:
-                total += float(F.cross_entropy(out[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
-                count += ids[:, 1:].numel()
-            else:
-                ref = self.reference[bi]
-                total += float(((out - ref).pow(2).flatten(1).mean(1) / ref.pow(2).flatten(1).mean(1)
-                                .clamp(min=1e-8)).sum())
-                count += len(ids)
-        return total / count
+        return held_out_loss(self.io, model, self.ids, self.reference, self.batch)
 
     @property
     def metric(self) -> str:
@@ -104,35 +89,6 @@ def tied_loss(model: nn.Module, plan: SharingPlan, cfg: SharingConfig, cal: Cali
 # ------------------------------------------------------------------ activation metrics
 
 
-class _BlockIO:
-    """Hooks recording each block's input and output hidden states."""
-
-    def __init__(self, model: nn.Module, paths: list[str]):
-        self.inputs: dict[int, list] = {i: [] for i in range(len(paths))}
-        self.outputs: dict[int, list] = {i: [] for i in range(len(paths))}
-        self.handles = []
-        for i, p in enumerate(paths):
-            m = model.get_submodule(p)
-            self.handles.append(m.register_forward_pre_hook(self._pre(i), with_kwargs=True))
-            self.handles.append(m.register_forward_hook(self._post(i)))
-
-    def _pre(self, i):
-        def hook(module, args, kwargs):
-            x = args[0] if args else kwargs.get("hidden_states")
-            self.inputs[i].append(x.detach().float())
-        return hook
-
-    def _post(self, i):
-        def hook(module, args, output):
-            out = output[0] if isinstance(output, (tuple, list)) else output
-            self.outputs[i].append(out.detach().float())
-        return hook
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Linear CKA of two [tokens, features] representations."""
     x = x - x.mean(0, keepdim=True)
@@ -154,15 +110,17 @@ def block_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> float:
 
 @torch.no_grad()
 def activation_metrics(model: nn.Module, cal: Calibration, paths: list[str]) -> dict:
-    hooks = _BlockIO(model, paths)
+    n = len(paths)
+    hooks = BlockOutputs(model, paths, inputs=True)
+    per_batch_in, per_batch_out = [], []  # [batch][block]
     try:
-        for i in range(0, len(cal.ids), cal.batch):
-            cal.io.forward(model, cal.ids[i:i + cal.batch])
+        for _ in batched_forward(cal.io, model, cal.ids, cal.batch):
+            per_batch_in.append(hooks.take_inputs())
+            per_batch_out.append(hooks.take())
     finally:
         hooks.remove()
-    n = len(paths)
-    ins = [torch.cat(hooks.inputs[i]) for i in range(n)]
-    outs = [torch.cat(hooks.outputs[i]) for i in range(n)]
+    ins = [torch.cat([b[i].float() for b in per_batch_in]) for i in range(n)]
+    outs = [torch.cat([b[i].float() for b in per_batch_out]) for i in range(n)]
     g = torch.Generator().manual_seed(0)
     flat = [o.flatten(0, -2) for o in outs]
     take = torch.randperm(flat[0].shape[0], generator=g)[:MAX_CKA_TOKENS]

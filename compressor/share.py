@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import TritpressError
-from .structure import ModelStructure, discover, is_conv1d, is_linear
+from .structure import ModelStructure, discover, is_conv1d, is_linear, set_submodule
 
 STRATEGIES = ("none", "alternate", "sequential", "cycle", "sequence", "middle-cycle", "groups", "auto")
 SHARE_KINDS = ("all", "attention", "ffn")
@@ -405,8 +405,7 @@ def _wrap_occurrence(model, stack_path, block, name, gain, residual, rank):
         inner = model.get_submodule(path)
         out_f, in_f = residual.shape
         wrapper = SharedLinear(inner, rank, in_f, out_f)
-        parent, _, leaf = path.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, wrapper)
+        set_submodule(model, path, wrapper)
     wrapper.gain.fill_(gain)
     if rank and wrapper.rank:
         u, s, vh = torch.linalg.svd(residual, full_matrices=False)
@@ -439,9 +438,7 @@ def rebuild_wrappers(model: nn.Module, meta: dict) -> None:
     for name, entry in meta.get("wrapped", {}).items():
         inner = model.get_submodule(name)
         out_f, in_f = entry["shape"] if entry["rank"] else (0, 0)
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf,
-                SharedLinear(inner, entry["rank"], in_f, out_f))
+        set_submodule(model, name, SharedLinear(inner, entry["rank"], in_f, out_f))
 
 
 def plan_fraction(model: nn.Module, plan: SharingPlan, cfg: SharingConfig,

@@ -60,6 +60,12 @@ class ModelStructure:
         return asdict(self)
 
 
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at the dotted `path` of `model` (replacing what is there)."""
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
 def _signature(m: nn.Module):
     return (type(m).__name__, tuple((n, tuple(p.shape)) for n, p in m.named_parameters()))
 

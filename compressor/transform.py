@@ -17,7 +17,7 @@ from torch import nn
 from .config import FLOAT_DTYPES, TernaryConfig
 from .layers import (FakeQuantEmbedding, FakeQuantLinear, FakeQuantRNN, QEmbedding, QLinear, QRNN,
                      QTensor, WeightFormat)
-from .structure import ModelStructure, discover, is_conv1d, rnn_weight_names
+from .structure import ModelStructure, discover, is_conv1d, rnn_weight_names, set_submodule
 
 RECORD_ATTR = "tritpress"
 
@@ -56,12 +56,6 @@ def get_record(model: nn.Module) -> QuantRecord | None:
 
 def _set_record(model: nn.Module, record: QuantRecord) -> None:
     object.__setattr__(model, RECORD_ATTR, record)
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def layer_formats(structure: ModelStructure, cfg: TernaryConfig) -> dict[str, WeightFormat]:
@@ -111,7 +105,7 @@ def prepare(model: nn.Module, config: TernaryConfig | None = None) -> nn.Module:
             new = FakeQuantEmbedding(m, fmt)
         else:
             new = FakeQuantRNN(m, fmt)
-        _replace(model, layer.name, new)
+        set_submodule(model, layer.name, new)
     _set_record(model, record)
     return model
 
@@ -173,7 +167,7 @@ def convert(model: nn.Module, config: TernaryConfig | None = None) -> nn.Module:
         else:
             rnn = m.rnn
             new = QRNN(rnn, {n: qt(getattr(rnn, n), fmt) for n in rnn_weight_names(rnn)})
-        _replace(model, name, new)
+        set_submodule(model, name, new)
     record.converted = True
     # round every remaining float tensor to its storage dtype, so that the packed
     # checkpoint reloads to exactly this model
@@ -201,4 +195,4 @@ def build_empty(model: nn.Module, module_map: dict) -> None:
             new = QRNN(rnn, {n: QTensor.empty(s, fmt) for n, s in entry["weights"].items()})
         else:
             raise ValueError(f"unknown module type {entry['type']!r} for {name}")
-        _replace(model, name, new)
+        set_submodule(model, name, new)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -33,8 +32,9 @@ from torch import nn
 
 from tritpress.compressor.errors import TritpressError
 from tritpress.compressor.fileio import atomic_path
-from tritpress.compressor.layers import QEmbedding, QLinear, QRNN, QTensor
-from tritpress.compressor.quantize import quantize_activations_int8
+from tritpress.compressor.layers import QEmbedding, QLinear, QRNN, QTensor, layer_input
+from tritpress.compressor.modelio import ModelIO, embedding_rows, forward_params, output_tensors, random_ids
+from tritpress.compressor.structure import set_submodule
 from tritpress.compressor.transform import get_record
 
 ONNX_FORMATS = ("matmulnbits", "int2", "float")
@@ -125,9 +125,7 @@ class MatMulLinear(nn.Module):
         self.wt, self.bias, self.act_bits = wt, bias, act_bits
 
     def forward(self, x):
-        if self.act_bits == 8:
-            x = quantize_activations_int8(x)
-        y = torch.matmul(x, self.wt)
+        y = torch.matmul(layer_input(x, self.act_bits), self.wt)
         return y if self.bias is None else y + self.bias
 
 
@@ -139,23 +137,7 @@ class TiedLinear(nn.Module):
         self.weight, self.bias, self.act_bits = weight, bias, act_bits
 
     def forward(self, x):
-        if self.act_bits == 8:
-            x = quantize_activations_int8(x)
-        return F.linear(x, self.weight, self.bias)
-
-
-class TiedQLinear(nn.Module):
-    """A head tied to a quantized embedding, dequantizing the shared codes (ONNX Runtime
-    constant-folds Cast/Mul/Transpose of an initializer once, at load)."""
-
-    def __init__(self, qweight: QTensor, bias, act_bits):
-        super().__init__()
-        self.qweight, self.bias, self.act_bits = qweight, bias, act_bits
-
-    def forward(self, x):
-        if self.act_bits == 8:
-            x = quantize_activations_int8(x)
-        return F.linear(x, self.qweight.dequantize(x.dtype), self.bias)
+        return F.linear(layer_input(x, self.act_bits), self.weight, self.bias)
 
 
 class U8Embedding(nn.Module):
@@ -216,9 +198,8 @@ def float_twin(model: nn.Module, fmt: str = "float") -> tuple[nn.Module, dict[in
             tied = id(m.qweight) in rows if not isinstance(m, QRNN) else False
             if isinstance(m, QLinear) and (not tied or id(m.qweight) in u8_tables):
                 new = MatMulLinear(param(m.qweight, "t"), m.bias, m.act_bits)
-            elif isinstance(m, QLinear):
-                new = (TiedLinear(param(m.qweight, "rows"), m.bias, m.act_bits) if fmt == "float"
-                       else TiedQLinear(m.qweight, m.bias, m.act_bits))
+            elif isinstance(m, QLinear):  # a QLinear reads the embedding's codes as they are
+                new = TiedLinear(param(m.qweight, "rows"), m.bias, m.act_bits) if fmt == "float" else m
             elif isinstance(m, QEmbedding) and id(m.qweight) in u8_tables:
                 new = U8Embedding(m.qweight, m.padding_idx)
                 origin[id(new.table_u8)] = (m.qweight, "table")
@@ -231,8 +212,7 @@ def float_twin(model: nn.Module, fmt: str = "float") -> tuple[nn.Module, dict[in
             else:
                 new = _float_rnn(m, param)
             replaced[id(m)] = new
-        parent_name, _, child = name.rpartition(".")
-        setattr(twin.get_submodule(parent_name) if parent_name else twin, child, replaced[id(m)])
+        set_submodule(twin, name, replaced[id(m)])
     return twin.eval(), origin
 
 
@@ -262,21 +242,23 @@ def quant_weights(twin: nn.Module, origin: dict[int, tuple], prefix: str = "") -
 class Signature:
     """How the exported graph is called: input/output names and their dynamic axes."""
 
-    hf: bool
-    seq_first: bool
+    io: ModelIO                  # how the model itself is called (compressor.modelio)
     vocab: int
     input_names: list
     output_names: list
-    extra_kwargs: dict
     cache: tuple | None = None   # KV-cache graph: (layers, kv heads, head dim, cache kwarg name)
     past: int = 0                # cached tokens in the example inputs
 
+    @property
+    def seq_first(self) -> bool:
+        return self.io.seq_first
+
     def inputs(self, batch: int, seq: int, seed: int = 0) -> tuple:
         g = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, self.vocab, (batch, seq), generator=g)
+        ids = random_ids(self.vocab, batch, seq, g)
         if self.seq_first:
             ids = ids.t().contiguous()
-        if not self.hf:
+        if not self.io.hf:
             return (ids,)
         if self.cache:
             layers, heads, dim, _ = self.cache
@@ -296,11 +278,10 @@ class Exportable(nn.Module):
     def forward(self, *inputs):
         if self.sig.cache:
             return self._forward_cached(*inputs)
-        if self.sig.hf:
-            out = self.model(**dict(zip(self.sig.input_names, inputs)), **self.sig.extra_kwargs)
+        if self.sig.io.hf:
+            out = self.sig.io.call(self.model, dict(zip(self.sig.input_names, inputs)), return_dict=True)
             return tuple(out[k] for k in self.sig.output_names)
-        return tuple(_flat_tensors(self.model(*inputs)))
-
+        return tuple(output_tensors(self.sig.io.call(self.model, *inputs)))
 
     def _forward_cached(self, ids, mask, *past):
         from transformers import DynamicCache
@@ -309,9 +290,13 @@ class Exportable(nn.Module):
         cache = DynamicCache()
         for i in range(layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, return_dict=True, **{kwarg: cache})
-        present = _cache_tensors(out.past_key_values)
-        return (out.logits, *present)
+        out = _call_cached(self.sig.io, self.model, ids, mask, **{kwarg: cache})
+        return (out.logits, *_cache_tensors(out.past_key_values))
+
+
+def _call_cached(io: ModelIO, model: nn.Module, ids, mask, **cache):
+    """One incremental-decoding step: the new ids, the mask over past + new tokens, the cache."""
+    return io.call(model, {"input_ids": ids, "attention_mask": mask}, use_cache=True, return_dict=True, **cache)
 
 
 def _cache_tensors(cache) -> list:
@@ -321,49 +306,35 @@ def _cache_tensors(cache) -> list:
     return [t for kv in cache for t in kv[:2]]  # legacy tuple of (key, value)
 
 
-def _flat_tensors(out) -> list:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flat_tensors(o)]
-    return []
-
-
 @torch.no_grad()
 def signature(model: nn.Module, kv_cache: bool = False) -> Signature:
     """Input and output names of the exported graph (discovered by running the model once)."""
-    vocab = max((m.num_embeddings for m in model.modules() if isinstance(m, (nn.Embedding, QEmbedding))),
-                default=None)
+    vocab = embedding_rows(model)
     if vocab is None:
         raise TritpressError("ONNX export needs a model that takes token ids (no embedding found)")
-    hf = hasattr(model, "config") and hasattr(model.config, "to_dict")
-    rnns = [m for m in model.modules() if isinstance(m, (nn.LSTM, nn.GRU, nn.RNN, QRNN))]
-    seq_first = not hf and bool(rnns) and not all(getattr(r, "batch_first", False) for r in rnns)
-    if not hf:
-        sig = Signature(False, seq_first, vocab, ["input_ids"], [], {})
-        n = len(_flat_tensors(_call(model, sig, *EXPORT_SHAPE)))
+    io = ModelIO.discover(model)
+    if not io.hf:
+        sig = Signature(io, vocab, ["input_ids"], [])
+        n = len(_call(model, sig, *EXPORT_SHAPE))
         sig.output_names = ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
         return sig
-    params = inspect.signature(model.forward).parameters
+    params = forward_params(model)
     if kv_cache:
-        return _cached_signature(model, vocab, params)
+        return _cached_signature(model, io, vocab, params)
     names = ["input_ids"] + (["attention_mask"] if "attention_mask" in params else [])
-    extra = {"return_dict": True}
-    if "use_cache" in params:
-        extra["use_cache"] = False  # full-sequence forward: no KV-cache outputs
-    sig = Signature(True, False, vocab, names, [], extra)
-    out = model(**dict(zip(names, sig.inputs(*EXPORT_SHAPE))), **extra)
+    sig = Signature(io, vocab, names, [])
+    out = io.call(model, dict(zip(names, sig.inputs(*EXPORT_SHAPE))), return_dict=True)
     sig.output_names = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
     return sig
 
 
-def _cached_signature(model: nn.Module, vocab: int, params) -> Signature:
+def _cached_signature(model: nn.Module, io: ModelIO, vocab: int, params) -> Signature:
     """Inputs input_ids, attention_mask (past + new tokens), past_key_values.{i}.key/value;
     outputs logits, present.{i}.key/value (optimum's names). Shapes found by running once."""
     if "use_cache" not in params or "attention_mask" not in params:
         raise TritpressError("--kv-cache needs a transformers decoder LM (its forward takes use_cache)")
     ids = torch.zeros(1, 2, dtype=torch.long)
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, return_dict=True)
+    out = _call_cached(io, model, ids, torch.ones_like(ids))
     present = _cache_tensors(getattr(out, "past_key_values", None) or [])
     if getattr(out, "logits", None) is None or not present or any(t.dim() != 4 for t in present):
         raise TritpressError("--kv-cache needs a decoder LM returning logits and a [batch, heads, seq, dim] "
@@ -371,14 +342,18 @@ def _cached_signature(model: nn.Module, vocab: int, params) -> Signature:
     layers, (_, heads, _, dim) = len(present) // 2, present[0].shape
     kwarg = "past_key_values" if "past_key_values" in params else "cache"
     kv = [f"{i}.{n}" for i in range(layers) for n in ("key", "value")]
-    return Signature(True, False, vocab, ["input_ids", "attention_mask"] + [f"past_key_values.{k}" for k in kv],
-                     ["logits"] + [f"present.{k}" for k in kv], {}, cache=(layers, heads, dim, kwarg),
-                     past=EXPORT_PAST)
+    return Signature(io, vocab, ["input_ids", "attention_mask"] + [f"past_key_values.{k}" for k in kv],
+                     ["logits"] + [f"present.{k}" for k in kv], cache=(layers, heads, dim, kwarg), past=EXPORT_PAST)
 
 
 @torch.no_grad()
-def _call(model: nn.Module, sig: Signature, batch: int, seq: int) -> tuple:
-    return Exportable(model, sig).eval()(*sig.inputs(batch, seq))
+def _call(model: nn.Module, sig: Signature, batch: int, seq: int, seed: int = 0) -> tuple:
+    return _call_with(model, sig, sig.inputs(batch, seq, seed))
+
+
+@torch.no_grad()
+def _call_with(model: nn.Module, sig: Signature, inputs: tuple) -> tuple:
+    return Exportable(model, sig).eval()(*inputs)
 
 
 def _dynamic_axes(model: nn.Module, sig: Signature) -> dict:
@@ -602,10 +577,6 @@ def _compare(name: str, ref: np.ndarray, got: np.ndarray, atol: float) -> dict:
     ok = shape_ok and diff <= atol and bool(np.isfinite(got).all())
     return {"name": name, "onnx_shape": list(got.shape), "torch_shape": list(ref.shape), "shape_ok": shape_ok,
             "max_abs_diff": diff, "atol": atol, "ok": ok}
-
-
-def _call_with(model: nn.Module, sig: Signature, inputs: tuple) -> tuple:
-    return Exportable(model, sig).eval()(*inputs)
 
 
 def onnx_lines(result: dict) -> list[str]:

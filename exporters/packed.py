@@ -25,7 +25,7 @@ from tritpress.compressor.config import TernaryConfig
 from tritpress.compressor.errors import CorruptCheckpointError, TritpressError
 from tritpress.compressor.fileio import atomic_path
 from tritpress.compressor.ingest import SourceInfo, build_from_config
-from tritpress.compressor.layers import QTensor, WeightFormat
+from tritpress.compressor.layers import WeightFormat
 from tritpress.compressor.share import rebuild_wrappers, sharing_meta
 from tritpress.compressor.structure import BlockStack, LayerInfo, ModelStructure
 from tritpress.compressor.transform import (QuantRecord, _set_record, build_empty, get_record, qtensor_formats,

@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 
 from tritpress.compressor.errors import TritpressError
+from tritpress.compressor import modelio
 
 from . import data as qdata
-from . import modelio
 from .encode import batches, encode_texts, map_batches, model_inputs, progress_bar, ready_tokenizer
 from .metrics import classification_scores
 from .probe import classifier_probe, probe_config

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 import torch
 
 from tritpress.compressor.errors import TritpressError
+from tritpress.compressor.modelio import keyword_inputs
 
 from . import distributed
 
@@ -42,12 +43,7 @@ def progress_bar(desc: str, total: int, unit: str, quiet: bool):
 
 def model_inputs(model, enc) -> dict:
     """Only the tensors the model's forward takes (e.g. no token_type_ids for GPT-2)."""
-    import inspect
-    params = inspect.signature(model.forward).parameters
-    from .modelio import device_of
-    keep, device = ("input_ids", "attention_mask", "token_type_ids"), device_of(model)
-    return {k: enc[k].to(device) for k in keep if k in enc and (k in params or any(
-        p.kind == p.VAR_KEYWORD for p in params.values()))}
+    return keyword_inputs(model, enc)
 
 
 @torch.no_grad()

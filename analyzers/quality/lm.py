@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tritpress.compressor import modelio
 from tritpress.compressor.errors import TritpressError
 
-from . import distributed, modelio
+from . import distributed
 
 
 @dataclass

@@ -6,9 +6,10 @@ encoder without an LM head gets the masked-LM probe (analyzers/quality/lm.py). O
 from __future__ import annotations
 
 from tritpress.compressor.errors import TritpressError
+from tritpress.compressor.modelio import is_hf
 
 from . import data as qdata
-from . import lm, modelio
+from . import heads, lm
 from .encode import progress_bar, ready_tokenizer
 from .probe import probe_config
 from .registry import TaskData
@@ -16,9 +17,9 @@ from .registry import TaskData
 
 def needs_lm_probe(task, model, tokenizer, cfg) -> bool:
     """An encoder without its own LM head (e.g. a sentence-embedding BERT): masked-LM probe."""
-    has_lm = modelio.lm_kind(model) is not None
-    return modelio.is_hf(model) and getattr(tokenizer, "mask_token_id", None) is not None and (
-        not has_lm or cfg.probe == "always" and modelio.lm_kind(model) == "masked")
+    has_lm = heads.lm_kind(model) is not None
+    return is_hf(model) and getattr(tokenizer, "mask_token_id", None) is not None and (
+        not has_lm or cfg.probe == "always" and heads.lm_kind(model) == "masked")
 
 
 def read_lm(task, cfg, need_train: bool) -> list[TaskData]:
@@ -53,12 +54,12 @@ def _encoder(model, tokenizer, texts: list[str], kind: str):
         return encode, tokenizer.bos_token_id if kind == "causal" else None
     # no tokenizer (e.g. an LSTM LM): a word vocabulary from the text, sized by the embedding
     from tritpress.compressor.data import tokenizer_fn
-    return tokenizer_fn(None, texts, modelio.vocab_size(model)), None
+    return tokenizer_fn(None, texts, heads.vocab_size(model)), None
 
 
 def _window(model, kind: str, cfg) -> tuple[int, int]:
     """(context, stride) in tokens: the flags, else what suits the model."""
-    limit = modelio.max_positions(model)
+    limit = heads.max_positions(model)
     context = cfg.context or (128 if kind == "masked" else min(1024, limit or 1024))
     if limit and context > limit:
         raise TritpressError(f"--context {context} exceeds the model's {limit} positions")
@@ -66,7 +67,7 @@ def _window(model, kind: str, cfg) -> tuple[int, int]:
 
 
 def run_lm(task, model, tokenizer, data: TaskData, cfg, desc: str) -> dict:
-    kind = "masked" if data.train is not None else modelio.lm_kind(model)
+    kind = "masked" if data.train is not None else heads.lm_kind(model)
     if kind is None:
         raise TritpressError(f"{type(model).__name__} has no language-model head (causal, masked or RNN)")
     encode, bos = _encoder(model, tokenizer, data.test, kind)

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from tritpress.compressor import modelio
+
 from . import data as qdata
-from . import modelio
 from .encode import batches, map_batches, model_inputs, progress_bar, ready_tokenizer
 from .metrics import squad_scores
 from .probe import probe_config, span_probe

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable
 
+from tritpress.compressor import modelio
 from tritpress.compressor.errors import TritpressError
 
-from . import modelio
 from .metrics import Metric
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from tritpress.compressor.errors import TritpressError
+from tritpress.compressor import modelio
 
 from . import data as qdata
-from . import modelio
 from .encode import (batches, encode_words, first_subtokens, map_batches, model_inputs, progress_bar,
                      ready_tokenizer)
 from .metrics import entity_scores, token_accuracy
