@@ -286,9 +286,11 @@ def report_of(run: RunState) -> dict:
 
 def evaluate(run: RunState) -> dict:
     """The packed file against the original on the --tasks, gated (analyzers/quality)."""
-    from tritpress.analyzers.quality.evaluate import evaluate_stage
+    from tritpress.analyzers.quality.evaluate import evaluate_packed
 
-    return evaluate_stage(run.cfg, run.packed_path, run.out)
+    cfg = run.cfg
+    return evaluate_packed(cfg.eval, cfg.tasks, run.packed_path, cfg.model, run.out / "eval",
+                           config=cfg.config, trust_pickle=cfg.trust_pickle)
 
 
 # ------------------------------------------------------------------ training helpers

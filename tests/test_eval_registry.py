@@ -13,7 +13,7 @@ import torch
 
 from tritpress.analyzers.quality import (TASKS, EvalConfig, Metric, Task, TaskData, evaluate, evaluate_packed,
                                          registered)
-from tritpress.analyzers.quality.evaluate import STAGE_KEYS, evaluate_stage
+from tritpress.analyzers.quality.evaluate import STAGE_KEYS
 from tritpress.analyzers.quality.gate import Tolerance, tolerance_for
 from tritpress.compressor.errors import TritpressError
 from tests.tiny_models import build
@@ -132,7 +132,9 @@ def test_the_gate_reads_direction_and_tolerance_from_the_metric():
 # ------------------------------------------------------------------ the evaluation entry point
 
 
-def test_evaluate_packed_needs_no_pipeline_config_and_the_shim_agrees(lstm_pair, tmp_path):
+def test_evaluate_packed_needs_no_pipeline_config_and_the_pipeline_stage_agrees(lstm_pair, tmp_path):
+    from tritpress.cli import pipeline
+
     base, _ = lstm_pair
     lm_file = tmp_path / "lm.txt"
     lm_file.write_text("\n".join("the cat sat on the mat ." for _ in range(20)) + "\n")
@@ -143,7 +145,7 @@ def test_evaluate_packed_needs_no_pipeline_config_and_the_shim_agrees(lstm_pair,
     assert (tmp_path / "new" / "report.json").is_file() and got["files"]["json"] == str(tmp_path / "new" /
                                                                                         "report.json")
     ccfg = SimpleNamespace(eval=settings, tasks="lm", model=str(base), config=None, trust_pickle=True)
-    old = evaluate_stage(ccfg, base, tmp_path / "old")
+    old = pipeline.evaluate(SimpleNamespace(cfg=ccfg, packed_path=base, out=tmp_path / "old"))
     assert (tmp_path / "old" / "eval" / "report.json").is_file()
     key = lambda r: (r["task"], r["metric"], r["baseline"], r["compressed"], r["status"])  # noqa: E731
     assert [key(r) for r in old["rows"]] == [key(r) for r in got["rows"]]

@@ -6,11 +6,18 @@ order, and every metric is computed from the full, ordered list: the numbers are
 ones a single process produces."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch.distributed as dist
+
+# Whether evaluation shards its batches over the process group. A context variable, set only
+# inside `local_only()` and reset on the way out (also on error), not a global flag flipped by hand.
+_SHARDED: ContextVar[bool] = ContextVar("tritpress_eval_sharded", default=True)
 
 
 def rank_world() -> tuple[int, int]:
-    if not _LOCAL_ONLY and dist.is_available() and dist.is_initialized():
+    if _SHARDED.get() and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -37,17 +44,12 @@ def is_main() -> bool:
     return rank_world()[0] == 0
 
 
-_LOCAL_ONLY = False
-
-
-class local_only:
+@contextmanager
+def local_only():
     """Within this block evaluation runs whole in this process, even inside a process group
     (the pipeline's evaluation stage runs on rank 0 alone, after training)."""
-
-    def __enter__(self):
-        global _LOCAL_ONLY
-        self.before, _LOCAL_ONLY = _LOCAL_ONLY, True
-
-    def __exit__(self, *exc):
-        global _LOCAL_ONLY
-        _LOCAL_ONLY = self.before
+    token = _SHARDED.set(False)
+    try:
+        yield
+    finally:
+        _SHARDED.reset(token)

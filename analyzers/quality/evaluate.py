@@ -239,10 +239,3 @@ def evaluate_packed(settings: EvalConfig, tasks: str, packed_path, baseline: str
     with local_only():
         report = evaluate(ecfg)
     return {k: report[k] for k in STAGE_KEYS}
-
-
-def evaluate_stage(ccfg, packed_path, out_dir) -> dict:
-    """The old signature (the pipeline's CompressConfig), kept until the pipeline calls
-    evaluate_packed; reads only ccfg.eval/.tasks/.model/.config/.trust_pickle."""
-    return evaluate_packed(ccfg.eval, ccfg.tasks, packed_path, ccfg.model, Path(out_dir) / "eval",
-                           config=ccfg.config, trust_pickle=ccfg.trust_pickle)
