@@ -64,6 +64,12 @@ def test_pos_tags_are_scored_as_plain_tags(bert_dir, pos_files, tmp_path):  # no
     assert "f1_lenient" not in tok["compressed"]["metrics"]
 
 
+def test_ragged_jsonl_is_refused_in_one_line(tmp_path):
+    (tmp_path / "r.jsonl").write_text('{"text": "good", "label": "1"}\n{"text": "bad"}\n')
+    with pytest.raises(Exception, match="example 2 has no 'label' column"):
+        qdata.read_cls(str(tmp_path / "r.jsonl"), "validation")
+
+
 def test_tag_scheme_flag(pos_files, files):  # noqa: F811
     with pytest.raises(Exception, match="are not IOB2"):
         qdata.read_tok(str(pos_files / "dev.pos"), "validation", scheme="iob2")

@@ -171,6 +171,14 @@ def _rows(path: Path) -> list[dict]:
     raise TritpressError(f"unsupported data file {path.name}: use .tsv, .csv, .jsonl or .json")
 
 
+def _column(rows: list[dict], name: str, spec: str) -> list:
+    """One column of every row; a row without it (ragged .jsonl) is refused, not a KeyError later."""
+    missing = next((i for i, r in enumerate(rows) if name not in r), None)
+    if missing is not None:
+        raise TritpressError(f"{spec}: example {missing + 1} has no {name!r} column")
+    return [r[name] for r in rows]
+
+
 def _pick(columns, wanted: str | None, defaults: tuple, what: str, spec: str, required: bool = True):
     if wanted:
         if wanted not in columns:
@@ -191,7 +199,7 @@ def read_cls(spec: str, split: str, cols: Columns = Columns(), label_names: list
         if not rows:
             raise TritpressError(f"{spec} holds no examples")
         columns = list(rows[0])
-        get = lambda c: [r[c] for r in rows]  # noqa: E731
+        get = lambda c: _column(rows, c, spec)  # noqa: E731
         names_from_data = None
     else:
         ds = load_hf(spec, split)
