@@ -24,6 +24,7 @@ from tritpress.compressor.errors import TritpressError
 
 from . import tasks as builtin
 from .bootstrap import RESAMPLES, intervals
+from .distributed import rank_world
 from .gate import gate_row, parse_max_drop, tolerance_for
 from .metrics import TAG_SCHEMES
 from .registry import PROBE_CHOICES, Task, TaskData, get, parse_tasks
@@ -217,13 +218,16 @@ def one_line(e: Exception) -> str:
 
 def score_all(jobs, models, tokenizer, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     """(tasks, gate rows). A task that fails records its one-line error and the others still run:
-    the finished tasks' results are not lost to a later one's failure."""
+    the finished tasks' results are not lost to a later one's failure (in one process; under
+    torchrun the failure still ends the run)."""
     overrides = parse_max_drop(cfg.max_drop)
     tasks, rows = {}, []
     for task, data in jobs:
         try:
             tasks[data.label], stats = score_job(task, data, models, tokenizer, cfg)
         except Exception as e:  # noqa: BLE001 - any failure of one task, reported, not fatal to the others
+            if rank_world()[1] > 1:
+                raise  # a rank that went on alone would wait forever in the next task's collectives
             tasks[data.label] = {"task": task.name, "data": data.protocol, "error": one_line(e)}
             continue
         rows += gate_rows(task, data.label, tasks[data.label], overrides, stats, cfg)
