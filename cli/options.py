@@ -1,6 +1,8 @@
 """Options every `compress` sub-command shares, and the fixed value sets of settings."""
 import typer
 
+from tritpress.analyzers.quality.metrics import TAG_SCHEMES
+from tritpress.analyzers.quality.registry import PROBE_CHOICES
 from tritpress.compressor.config import ACT_BITS, FLOAT_DTYPES, WEIGHT_FORMATS
 from tritpress.compressor.quantize import GRANULARITIES, TERNARY_METHODS
 from tritpress.compressor.share import INITS, SHARE_KINDS
@@ -28,4 +30,6 @@ CHOICES = {
     ("SharingConfig", "share"): SHARE_KINDS,
     ("SharingConfig", "init"): INITS,
     ("OnnxConfig", "format"): ONNX_FORMATS,
+    ("EvalConfig", "probe"): PROBE_CHOICES,
+    ("EvalConfig", "tag_scheme"): TAG_SCHEMES,
 }

@@ -76,6 +76,9 @@ def show_report(report: dict, json_out: bool) -> None:
         from tritpress.analyzers.quality.report import render as render_eval
         if not json_out:
             typer.echo("\n" + render_eval(evaluation))
+        from tritpress.analyzers.quality.report import failure_line
+        if failure_line(evaluation):
+            typer.echo(failure_line(evaluation), err=True)
         if not evaluation["passed"]:
             raise typer.Exit(1)
 

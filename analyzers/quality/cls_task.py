@@ -11,6 +11,7 @@ from tritpress.compressor import modelio
 
 from . import data as qdata
 from .encode import batches, encode_texts, map_batches, model_inputs, progress_bar, ready_tokenizer
+from .bootstrap import classification_stats
 from .metrics import classification_scores
 from .probe import classifier_probe, probe_config
 from .registry import TaskData, use_own_head
@@ -43,14 +44,37 @@ def _pooled(model, tok, data, cfg, update) -> torch.Tensor:
     return torch.stack(map_batches(one, len(parts), update))
 
 
+def _class_of_label(model, names: list[str]) -> list[int]:
+    """The head's class id of each data label: by name when the head names its classes (id2label
+    other than LABEL_k) and the data's labels are names, else by position (label k = class k)."""
+    id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
+    by_name = {v.lower(): k for k, v in id2label.items()}
+    named_head = any(v != f"LABEL_{k}" for k, v in id2label.items())
+    named_data = not all(n.lstrip("-").isdigit() for n in names)
+    if named_head and named_data:
+        unknown = [n for n in names if n.lower() not in by_name]
+        if unknown:
+            raise TritpressError(f"the data has labels {unknown[:4]} that {type(model).__name__}'s head does not "
+                                 f"know (its id2label: {sorted(id2label.values())[:6]})")
+        return [by_name[n.lower()] for n in names]
+    if model.config.num_labels != len(names):
+        raise TritpressError(f"the model's classifier has {model.config.num_labels} labels, the data {len(names)}")
+    return list(range(len(names)))
+
+
+def check_cls(task, model, tokenizer, data: TaskData, cfg) -> None:
+    """Before any forward: the model's own head must know the evaluation labels."""
+    if use_own_head(model, task, cfg.probe):
+        _class_of_label(model, data.test.label_names)
+
+
 def _own_predictions(model, tok, test, cfg, desc: str) -> list[int]:
-    n_labels = len(test.label_names)
-    if model.config.num_labels != n_labels:
-        raise TritpressError(f"the model's classifier has {model.config.num_labels} labels, the data {n_labels}")
+    label_of = {c: i for i, c in enumerate(_class_of_label(model, test.label_names))}  # other classes: -1, wrong
     parts = batches(len(test.texts), cfg.batch_size)
     with progress_bar(desc, len(test.texts), "ex", cfg.quiet) as update:
-        return map_batches(lambda i: model(**model_inputs(model, encode_texts(tok, test, parts[i],
-                           cfg.max_length))).logits.argmax(-1).tolist(), len(parts), update)
+        classes = map_batches(lambda i: model(**model_inputs(model, encode_texts(tok, test, parts[i],
+                              cfg.max_length))).logits.argmax(-1).tolist(), len(parts), update)
+    return [label_of.get(c, -1) for c in classes]
 
 
 def _probe_predictions(task, model, tok, train, test, cfg, desc: str, protocol: dict) -> list[int]:
@@ -71,4 +95,5 @@ def run_cls(task, model, tokenizer, data: TaskData, cfg, desc: str) -> dict:
     else:
         preds, head = _probe_predictions(task, model, tok, data.train, test, cfg, desc, protocol), "probe"
     scores = classification_scores(test.labels, preds, len(test.label_names))
-    return {"metrics": scores, "protocol": protocol, "head": head}
+    return {"metrics": scores, "protocol": protocol, "head": head,
+            "per_example": classification_stats(test.labels, preds, len(test.label_names))}

@@ -5,7 +5,7 @@ Hugging Face dataset `NAME[:CONFIG][@SPLIT]` when online.
 |------|-------------------------------------------------|-------------------------------------|
 | lm   | WikiText .txt/.tokens/.raw, .jsonl/.csv/.parquet, pkg:ptb | wikitext:wikitext-2-raw-v1 |
 | cls  | GLUE .tsv (header row), .jsonl/.csv (columns)   | glue:sst2                           |
-| tok  | CoNLL column files (IOB1 or IOB2), .jsonl       | conll2003                           |
+| tok  | CoNLL column files (IOB1/IOB2/IOBES, or plain tags like POS), .jsonl | conll2003      |
 | qa   | SQuAD .json (or a .zip holding one), .jsonl     | squad, squad_v2                     |
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tritpress.compressor.errors import TritpressError
 
-from .metrics import iob1_to_iob2
+from .metrics import TAG_SCHEMES, detect_scheme, to_iob2
 
 TEXT_COLUMNS = ("sentence", "text", "sentence1", "question1", "#1 String")
 PAIR_COLUMNS = ("sentence2", "question2", "#2 String")
@@ -54,14 +54,19 @@ class ClsData:
 @dataclass
 class TokData:
     words: list[list[str]]
-    tags: list[list[str]]          # IOB2
+    tags: list[list[str]]          # IOB2 (entities), or plain tags (scheme "plain": POS and the like)
+    scheme: str = "iob2"           # the file's scheme: iob1, iob2, iobes (all read as IOB2) or plain
 
     @property
     def size(self) -> int:
         return len(self.words)
 
+    @property
+    def plain(self) -> bool:
+        return self.scheme == "plain"
+
     def subset(self, idx: list[int]) -> "TokData":
-        return TokData([self.words[i] for i in idx], [self.tags[i] for i in idx])
+        return TokData([self.words[i] for i in idx], [self.tags[i] for i in idx], self.scheme)
 
 
 @dataclass
@@ -166,6 +171,14 @@ def _rows(path: Path) -> list[dict]:
     raise TritpressError(f"unsupported data file {path.name}: use .tsv, .csv, .jsonl or .json")
 
 
+def _column(rows: list[dict], name: str, spec: str) -> list:
+    """One column of every row; a row without it (ragged .jsonl) is refused, not a KeyError later."""
+    missing = next((i for i, r in enumerate(rows) if name not in r), None)
+    if missing is not None:
+        raise TritpressError(f"{spec}: example {missing + 1} has no {name!r} column")
+    return [r[name] for r in rows]
+
+
 def _pick(columns, wanted: str | None, defaults: tuple, what: str, spec: str, required: bool = True):
     if wanted:
         if wanted not in columns:
@@ -186,7 +199,7 @@ def read_cls(spec: str, split: str, cols: Columns = Columns(), label_names: list
         if not rows:
             raise TritpressError(f"{spec} holds no examples")
         columns = list(rows[0])
-        get = lambda c: [r[c] for r in rows]  # noqa: E731
+        get = lambda c: _column(rows, c, spec)  # noqa: E731
         names_from_data = None
     else:
         ds = load_hf(spec, split)
@@ -219,12 +232,13 @@ def read_cls(spec: str, split: str, cols: Columns = Columns(), label_names: list
 
 
 def read_conll(path: Path, tag_column: int = -1) -> TokData:
+    """The words and the raw tags of `tag_column` (see with_scheme)."""
     words, tags, sent_w, sent_t = [], [], [], []
 
     def flush():
         if sent_w:
             words.append(sent_w.copy())
-            tags.append(iob1_to_iob2(sent_t))
+            tags.append(sent_t.copy())
             sent_w.clear()
             sent_t.clear()
 
@@ -241,22 +255,38 @@ def read_conll(path: Path, tag_column: int = -1) -> TokData:
     return TokData(words, tags)
 
 
-def read_tok(spec: str, split: str, tokens_column: str = "tokens", tags_column: str = "ner_tags") -> TokData:
+def with_scheme(data: TokData, scheme: str, spec: str) -> TokData:
+    """Raw tags read as `scheme` ("auto": detected from the tags): IOB1/IOBES become IOB2, plain
+    tags stay as they are. A file whose tags are not IOB cannot be read as IOB (seqeval would
+    misparse its tags)."""
+    if scheme not in TAG_SCHEMES:
+        raise TritpressError(f"unknown tag scheme {scheme!r}; choose from {', '.join(TAG_SCHEMES)}")
+    found = detect_scheme(data.tags)
+    if scheme != "auto" and found == "plain" and scheme != "plain":
+        bad = sorted({t for s in data.tags for t in s if detect_scheme([[t]]) == "plain"})[:4]
+        raise TritpressError(f"{spec}: tags {bad} are not {scheme.upper()} (PREFIX-TYPE); use --tag-scheme plain "
+                             "or auto")
+    scheme = found if scheme == "auto" else scheme
+    return TokData(data.words, [to_iob2(t, scheme) for t in data.tags], scheme)
+
+
+def read_tok(spec: str, split: str, tokens_column: str = "tokens", tags_column: str = "ner_tags",
+             scheme: str = "auto") -> TokData:
     if is_local(spec):
         path = _file(spec)
         if path.suffix.lower() in (".jsonl", ".json"):
             rows = _rows(path)
-            data = TokData([r[tokens_column] for r in rows], [iob1_to_iob2(list(r[tags_column])) for r in rows])
+            data = TokData([r[tokens_column] for r in rows], [list(r[tags_column]) for r in rows])
         else:
             data = read_conll(path)
     else:
         ds = load_hf(spec, split)
         names = getattr(ds.features[tags_column].feature, "names", None)
         tags = [[names[t] if names else t for t in row] for row in ds[tags_column]]
-        data = TokData(list(ds[tokens_column]), [iob1_to_iob2(t) for t in tags])
+        data = TokData(list(ds[tokens_column]), tags)
     if not data.words:
         raise TritpressError(f"{spec} holds no sentences")
-    return data
+    return with_scheme(data, scheme, spec)
 
 
 # ------------------------------------------------------------------ qa

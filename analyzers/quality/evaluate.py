@@ -6,7 +6,8 @@
     report["passed"]  # the gate's verdict
 
 Both models see the same data, the same protocol and (for probes) the same seeds and budget.
-Writes OUT/report.json, OUT/report.md and PNG plots (rank 0 only under torchrun).
+Writes OUT/report.json, OUT/report.md and PNG plots (rank 0 only under torchrun). A task that
+fails is recorded (tasks.<label>.error, errors) beside the ones that finished; the gate fails.
 """
 from __future__ import annotations
 
@@ -22,8 +23,11 @@ import torch
 from tritpress.compressor.errors import TritpressError
 
 from . import tasks as builtin
+from .bootstrap import RESAMPLES, intervals
+from .distributed import rank_world
 from .gate import gate_row, parse_max_drop, tolerance_for
-from .registry import Task, TaskData, get, parse_tasks
+from .metrics import TAG_SCHEMES
+from .registry import PROBE_CHOICES, Task, TaskData, get, parse_tasks
 
 PACKED_NAME = "model.tritpress.safetensors"
 
@@ -45,9 +49,12 @@ class EvalConfig:
     cls_data: str = builtin.CLS.default_data  # classification eval data: GLUE .tsv, .jsonl/.csv or HF
                                          # (its validation split)
     cls_train: str | None = None         # probe training data for cls [default: the HF train split]
-    tok_data: str = builtin.TOK.default_data  # NER eval data: CoNLL column file (IOB1/IOB2), .jsonl or HF
-                                         # (its validation split)
+    tok_data: str = builtin.TOK.default_data  # token-classification eval data: CoNLL column file (its
+                                         # last column: IOB1/IOB2/IOBES entity tags, or plain tags such as
+                                         # POS), .jsonl or HF (its validation split)
     tok_train: str | None = None         # probe training data for tok [default: the HF train split]
+    tag_scheme: str = "auto"             # tok tags: auto (detected from the tags), iob1, iob2, iobes (entity
+                                         # F1), or plain (POS-like: token accuracy and tag macro-F1)
     qa_data: str = builtin.QA.default_data  # QA eval data: SQuAD .json/.zip, .jsonl or HF (its validation split)
     qa_train: str | None = None          # probe training data for qa [default: HF train split; a local
                                          # --qa-data file is split by article]
@@ -74,11 +81,12 @@ class EvalConfig:
                                          # (after finetune-head --qa-articles)
     batch_size: int = 16                 # examples per forward
     probe: str = "auto"                  # auto: the model's own head when it has one, else a probe; always:
-                                         # probe even then
+                                         # probe even then; never: own head only (an error without one)
     probe_epochs: int = 0                # probe epochs; 0 = per task: lm 5, cls 20, tok 10, qa 10
     probe_lr: float = 1e-3               # probe learning rate
     probe_batch_size: int = 64           # examples per probe training step
-    seed: int = 0                        # seed for subsamples and probes
+    seed: int = 0                        # seed for subsamples, probes and the bootstrap
+    bootstrap: int = RESAMPLES           # paired bootstrap resamples for the 95 % interval of each Δ; 0 = none
     max_drop: list[str] = field(default_factory=list)   # tolerance, repeatable: METRIC=VALUE or
                                          # TASK.METRIC=VALUE, absolute or N% of the baseline
                                          # [defaults: 1 point; perplexity 5%, bits_per_byte 2%]
@@ -91,6 +99,10 @@ class EvalConfig:
             self.lm_data = [self.lm_data]
         parse_tasks(self.tasks)
         parse_max_drop(self.max_drop)
+        for name, value, choices in (("tag_scheme", self.tag_scheme, TAG_SCHEMES), ("probe", self.probe,
+                                                                                    PROBE_CHOICES)):
+            if value not in choices:
+                raise TritpressError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
 
 
 # ------------------------------------------------------------------ models
@@ -151,30 +163,75 @@ def read_jobs(cfg: EvalConfig, base_model, tokenizer) -> list[tuple[Task, TaskDa
     return jobs
 
 
-def score_job(task: Task, data: TaskData, models, tokenizer, cfg: EvalConfig) -> dict:
-    """report.json tasks.<label>: both models' results, or why the task was skipped (an error on
-    the baseline skips the task; one on the compressed model only is raised)."""
-    entry = {"task": task.name, "data": data.protocol}
+def check_jobs(jobs: list[tuple[Task, TaskData]], models, tokenizer, cfg: EvalConfig) -> None:
+    """Every task's own input checks on both models, before any model runs: bad input fails in
+    one line before compute, not after the tasks before it."""
+    for task, data in jobs:
+        if task.check is not None:
+            for model in models:
+                task.check(task, model, tokenizer, data, cfg)
+
+
+def score_job(task: Task, data: TaskData, models, tokenizer, cfg: EvalConfig) -> tuple[dict, dict]:
+    """(report.json tasks.<label>: both models' results, or why the task was skipped (an error on
+    the baseline skips the task; one on the compressed model only is raised); {role: per-example
+    statistics}, kept out of the report)."""
+    entry, stats = {"task": task.name, "data": data.protocol}, {}
     try:
         for role, model in zip(("baseline", "compressed"), models):
             t0 = time.perf_counter()
             entry[role] = task.run(task, model, tokenizer, data, cfg, f"{data.label} {role}")
             entry[role]["seconds"] = round(time.perf_counter() - t0, 3)
+            stats[role] = entry[role].pop("per_example", None)
     except TritpressError as e:
         if "baseline" in entry:
             raise
         entry["skipped"] = str(e)
-    return entry
+    return entry, stats
 
 
-def gate_rows(task: Task, label: str, entry: dict, overrides: dict) -> list[dict]:
-    """One gate row per declared metric that both models reported."""
-    if "skipped" in entry:
+def gate_rows(task: Task, label: str, entry: dict, overrides: dict, stats: dict | None = None,
+              cfg: EvalConfig | None = None) -> list[dict]:
+    """One gate row per declared metric that both models reported, with the paired-bootstrap
+    interval of its Δ where the runner gave per-example statistics for both models."""
+    if "skipped" in entry or "error" in entry:
         return []
     base, comp = entry["baseline"]["metrics"], entry["compressed"]["metrics"]
+    stats = stats or {}
+    resamples, seed = (cfg.bootstrap, cfg.seed) if cfg else (RESAMPLES, 0)
+    cis = intervals(stats.get("baseline"), stats.get("compressed"), resamples, seed)
+    n = stats["baseline"].n if cis else None
+    if cis:
+        entry["bootstrap"] = {"unit": stats["baseline"].unit, "n": n, "resamples": resamples, "seed": seed,
+                              "paired": True, "interval": "95 % percentile"}
     return [gate_row(label, label, metric, base[metric.name], comp[metric.name], entry["compressed"]["head"],
-                     tolerance_for(task.name, metric, overrides))
-            for metric in task.metrics if metric.name in base and metric.name in comp]
+                     tolerance_for(task.name, metric, overrides), cis.get(metric.name), n if metric.name in cis
+                     else None)
+            for metric in task.gated if metric.name in base and metric.name in comp]
+
+
+def one_line(e: Exception) -> str:
+    """An exception as one line: its message's first line, with the type unless it is ours."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return first if isinstance(e, TritpressError) else f"{type(e).__name__}: {first}".rstrip(": ")
+
+
+def score_all(jobs, models, tokenizer, cfg: EvalConfig) -> tuple[dict, list[dict]]:
+    """(tasks, gate rows). A task that fails records its one-line error and the others still run:
+    the finished tasks' results are not lost to a later one's failure (in one process; under
+    torchrun the failure still ends the run)."""
+    overrides = parse_max_drop(cfg.max_drop)
+    tasks, rows = {}, []
+    for task, data in jobs:
+        try:
+            tasks[data.label], stats = score_job(task, data, models, tokenizer, cfg)
+        except Exception as e:  # noqa: BLE001 - any failure of one task, reported, not fatal to the others
+            if rank_world()[1] > 1:
+                raise  # a rank that went on alone would wait forever in the next task's collectives
+            tasks[data.label] = {"task": task.name, "data": data.protocol, "error": one_line(e)}
+            continue
+        rows += gate_rows(task, data.label, tasks[data.label], overrides, stats, cfg)
+    return tasks, rows
 
 
 def _out_dir(cfg: EvalConfig, info: dict) -> Path:
@@ -196,14 +253,15 @@ def evaluate(cfg: EvalConfig) -> dict:
     comp.to(device)
     out = _out_dir(cfg, info)
     refuse_overwrite_input([out / "report.json", out / "report.md"], [cfg.compressed, info["baseline"]])
-    overrides = parse_max_drop(cfg.max_drop)
-    tasks, rows = {}, []
-    for task, data in read_jobs(cfg, base.model, tokenizer):
-        tasks[data.label] = score_job(task, data, (base.model, comp), tokenizer, cfg)
-        rows += gate_rows(task, data.label, tasks[data.label], overrides)
-    report = {"passed": bool(rows) and all(r["status"] == "PASS" for r in rows), "rows": rows, "tasks": tasks,
-              "models": info, "config": dataclasses.asdict(cfg), "environment": _versions(ctx.world, device),
-              "files": {}}
+    jobs = read_jobs(cfg, base.model, tokenizer)
+    check_jobs(jobs, (base.model, comp), tokenizer, cfg)
+    tasks, rows = score_all(jobs, (base.model, comp), tokenizer, cfg)
+    errors = {label: e["error"] for label, e in tasks.items() if "error" in e}
+    report = {"passed": bool(rows) and not errors and all(r["status"] == "PASS" for r in rows), "rows": rows,
+              "tasks": tasks, "models": info, "config": dataclasses.asdict(cfg),
+              "environment": _versions(ctx.world, device), "files": {}}
+    if errors:
+        report["errors"] = errors
     if not rows:
         report["note"] = "no task produced numbers for both models"
     if ctx.is_main:

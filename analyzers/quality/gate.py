@@ -4,7 +4,9 @@ A tolerance is the largest allowed *drop* (in the metric's bad direction): absol
 metric's own units (points, for the 0-100 scores) or relative (a fraction of the baseline,
 written with %). Each metric declares its direction and default tolerance (metrics.Metric:
 1 point for accuracy/F1/EM, 5 % for perplexity, 2 % for bits per byte).
-`--max-drop METRIC=VALUE[%]` or `--max-drop TASK.METRIC=VALUE[%]` overrides them."""
+`--max-drop METRIC=VALUE[%]` or `--max-drop TASK.METRIC=VALUE[%]` overrides them.
+Each row also shows the 95 % interval of Δ (bootstrap.py) and whether Δ is within noise; the
+interval informs, it does not decide."""
 from __future__ import annotations
 
 import math
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 from tritpress.compressor.errors import TritpressError
 
+from .bootstrap import verdict_note
 from .metrics import Metric
 from .registry import find_metric
 
@@ -60,8 +63,10 @@ def tolerance_for(task: str, metric: Metric | str, overrides: dict[str, Toleranc
 
 
 def gate_row(task: str, label: str, metric: Metric | str, base: float, comp: float, head: str,
-             tol: Tolerance) -> dict:
-    """`label` names the row (lm:<dataset> for each LM text); `task` finds a metric given by name."""
+             tol: Tolerance, ci: tuple[float, float] | None = None, n: int | None = None) -> dict:
+    """`label` names the row (lm:<dataset> for each LM text); `task` finds a metric given by name.
+    `ci`: the 95 % interval of Δ over `n` examples (paired bootstrap), shown beside the verdict
+    and described by `note`; the verdict itself is the tolerance on the point Δ alone."""
     metric = _declared(task, metric)
     lower = metric.lower_is_better
     delta = comp - base
@@ -71,4 +76,6 @@ def gate_row(task: str, label: str, metric: Metric | str, base: float, comp: flo
     ok = math.isfinite(comp) and math.isfinite(base) and drop <= allowed + 1e-12
     return {"task": label, "metric": metric.name, "head": head, "baseline": base, "compressed": comp,
             "delta": delta, "delta_rel": rel, "tolerance": str(tol), "tolerance_kind":
-            "relative" if tol.relative else "absolute", "lower_is_better": lower, "status": "PASS" if ok else "FAIL"}
+            "relative" if tol.relative else "absolute", "lower_is_better": lower, "status": "PASS" if ok else "FAIL",
+            "delta_ci95": list(ci) if ci else None, "n": n,
+            "note": verdict_note(ci, lower) if n else ""}

@@ -93,23 +93,29 @@ def causal_perplexity(model: nn.Module, stream: LMText, context: int, stride: in
         if progress:
             progress(len(batch))
     items = distributed.gather_by_batch(results)
-    return _summary(sum(x for x, _ in items), sum(n for _, n in items), stream, len(windows))
+    out = _summary(sum(x for x, _ in items), sum(n for _, n in items), stream, len(windows))
+    out["per_window"] = items  # (NLL sum, scored tokens) of each window: the bootstrap's units
+    return out
 
 
 @torch.no_grad()
 def rnn_perplexity(model: nn.Module, stream: LMText, context: int, progress=None) -> dict:
     """One stream, chunk by chunk, state carried (sequential: every rank computes it whole)."""
-    nll_sum, n = 0.0, 0
+    nll_sum, n, per_chunk = 0.0, 0, []
     ids = stream.ids
     with modelio.carried_state(model):
         for begin in range(0, len(ids) - 1, context):
             chunk = ids[begin: begin + context + 1].unsqueeze(0)
             count = chunk.shape[1] - 1
-            nll_sum += _chunk_nll(model, chunk)
+            nll = _chunk_nll(model, chunk)
+            nll_sum += nll
             n += count
+            per_chunk.append((nll, count))
             if progress:
                 progress(count)
-    return _summary(nll_sum, n, stream, math.ceil((len(ids) - 1) / context))
+    out = _summary(nll_sum, n, stream, math.ceil((len(ids) - 1) / context))
+    out["per_window"] = per_chunk
+    return out
 
 
 def _chunk_nll(model, chunk: torch.Tensor) -> float:
@@ -166,6 +172,12 @@ def pseudo_perplexity(model: nn.Module, stream: LMText, context: int, mask_id: i
     items = distributed.gather_by_batch(results)
     out = _summary(sum(x for x, _ in items), sum(n for _, n in items), None, len(windows))
     out["scored_fraction"] = len(positions) / len(ids)
+    per_window: dict[int, list] = {}  # masked positions of one window share its context: resample windows
+    for (w, _), (nll, count) in zip(jobs, items):
+        per_window.setdefault(w, [0.0, 0])
+        per_window[w][0] += nll
+        per_window[w][1] += count
+    out["per_window"] = [tuple(v) for v in per_window.values()]
     return out
 
 

@@ -10,6 +10,7 @@ from tritpress.compressor.modelio import is_hf
 
 from . import data as qdata
 from . import heads, lm
+from .bootstrap import lm_stats
 from .encode import progress_bar, ready_tokenizer
 from .probe import probe_config
 from .registry import TaskData
@@ -88,7 +89,8 @@ def run_lm(task, model, tokenizer, data: TaskData, cfg, desc: str) -> dict:
             m = _masked(task, model, tokenizer, stream, encode, data.train, context, cfg, protocol, update)
     protocol.update(scored_tokens=m["scored_tokens"], windows=m["windows"])
     metrics = {k.name: m[k.name] for k in task.metrics if k.name in m}
-    return {"metrics": metrics, "protocol": protocol, "head": "probe" if data.train is not None else "own"}
+    return {"metrics": metrics, "protocol": protocol, "head": "probe" if data.train is not None else "own",
+            "per_example": lm_stats(m["per_window"], m.get("bytes"))}
 
 
 def _masked(task, model, tokenizer, stream, encode, train_texts, context: int, cfg, protocol: dict, update):

@@ -40,6 +40,7 @@ F1_LENIENT = Metric("f1_lenient")
 F1_STRICT = Metric("f1_strict")
 TOKEN_ACCURACY = Metric("token_accuracy")
 EXACT_MATCH = Metric("exact_match")
+TAG_MACRO_F1 = Metric("tag_macro_f1")   # plain (non-IOB) tags, e.g. POS: F1 per tag, averaged
 
 
 # ------------------------------------------------------------------ SQuAD
@@ -67,6 +68,16 @@ def squad_f1(prediction: str, gold: str) -> float:
         return 0.0
     precision, recall = same / len(pred_toks), same / len(gold_toks)
     return 2 * precision * recall / (precision + recall)
+
+
+def squad_per_question(predictions: dict[str, str], golds: dict[str, list[str]]) -> list[tuple[float, float]]:
+    """(EM, F1) of each question of `golds`, in order, as squad_scores counts them (0-1)."""
+    out = []
+    for qid, answers in golds.items():
+        answers = [a for a in answers if normalize_answer(a)] or [""]
+        pred = predictions.get(qid, "")
+        out.append((max(squad_exact(pred, a) for a in answers), max(squad_f1(pred, a) for a in answers)))
+    return out
 
 
 def squad_scores(predictions: dict[str, str], golds: dict[str, list[str]]) -> dict:
@@ -118,9 +129,79 @@ def entity_scores(gold: list[list[str]], pred: list[list[str]], mode: str = "len
             "f1": 100.0 * metrics.f1_score(gold, pred, zero_division=0, **kw)}
 
 
+def entity_counts(gold: list[list[str]], pred: list[list[str]], mode: str = "lenient") -> list[tuple[int, int, int]]:
+    """(true positives, predicted, gold entities) per sentence, as seqeval counts them (its
+    entities never cross a sentence), so their sums give seqeval's corpus-level micro F1."""
+    if mode == "strict":
+        _, IOB2 = _seqeval()
+        from seqeval.scheme import Entities
+        g = [{e.to_tuple() for e in s} for s in Entities(gold, IOB2).entities]
+        p = [{e.to_tuple() for e in s} for s in Entities(pred, IOB2).entities]
+    else:
+        _seqeval()
+        from seqeval.metrics.sequence_labeling import get_entities
+        g, p = [set(get_entities(s)) for s in gold], [set(get_entities(s)) for s in pred]
+    return [(len(a & b), len(b), len(a)) for a, b in zip(g, p)]
+
+
+def tag_counts(gold: list[list[str]], pred: list[list[str]], tags: list[str]) -> list[list[int]]:
+    """Per sentence: [correct tokens, tokens, tp per tag..., fp per tag..., fn per tag...] (plain tags)."""
+    index, T = {t: i for i, t in enumerate(tags)}, len(tags)
+    rows = []
+    for gs, ps in zip(gold, pred):
+        row = [0, 0] + [0] * (3 * T)
+        for g, p in zip(gs, ps):
+            row[0], row[1] = row[0] + (g == p), row[1] + 1
+            gi, pi = index.get(g), index.get(p)
+            if g == p and gi is not None:
+                row[2 + gi] += 1
+                continue
+            if pi is not None:
+                row[2 + T + pi] += 1
+            if gi is not None:
+                row[2 + 2 * T + gi] += 1
+        rows.append(row)
+    return rows
+
+
+def tag_macro_f1(gold: list[list[str]], pred: list[list[str]]) -> float:
+    """F1 of each tag of the gold data (a token is one prediction), averaged (percent)."""
+    tags = sorted({t for s in gold for t in s})
+    sums = [sum(col) for col in zip(*tag_counts(gold, pred, tags))] or [0] * (2 + 3 * len(tags))
+    T = len(tags)
+    f1s = [0.0 if sums[2 + i] == 0 else 2 * sums[2 + i] / (2 * sums[2 + i] + sums[2 + T + i] + sums[2 + 2 * T + i])
+           for i in range(T)]
+    return 100.0 * sum(f1s) / max(T, 1)
+
+
 def token_accuracy(gold: list[list[str]], pred: list[list[str]]) -> float:
     pairs = [(g, p) for gs, ps in zip(gold, pred) for g, p in zip(gs, ps)]
     return 100.0 * sum(g == p for g, p in pairs) / max(len(pairs), 1)
+
+
+TAG_SCHEMES = ("auto", "iob1", "iob2", "iobes", "plain")
+_PREFIXED = re.compile(r"^[BIES]-.+")
+
+
+def detect_scheme(sentences: list[list[str]]) -> str:
+    """iob1, iob2, iobes or plain, from the tags themselves: any tag that is neither O nor
+    PREFIX-TYPE (B/I/E/S) makes them plain (e.g. POS tags AT, NN-TL); E-/S- make them IOBES;
+    an I- that starts a chunk makes them IOB1 (IOB2 always starts with B-)."""
+    tags = {t for s in sentences for t in s}
+    if any(t != "O" and not _PREFIXED.match(t) for t in tags):
+        return "plain"
+    if any(t[0] in "ES" for t in tags if t != "O"):
+        return "iobes"
+    return "iob1" if any(iob1_to_iob2(s) != list(s) for s in sentences) else "iob2"
+
+
+def to_iob2(tags: list[str], scheme: str) -> list[str]:
+    """A sentence's tags in IOB2, from `scheme`; plain tags stay as they are."""
+    if scheme == "iob1":
+        return iob1_to_iob2(tags)
+    if scheme == "iobes":
+        return [{"S": "B", "E": "I"}.get(t[0], t[0]) + t[1:] if t != "O" else t for t in tags]
+    return list(tags)
 
 
 def iob1_to_iob2(tags: list[str]) -> list[str]:

@@ -11,7 +11,8 @@ from tritpress.compressor import modelio
 
 from . import data as qdata
 from .encode import batches, map_batches, model_inputs, progress_bar, ready_tokenizer
-from .metrics import squad_scores
+from .bootstrap import squad_stats
+from .metrics import squad_per_question, squad_scores
 from .probe import probe_config, span_probe
 from .qa import best_answer, encode_windows, span_labels
 from .registry import TaskData, use_own_head
@@ -111,10 +112,12 @@ def run_qa(task, model, tokenizer, data: TaskData, cfg, desc: str) -> dict:
         else:
             scorer, head = _probe_scorer(task, model, tok, train, cfg, update, protocol), "probe"
         predictions = _predictions(model, tok, test, scorer, cfg, v2, update)
-    scores = squad_scores(predictions, {e.id: e.answers for e in test.examples})
+    golds = {e.id: e.answers for e in test.examples}
+    scores = squad_scores(predictions, golds)
     metrics = {"exact_match": scores["exact_match"], "f1": scores["f1"]}
     metrics.update({k: v for k, v in scores.items() if k.startswith(("HasAns", "NoAns")) and not k.endswith("total")})
-    return {"metrics": metrics, "protocol": protocol, "head": head}
+    return {"metrics": metrics, "protocol": protocol, "head": head,
+            "per_example": squad_stats(squad_per_question(predictions, golds))}
 
 
 def _own_logits(model, enc):

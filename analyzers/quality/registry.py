@@ -9,6 +9,9 @@ call: one entry in analyzers/quality/tasks.py for a built-in one, or from any mo
     task.run(task, model, tokenizer, data, cfg, desc) -> {"metrics": {...}, "protocol": {...},
                                                         "head": "own" | "probe"}
     task.needs_probe(task, model, tokenizer, cfg) -> bool   (default: no own head for the task)
+    task.check(task, model, tokenizer, data, cfg)  raises a one-line TritpressError on input the
+                                                   model cannot be scored on, before any forward
+A runner may add "per_example": bootstrap.ExampleStats (the gate's Δ interval; not written out).
 """
 from __future__ import annotations
 
@@ -48,6 +51,13 @@ class Task:
     head_classes: tuple[str, ...] = ()  # class-name endings of a transformers model with its own head
     needs_probe: Callable[..., bool] | None = None  # default: the model has no own head (probe="auto")
     probe_epochs: int = 10
+    check: Callable[..., None] | None = None  # check(task, model, tokenizer, data, cfg): bad input, before compute
+    data_metrics: tuple[Metric, ...] = ()  # gated only on data that calls for them (tok: plain tags' macro-F1)
+
+    @property
+    def gated(self) -> tuple[Metric, ...]:
+        """Every metric the gate compares when both models report it, in report order."""
+        return self.metrics + self.data_metrics
 
     @property
     def train_flag(self) -> str:
@@ -60,19 +70,29 @@ class Task:
         return getattr(cfg, self.train_key) if self.train_key else None
 
     def metric(self, name: str) -> Metric | None:
-        return next((m for m in self.metrics if m.name == name), None)
+        return next((m for m in self.gated if m.name == name), None)
 
     def probe_needed(self, model, tokenizer, cfg) -> bool:
+        """Whether `model` is scored through a probe; probe="never" without an own head is an error."""
         if self.needs_probe is not None:
-            return self.needs_probe(self, model, tokenizer, cfg)
-        return not use_own_head(model, self, cfg.probe)
+            needed = self.needs_probe(self, model, tokenizer, cfg)
+        else:
+            needed = not use_own_head(model, self, cfg.probe)
+        if needed and cfg.probe == "never":
+            raise TritpressError(f"--probe never, but {type(model).__name__} has no {self.title} head for task "
+                                 f"{self.name!r} (use --probe auto to score it through a probe)")
+        return needed
+
+
+PROBE_CHOICES = ("auto", "always", "never")
 
 
 def use_own_head(model, task: Task, probe: str) -> bool:
-    """probe="auto": the model's own head when it has one for the task; "always": the probe."""
-    if probe not in ("auto", "always"):
-        raise TritpressError(f"probe must be auto or always, not {probe!r}")
-    return (probe == "auto" and bool(task.head_classes) and modelio.is_hf(model)
+    """probe="auto": the model's own head when it has one for the task; "always": the probe;
+    "never": the own head only (Task.probe_needed refuses a model without one)."""
+    if probe not in PROBE_CHOICES:
+        raise TritpressError(f"probe must be one of {', '.join(PROBE_CHOICES)}, not {probe!r}")
+    return (probe != "always" and bool(task.head_classes) and modelio.is_hf(model)
             and type(model).__name__.endswith(task.head_classes))
 
 

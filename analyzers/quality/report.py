@@ -9,7 +9,8 @@ from tabulate import tabulate
 
 from tritpress.compressor.fileio import atomic_path, write_json, write_text
 
-HEADERS = ["task", "metric", "head", "baseline", "compressed", "Δ abs", "Δ rel", "max drop", "result"]
+HEADERS = ["task", "metric", "head", "baseline", "compressed", "Δ abs", "Δ 95% CI", "Δ rel", "max drop", "result",
+           "note"]
 
 
 def _num(v: float) -> str:
@@ -22,13 +23,22 @@ def _rel(v: float) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:+.1f}%"
 
 
+def _ci(row: dict) -> str:
+    """[lo, hi] of Δ with n, or empty (no per-example statistics)."""
+    ci = row.get("delta_ci95")
+    if not ci:
+        return "" if not row.get("n") else "n/a"
+    return f"[{ci[0]:+.3g}, {ci[1]:+.3g}] n={row['n']}"
+
+
 def table_rows(report: dict) -> list[list[str]]:
     rows = [[r["task"], r["metric"], r["head"], _num(r["baseline"]), _num(r["compressed"]),
-             f"{r['delta']:+.4g}" if math.isfinite(r["delta"]) else str(r["delta"]), _rel(r["delta_rel"]),
-             r["tolerance"], r["status"]] for r in report["rows"]]
+             f"{r['delta']:+.4g}" if math.isfinite(r["delta"]) else str(r["delta"]), _ci(r), _rel(r["delta_rel"]),
+             r["tolerance"], r["status"], r.get("note", "")] for r in report["rows"]]
     for label, entry in report["tasks"].items():
-        if "skipped" in entry:
-            rows.append([label, "", "", "", "", "", "", "", f"SKIPPED: {entry['skipped']}"])
+        for key, shown in (("skipped", "SKIPPED"), ("error", "ERROR")):
+            if key in entry:
+                rows.append([label, "", "", "", "", "", "", "", "", f"{shown}: {entry[key]}", ""])
     return rows
 
 
@@ -38,14 +48,27 @@ def render(report: dict, fmt: str = "simple") -> str:
     failed = [f"{r['task']} {r['metric']}" for r in report["rows"] if r["status"] == "FAIL"]
     tail = f"gate: {verdict}" + (f" ({len(failed)} of {len(report['rows'])} rows failed: {', '.join(failed)})"
                                  if failed else f" ({len(report['rows'])} rows)")
+    if report.get("errors"):
+        tail += f"; {len(report['errors'])} task(s) failed: {', '.join(report['errors'])}"
     return f"{table}\n\n{tail}"
+
+
+def failure_line(report: dict) -> str | None:
+    """One line naming the tasks that failed (their errors are in report.json), or None."""
+    errors = report.get("errors") or {}
+    if not errors:
+        return None
+    where = report.get("files", {}).get("json") or "report.json"
+    first = next(iter(errors))
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"error: task {first} failed: {errors[first]}{more}; the finished tasks' results are in {where}"
 
 
 def protocol_lines(report: dict) -> list[str]:
     """One line per task: data, split, sample counts, head, protocol parameters."""
     lines = []
     for label, entry in report["tasks"].items():
-        if "skipped" in entry:
+        if "skipped" in entry or "error" in entry:
             continue
         prot = {**entry["data"], **entry["compressed"]["protocol"], "head": entry["compressed"]["head"],
                 "seconds": {"baseline": entry["baseline"]["seconds"], "compressed": entry["compressed"]["seconds"]}}
@@ -66,7 +89,10 @@ def markdown(report: dict) -> str:
         "Head `probe`: a linear head trained on the frozen features of each model with the same seed, "
         "data and budget (the model has no head for that task); `own`: the model's own task/LM head. "
         "Δ rel = (compressed − baseline) / |baseline|. A row fails when the drop (in the metric's bad "
-        "direction) exceeds the max drop (absolute, or % of the baseline).", "",
+        "direction) exceeds the max drop (absolute, or % of the baseline). Δ 95% CI: the interval of Δ from a "
+        "paired bootstrap over the n evaluation examples (both models on the same resampled examples; the "
+        "verdict does not use it). \"within noise\": it contains 0; \"compressed better beyond noise\": worth "
+        "a look at the protocol (a compressed model rarely beats its original for real).", "",
         "## Protocol", "", *protocol_lines(report), "",
         "## Environment", "", f"`{json.dumps(env)}`", "",
     ]

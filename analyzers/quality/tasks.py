@@ -9,11 +9,11 @@ A new task is one more `register(Task(...))`, here or in any module imported bef
 from __future__ import annotations
 
 from . import metrics as m
-from .cls_task import read_cls, run_cls
+from .cls_task import check_cls, read_cls, run_cls
 from .lm_task import needs_lm_probe, read_lm, run_lm
 from .qa_task import read_qa, run_qa
 from .registry import Task, register
-from .tok_task import read_tok, run_tok
+from .tok_task import check_tok, read_tok, run_tok
 
 LM = register(Task(
     "lm", "language modeling", (m.PERPLEXITY, m.BITS_PER_BYTE), read_lm, run_lm,
@@ -23,12 +23,12 @@ LM = register(Task(
 CLS = register(Task(
     "cls", "text classification", (m.ACCURACY, m.MACRO_F1, m.F1), read_cls, run_cls,
     data_key="cls_data", train_key="cls_train", default_data="glue:sst2",
-    head_classes=("ForSequenceClassification",), probe_epochs=20))
+    head_classes=("ForSequenceClassification",), probe_epochs=20, check=check_cls))
 
 TOK = register(Task(
     "tok", "token classification (NER)", (m.F1_LENIENT, m.F1_STRICT, m.TOKEN_ACCURACY), read_tok, run_tok,
-    data_key="tok_data", train_key="tok_train", default_data="conll2003",
-    head_classes=("ForTokenClassification",), probe_epochs=10))
+    data_key="tok_data", train_key="tok_train", default_data="conll2003", head_classes=("ForTokenClassification",),
+    probe_epochs=10, check=check_tok, data_metrics=(m.TAG_MACRO_F1,)))
 
 QA = register(Task(
     "qa", "extractive QA", (m.EXACT_MATCH, m.F1), read_qa, run_qa,
