@@ -81,12 +81,13 @@ class TrainConfig:
                                    # or a HF dataset NAME[:CONFIG] (online); a task model: its task's
                                    # training examples (GLUE .tsv, CoNLL columns, SQuAD .json/.zip, .jsonl/.csv)
     task: str = "auto"             # what QAT trains on: auto (the model's head: cls/tok/qa, else lm) | lm
-                                   # (text blocks) | cls | tok | qa (the task's examples, its own head)
+                                   # (text blocks) | cls | tok | qa (the task's examples through its own
+                                   # head, each cut to --seq-len tokens)
     text_column: str = "text"      # text column of tabular data
     eval_data: str | None = None   # held-out text (task: examples) for before/after quality [default: the
                                    # last 5% of --data]
-    seq_len: int = 128             # tokens per training sequence (task: at most, per example or QA window)
-    doc_stride: int = 64           # qa: tokens shared by consecutive windows of a long context
+    seq_len: int = 128             # tokens per training sequence
+    doc_stride: int = 64           # task qa: tokens shared by consecutive --seq-len windows of a long context
     batch_size: int = 8            # sequences per optimizer step, all processes together
     micro_batch_size: int = 0      # sequences per forward per process (gradient accumulation); 0 = no accumulation
     lr: float = 0.0                # peak learning rate [default: 2e-4 below 100M params, 1e-4 above]
