@@ -376,12 +376,12 @@ def _resolved_train_config(cfg: CompressConfig, teacher: nn.Module) -> TrainConf
 def _quality_measure(io, teacher: nn.Module, held_out) -> Callable[[nn.Module], dict]:
     """model -> its held-out quality: perplexity or agreement with the teacher on LM blocks; on a
     task's examples, the task metric with the model's own head and agreement with the teacher."""
-    from tritpress.analyzers.quality.examples import task_quality
+    from tritpress.analyzers.quality.examples import quality_measure
     from tritpress.compressor.modelio import held_out_quality
 
     if isinstance(held_out, torch.Tensor):
         return lambda model: held_out_quality(io, model, held_out, teacher)
-    return lambda model: task_quality(model, teacher, held_out)
+    return quality_measure(teacher, held_out)
 
 
 def _data_provenance(train, held_out) -> dict:

@@ -12,14 +12,14 @@ import math
 import pytest
 import torch
 
-from tritpress.analyzers.quality.examples import head_task, resolve_task, task_examples
+from tritpress.analyzers.quality.examples import head_task, quality_measure, resolve_task, task_examples
 from tritpress.compressor.config import TernaryConfig
 from tritpress.compressor.errors import TritpressError
 from tritpress.compressor.modelio import BlockOutputs, ModelIO, eager_attention
 from tritpress.compressor.structure import discover
 from tritpress.compressor.train import (TrainConfig, batch_indices, distill_losses, lr_factor, quant_lambda,
                                         task_losses, train_qat)
-from tritpress.compressor.transform import prepare, set_lambda
+from tritpress.compressor.transform import convert, prepare, set_lambda
 from tritpress.exporters.packed import load_packed
 from tests.test_eval_cli import BAD, FILLER, GOOD, NAMES, PLACES, VERBS, files  # noqa: F401  (fixture)
 from tests.test_train import _tail, cli, cli_proc, text_blocks, train_state  # noqa: F401  (fixture)
@@ -254,6 +254,17 @@ def test_train_qat_on_task_examples(task, models, sources, tmp_path):
     assert all(math.isfinite(e["loss"]) and e["tokens"] > 0 and e["examples_per_s"] > 0 for e in curve)
     assert findings["tokens"] == sum(e["tokens"] for e in curve)
     assert teacher.config._attn_implementation == student.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("task, metric", [("cls", "accuracy"), ("tok", "token_accuracy"), ("qa", "span_exact")])
+def test_held_out_quality_with_the_own_head(task, metric, models, sources):
+    teacher, (train, _) = models[task], sources[task]
+    measure = quality_measure(teacher, train, batch_size=3)
+    own = measure(teacher)
+    assert own["agreement"] == 1.0 and 0 <= own[metric] <= 1 and own["scored"] > 0
+    other = measure(task_model(task, teacher.config.vocab_size, seed=1))   # another random head
+    assert set(other) == set(own) and other["agreement"] < 1.0 and other["scored"] == own["scored"]
+    assert set(measure(convert(_student(teacher, 1.0)))) == set(own)
 
 
 # ------------------------------------------------------------------ the CLI

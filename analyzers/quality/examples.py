@@ -3,7 +3,7 @@
     task = resolve_task(model, "auto")                 # cls | tok | qa from the head, else lm
     train, held_out, where = task_examples(model, tokenizer, task, train_cfg)
     train_qat(student, model, structure, train, ...)  # train is a compressor.train.ExampleSource
-    task_quality(ternary, model, held_out)             # own-head metric and agreement with the teacher
+    quality_measure(model, held_out)(ternary)          # own-head metric and agreement with the teacher
 
 The data is read with the evaluation readers (GLUE .tsv / CoNLL columns / SQuAD .json(.zip) /
 .jsonl / .csv, analyzers/quality/data.py) and tokenized once with the evaluation encoders;
@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 
@@ -236,18 +237,34 @@ def _outcomes(task: str, student: list, teacher: list, batch: dict) -> tuple[tor
 
 
 @torch.no_grad()
-def task_quality(model, teacher, examples: TaskExamples, batch_size: int = 32) -> dict:
-    """The task metric with the model's own head on the held-out examples (accuracy, token
-    accuracy, or start-and-end exact for qa windows) and its agreement with the teacher."""
+def _head_outputs(model, examples: TaskExamples, parts: list[range]) -> list[list[torch.Tensor]]:
+    """The model's head logits (on the CPU) for each batch `parts` of the examples."""
     model.eval()
-    right, same = [], []
-    for part in batches(len(examples), batch_size):
-        batch = examples.batch(list(part))
-        s = task_forward(ModelIO.of(model), model, {k: v.to(device_of(model)) for k, v in batch.items()})[0]
-        t = task_forward(ModelIO.of(teacher), teacher, {k: v.to(device_of(teacher)) for k, v in batch.items()})[0]
-        r, a = _outcomes(examples.task, [x.cpu() for x in s], [x.cpu() for x in t], batch)
-        right.append(r)
-        same.append(a)
-    right, same = torch.cat(right).float(), torch.cat(same).float()
-    return {QUALITY_METRIC[examples.task]: float(right.mean()), "agreement": float(same.mean()),
-            "scored": len(right)}
+    io, device = ModelIO.of(model), device_of(model)
+    out = []
+    for part in parts:
+        batch = {k: v.to(device) for k, v in examples.batch(list(part)).items()}
+        out.append([x.cpu() for x in task_forward(io, model, batch)[0]])
+    return out
+
+
+def quality_measure(teacher, examples: TaskExamples, batch_size: int = 32) -> Callable[..., dict]:
+    """model -> the task metric with its own head on the held-out examples (accuracy, token
+    accuracy, or start-and-end exact for qa windows) and its agreement with the teacher, whose
+    predictions are computed once, on first use."""
+    parts = batches(len(examples), batch_size)
+    reference: list = []
+
+    def measure(model) -> dict:
+        if not reference:
+            reference.extend(_head_outputs(teacher, examples, parts))
+        outputs = reference if model is teacher else _head_outputs(model, examples, parts)
+        right, same = [], []
+        for part, s, t in zip(parts, outputs, reference):
+            r, a = _outcomes(examples.task, s, t, examples.batch(list(part)))
+            right.append(r)
+            same.append(a)
+        right, same = torch.cat(right).float(), torch.cat(same).float()
+        return {QUALITY_METRIC[examples.task]: float(right.mean()), "agreement": float(same.mean()),
+                "scored": len(right)}
+    return measure
