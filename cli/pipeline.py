@@ -167,12 +167,23 @@ def share(run: RunState) -> tuple[nn.Module, dict]:
     from tritpress.compressor.sharing_stage import share_stage
 
     cfg, probe = run.cfg, None
+    refuse_task_examples_as_calibration_text(run)
     if cfg.sharing.strategy == "auto" and cfg.sharing.auto_probe_steps > 0:
         # the probes train on the same blocks as the real run: read and tokenize them once
         probe = _qat_probe(cfg, run.loaded, run.ctx, training_data(run, need="--share-probe-steps")[0])
     write = (lambda analysis: write_outputs(analysis, run.out / "analysis")) if run.ctx.is_main else None
     return share_stage(run.loaded.model, run.loaded.tokenizer, cfg.sharing, cfg.sharing.data or cfg.train.data,
                        cfg.quant.exclude, write_analysis=write, probe=probe)
+
+
+def refuse_task_examples_as_calibration_text(run: RunState) -> None:
+    """The redundancy measures read calibration text; a task model's --data holds its examples."""
+    from tritpress.analyzers.quality.examples import resolve_task
+
+    cfg = run.cfg
+    if not cfg.sharing.data and cfg.train.data and resolve_task(run.loaded.model, cfg.train.task) != "lm":
+        raise TritpressError("--sharing measures redundancy on calibration text, and --data holds this task "
+                             "model's examples: pass --share-data TEXT")
 
 
 def quantize(run: RunState) -> nn.Module:

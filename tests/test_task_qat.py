@@ -332,6 +332,7 @@ def test_two_processes_reproduce_one_for_a_task_model(run_cls, cls_work, files):
     ("three.tsv", [], r"labels \['2'\] that the model's head does not know"),
     ("nocols.tsv", [], "no text column"),
     ("train.conll", [], "unsupported data file"),
+    ("train.tsv", ["--sharing", "alternate"], "pass --share-data TEXT"),
 ])
 def test_bad_task_input_is_one_line_before_training(data, extra, message, cls_work, files, tmp_path):  # noqa: F811
     (tmp_path / "three.tsv").write_text("sentence\tlabel\nthe film\t0\nthe film\t2\n")
@@ -342,7 +343,7 @@ def test_bad_task_input_is_one_line_before_training(data, extra, message, cls_wo
     lines = [line for line in err.strip().splitlines() if not line.startswith("[")]   # stage markers
     assert code == 1 and len(lines) == 1 and lines[0].startswith("compress: error:"), err
     assert __import__("re").search(message, lines[0]), lines[0]
-    assert not (out / "train").exists()                               # refused before training started
+    assert not (out / "train").exists() and not (out / "analysis").exists()   # refused before any compute
 
 
 def test_task_lm_distils_plain_text_on_a_task_model(cls_work, files, tmp_path):  # noqa: F811
