@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from tritpress.analyzers.quality.examples import head_task, quality_measure, resolve_task, task_examples
+from tritpress.analyzers.quality.examples import (head_task, quality_measure, read_task_data, resolve_task,
+                                                  task_examples)
 from tritpress.compressor.config import TernaryConfig
 from tritpress.compressor.errors import TritpressError
 from tritpress.compressor.modelio import BlockOutputs, ModelIO, eager_attention
@@ -344,6 +345,19 @@ def test_bad_task_input_is_one_line_before_training(data, extra, message, cls_wo
     assert code == 1 and len(lines) == 1 and lines[0].startswith("compress: error:"), err
     assert __import__("re").search(message, lines[0]), lines[0]
     assert not (out / "train").exists() and not (out / "analysis").exists()   # refused before any compute
+
+
+def test_task_data_of_the_wrong_kind_is_one_line(models, tok, files, tmp_path):  # noqa: F811
+    (tmp_path / "q.jsonl").write_text('{"question": "who ?", "context": "bob went"}\n')
+    with pytest.raises(TritpressError, match="is not QA examples.*answers"):
+        read_task_data("qa", str(tmp_path / "q.jsonl"), "train")
+    (tmp_path / "text.txt").write_text("the film was good\nbob went home .\nwho ?\n")
+    with pytest.raises(TritpressError, match="looks like plain text"):
+        read_task_data("tok", str(tmp_path / "text.txt"), "train")     # ragged lines: not CoNLL columns
+    read_task_data("tok", str(files / "train.conll"), "train")          # CoNLL columns pass
+    untagged = task_model("tok", len(tok), id2label=None, label2id=None, num_labels=5)
+    with pytest.raises(TritpressError, match="labels .*B-LOC.* that the model's head does not know"):
+        task_examples(untagged, tok, "tok", TrainConfig(data=str(files / "train.conll")))
 
 
 def test_task_lm_distils_plain_text_on_a_task_model(cls_work, files, tmp_path):  # noqa: F811

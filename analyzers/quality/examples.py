@@ -98,7 +98,7 @@ def _stripped(enc, row: int) -> dict:
 
 def _plain_text(task: str, spec: str) -> bool:
     """LM text where a task's examples are expected: pkg:ptb, a .txt for cls/qa, or for tok a file
-    whose lines are not word ... tag columns."""
+    whose lines are not word ... tag columns (the same number of them, at least two, on every line)."""
     if spec.startswith("pkg:"):
         return True
     path = Path(spec)
@@ -110,7 +110,8 @@ def _plain_text(task: str, spec: str) -> bool:
         return False
     with open(path, encoding="utf-8", errors="replace") as f:
         lines = [line.split() for _, line in zip(range(200), f) if line.strip()]
-    return any(len(parts) < 2 for parts in lines if parts[0] != "-DOCSTART-")
+    widths = {len(parts) for parts in lines if parts[0] != "-DOCSTART-"}
+    return len(widths) > 1 or min(widths, default=2) < 2
 
 
 def read_task_data(task: str, spec: str, split: str, text_column: str | None = None):
