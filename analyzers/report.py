@@ -61,19 +61,26 @@ def training_table(training: dict) -> str:
     names = {"original": "original (teacher)", "shared_float": "shared (float, right after tying)",
              "ternary_post_training": "ternary, post-training",
              "ternary_qat": f"ternary, QAT {training['steps']} steps"}
-    metric_names = [k for k in ("ppl", "nll", "cosine_to_teacher", "nmse_to_teacher")
-                    if k in next(iter(quality.values()), {})]
+    metric_names = [k for k in ("ppl", "nll", "cosine_to_teacher", "nmse_to_teacher", "accuracy", "token_accuracy",
+                                "span_exact", "agreement") if k in next(iter(quality.values()), {})]
     rows = [[names[k]] + [f"{v[m]:.4f}" for m in metric_names] for k, v in quality.items()]
     return tabulate(rows, headers=["model", *metric_names], disable_numparse=True)
 
 
 def training_lines(training: dict) -> list[str]:
     final = training.get("final") or {}
-    losses = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "task", "kd", "hidden") if k in final)
-    return [f"training: {training['steps']} steps, {training['tokens']:,} tokens, {training['wall_s']:.1f} s, "
-            f"{training['world_size']} process(es) ({training['parallel']}); final {losses}",
-            f"held-out: {training['eval_source']}, {training['eval_sequences']} sequences",
-            "", training_table(training)]
+    losses = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "task", "kd", "hidden", "attention", "label")
+                       if k in final)
+    lines = [f"training: {training['steps']} steps, {training['tokens']:,} tokens, {training['wall_s']:.1f} s, "
+             f"{training['world_size']} process(es) ({training['parallel']}); final {losses}"]
+    if training.get("train_examples") is not None:  # a task model: its own examples, its own head
+        windows = (f" ({training['train_sequences']:,} windows)" if training["task"] == "qa" else "")
+        lines += [f"task: {training['task']} (own head), trained on {training['train_examples']:,} examples"
+                  f"{windows} of {training['train_data']}",
+                  f"held-out: {training['eval_source']}, {training['eval_examples']} examples"]
+    else:
+        lines.append(f"held-out: {training['eval_source']}, {training['eval_sequences']} sequences")
+    return [*lines, "", training_table(training)]
 
 
 def sharing_lines(sharing: dict) -> list[str]:

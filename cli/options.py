@@ -6,7 +6,7 @@ from tritpress.analyzers.quality.registry import PROBE_CHOICES
 from tritpress.compressor.config import ACT_BITS, FLOAT_DTYPES, WEIGHT_FORMATS
 from tritpress.compressor.quantize import GRANULARITIES, TERNARY_METHODS
 from tritpress.compressor.share import INITS, SHARE_KINDS
-from tritpress.compressor.train import PARALLEL, QUANT_SCHEDULES, SCHEDULES
+from tritpress.compressor.train import PARALLEL, QUANT_SCHEDULES, SCHEDULES, TASKS
 from tritpress.exporters.onnx import ONNX_FORMATS
 
 # read by cli.main.main before typer parses (it decides how errors are shown); declared on each
@@ -27,6 +27,7 @@ CHOICES = {
     ("TrainConfig", "schedule"): SCHEDULES,
     ("TrainConfig", "quant_schedule"): QUANT_SCHEDULES,
     ("TrainConfig", "parallel"): PARALLEL,
+    ("TrainConfig", "task"): TASKS,
     ("SharingConfig", "share"): SHARE_KINDS,
     ("SharingConfig", "init"): INITS,
     ("OnnxConfig", "format"): ONNX_FORMATS,

@@ -85,7 +85,8 @@ class RunState:
     loaded: "LoadedModel | None" = None    # the ingested checkpoint; its model is the original and teacher
     start: nn.Module | None = None         # the model to quantize: the original, or its tied copy
     model: nn.Module | None = None         # the ternary model: converted, then packed
-    train_data: tuple | None = None        # (training blocks, held-out blocks, their source), read once
+    train_data: tuple | None = None        # (training data, held-out data, where that comes from), read once:
+                                           # LM token blocks, or a task model's examples (TaskExamples)
     sharing: dict | None = None
     training: dict | None = None
     checks: dict = field(default_factory=dict)
@@ -166,12 +167,23 @@ def share(run: RunState) -> tuple[nn.Module, dict]:
     from tritpress.compressor.sharing_stage import share_stage
 
     cfg, probe = run.cfg, None
+    refuse_task_examples_as_calibration_text(run)
     if cfg.sharing.strategy == "auto" and cfg.sharing.auto_probe_steps > 0:
         # the probes train on the same blocks as the real run: read and tokenize them once
         probe = _qat_probe(cfg, run.loaded, run.ctx, training_data(run, need="--share-probe-steps")[0])
     write = (lambda analysis: write_outputs(analysis, run.out / "analysis")) if run.ctx.is_main else None
     return share_stage(run.loaded.model, run.loaded.tokenizer, cfg.sharing, cfg.sharing.data or cfg.train.data,
                        cfg.quant.exclude, write_analysis=write, probe=probe)
+
+
+def refuse_task_examples_as_calibration_text(run: RunState) -> None:
+    """The redundancy measures read calibration text; a task model's --data holds its examples."""
+    from tritpress.analyzers.quality.examples import resolve_task
+
+    cfg = run.cfg
+    if not cfg.sharing.data and cfg.train.data and resolve_task(run.loaded.model, cfg.train.task) != "lm":
+        raise TritpressError("--sharing measures redundancy on calibration text, and --data holds this task "
+                             "model's examples: pass --share-data TEXT")
 
 
 def quantize(run: RunState) -> nn.Module:
@@ -182,18 +194,18 @@ def quantize(run: RunState) -> nn.Module:
 def fine_tune(run: RunState) -> tuple[nn.Module | None, dict]:
     """prepare -> QAT with distillation from the original -> convert; quality before and after.
     -> (ternary model, training findings); the model is None on ranks other than 0."""
-    from tritpress.compressor.modelio import ModelIO, held_out_quality
+    from tritpress.compressor.modelio import ModelIO
     from tritpress.compressor.structure import discover
     from tritpress.compressor.train import train_qat  # looked up per run: tests wrap it
 
     cfg, ctx, teacher = run.cfg, run.ctx, run.loaded.model
     tcfg = _resolved_train_config(cfg, teacher)
-    blocks, eval_blocks, eval_source = training_data(run)
+    train, held_out, eval_source = training_data(run)
     structure = discover(teacher, cfg.quant.exclude)
-    io = ModelIO.discover(teacher, structure)
+    quality_of = _quality_measure(ModelIO.discover(teacher, structure), teacher, held_out)
     student = prepare(copy.deepcopy(run.start), cfg.quant)  # from the tied model when sharing
-    quality = _quality_before(run, io, student, eval_blocks) if ctx.is_main else {}
-    result = train_qat(student, teacher, structure, blocks, tcfg, run.out / "train", ctx,
+    quality = _quality_before(run, quality_of, student) if ctx.is_main else {}
+    result = train_qat(student, teacher, structure, train, tcfg, run.out / "train", ctx,
                        on_step=lambda entry: run.listener.step(entry, tcfg.steps))
     if not ctx.is_main:
         return None, result.findings  # rank 0 packs and reports
@@ -201,9 +213,9 @@ def fine_tune(run: RunState) -> tuple[nn.Module | None, dict]:
         student = prepare(copy.deepcopy(run.start), cfg.quant)
         student.load_state_dict(result.full_state)
     model = convert(student)
-    quality["ternary_qat"] = held_out_quality(io, model, eval_blocks, teacher)
-    result.findings.update(config=dataclasses.asdict(tcfg), train_sequences=len(blocks), eval_source=eval_source,
-                           eval_sequences=len(eval_blocks), quality=quality)
+    quality["ternary_qat"] = quality_of(model)
+    result.findings.update(config=dataclasses.asdict(tcfg), train_sequences=len(train), eval_source=eval_source,
+                           eval_sequences=len(held_out), quality=quality, **_data_provenance(train, held_out))
     return model, result.findings
 
 
@@ -297,10 +309,21 @@ def evaluate(run: RunState) -> dict:
 
 
 def training_data(run: RunState, need: str = "--steps") -> tuple:
-    """The training and held-out blocks, read and tokenized on first use (the sharing probe and
-    the real QAT run train on the same blocks)."""
+    """The training and held-out data, read and tokenized on first use (the sharing probe and
+    the real QAT run train on the same data): LM token blocks, or for a task model (its head, or
+    --task) the task's own examples."""
+    from tritpress.analyzers.quality.examples import resolve_task, task_examples
+
     if run.train_data is None:
-        run.train_data = _training_blocks(run.cfg.train, run.loaded, need)
+        tcfg, model = run.cfg.train, run.loaded.model
+        task = resolve_task(model, tcfg.task)
+        if task == "lm":
+            run.train_data = _training_blocks(tcfg, run.loaded, need)
+        elif not tcfg.data:
+            raise TritpressError(f"{need} on a {task} model needs its training examples: pass --data FILE "
+                                 f"(or --task lm with text)")
+        else:
+            run.train_data = task_examples(model, run.loaded.tokenizer, task, tcfg)
     return run.train_data
 
 
@@ -361,16 +384,33 @@ def _resolved_train_config(cfg: CompressConfig, teacher: nn.Module) -> TrainConf
     return tcfg
 
 
-def _quality_before(run: RunState, io, student: nn.Module, eval_blocks) -> dict:
-    """Held-out quality of the original, the tied float model (when sharing) and the ternary
-    model before training."""
+def _quality_measure(io, teacher: nn.Module, held_out) -> Callable[[nn.Module], dict]:
+    """model -> its held-out quality: perplexity or agreement with the teacher on LM blocks; on a
+    task's examples, the task metric with the model's own head and agreement with the teacher."""
+    from tritpress.analyzers.quality.examples import quality_measure
     from tritpress.compressor.modelio import held_out_quality
 
+    if isinstance(held_out, torch.Tensor):
+        return lambda model: held_out_quality(io, model, held_out, teacher)
+    return quality_measure(teacher, held_out)
+
+
+def _data_provenance(train, held_out) -> dict:
+    """For task examples: which task, how many examples (and QA windows) trained and were scored."""
+    if isinstance(train, torch.Tensor):
+        return {}
+    return {"task": train.task, "train_data": train.source, "train_examples": train.examples,
+            "eval_examples": held_out.examples}
+
+
+def _quality_before(run: RunState, quality_of: Callable[[nn.Module], dict], student: nn.Module) -> dict:
+    """Held-out quality of the original, the tied float model (when sharing) and the ternary
+    model before training."""
     teacher = run.loaded.model
-    quality = {"original": held_out_quality(io, teacher, eval_blocks, teacher)}
+    quality = {"original": quality_of(teacher)}
     if run.start is not teacher:
-        quality["shared_float"] = held_out_quality(io, run.start, eval_blocks, teacher)
-    quality["ternary_post_training"] = held_out_quality(io, convert(copy.deepcopy(student)), eval_blocks, teacher)
+        quality["shared_float"] = quality_of(run.start)
+    quality["ternary_post_training"] = quality_of(convert(copy.deepcopy(student)))
     return quality
 
 

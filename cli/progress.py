@@ -20,7 +20,12 @@ class PlainListener:
     def step(self, e, total):
         if not self.quiet and (e["step"] == 1 or e["step"] % 10 == 0 or e["step"] == total):
             print(f"step {e['step']}/{total} loss {e['loss']:.4f} lambda {e['lambda']:.2f} lr {e['lr']:.2e} "
-                  f"{e['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
+                  f"{e['tokens_per_s']:.0f} tok/s{_examples_rate(e)}", file=sys.stderr, flush=True)
+
+
+def _examples_rate(e: dict) -> str:
+    """Task QAT's examples per second (LM steps read fixed token blocks: none)."""
+    return f" {e['examples_per_s']:.1f} ex/s" if "examples_per_s" in e else ""
 
 
 def with_progress(fn: Callable, quiet: bool):
@@ -49,6 +54,6 @@ def _rich_listener(progress):
         def step(self, e, total):
             progress.update(task, total=total, completed=e["step"],
                             info=f"loss {e['loss']:.4f} λ {e['lambda']:.2f} lr {e['lr']:.1e} "
-                                 f"{e['tokens_per_s']:.0f} tok/s")
+                                 f"{e['tokens_per_s']:.0f} tok/s{_examples_rate(e)}")
 
     return RichListener()

@@ -11,6 +11,8 @@ evaluation, export and the pipeline's checks all go through it.
   (the pipeline's checks: original vs ternary, converted vs reloaded packed file).
 - `held_out_loss` / `held_out_quality`: calibration loss; perplexity for causal LMs, agreement
   with a teacher otherwise.
+- `task_forward` / `eager_attention`: a task model's head logits and attention probabilities
+  (task-aware QAT distils both).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ EXAMPLE_TEXT = [
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")   # transformers class names of next-token LMs
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 IO_ATTR = "_tritpress_io"   # ModelIO cached on the model by ModelIO.of
+HEAD_LOGITS = ("logits", "start_logits", "end_logits")   # a task head's outputs (classification; extractive QA)
 
 
 # ---------------------------------------------------------------- what the model is
@@ -217,6 +220,48 @@ class ModelIO:
             return first_float_output(self.call(model, inputs)).float()
         ids = inputs["input_ids"] if isinstance(inputs, dict) else inputs
         return first_float_output(self.call(model, ids.t())).float().transpose(0, 1)
+
+
+def head_logits(out) -> list[torch.Tensor]:
+    """A task head's logits, float: [logits] (classification, tagging) or [start, end] (extractive QA)."""
+    found = [getattr(out, key, None) for key in HEAD_LOGITS]
+    found = [t.float() for t in found if isinstance(t, torch.Tensor)]
+    if not found:
+        raise TritpressError(f"the model output ({type(out).__name__}) has no task-head logits")
+    return found
+
+
+def task_forward(io: ModelIO, model: nn.Module, batch: dict, attentions: bool = False):
+    """-> (head logits as `head_logits`, each layer's attention probabilities [B, heads, T, T]) of a
+    task model on a batch of keyword inputs; labels in `batch` are left out (the caller scores them),
+    and the attention list is empty when not asked for or when the attention kernel keeps none."""
+    inputs = {k: v for k, v in batch.items() if k in TOKEN_INPUTS}
+    out = io.call(model, inputs, **({"output_attentions": True} if attentions else {}))
+    return head_logits(out), [a for a in (getattr(out, "attentions", None) or ()) if a is not None]
+
+
+@contextlib.contextmanager
+def eager_attention(*models: nn.Module):
+    """While active, the transformers models run eager (math) attention: fused kernels (sdpa,
+    flash) return no attention probabilities. Each gets its own implementation back after."""
+    changed = []
+    for model in models:
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if impl not in (None, "eager"):
+            _set_attention(model, "eager")
+            changed.append((model, impl))
+    try:
+        yield
+    finally:
+        for model, impl in changed:
+            _set_attention(model, impl)
+
+
+def _set_attention(model: nn.Module, impl: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(impl)
+    else:  # older transformers: the config field is read at call time
+        model.config._attn_implementation = impl
 
 
 def logits(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -4,10 +4,19 @@
     result = train_qat(student, teacher=model, blocks=..., cfg=TrainConfig(steps=200))
     model = convert(student)          # result.findings: curves, timings, final losses
 
-Loss = task_weight * next-token CE (causal LMs)
+Loss on LM text blocks (a [N, seq_len] tensor of token ids):
+       task_weight * next-token CE (causal LMs)
      + kd_weight * KL(teacher || student) on logits at temperature T (models with an output head),
        or normalized MSE on the main output (encoders without a head)
      + hidden_weight * mean over blocks of the normalized MSE of block outputs (TernaryBERT-style).
+Loss on a task's examples (an `ExampleSource`: padded batches of keyword inputs with gold labels),
+TernaryBERT's recipe with the model's own head:
+       kd_weight * KL(teacher || student) on the head's logits at temperature T (cls: per example;
+       tok: per scored token; qa: start and end over the real positions)
+     + hidden_weight * block-output NMSE over real tokens + attention_weight * attention NMSE
+     + label_weight * gold-label CE.
+Every task term is a mean over each example's own tokens, then over examples, so that splitting a
+batch across processes or micro batches, each padded to its own longest example, does not change it.
 The quantization warm-up factor lambda (w + lambda*(q(w) - w)) rises from 0 to 1 over
 `quant_warmup` steps. Dropout is off (the student runs in eval mode): distillation from a
 deterministic teacher, and results that do not depend on the number of processes.
@@ -29,7 +38,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -39,23 +48,46 @@ from torch import nn
 from .distributed import DistContext
 from .errors import TritpressError
 from .fileio import atomic_path, write_json
-from .modelio import BlockOutputs, ModelIO, nmse
+from .modelio import BlockOutputs, ModelIO, eager_attention, nmse, task_forward
 from .structure import ModelStructure
 from .transform import set_lambda, tie_groups
 
 SCHEDULES = ("cosine", "linear", "constant")
 QUANT_SCHEDULES = ("linear", "sigmoid", "none")
 PARALLEL = ("ddp", "fsdp")
+TASKS = ("auto", "lm", "cls", "tok", "qa")
+QUIET_LOGITS = -1e4   # logit put on padding before a softmax over positions: probability exactly 0
+
+
+class ExampleSource(Protocol):
+    """A task's training examples, encoded once, served as padded batches (built above this floor:
+    the pipeline reads the task data with the evaluation readers).
+
+    `task` is cls | tok | qa. `batch(indices)` pads those examples to the longest of them and
+    returns keyword inputs (input_ids, attention_mask[, token_type_ids]) with the gold labels:
+    `labels` [B] (cls) or [B, T] with -100 off each word's first sub-token (tok), or
+    `start_positions` / `end_positions` [B] (qa)."""
+    task: str
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass
 class TrainConfig:
     steps: int = 0                 # QAT optimizer steps with distillation from the original; 0 = post-training only
     data: str | None = None        # training text: .txt/.jsonl/.json/.csv/.tsv/.parquet file, pkg:ptb,
-                                   # or a HF dataset NAME[:CONFIG] (online)
+                                   # or a HF dataset NAME[:CONFIG] (online); a task model: its task's
+                                   # training examples (GLUE .tsv, CoNLL columns, SQuAD .json/.zip, .jsonl/.csv)
+    task: str = "auto"             # what QAT trains on: auto (the model's head: cls/tok/qa, else lm) | lm
+                                   # (text blocks) | cls | tok | qa (the task's examples through its own
+                                   # head, each cut to --seq-len tokens)
     text_column: str = "text"      # text column of tabular data
-    eval_data: str | None = None   # held-out text for before/after loss [default: the last 5% of --data]
+    eval_data: str | None = None   # held-out text (task: examples) for before/after quality [default: the
+                                   # last 5% of --data]
     seq_len: int = 128             # tokens per training sequence
+    doc_stride: int = 64           # task qa: tokens shared by consecutive --seq-len windows of a long context
     batch_size: int = 8            # sequences per optimizer step, all processes together
     micro_batch_size: int = 0      # sequences per forward per process (gradient accumulation); 0 = no accumulation
     lr: float = 0.0                # peak learning rate [default: 2e-4 below 100M params, 1e-4 above]
@@ -69,8 +101,12 @@ class TrainConfig:
     kd_weight: float = 1.0         # logit KL / output MSE weight
     kd_temperature: float = 1.0    # KD temperature
     hidden_weight: float = 1.0     # per-block hidden-state MSE weight
+    attention_weight: float = 1.0  # task models: per-block attention-probability MSE weight
+    label_weight: float = 0.0      # task models: gold-label cross-entropy weight
     max_train_tokens: int = 0      # use at most this many training tokens; 0 = all of --data
     eval_tokens: int = 32768       # held-out tokens scored before and after
+    max_examples: int = 0          # task models: train on at most N examples (seeded sample); 0 = all
+    eval_examples: int = 512       # task models: held-out examples scored before and after; 0 = all
     seed: int = 0                  # seed for data order and init
     checkpoint_every: int = 50     # save training state every N steps; 0 = never
     resume: bool = False           # continue from the last training checkpoint in --out
@@ -78,7 +114,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name, allowed in (("schedule", SCHEDULES), ("quant_schedule", QUANT_SCHEDULES),
-                              ("parallel", PARALLEL)):
+                              ("parallel", PARALLEL), ("task", TASKS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.steps < 0 or self.seq_len < 2 or self.batch_size < 1:
@@ -137,6 +173,82 @@ def distill_losses(io: ModelIO, student, teacher, ids, s_blocks: BlockOutputs, t
     if s_hidden:
         losses["hidden"] = torch.stack([nmse(s, t) for s, t in zip(s_hidden, t_hidden)]).mean()
     weights = {"task": cfg.task_weight, "kd": cfg.kd_weight, "hidden": cfg.hidden_weight}
+    losses["loss"] = sum(weights[k] * v for k, v in losses.items())
+    return losses
+
+
+def _kl_rows(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
+    """KL(teacher || student) over the last dim at temperature T, times T^2, per row: [..., C] -> [...]."""
+    log_s, log_t = F.log_softmax(student / T, -1), F.log_softmax(teacher / T, -1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1) * T * T
+
+
+def example_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] values -> the mean over each example's masked-in tokens, then over examples."""
+    mask = mask.float()
+    return ((values * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
+def masked_nmse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """NMSE of [B, T, ...] outputs over each example's real tokens (mask [B, T]), then over examples."""
+    m = mask.float().reshape(*mask.shape, *([1] * (teacher.dim() - 2)))
+    diff = ((student.float() - teacher.float()).pow(2) * m).flatten(1).sum(1)
+    return (diff / (teacher.float().pow(2) * m).flatten(1).sum(1).clamp(min=1e-8)).mean()
+
+
+def attention_nmse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """NMSE of attention probabilities [B, heads, T, T] over the real query rows (the padded keys
+    have probability 0 in both), per example, then over examples."""
+    rows = mask.float()[:, None, :, None]
+    diff = ((student.float() - teacher.float()).pow(2) * rows).flatten(1).sum(1)
+    return (diff / (teacher.float().pow(2) * rows).flatten(1).sum(1).clamp(min=1e-8)).mean()
+
+
+def head_kl(student: list, teacher: list, batch: dict, task: str, T: float) -> torch.Tensor:
+    """Logit distillation on a task head: cls per example, tok per scored token, qa over the real
+    positions of start and end (averaged)."""
+    if task == "cls":
+        return _kl_rows(student[0], teacher[0], T).mean()
+    if task == "tok":
+        return example_mean(_kl_rows(student[0], teacher[0], T), batch["labels"] != -100)
+    quiet = ~batch["attention_mask"].bool()
+    kl = [_kl_rows(s.masked_fill(quiet, QUIET_LOGITS), t.masked_fill(quiet, QUIET_LOGITS), T).mean()
+          for s, t in zip(student, teacher)]
+    return sum(kl) / len(kl)
+
+
+def gold_ce(student: list, batch: dict, task: str) -> torch.Tensor:
+    """Cross-entropy of the student's head on the gold labels, per example then over examples."""
+    if task == "cls":
+        return F.cross_entropy(student[0], batch["labels"])
+    if task == "tok":
+        labels = batch["labels"]
+        ce = F.cross_entropy(student[0].transpose(1, 2), labels.clamp(min=0), reduction="none")
+        return example_mean(ce, labels != -100)
+    quiet = ~batch["attention_mask"].bool()
+    golds = (batch["start_positions"], batch["end_positions"])
+    return sum(F.cross_entropy(s.masked_fill(quiet, QUIET_LOGITS), g) for s, g in zip(student, golds)) / 2
+
+
+def task_losses(io: ModelIO, student, teacher, batch: dict, s_blocks: BlockOutputs, t_blocks: BlockOutputs,
+                cfg: TrainConfig, task: str) -> dict[str, torch.Tensor]:
+    """The TernaryBERT losses on one padded batch of task examples (see the module docstring)."""
+    attend = cfg.attention_weight > 0
+    with torch.no_grad():
+        t_logits, t_attn = task_forward(io, teacher, batch, attend)
+        t_hidden = t_blocks.take()
+    s_logits, s_attn = task_forward(io, student, batch, attend)
+    s_hidden = s_blocks.take()
+    mask = batch["attention_mask"]
+    losses = {"kd": head_kl(s_logits, t_logits, batch, task, cfg.kd_temperature)}
+    if s_hidden:
+        losses["hidden"] = torch.stack([masked_nmse(s, t, mask) for s, t in zip(s_hidden, t_hidden)]).mean()
+    if s_attn:
+        losses["attention"] = torch.stack([attention_nmse(s, t, mask) for s, t in zip(s_attn, t_attn)]).mean()
+    if cfg.label_weight > 0:
+        losses["label"] = gold_ce(s_logits, batch, task)
+    weights = {"kd": cfg.kd_weight, "hidden": cfg.hidden_weight, "attention": cfg.attention_weight,
+               "label": cfg.label_weight}
     losses["loss"] = sum(weights[k] * v for k, v in losses.items())
     return losses
 
@@ -232,6 +344,7 @@ class _Run:
     micro: int                  # sequences per forward
     state_dir: Path
     autocast: object
+    task: str = "lm"            # lm: token blocks; cls | tok | qa: an ExampleSource's batches
 
 
 def _per_process_batch(cfg: TrainConfig, ctx: DistContext) -> tuple[int, int]:
@@ -260,7 +373,7 @@ def _borrowed(teacher: nn.Module, device: torch.device):
 
 
 def _setup(student, teacher, io: ModelIO, cfg: TrainConfig, ctx: DistContext, batch: tuple[int, int],
-           state_dir) -> _Run:
+           state_dir, task: str) -> _Run:
     student.to(ctx.device)
     student.eval()  # dropout off: see module docstring
     blocks = BlockOutputs(student, io.block_paths), BlockOutputs(teacher, io.block_paths)
@@ -270,7 +383,7 @@ def _setup(student, teacher, io: ModelIO, cfg: TrainConfig, ctx: DistContext, ba
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda" else nullcontext())
     return _Run(cfg, ctx, io, student, teacher, wrapped, params, optimizer, scheduler, blocks, *batch,
-                Path(state_dir), autocast)
+                Path(state_dir), autocast, task)
 
 
 def _resume(run: _Run) -> tuple[int, list]:
@@ -286,39 +399,60 @@ def _resume(run: _Run) -> tuple[int, list]:
     return ckpt["step"], ckpt["curve"]
 
 
-def _accumulate(run: _Run, mine: torch.Tensor) -> dict[str, float]:
-    """Forward and backward over this process's sequences in micro batches (gradients sync on
-    the last one). -> this process's losses, averaged over its sequences."""
-    sums: dict[str, float] = {}
+def _micro_batches(run: _Run, data, mine: torch.Tensor) -> list:
+    """This process's examples of the step (`mine`: their indices) as micro batches: slices of the
+    token blocks, or each micro batch padded by the source to its own longest example."""
+    if isinstance(data, torch.Tensor):
+        blocks = data[mine].to(run.ctx.device)
+        return [blocks[m0: m0 + run.micro] for m0 in range(0, run.local, run.micro)]
+    return [{k: v.to(run.ctx.device) for k, v in data.batch(mine[m0: m0 + run.micro].tolist()).items()}
+            for m0 in range(0, run.local, run.micro)]
+
+
+def _losses(run: _Run, inputs) -> dict[str, torch.Tensor]:
     s_blocks, t_blocks = run.blocks
-    for m0 in range(0, run.local, run.micro):
-        ids = mine[m0: m0 + run.micro]
-        last = m0 + run.micro >= run.local
-        sync = nullcontext() if (last or not hasattr(run.wrapped, "no_sync")) else run.wrapped.no_sync()
+    if run.task == "lm":
+        return distill_losses(run.io, run.wrapped, run.teacher, inputs, s_blocks, t_blocks, run.cfg)
+    return task_losses(run.io, run.wrapped, run.teacher, inputs, s_blocks, t_blocks, run.cfg, run.task)
+
+
+def _accumulate(run: _Run, micro_batches: list) -> dict[str, float]:
+    """Forward and backward over this process's micro batches (gradients sync on the last one).
+    -> this process's losses, averaged over its examples, and the real tokens it read."""
+    sums: dict[str, float] = {}
+    for m, inputs in enumerate(micro_batches):
+        share = run.micro / run.local
+        sync = nullcontext() if (m == len(micro_batches) - 1 or not hasattr(run.wrapped, "no_sync")) \
+            else run.wrapped.no_sync()
         with sync, run.autocast:
-            losses = distill_losses(run.io, run.wrapped, run.teacher, ids, s_blocks, t_blocks, run.cfg)
-            (losses["loss"] * (len(ids) / run.local)).backward()
+            losses = _losses(run, inputs)
+            (losses["loss"] * share).backward()
         for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().item() * len(ids) / run.local
+            sums[k] = sums.get(k, 0.0) + v.detach().item() * share
+        if isinstance(inputs, dict):
+            sums["tokens"] = sums.get("tokens", 0.0) + float(inputs["attention_mask"].sum())
     return sums
 
 
-def _step(run: _Run, step: int, train_blocks: torch.Tensor) -> dict:
+def _step(run: _Run, step: int, data) -> dict:
     """One optimizer step on the global batch of `step`. -> its curve entry (without timing)."""
     cfg, ctx = run.cfg, run.ctx
     lam = quant_lambda(step, cfg)
     set_lambda(run.student, lam)
-    idx = batch_indices(step, len(train_blocks), cfg.batch_size, cfg.seed)
-    mine = train_blocks[idx[ctx.rank * run.local:(ctx.rank + 1) * run.local]].to(ctx.device)
-    sums = _accumulate(run, mine)
+    idx = batch_indices(step, len(data), cfg.batch_size, cfg.seed)
+    sums = _accumulate(run, _micro_batches(run, data, idx[ctx.rank * run.local:(ctx.rank + 1) * run.local]))
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)) if cfg.grad_clip > 0 else 0.0
     lr_used = run.optimizer.param_groups[0]["lr"]
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     metrics = ctx.all_reduce_mean(sums)
-    return {"step": step + 1, **{k: round(v, 6) for k, v in metrics.items()}, "lambda": round(lam, 4),
-            "lr": lr_used, "grad_norm": round(grad_norm, 4)}
+    tokens = metrics.pop("tokens", None)  # task batches: the real tokens of the step, all processes
+    entry = {"step": step + 1, **{k: round(v, 6) for k, v in metrics.items()}, "lambda": round(lam, 4),
+             "lr": lr_used, "grad_norm": round(grad_norm, 4)}
+    if tokens is not None:
+        entry["tokens"] = round(tokens * ctx.world)
+    return entry
 
 
 def _log(run: _Run, entry: dict) -> None:
@@ -342,14 +476,19 @@ def _checkpoint(run: _Run, done: int, curve: list) -> None:
     run.ctx.barrier()
 
 
-def _train_steps(run: _Run, train_blocks: torch.Tensor, start: int, curve: list,
-                 on_step: Callable[[dict], None] | None) -> float:
+def _train_steps(run: _Run, data, start: int, curve: list, on_step: Callable[[dict], None] | None) -> float:
     """Steps `start`..cfg.steps, each logged and checkpointed when due. -> start time."""
     t0 = time.perf_counter()
+    task_tokens = 0
     for step in range(start, run.cfg.steps):
-        entry = _step(run, step, train_blocks)
+        entry = _step(run, step, data)
         elapsed = time.perf_counter() - t0
-        tokens_done = (step + 1 - start) * run.cfg.batch_size * run.cfg.seq_len
+        if run.task == "lm":
+            tokens_done = (step + 1 - start) * run.cfg.batch_size * run.cfg.seq_len
+        else:
+            task_tokens += entry["tokens"]
+            tokens_done = task_tokens
+            entry["examples_per_s"] = round((step + 1 - start) * run.cfg.batch_size / elapsed, 1)
         entry.update(tokens_per_s=round(tokens_done / elapsed, 1), elapsed_s=round(elapsed, 2))
         curve.append(entry)
         _log(run, entry)
@@ -359,21 +498,25 @@ def _train_steps(run: _Run, train_blocks: torch.Tensor, start: int, curve: list,
     return t0
 
 
-def train_qat(student: nn.Module, teacher: nn.Module, structure: ModelStructure, train_blocks: torch.Tensor,
-              cfg: TrainConfig, state_dir: str | os.PathLike, ctx: DistContext | None = None,
-              on_step: Callable[[dict], None] | None = None) -> TrainResult:
+def train_qat(student: nn.Module, teacher: nn.Module, structure: ModelStructure,
+              train_data: "torch.Tensor | ExampleSource", cfg: TrainConfig, state_dir: str | os.PathLike,
+              ctx: DistContext | None = None, on_step: Callable[[dict], None] | None = None) -> TrainResult:
     """Fine-tune the prepared `student` in place against the frozen `teacher`, on the process's
-    device (its GPU under CUDA, bf16 autocast), and leave it on the CPU. Returns the findings
-    (curves, timings, final losses) and, under FSDP, the gathered weights. `cfg` must be
-    `resolved()`. The teacher comes back unchanged. `on_step(entry)` runs on rank 0 after each
-    step (and its checkpoint, when one is due)."""
+    device (its GPU under CUDA, bf16 autocast), and leave it on the CPU. `train_data` is LM text
+    cut into token blocks [N, seq_len], or a task's examples (`ExampleSource`: distilled through
+    the model's own head, see the module docstring). Returns the findings (curves, timings,
+    final losses) and, under FSDP, the gathered weights. `cfg` must be `resolved()`. The teacher
+    comes back unchanged. `on_step(entry)` runs on rank 0 after each step (and its checkpoint,
+    when one is due)."""
     ctx = ctx or DistContext()
     batch = _per_process_batch(cfg, ctx)  # a bad split is refused before the models move
     io = ModelIO.discover(student, structure)
-    with _borrowed(teacher, ctx.device):
-        run = _setup(student, teacher, io, cfg, ctx, batch, state_dir)
+    task = "lm" if isinstance(train_data, torch.Tensor) else train_data.task
+    attend = task != "lm" and cfg.attention_weight > 0  # attention probabilities need eager attention
+    with _borrowed(teacher, ctx.device), (eager_attention(teacher, student) if attend else nullcontext()):
+        run = _setup(student, teacher, io, cfg, ctx, batch, state_dir, task)
         start, curve = _resume(run)
-        t0 = _train_steps(run, train_blocks, start, curve, on_step)
+        t0 = _train_steps(run, train_data, start, curve, on_step)
         set_lambda(student, 1.0)
         for hooks in run.blocks:
             hooks.remove()
@@ -382,11 +525,20 @@ def train_qat(student: nn.Module, teacher: nn.Module, structure: ModelStructure,
         full_state, _ = _full_state(run.wrapped, student, run.optimizer, ctx, cfg)
     else:
         student.to("cpu")  # convert and pack run on the CPU
-    findings = {"steps": cfg.steps, "resumed_from": start, "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
+    return TrainResult(_findings(run, curve, start, t0, len(train_data)), full_state)
+
+
+def _findings(run: _Run, curve: list, start: int, t0: float, n_train: int) -> dict:
+    cfg, ctx = run.cfg, run.ctx
+    tokens = (cfg.steps * cfg.batch_size * cfg.seq_len if run.task == "lm"
+              else sum(e.get("tokens", 0) for e in curve))
+    findings = {"task": run.task, "steps": cfg.steps, "resumed_from": start, "tokens": tokens,
                 "wall_s": round(time.perf_counter() - t0, 2), "final": curve[-1] if curve else None,
                 "world_size": ctx.world, "parallel": cfg.parallel if ctx.enabled else "none",
                 "device": str(ctx.device), "bf16_autocast": ctx.device.type == "cuda",
                 "curve": curve}
+    if run.task != "lm":
+        findings.update(train_examples=n_train, examples_seen=cfg.steps * cfg.batch_size)
     if ctx.is_main and curve:
         write_json(run.state_dir / "train_curve.json", curve)
-    return TrainResult(findings, full_state)
+    return findings

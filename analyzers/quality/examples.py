@@ -1,0 +1,271 @@
+"""A task model's own examples for quantization-aware training (task-aware QAT).
+
+    task = resolve_task(model, "auto")                 # cls | tok | qa from the head, else lm
+    train, held_out, where = task_examples(model, tokenizer, task, train_cfg)
+    train_qat(student, model, structure, train, ...)  # train is a compressor.train.ExampleSource
+    quality_measure(model, held_out)(ternary)          # own-head metric and agreement with the teacher
+
+The data is read with the evaluation readers (GLUE .tsv / CoNLL columns / SQuAD .json(.zip) /
+.jsonl / .csv, analyzers/quality/data.py) and tokenized once with the evaluation encoders;
+`TaskExamples.batch` pads each batch to its own longest example. Labels are given as the model's
+head numbers them (config.label2id; GLUE's 0/1 also by number), so a label the head does not know
+is refused before any compute, as is plain LM text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+
+from tritpress.compressor.errors import TritpressError
+from tritpress.compressor.modelio import ModelIO, device_of, task_forward
+
+from . import data as qdata
+from .encode import batches, encode_texts, encode_words, first_subtokens, ready_tokenizer
+from .qa import encode_windows, span_labels
+from .registry import get, use_own_head
+
+HEAD_TASKS = ("cls", "tok", "qa")
+FORMATS = {"cls": "classification examples (GLUE .tsv, .csv or .jsonl with text and label columns)",
+           "tok": "tagged words (CoNLL word ... tag columns, or .jsonl tokens/ner_tags)",
+           "qa": "QA examples (SQuAD .json or .zip, or .jsonl)"}
+LM_TEXT_SUFFIXES = (".txt", ".tokens", ".raw")
+QUALITY_METRIC = {"cls": "accuracy", "tok": "token_accuracy", "qa": "span_exact"}
+ENCODE_CHUNK = 256   # examples per tokenizer call
+
+
+def head_task(model) -> str | None:
+    """cls | tok | qa when the model is a transformers model with that task's own head."""
+    return next((name for name in HEAD_TASKS if use_own_head(model, get(name), "auto")), None)
+
+
+def resolve_task(model, requested: str) -> str:
+    """What QAT trains on: `requested` (TrainConfig.task), or with "auto" the model's head task
+    (lm without one). A task the head does not do is refused."""
+    head = head_task(model)
+    if requested == "auto":
+        return head or "lm"
+    if requested in ("lm", head):
+        return requested
+    what = f"a {get(head).title} head (--task {head})" if head else "no cls/tok/qa head"
+    raise TritpressError(f"--task {requested} does not match the model: {type(model).__name__} has {what}")
+
+
+@dataclass
+class TaskExamples:
+    """Encoded examples of one task (a compressor.train.ExampleSource): one feature dict of
+    token lists and labels per example (per window for qa)."""
+    task: str
+    features: list[dict]
+    pad_id: int
+    examples: int          # examples read (questions for qa: each gives one or more windows)
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        rows = [self.features[i] for i in indices]
+        width = max(len(r["input_ids"]) for r in rows)
+        out = {"input_ids": _padded(rows, "input_ids", width, self.pad_id),
+               "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
+                                               for r in rows])}
+        if "token_type_ids" in rows[0]:
+            out["token_type_ids"] = _padded(rows, "token_type_ids", width, 0)
+        if self.task == "tok":
+            out["labels"] = _padded(rows, "labels", width, -100)
+        for key in ("labels", "start_positions", "end_positions"):
+            if key in rows[0] and key not in out:
+                out[key] = torch.tensor([r[key] for r in rows])
+        return out
+
+
+def _padded(rows: list[dict], key: str, width: int, pad: int) -> torch.Tensor:
+    return torch.tensor([r[key] + [pad] * (width - len(r[key])) for r in rows])
+
+
+def _stripped(enc, row: int) -> dict:
+    """Row `row` of a right-padded tokenizer batch as token lists without the padding."""
+    n = int(enc["attention_mask"][row].sum())
+    return {k: enc[k][row, :n].tolist() for k in ("input_ids", "token_type_ids") if k in enc}
+
+
+# ------------------------------------------------------------------ reading
+
+
+def _plain_text(task: str, spec: str) -> bool:
+    """LM text where a task's examples are expected: pkg:ptb, a .txt for cls/qa, or for tok a file
+    whose lines are not word ... tag columns (the same number of them, at least two, on every line)."""
+    if spec.startswith("pkg:"):
+        return True
+    path = Path(spec)
+    if not path.is_file():
+        return False
+    if task != "tok":
+        return path.suffix.lower() in LM_TEXT_SUFFIXES
+    if path.suffix.lower() in (".jsonl", ".json", ".gz"):
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line.split() for _, line in zip(range(200), f) if line.strip()]
+    widths = {len(parts) for parts in lines if parts[0] != "-DOCSTART-"}
+    return len(widths) > 1 or min(widths, default=2) < 2
+
+
+def read_task_data(task: str, spec: str, split: str, text_column: str | None = None):
+    """ClsData / TokData / QAData of `spec`, or a one-line error for data of the wrong kind."""
+    if _plain_text(task, spec):
+        raise TritpressError(f"{spec} looks like plain text, but QAT of a {task} model trains on its "
+                             f"{FORMATS[task]}; pass --task lm to distil it on text instead")
+    try:
+        if task == "cls":
+            return qdata.read_cls(spec, split, qdata.Columns(text=text_column))
+        return qdata.read_tok(spec, split) if task == "tok" else qdata.read_qa(spec, split)
+    except TritpressError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # rows without the task's fields
+        raise TritpressError(f"{spec} is not {FORMATS[task]}: missing or bad field {e}") from e
+
+
+def head_label_ids(model, names: list[str], spec: str) -> dict[str, int]:
+    """The head's class number of each label name in the data: by config.label2id, else (GLUE's
+    0/1 under a head named LABEL_0/LABEL_1) by the number itself."""
+    n = int(model.config.num_labels)
+    label2id = {str(k): int(v) for k, v in (getattr(model.config, "label2id", None) or {}).items()}
+    if all(name in label2id for name in names):
+        return {name: label2id[name] for name in names}
+    numbered = lambda s: s.isdigit() and int(s) < n  # noqa: E731
+    if all(numbered(name) for name in names):
+        return {name: int(name) for name in names}
+    unknown = [name for name in names if name not in label2id and not numbered(name)]
+    raise TritpressError(f"{spec} has labels {unknown[:5]} that the model's head does not know (its {n} labels: "
+                         f"{', '.join(list(label2id)[:8])})")
+
+
+# ------------------------------------------------------------------ encoding
+
+
+def _cls_features(model, tok, d, spec: str, max_len: int) -> list[dict]:
+    ids = head_label_ids(model, d.label_names, spec)
+    feats = []
+    for part in batches(d.size, ENCODE_CHUNK):
+        enc = encode_texts(tok, d, part, max_len)
+        feats += [{**_stripped(enc, r), "labels": ids[d.label_names[d.labels[i]]]} for r, i in enumerate(part)]
+    return feats
+
+
+def _tok_features(model, tok, d, spec: str, max_len: int) -> list[dict]:
+    ids = head_label_ids(model, sorted({t for s in d.tags for t in s}), spec)
+    feats = []
+    for part in batches(d.size, ENCODE_CHUNK):
+        enc = encode_words(tok, d.words, part, max_len)
+        for r, i in enumerate(part):
+            f = _stripped(enc, r)
+            labels = [-100] * len(f["input_ids"])  # only each word's first sub-token is scored
+            for w, t in enumerate(first_subtokens(enc, r, len(d.words[i]))):
+                if t is not None:
+                    labels[t] = ids[d.tags[i][w]]
+            feats.append({**f, "labels": labels})
+    return feats
+
+
+def _qa_features(tok, d, max_len: int, stride: int) -> list[dict]:
+    windows = SimpleNamespace(qa_max_length=max_len, doc_stride=stride)
+    feats = []
+    for part in batches(d.size, ENCODE_CHUNK // 8):
+        chunk = [d.examples[k] for k in part]
+        enc, sample, offsets, context = encode_windows(tok, chunk, windows)
+        starts, ends = span_labels(chunk, sample, offsets, context)
+        feats += [{**_stripped(enc, j), "start_positions": int(starts[j]), "end_positions": int(ends[j])}
+                  for j in range(len(sample))]
+    return feats
+
+
+def encode_examples(model, tok, task: str, d, spec: str, tcfg) -> TaskExamples:
+    if task == "cls":
+        feats = _cls_features(model, tok, d, spec, tcfg.seq_len)
+    elif task == "tok":
+        feats = _tok_features(model, tok, d, spec, tcfg.seq_len)
+    else:
+        feats = _qa_features(tok, d, tcfg.seq_len, tcfg.doc_stride)
+    return TaskExamples(task, feats, tok.pad_token_id, d.size, spec)
+
+
+def task_examples(model, tokenizer, task: str, tcfg) -> tuple[TaskExamples, TaskExamples, str]:
+    """(training examples, held-out examples, where the held-out ones come from) of TrainConfig
+    `tcfg`: --data, and --eval-data or else the last 5% of --data (at most eval_examples)."""
+    if tokenizer is None:
+        raise TritpressError(f"QAT on {task} examples needs the model's tokenizer; the checkpoint has none")
+    tok = ready_tokenizer(tokenizer, need_fast=task != "cls")
+    tok.padding_side = "right"  # _stripped and the first-sub-token positions read right-padded rows
+    column = None if tcfg.text_column == "text" else tcfg.text_column  # "text" is among the usual names
+    train = read_task_data(task, tcfg.data, "train", column)
+    if tcfg.eval_data:
+        held_out, where = read_task_data(task, tcfg.eval_data, "validation", column), tcfg.eval_data
+    else:
+        n = min(tcfg.eval_examples or train.size, max(1, train.size // 20))
+        if train.size < 2:
+            raise TritpressError(f"{tcfg.data} holds {train.size} example: too few to hold some out; "
+                                 "pass --eval-data")
+        train, held_out = train.subset(range(train.size - n)), train.subset(range(train.size - n, train.size))
+        where = f"last {n} examples of {tcfg.data} (held out from training)"
+    train = train.subset(qdata.subsample(train.size, tcfg.max_examples, tcfg.seed))
+    held_out = held_out.subset(qdata.subsample(held_out.size, tcfg.eval_examples, tcfg.seed))
+    return (encode_examples(model, tok, task, train, tcfg.data, tcfg),
+            encode_examples(model, tok, task, held_out, tcfg.eval_data or tcfg.data, tcfg), where)
+
+
+# ------------------------------------------------------------------ held-out quality
+
+
+def _outcomes(task: str, student: list, teacher: list, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(right against the gold labels, same as the teacher) per scored unit: an example (cls), a
+    word's first sub-token (tok), a window's start and end both (qa)."""
+    if task == "cls":
+        pred, ref = student[0].argmax(-1), teacher[0].argmax(-1)
+        return pred == batch["labels"], pred == ref
+    if task == "tok":
+        scored = batch["labels"] != -100
+        pred, ref = student[0].argmax(-1), teacher[0].argmax(-1)
+        return (pred == batch["labels"])[scored], (pred == ref)[scored]
+    quiet = ~batch["attention_mask"].bool()
+    pred = [s.masked_fill(quiet, float("-inf")).argmax(-1) for s in student]
+    ref = [t.masked_fill(quiet, float("-inf")).argmax(-1) for t in teacher]
+    right = (pred[0] == batch["start_positions"]) & (pred[1] == batch["end_positions"])
+    return right, (pred[0] == ref[0]) & (pred[1] == ref[1])
+
+
+@torch.no_grad()
+def _head_outputs(model, examples: TaskExamples, parts: list[range]) -> list[list[torch.Tensor]]:
+    """The model's head logits (on the CPU) for each batch `parts` of the examples."""
+    model.eval()
+    io, device = ModelIO.of(model), device_of(model)
+    out = []
+    for part in parts:
+        batch = {k: v.to(device) for k, v in examples.batch(list(part)).items()}
+        out.append([x.cpu() for x in task_forward(io, model, batch)[0]])
+    return out
+
+
+def quality_measure(teacher, examples: TaskExamples, batch_size: int = 32) -> Callable[..., dict]:
+    """model -> the task metric with its own head on the held-out examples (accuracy, token
+    accuracy, or start-and-end exact for qa windows) and its agreement with the teacher, whose
+    predictions are computed once, on first use."""
+    parts = batches(len(examples), batch_size)
+    reference: list = []
+
+    def measure(model) -> dict:
+        if not reference:
+            reference.extend(_head_outputs(teacher, examples, parts))
+        outputs = reference if model is teacher else _head_outputs(model, examples, parts)
+        right, same = [], []
+        for part, s, t in zip(parts, outputs, reference):
+            r, a = _outcomes(examples.task, s, t, examples.batch(list(part)))
+            right.append(r)
+            same.append(a)
+        right, same = torch.cat(right).float(), torch.cat(same).float()
+        return {QUALITY_METRIC[examples.task]: float(right.mean()), "agreement": float(same.mean()),
+                "scored": len(right)}
+    return measure
