@@ -43,14 +43,26 @@ def _pooled(model, tok, data, cfg, update) -> torch.Tensor:
     return torch.stack(map_batches(one, len(parts), update))
 
 
+def _label_index(model, test) -> dict[int, int] | None:
+    """Class id of the model -> label index of the data, by the label names in the model's config
+    (finetune-head stores them: a dev file with fewer labels or another order is still scored
+    right); None when the config does not name the data's labels (then by index)."""
+    names = {int(k): str(v) for k, v in (getattr(model.config, "id2label", None) or {}).items()}
+    if not set(test.label_names) <= set(names.values()):
+        return None
+    index = {name: i for i, name in enumerate(test.label_names)}
+    return {k: index.get(name, -1) for k, name in names.items()}  # a label the data lacks: always wrong
+
+
 def _own_predictions(model, tok, test, cfg, desc: str) -> list[int]:
-    n_labels = len(test.label_names)
-    if model.config.num_labels != n_labels:
+    n_labels, by_name = len(test.label_names), _label_index(model, test)
+    if by_name is None and model.config.num_labels != n_labels:
         raise TritpressError(f"the model's classifier has {model.config.num_labels} labels, the data {n_labels}")
     parts = batches(len(test.texts), cfg.batch_size)
     with progress_bar(desc, len(test.texts), "ex", cfg.quiet) as update:
-        return map_batches(lambda i: model(**model_inputs(model, encode_texts(tok, test, parts[i],
-                           cfg.max_length))).logits.argmax(-1).tolist(), len(parts), update)
+        preds = map_batches(lambda i: model(**model_inputs(model, encode_texts(tok, test, parts[i],
+                            cfg.max_length))).logits.argmax(-1).tolist(), len(parts), update)
+    return [by_name[p] for p in preds] if by_name else preds
 
 
 def _probe_predictions(task, model, tok, train, test, cfg, desc: str, protocol: dict) -> list[int]:

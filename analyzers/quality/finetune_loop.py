@@ -91,7 +91,7 @@ def train_step(model, opt, sched, batch: dict) -> float:
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     sched.step()
-    return float(loss)
+    return loss.item()
 
 
 def dev_point(model, score, step: int, per_epoch: int, started: float) -> dict:
