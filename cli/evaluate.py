@@ -118,6 +118,9 @@ def finetune_progress(kind: str, info: dict) -> None:
         line = (f"dev step {info['step']} (epoch {info['epoch']:g}): {metric} {info['metrics'][metric]:.2f}"
                 f"{' *best*' if info['is_best'] else ''} (best {best['metrics'][metric]:.2f} at step {best['step']}; "
                 f"eval {info['eval_seconds']:.0f} s)")
+    elif kind == "fit":
+        line = (f"step {info['step']}: schedule shortened to {info['total']} steps (planned {info['planned']}) "
+                "to end within --max-minutes")
     else:
         line = f"stopping after step {info['step']}/{info['total']}: --max-minutes reached ({info['minutes']:.1f} min)"
     print(line, file=sys.stderr, flush=True)

@@ -4,6 +4,7 @@ cover every example once per epoch, the wall budget stops cleanly, the label set
 saved config, and bad input is a one-line error before any compute."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -14,7 +15,7 @@ from tests.cli_helpers import run_cli
 from tests.test_eval_cli import bert_dir, files, word_tokenizer  # noqa: F401  (module fixtures)
 from tritpress.analyzers.quality import finetune as ft
 from tritpress.analyzers.quality.finetune_data import collate, epoch_batches
-from tritpress.analyzers.quality.finetune_loop import warmup_then_linear
+from tritpress.analyzers.quality.finetune_loop import Schedule
 from tritpress.compressor.errors import TritpressError
 from tritpress.compressor.fileio import atomic_dir
 
@@ -63,10 +64,12 @@ def test_collate_pads_to_the_longest_feature_of_the_batch():
     assert scalar["labels"].tolist() == [1, 0] and scalar["input_ids"].tolist() == [[1, 2], [3, 9]]
 
 
-def test_warmup_then_linear_decay():
-    f = warmup_then_linear(100, 0.1)
+def test_warmup_then_linear_decay_and_a_shortened_end():
+    f = Schedule(100, 0.1)
     assert f(0) == 0 and f(5) == 0.5 and f(10) == 1 and f(55) == 0.5 and f(100) == 0
-    assert warmup_then_linear(10, 0.0)(0) == 1
+    assert Schedule(10, 0.0)(0) == 1
+    assert not f.shorten(5, 50) and not f.shorten(55, 120)  # not during the warm-up, never later
+    assert f.shorten(55, 75) and f(55) == 0.5 and f(65) == 0.25 and f(75) == 0 and f.total == 75
 
 
 # ------------------------------------------------------------------ the best checkpoint
@@ -215,3 +218,30 @@ def test_a_task_that_does_not_match_the_models_head_is_refused(files, tmp_path, 
     code, _, err = run_cli(["finetune-head", tmp_path / "ner", "--task", "cls", "--train", files / "train.tsv",
                             "--out", tmp_path / "ft", "--metric", "f1_strict"], capsys)
     assert code == 1 and "--metric" in err, err
+
+
+def test_fit_budget_shortens_the_schedule_to_end_in_time(bert_dir, files, tmp_path, monkeypatch):
+    """A fake clock, one second per step: 30 s of budget for 300 planned steps -> the decay ends at step 30."""
+    from tritpress.analyzers.quality import finetune_loop
+
+    class Clock:
+        now = 0.0
+
+        def monotonic(self):
+            return self.now
+    clock, real_step, lrs = Clock(), finetune_loop.train_step, []
+
+    def one_second_step(model, opt, sched, batch):
+        clock.now += 1.0
+        lrs.append(sched.get_last_lr()[0])
+        return real_step(model, opt, sched, batch)
+    monkeypatch.setattr(finetune_loop, "time", clock)
+    monkeypatch.setattr(ft, "time", clock)
+    monkeypatch.setattr(finetune_loop, "train_step", one_second_step)
+    cfg = config(bert_dir, files, tmp_path, epochs=50, max_minutes=0.5, fit_budget=True, log_every=5, dev="")
+    info = ft.finetune_head(cfg)
+    assert info["planned_steps"] == 300 and info["scheduled_steps"] == 30 and info["steps"] == 30
+    assert info["stopped"] == "completed" and lrs[19] == pytest.approx(1e-3 * 281 / 282)  # warm-up 18 steps, decay
+    assert lrs[-1] == pytest.approx(1e-3 * 280 / 282 / 10)  # shortened at step 20: a tenth of the way left at 29
+    info = ft.finetune_head(dataclasses.replace(cfg, fit_budget=False, out=str(tmp_path / "plain")))
+    assert info["scheduled_steps"] == 300 and info["steps"] == 31 and info["stopped"] == "max_minutes"

@@ -63,6 +63,9 @@ class FinetuneConfig:
     eval_batch_size: int = 64         # dev examples per forward
     max_minutes: float = 0.0          # wall budget: stop cleanly after the step that passes it, keep the best;
                                       # 0 = none
+    fit_budget: bool = False          # with --max-minutes: shorten the schedule when the pace so far will not
+                                      # reach its end in time, so the decay still ends (the run then depends on
+                                      # the machine's speed)
     log_every: int = 50               # a progress line on stderr every N steps
     seed: int = 0                     # seed (head init, dropout, data order, subsamples)
 
@@ -172,7 +175,8 @@ def run_record(cfg: FinetuneConfig, folder: str, files: TaskFiles, train, result
     return {"config": dataclasses.asdict(cfg), "base_folder": folder, "task": cfg.task, "labels": files.labels,
             "data": {**files.provenance, "train_examples": train.examples, "train_features": len(train.features),
                      "dev_examples": files.dev.size if files.dev is not None else 0},
-            "steps": result.steps, "planned_steps": result.planned_steps, "steps_per_epoch": result.steps_per_epoch,
+            "steps": result.steps, "planned_steps": result.planned_steps,
+            "scheduled_steps": result.scheduled_steps, "steps_per_epoch": result.steps_per_epoch,
             "epochs_done": round(result.steps / result.steps_per_epoch, 3), "stopped": result.stopped,
             "metric": tracker.metric if tracker else None, "dev_curve": tracker.curve if tracker else [],
             "best": tracker.best if tracker else None,

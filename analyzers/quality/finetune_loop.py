@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
@@ -43,6 +43,7 @@ class DevTracker:
 class LoopResult:
     steps: int                             # optimizer steps taken
     planned_steps: int
+    scheduled_steps: int                   # where the schedule ended (< planned: shortened by --fit-budget)
     steps_per_epoch: int
     stopped: str                           # "completed" or "max_minutes"
     losses: list[float]
@@ -55,30 +56,43 @@ def planned_steps(cfg, n_features: int) -> tuple[int, int]:
     return (cfg.epochs * per_epoch if cfg.epochs else cfg.steps), per_epoch
 
 
-def warmup_then_linear(total: int, warmup: float) -> Callable[[int], float]:
-    """The learning-rate factor of step s: 0 -> 1 over the warm-up steps, then 1 -> 0 at `total`."""
-    warm = int(total * warmup)
-    return lambda s: s / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
+class Schedule:
+    """The learning-rate factor of step s: 0 -> 1 over the warm-up steps, then linearly to 0 at
+    `total`. `shorten` moves the end earlier, decaying linearly from the factor reached."""
+
+    def __init__(self, total: int, warmup: float):
+        self.total, self.warm = total, int(total * warmup)
+        self.decay_from = (self.warm, 1.0)     # (step, factor) where the linear decay starts
+
+    def __call__(self, s: int) -> float:
+        if s < self.warm:
+            return s / self.warm
+        s0, f0 = self.decay_from
+        return max(0.0, f0 * (self.total - s) / max(1, self.total - s0))
+
+    def shorten(self, step: int, total: int) -> bool:
+        """End at `total` instead (only after the warm-up, only earlier); True if it did."""
+        if step < self.warm or total >= self.total:
+            return False
+        self.decay_from, self.total = (step, self(step)), max(total, step + 1)
+        return True
 
 
-def optimizer(model, cfg, total: int):
+def optimizer(model, cfg, schedule: Schedule):
     """AdamW without weight decay on biases and norms (1-d tensors), and its schedule."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_linear(total, cfg.warmup))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 
-def batch_stream(lengths: list[int], cfg, total: int) -> Iterator[tuple[int, list[int], bool]]:
-    """(epoch, batch, last batch of its epoch) for `total` steps, a fresh seeded order each epoch."""
-    step, epoch = 0, 0
-    while step < total:
+def batch_stream(lengths: list[int], cfg) -> Iterator[tuple[int, list[int], bool]]:
+    """(epoch, batch, last batch of its epoch), epoch after epoch, a fresh seeded order each."""
+    epoch = 0
+    while True:
         batches = epoch_batches(lengths, cfg.batch_size, cfg.group_batches, cfg.seed, epoch)
         for i, batch in enumerate(batches):
-            if step == total:
-                return
-            step += 1
             yield epoch, batch, i == len(batches) - 1
         epoch += 1
 
@@ -105,30 +119,45 @@ def dev_point(model, score, step: int, per_epoch: int, started: float) -> dict:
             "eval_seconds": round(time.monotonic() - t0, 1), "elapsed_minutes": round((time.monotonic() - started) / 60, 2)}
 
 
+def fit_to_budget(schedule: Schedule, step: int, train_started: float, deadline: float, reserve: float) -> bool:
+    """--fit-budget: shorten the schedule to the steps the pace so far (dev scoring included)
+    reaches before the deadline, `reserve` seconds (the final scoring) kept free."""
+    now = time.monotonic()
+    pace = (now - train_started) / step
+    return schedule.shorten(step, step + int(max(0.0, deadline - now - reserve) / pace))
+
+
 def run_training(model, train: TrainSet, cfg, pad_id: int, score, tracker: DevTracker | None, started: float,
                  progress=None) -> LoopResult:
     """Train `model` in place; `started` is the run's time.monotonic() start (for --max-minutes)."""
-    total, per_epoch = planned_steps(cfg, len(train.features))
-    opt, sched = optimizer(model, cfg, total)
+    planned, per_epoch = planned_steps(cfg, len(train.features))
+    schedule = Schedule(planned, cfg.warmup)
+    opt, sched = optimizer(model, cfg, schedule)
     emit = progress or (lambda kind, info: None)
     deadline = started + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     model.train()
-    losses, stopped, scored_at = [], "completed", None
-    for epoch, idx, epoch_end in batch_stream(train.lengths, cfg, total):
+    losses, stopped, scored_at, train_started = [], "completed", None, time.monotonic()
+    for epoch, idx, epoch_end in batch_stream(train.lengths, cfg):
         losses.append(train_step(model, opt, sched, collate([train.features[k] for k in idx], pad_id)))
         step = len(losses)
-        if step == 1 or step % cfg.log_every == 0 or step == total:
-            emit("step", {"step": step, "total": total, "epoch": epoch + 1, "loss": _mean(losses[-cfg.log_every:]),
-                          "lr": sched.get_last_lr()[0], "minutes": (time.monotonic() - started) / 60})
+        if step == 1 or step % cfg.log_every == 0 or step == schedule.total:
+            emit("step", {"step": step, "total": schedule.total, "epoch": epoch + 1, "lr": sched.get_last_lr()[0],
+                          "loss": _mean(losses[-cfg.log_every:]), "minutes": (time.monotonic() - started) / 60})
+            reserve = tracker.curve[-1]["eval_seconds"] if tracker and tracker.curve else 0.0
+            if cfg.fit_budget and deadline < math.inf and fit_to_budget(schedule, step, train_started, deadline,
+                                                                        reserve):
+                emit("fit", {"step": step, "total": schedule.total, "planned": planned})
         if tracker and (epoch_end or (cfg.eval_every and step % cfg.eval_every == 0)):
             scored_at = _score(model, score, tracker, step, per_epoch, started, emit)
-        if time.monotonic() > deadline and step < total:
-            stopped = "max_minutes"
-            emit("stop", {"step": step, "total": total, "minutes": (time.monotonic() - started) / 60})
+        if step >= schedule.total:
             break
-    if tracker and losses and scored_at != len(losses):  # the last weights are always scored
+        if time.monotonic() > deadline:
+            stopped = "max_minutes"
+            emit("stop", {"step": step, "total": schedule.total, "minutes": (time.monotonic() - started) / 60})
+            break
+    if tracker and scored_at != len(losses):  # the last weights are always scored
         _score(model, score, tracker, len(losses), per_epoch, started, emit)
-    return LoopResult(len(losses), total, per_epoch, stopped, losses, tracker)
+    return LoopResult(len(losses), planned, schedule.total, per_epoch, stopped, losses, tracker)
 
 
 def _score(model, score, tracker: DevTracker, step: int, per_epoch: int, started: float, emit) -> int:
