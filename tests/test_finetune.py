@@ -188,6 +188,7 @@ def _bad_files(tmp_path):
 
 @pytest.mark.parametrize("task,train,dev,message", [
     ("cls", "nolabel.tsv", None, "no label column"),
+    ("cls", "train.tsv", "--label-column=stars", "has no column 'stars'"),
     ("tok", "train.tsv", None, "not IOB tags"),
     ("qa", "notqa.jsonl", None, "not SQuAD-style"),
     ("cls", "train.tsv", "dev3.tsv", "that the training data does not have"),
@@ -198,7 +199,8 @@ def test_bad_data_is_a_one_line_error_before_any_compute(bert_dir, files, tmp_pa
     bad = _bad_files(tmp_path)
     where = lambda name: files / name if (files / name).exists() else bad / name  # noqa: E731
     args = ["finetune-head", bert_dir, "--task", task, "--train", where(train), "--out", tmp_path / "ft"]
-    code, _, err = run_cli(args + (["--dev", where(dev)] if dev else []), capsys)
+    extra = [dev] if dev and dev.startswith("--") else ["--dev", where(dev)] if dev else []
+    code, _, err = run_cli(args + extra, capsys)
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
 
 

@@ -51,6 +51,9 @@ class FinetuneConfig:
     doc_stride: int = 128             # QA window overlap
     group_batches: int = 50           # length grouping: each chunk of N batches is sorted by length, so a batch
                                       # pads little (1 = plain shuffle)
+    text_column: str | None = None    # cls text column of .tsv/.csv/.jsonl data [default: sentence/text/...]
+    text_pair_column: str | None = None  # cls second-text column [default: sentence2/...]
+    label_column: str | None = None   # cls label column [default: label]
     max_samples: int = 0              # use at most N training examples, seeded; 0 = all
     qa_articles: float = 0.0          # qa: train on this leading fraction of the articles only (0 = all);
                                       # `compress evaluate --qa-heldout` then scores the other articles

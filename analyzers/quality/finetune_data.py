@@ -56,11 +56,12 @@ def read_task_files(cfg) -> TaskFiles:
 
 
 def _read_cls(cfg):
-    train = qdata.read_cls(cfg.train, TRAIN_SPLIT)
+    cols = qdata.Columns(cfg.text_column, cfg.text_pair_column, cfg.label_column)
+    train = qdata.read_cls(cfg.train, TRAIN_SPLIT, cols)
     if len(train.label_names) < 2:
         raise TritpressError(f"{cfg.train}: a classifier needs at least two labels, found {train.label_names}")
     # indexed by the training labels: a dev label they lack is read_cls's one-line error
-    dev = qdata.read_cls(cfg.dev, DEV_SPLIT, label_names=train.label_names) if cfg.dev else None
+    dev = qdata.read_cls(cfg.dev, DEV_SPLIT, cols, label_names=train.label_names) if cfg.dev else None
     return train, dev, train.label_names
 
 
