@@ -1,7 +1,8 @@
 """The training loop of `compress finetune-head`: AdamW with linear warm-up and decay over
 length-grouped, dynamically padded batches; the dev split scored every `eval_every` steps and
 at each epoch end; the best weights (by the dev metric) kept in memory; a wall-clock budget
-that stops the run cleanly after a step.
+that stops the run cleanly after a step, or (fit_budget) shortens the schedule to the pace
+measured so far, so that the learning rate still decays to 0 in time.
 
 The dev scorer is passed in (`score(model) -> {metric: value}`): finetune.py builds it from
 the evaluation task's own runner, so the numbers are those `compress evaluate` reports."""
