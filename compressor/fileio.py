@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 from .errors import TritpressError
@@ -32,10 +33,10 @@ def atomic_dir(path: str | os.PathLike):
     already there is moved aside, then removed), so `path` is never a half-written folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = _new_dir(path, "tmp")
     try:
         yield tmp
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        old = _new_dir(path, "old")
         if path.exists():
             os.replace(path, old / path.name)
         os.replace(tmp, path)
@@ -43,6 +44,14 @@ def atomic_dir(path: str | os.PathLike):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _new_dir(path: Path, kind: str) -> Path:
+    """An empty folder .NAME.<random>.KIND next to `path`, with the umask's permissions (not
+    mkdtemp's 0700: the output folder is meant to be read by others)."""
+    new = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.{kind}"
+    new.mkdir()
+    return new
 
 
 def write_text(path, text: str) -> None:

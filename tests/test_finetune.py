@@ -247,3 +247,14 @@ def test_fit_budget_shortens_the_schedule_to_end_in_time(bert_dir, files, tmp_pa
     assert lrs[-1] == pytest.approx(1e-3 * 280 / 282 / 10)  # shortened at step 20: a tenth of the way left at 29
     info = ft.finetune_head(dataclasses.replace(cfg, fit_budget=False, out=str(tmp_path / "plain")))
     assert info["scheduled_steps"] == 300 and info["steps"] == 31 and info["stopped"] == "max_minutes"
+
+
+def test_atomic_dir_output_has_the_umasks_permissions(tmp_path):
+    import os
+    mask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "a").write_text("1")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
