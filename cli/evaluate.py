@@ -93,22 +93,46 @@ def finetune_head_command(
     debug: bool = DebugOpt,
     flags: dict = None,
 ):
-    """Fine-tune MODEL with a fresh task head (a task-finetuned baseline to compress and evaluate)."""
+    """Fine-tune MODEL with a task head (a task-finetuned baseline to compress and evaluate); with --dev,
+    the best dev checkpoint is saved."""
     from tritpress.analyzers.quality.finetune import FinetuneConfig
 
     quiet_libraries()
     cfg = FinetuneConfig(model=model, **flags["finetune"])
-    info = run_finetune(cfg)
-    typer.echo(f"fine-tuned {cfg.task} head: loss {info['first_loss']:.4f} -> {info['final_loss_mean_last_10']:.4f} "
-               f"(mean of the last 10 steps); wrote {cfg.out}")
+    typer.echo(finetune_summary(cfg, run_finetune(cfg)))
+
+
+def finetune_summary(cfg, info: dict) -> str:
+    done = f"{info['steps']} steps ({info['epochs_done']:g} epochs) in {info['wall_seconds'] / 60:.1f} min"
+    if info.get("stopped") == "max_minutes":
+        done += " (stopped by --max-minutes)"
+    if info.get("best"):
+        best = info["best"]
+        result = f"best dev {info['metric']} {best['metrics'][info['metric']]:.2f} at step {best['step']}"
+    else:
+        result = f"loss {info['first_loss']:.4f} -> {info['final_loss_mean_last_10']:.4f} (mean of the last 10 steps)"
+    return f"fine-tuned {cfg.task} head: {result}; {done}; wrote {cfg.out}"
 
 
 def run_finetune(cfg) -> dict:
-    """finetune_head with a loss line on stderr every 25 steps."""
+    """finetune_head with progress lines on stderr: the loss every --log-every steps, each dev score."""
     from tritpress.analyzers.quality.finetune import finetune_head
 
-    def progress(step, steps, loss):
-        if step == 1 or step % 25 == 0 or step == steps:
-            print(f"step {step}/{steps} loss {loss:.4f}", file=sys.stderr, flush=True)
+    return finetune_head(cfg, progress=finetune_progress)
 
-    return finetune_head(cfg, progress=progress)
+
+def finetune_progress(kind: str, info: dict) -> None:
+    if kind == "step":
+        line = (f"step {info['step']}/{info['total']} epoch {info['epoch']} loss {info['loss']:.4f} "
+                f"lr {info['lr']:.2e} {info['minutes']:.1f} min")
+    elif kind == "eval":
+        metric, best = info["metric"], info["best"]
+        line = (f"dev step {info['step']} (epoch {info['epoch']:g}): {metric} {info['metrics'][metric]:.2f}"
+                f"{' *best*' if info['is_best'] else ''} (best {best['metrics'][metric]:.2f} at step {best['step']}; "
+                f"eval {info['eval_seconds']:.0f} s)")
+    elif kind == "fit":
+        line = (f"step {info['step']}: schedule shortened to {info['total']} steps (planned {info['planned']}) "
+                "to end within --max-minutes")
+    else:
+        line = f"stopping after step {info['step']}/{info['total']}: --max-minutes reached ({info['minutes']:.1f} min)"
+    print(line, file=sys.stderr, flush=True)

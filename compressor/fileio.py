@@ -4,7 +4,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 from .errors import TritpressError
@@ -23,6 +25,33 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield a temporary folder next to `path`; on success it takes the place of `path` (a folder
+    already there is moved aside, then removed), so `path` is never a half-written folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _new_dir(path, "tmp")
+    try:
+        yield tmp
+        old = _new_dir(path, "old")
+        if path.exists():
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _new_dir(path: Path, kind: str) -> Path:
+    """An empty folder .NAME.<random>.KIND next to `path`, with the umask's permissions (not
+    mkdtemp's 0700: the output folder is meant to be read by others)."""
+    new = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.{kind}"
+    new.mkdir()
+    return new
 
 
 def write_text(path, text: str) -> None:

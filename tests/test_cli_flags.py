@@ -82,7 +82,8 @@ def captured(monkeypatch):
     monkeypatch.setattr(evaluate, "run_evaluation", lambda cfg: seen.append(cfg) or {"passed": True})
     monkeypatch.setattr(evaluate, "show_evaluation", lambda report, json_out: None)
     monkeypatch.setattr(evaluate, "run_finetune",
-                        lambda cfg: seen.append(cfg) or {"first_loss": 1.0, "final_loss_mean_last_10": 1.0})
+                        lambda cfg: seen.append(cfg) or {"first_loss": 1.0, "final_loss_mean_last_10": 1.0,
+                                                         "steps": 1, "epochs_done": 1, "wall_seconds": 1})
     monkeypatch.setattr(export, "run_export", lambda packed, onnx, cfg, quiet: seen.append(cfg) or {})
     monkeypatch.setattr(redundancy, "analyze_model", lambda model, cfg, *a: seen.append(cfg) or ({}, []))
     return seen

@@ -58,18 +58,19 @@ def map_batches(fn, n_batches: int, update=None, sizes: list[int] | None = None)
     return distributed.gather_by_batch(results)
 
 
-def encode_texts(tok, data, idx, max_length: int):
-    """Classification examples `idx` of ClsData `data` (text, or text pair), padded to the batch."""
+def encode_texts(tok, data, idx, max_length: int, pad: bool = True):
+    """Classification examples `idx` of ClsData `data` (text, or text pair), padded to the batch
+    (pad=False: unpadded token lists, for fine-tuning's own batches)."""
     pairs = [data.pairs[i] for i in idx] if data.pairs else None
-    return tok([data.texts[i] for i in idx], pairs, truncation=True, max_length=max_length, padding=True,
-               return_tensors="pt")
+    return tok([data.texts[i] for i in idx], pairs, truncation=True, max_length=max_length, padding=pad,
+               return_tensors="pt" if pad else None)
 
 
-def encode_words(tok, words: list[list[str]], idx, max_length: int):
-    """Pre-split sentences `idx` (NER), padded to the batch."""
+def encode_words(tok, words: list[list[str]], idx, max_length: int, pad: bool = True):
+    """Pre-split sentences `idx` (NER), padded to the batch (pad=False: unpadded token lists)."""
     try:
         return tok([words[i] for i in idx], is_split_into_words=True, truncation=True, max_length=max_length,
-                   padding=True, return_tensors="pt")
+                   padding=pad, return_tensors="pt" if pad else None)
     except Exception as e:  # e.g. byte-level BPE without add_prefix_space
         raise TritpressError(f"the tokenizer cannot encode pre-split words: {str(e).splitlines()[0]}") from e
 

@@ -1,15 +1,20 @@
-"""`compress finetune-head MODEL --task cls|tok|qa --train FILE --out DIR`: a task-finetuned
-baseline (users compress fine-tuned models).
+"""`compress finetune-head MODEL --task cls|tok|qa --train FILE --dev FILE --out DIR`: a
+task-finetuned baseline (users compress fine-tuned models).
 
 The encoder's weights are loaded into the transformers class with the task's head
-(`AutoModelFor{SequenceClassification,TokenClassification,QuestionAnswering}`, head freshly
-initialized), the whole model is fine-tuned with AdamW (linear decay, fixed seed and step
-budget), and saved with its tokenizer as a Hugging Face folder that `compress` and
-`compress evaluate` read like any other checkpoint (its own head is then used)."""
+(`AutoModelFor{SequenceClassification,TokenClassification,QuestionAnswering}`; the head is
+freshly initialized unless MODEL already has this task's head), and the whole model is
+fine-tuned (finetune_loop.py: AdamW, warm-up and linear decay, length-grouped batches, for
+--epochs or --steps, within --max-minutes). With --dev the model is scored by the evaluation
+task's own runner every --eval-every steps and at each epoch end, and the best checkpoint is
+what is saved. The output is a Hugging Face folder with the tokenizer, the label set in its
+config (id2label), and finetune.json (config, dev curve, best step, wall time); `compress` and
+`compress evaluate` read it like any other checkpoint (its own head is then used). It is
+written to a temporary folder and renamed into place."""
 from __future__ import annotations
 
 import dataclasses
-import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +22,16 @@ import torch
 
 from tritpress.compressor.errors import TritpressError
 
-from . import data as qdata
-from .encode import encode_texts, encode_words, first_subtokens
+from . import tasks as builtin
+from .encode import ready_tokenizer
+from .finetune_data import TaskFiles, dev_task_data, read_task_files, train_features
+from .finetune_loop import DevTracker, LoopResult, loss_curve, run_training
+from .registry import TASKS
 
 AUTO_CLASSES = {"cls": "AutoModelForSequenceClassification", "tok": "AutoModelForTokenClassification",
                 "qa": "AutoModelForQuestionAnswering"}
+TASK_OF = {"cls": builtin.CLS, "tok": builtin.TOK, "qa": builtin.QA}
+DEFAULT_METRIC = {"cls": "accuracy", "tok": "f1_strict", "qa": "f1"}
 
 
 @dataclass
@@ -29,17 +39,38 @@ class FinetuneConfig:
     model: str = ""                   # an HF folder or pkg:NAME (a transformers encoder)
     task: str = "cls"                 # cls, tok or qa
     train: str = ""                   # training data (GLUE .tsv / CoNLL / SQuAD .json/.zip / .jsonl / .csv)
-    out: str = ""                     # output HF folder (model + tokenizer)
-    steps: int = 300                  # optimizer steps
+    out: str = ""                     # output HF folder (model + tokenizer); replaced only if a finetune-head output
+    steps: int = 300                  # optimizer steps, when --epochs is 0
+    epochs: int = 0                   # passes over the training data, reshuffled each epoch (seeded); 0 = --steps
     batch_size: int = 16              # examples per step
-    lr: float = 5e-5                  # AdamW learning rate, linear decay
+    lr: float = 5e-5                  # AdamW peak learning rate
+    warmup: float = 0.06              # linear warm-up over this fraction of the steps, then linear decay to 0
+    weight_decay: float = 0.01        # AdamW weight decay (not on biases and norms)
     max_length: int = 128             # cls/tok tokens; qa uses --qa-max-length / --doc-stride
     qa_max_length: int = 256          # QA window tokens
     doc_stride: int = 128             # QA window overlap
+    group_batches: int = 50           # length grouping: each chunk of N batches is sorted by length, so a batch
+                                      # pads little (1 = plain shuffle)
+    text_column: str | None = None    # cls text column of .tsv/.csv/.jsonl data [default: sentence/text/...]
+    text_pair_column: str | None = None  # cls second-text column [default: sentence2/...]
+    label_column: str | None = None   # cls label column [default: label]
     max_samples: int = 0              # use at most N training examples, seeded; 0 = all
     qa_articles: float = 0.0          # qa: train on this leading fraction of the articles only (0 = all);
                                       # `compress evaluate --qa-heldout` then scores the other articles
-    seed: int = 0                     # seed
+    dev: str = ""                     # dev data (same formats): scored every --eval-every steps and at each epoch
+                                      # end; the best checkpoint is the one saved
+    eval_every: int = 0               # score --dev every N steps (0 = at epoch ends and at the end only)
+    metric: str = ""                  # dev metric that picks the best checkpoint [default: cls accuracy, tok
+                                      # f1_strict, qa f1]
+    dev_samples: int = 0              # score at most N dev examples, seeded; 0 = all
+    eval_batch_size: int = 64         # dev examples per forward
+    max_minutes: float = 0.0          # wall budget: stop cleanly after the step that passes it, keep the best;
+                                      # 0 = none
+    fit_budget: bool = False          # with --max-minutes: shorten the schedule when the pace so far will not
+                                      # reach its end in time, so the decay still ends (the run then depends on
+                                      # the machine's speed)
+    log_every: int = 50               # a progress line on stderr every N steps
+    seed: int = 0                     # seed (head init, dropout, data order, subsamples)
 
 
 def _folder(spec: str) -> str:
@@ -54,89 +85,114 @@ def _folder(spec: str) -> str:
     return spec
 
 
-def finetune_head(cfg: FinetuneConfig, progress=None) -> dict:
-    import transformers
-    from tritpress.compressor.fileio import refuse_overwrite_input, write_json
+def check_settings(cfg: FinetuneConfig) -> str:
+    """The dev metric; a bad setting is a one-line error."""
     if cfg.task not in AUTO_CLASSES:
         raise TritpressError(f"--task must be one of {', '.join(AUTO_CLASSES)}")
-    folder = _folder(cfg.model)
-    out = Path(cfg.out)
-    refuse_overwrite_input([out / "config.json", out / "model.safetensors"], [folder])
-    tok = transformers.AutoTokenizer.from_pretrained(folder)
-    batches, head_kw, labels_info = _training_batches(cfg, tok)
+    if cfg.batch_size < 1 or (cfg.epochs < 1 and cfg.steps < 1) or cfg.epochs < 0:
+        raise TritpressError("--batch-size and --epochs or --steps must be positive")
+    if not 0 <= cfg.warmup < 1:
+        raise TritpressError("--warmup is a fraction of the steps: 0 <= warmup < 1")
+    metric = cfg.metric or DEFAULT_METRIC[cfg.task]
+    names = [m.name for m in TASK_OF[cfg.task].metrics]
+    if metric not in names:
+        raise TritpressError(f"--metric {metric!r} is not a {cfg.task} metric; choose from {', '.join(names)}")
+    return metric
+
+
+def check_out(out: Path, folder: str) -> None:
+    """Never the input, never a folder that is not an earlier finetune-head output."""
+    from tritpress.compressor.fileio import refuse_overwrite_input
+    refuse_overwrite_input([out, out / "config.json"], [folder])
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "finetune.json").is_file())):
+        raise TritpressError(f"--out {out} exists and is not a finetune-head output; choose another folder")
+
+
+def existing_head(config) -> str | None:
+    """The task whose head MODEL already has (by its architectures), or None (a bare encoder)."""
+    for arch in config.architectures or []:
+        for name, task in TASKS.items():
+            if task.head_classes and arch.endswith(task.head_classes):
+                return name
+    return None
+
+
+def head_settings(config, cfg: FinetuneConfig, labels: list[str] | None) -> dict:
+    """from_pretrained kwargs of the head: the label set goes into the model config (id2label)."""
+    have = existing_head(config)
+    if have and have != cfg.task:
+        raise TritpressError(f"{cfg.model} already has a {TASKS[have].title} head ({config.architectures[0]}); "
+                             f"--task {cfg.task} does not match it: use --task {have} or the base encoder")
+    if labels is None:
+        return {}
+    if have == cfg.task:
+        names = [str(config.id2label[i]) for i in range(config.num_labels)]
+        generic = names == [f"LABEL_{i}" for i in range(len(names))]
+        if len(names) != len(labels) or not (generic or names == labels):
+            raise TritpressError(f"{cfg.model}'s head has the labels {names[:6]}, the training data "
+                                 f"{labels[:6]}: fine-tune the base encoder instead")
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)}}
+
+
+def dev_scorer(task, tok, files: TaskFiles, cfg: FinetuneConfig):
+    """score(model) -> the task's metrics on the dev split, by the task's own runner (what
+    `compress evaluate` reports), or None without --dev."""
+    from .evaluate import EvalConfig
+    data = dev_task_data(task, files)
+    if data is None:
+        return None
+    ecfg = EvalConfig(tasks=task.name, max_length=cfg.max_length, qa_max_length=cfg.qa_max_length,
+                      doc_stride=cfg.doc_stride, batch_size=cfg.eval_batch_size, seed=cfg.seed, quiet=True,
+                      plots=False)
+    return lambda model: task.run(task, model, tok, data, ecfg, "dev")["metrics"]
+
+
+def finetune_head(cfg: FinetuneConfig, progress=None) -> dict:
+    """Fine-tune, keep the best dev checkpoint, save; returns finetune.json's content.
+    progress(kind, info): kind "step", "eval" or "stop" (the CLI draws them on stderr)."""
+    import transformers
+    started = time.monotonic()
+    metric, folder, out = check_settings(cfg), _folder(cfg.model), Path(cfg.out)
+    check_out(out, folder)
+    files = read_task_files(cfg)
+    head_kw = head_settings(transformers.AutoConfig.from_pretrained(folder), cfg, files.labels)
+    tok = ready_tokenizer(transformers.AutoTokenizer.from_pretrained(folder), need_fast=cfg.task != "cls")
+    train = train_features(cfg, tok, files.train, files.labels)
     torch.manual_seed(cfg.seed)
     model = getattr(transformers, AUTO_CLASSES[cfg.task]).from_pretrained(folder, **head_kw)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / cfg.steps))
-    losses = []
-    for step in range(cfg.steps):
-        loss = model(**batches[step % len(batches)]).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss))
-        if progress:
-            progress(step + 1, cfg.steps, losses[-1])
-    model.eval().save_pretrained(out)
-    tok.save_pretrained(out)
-    info = {"config": dataclasses.asdict(cfg), "base_folder": folder, "labels": labels_info,
-            "first_loss": losses[0], "final_loss_mean_last_10": sum(losses[-10:]) / len(losses[-10:])}
-    write_json(out / "finetune.json", info)
+    task = TASK_OF[cfg.task]
+    score = dev_scorer(task, tok, files, cfg)
+    tracker = DevTracker(metric, task.metric(metric).lower_is_better) if score else None
+    result = run_training(model, train, cfg, tok.pad_token_id, score, tracker, started, progress)
+    if tracker and tracker.best_state is not None:
+        model.load_state_dict(tracker.best_state)
+    info = run_record(cfg, folder, files, train, result, started)
+    save_folder(model.eval(), tok, info, out)
     return info
 
 
-def _training_batches(cfg: FinetuneConfig, tok):
-    """(batches of model inputs with labels, extra from_pretrained kwargs for the head, label names)."""
-    return {"cls": _cls_batches, "tok": _tok_batches, "qa": _qa_batches}[cfg.task](cfg, tok)
+def run_record(cfg: FinetuneConfig, folder: str, files: TaskFiles, train, result: LoopResult, started: float) -> dict:
+    """finetune.json: what was trained on what, the dev curve, the checkpoint kept, the time."""
+    tracker, losses = result.tracker, result.losses
+    return {"config": dataclasses.asdict(cfg), "base_folder": folder, "task": cfg.task, "labels": files.labels,
+            "data": {**files.provenance, "train_examples": train.examples, "train_features": len(train.features),
+                     "dev_examples": files.dev.size if files.dev is not None else 0},
+            "steps": result.steps, "planned_steps": result.planned_steps,
+            "scheduled_steps": result.scheduled_steps, "steps_per_epoch": result.steps_per_epoch,
+            "epochs_done": round(result.steps / result.steps_per_epoch, 3), "stopped": result.stopped,
+            "metric": tracker.metric if tracker else None, "dev_curve": tracker.curve if tracker else [],
+            "best": tracker.best if tracker else None,
+            "saved": "best dev checkpoint" if tracker else "last step",
+            "first_loss": losses[0], "final_loss_mean_last_10": sum(losses[-10:]) / len(losses[-10:]),
+            "loss_curve": loss_curve(losses, cfg.log_every),
+            "wall_seconds": round(time.monotonic() - started, 1), "threads": torch.get_num_threads()}
 
 
-def _shuffled_batches(n: int, cfg: FinetuneConfig) -> list[list[int]]:
-    """range(n) in a seeded random order, the first cfg.max_samples (0 = all), in batches."""
-    idx = list(range(n))
-    random.Random(cfg.seed).shuffle(idx)
-    idx = idx[:cfg.max_samples] if cfg.max_samples else idx
-    return [idx[i:i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
-
-
-def _cls_batches(cfg: FinetuneConfig, tok):
-    d = qdata.read_cls(cfg.train, "train")
-    out = []
-    for b in _shuffled_batches(len(d.texts), cfg):
-        enc = encode_texts(tok, d, b, cfg.max_length)
-        enc["labels"] = torch.tensor([d.labels[k] for k in b])
-        out.append(dict(enc))
-    return out, {"num_labels": len(d.label_names)}, d.label_names
-
-
-def _tok_batches(cfg: FinetuneConfig, tok):
-    d = qdata.read_tok(cfg.train, "train")
-    tags = sorted({t for s in d.tags for t in s})
-    index = {t: i for i, t in enumerate(tags)}
-    out = []
-    for b in _shuffled_batches(len(d.words), cfg):
-        enc = encode_words(tok, d.words, b, cfg.max_length)
-        labels = torch.full(enc["input_ids"].shape, -100)
-        for r, k in enumerate(b):  # the first sub-token of each word carries its tag
-            for w, t in enumerate(first_subtokens(enc, r, len(d.words[k]))):
-                if t is not None:
-                    labels[r, t] = index[d.tags[k][w]]
-        enc["labels"] = labels
-        out.append(dict(enc))
-    return out, {"num_labels": len(tags), "id2label": dict(enumerate(tags)), "label2id": index}, tags
-
-
-def _qa_batches(cfg: FinetuneConfig, tok):
-    from .qa import encode_windows, span_labels
-    d = qdata.read_qa(cfg.train, "train")
-    if cfg.qa_articles:
-        d, _ = qdata.split_by_article(d, cfg.qa_articles)
-    out = []
-    for b in _shuffled_batches(len(d.examples), cfg):
-        chunk = [d.examples[k] for k in b]
-        enc, sample, offsets, context = encode_windows(tok, chunk, cfg)
-        enc["start_positions"], enc["end_positions"] = span_labels(chunk, sample, offsets, context)
-        out.append(dict(enc))
-    return out, {}, None
+def save_folder(model, tok, info: dict, out: Path) -> None:
+    """The model, tokenizer and finetune.json, written to a temporary folder renamed to `out`."""
+    from tritpress.compressor.fileio import atomic_dir, write_json
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "finetune.json", info)
