@@ -14,7 +14,8 @@ import torch
 from tests.cli_helpers import run_cli
 from tests.test_eval_cli import bert_dir, files, word_tokenizer  # noqa: F401  (module fixtures)
 from tritpress.analyzers.quality import finetune as ft
-from tritpress.analyzers.quality.finetune_data import collate, epoch_batches
+from tritpress.analyzers.quality.encode import collate
+from tritpress.analyzers.quality.finetune_data import epoch_batches
 from tritpress.analyzers.quality.finetune_loop import Schedule
 from tritpress.compressor.errors import TritpressError
 from tritpress.compressor.fileio import atomic_dir

@@ -83,3 +83,19 @@ def first_subtokens(enc, row: int, n_words: int) -> list[int | None]:
         if w is not None and first[w] is None:
             first[w] = t
     return first
+
+
+PAD_VALUES = {"labels": -100, "attention_mask": 0, "token_type_ids": 0}  # input_ids: the tokenizer's pad id
+
+
+def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Tensors padded to the longest feature of the batch (token lists) or stacked (scalars)."""
+    width = max(len(f["input_ids"]) for f in features)
+    out = {}
+    for key in features[0]:
+        values = [f[key] for f in features]
+        if isinstance(values[0], list):
+            fill = pad_id if key == "input_ids" else PAD_VALUES.get(key, 0)
+            values = [v + [fill] * (width - len(v)) for v in values]
+        out[key] = torch.tensor(values)
+    return out

@@ -24,7 +24,7 @@ from tritpress.compressor.errors import TritpressError
 from tritpress.compressor.modelio import ModelIO, device_of, task_forward
 
 from . import data as qdata
-from .encode import batches, encode_texts, encode_words, first_subtokens, ready_tokenizer
+from .encode import batches, collate, encode_texts, encode_words, first_subtokens, ready_tokenizer
 from .qa import encode_windows, span_labels
 from .registry import get, use_own_head
 
@@ -68,29 +68,13 @@ class TaskExamples:
         return len(self.features)
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        rows = [self.features[i] for i in indices]
-        width = max(len(r["input_ids"]) for r in rows)
-        out = {"input_ids": _padded(rows, "input_ids", width, self.pad_id),
-               "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
-                                               for r in rows])}
-        if "token_type_ids" in rows[0]:
-            out["token_type_ids"] = _padded(rows, "token_type_ids", width, 0)
-        if self.task == "tok":
-            out["labels"] = _padded(rows, "labels", width, -100)
-        for key in ("labels", "start_positions", "end_positions"):
-            if key in rows[0] and key not in out:
-                out[key] = torch.tensor([r[key] for r in rows])
-        return out
-
-
-def _padded(rows: list[dict], key: str, width: int, pad: int) -> torch.Tensor:
-    return torch.tensor([r[key] + [pad] * (width - len(r[key])) for r in rows])
+        return collate([self.features[i] for i in indices], self.pad_id)
 
 
 def _stripped(enc, row: int) -> dict:
     """Row `row` of a right-padded tokenizer batch as token lists without the padding."""
     n = int(enc["attention_mask"][row].sum())
-    return {k: enc[k][row, :n].tolist() for k in ("input_ids", "token_type_ids") if k in enc}
+    return {k: enc[k][row, :n].tolist() for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
 
 
 # ------------------------------------------------------------------ reading

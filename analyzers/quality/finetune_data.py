@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-import torch
 
 from tritpress.compressor.errors import TritpressError
 
@@ -20,9 +19,6 @@ from .encode import encode_texts, encode_words, first_subtokens
 from .registry import TaskData
 
 TRAIN_SPLIT, DEV_SPLIT = "train", "validation"
-PAD_VALUES = {"labels": -100, "attention_mask": 0, "token_type_ids": 0}  # input_ids: the tokenizer's pad id
-
-
 @dataclass
 class TaskFiles:
     """The training and dev data of one task, read and checked."""
@@ -172,17 +168,4 @@ def epoch_batches(lengths: list[int], batch_size: int, group: int, seed: int, ep
         part = sorted(order[i:i + chunk], key=lambda k: lengths[k])
         out += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
     rng.shuffle(out)
-    return out
-
-
-def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Tensors padded to the longest feature of the batch (token lists) or stacked (scalars)."""
-    width = max(len(f["input_ids"]) for f in features)
-    out = {}
-    for key in features[0]:
-        values = [f[key] for f in features]
-        if isinstance(values[0], list):
-            fill = pad_id if key == "input_ids" else PAD_VALUES.get(key, 0)
-            values = [v + [fill] * (width - len(v)) for v in values]
-        out[key] = torch.tensor(values)
     return out

@@ -15,7 +15,8 @@ from typing import Iterator
 
 import torch
 
-from .finetune_data import TrainSet, collate, epoch_batches
+from .encode import collate
+from .finetune_data import TrainSet, epoch_batches
 
 
 @dataclass
