@@ -1,7 +1,8 @@
 """Models whose output is only the next token's logits ([batch, vocab], RNN or not): detected from
 the output's shape, trained on windows whose last token is the target, scored window by window
 (held-out loss and `evaluate --tasks lm`); and the whole CLI on a character-level LSTM with
-attention over its time steps, saved as a whole nn.Module, with its own vocabulary (--vocab)."""
+attention over its time steps, saved as a whole nn.Module, with its own vocabulary (--vocab) and
+its class named by --skeleton."""
 from __future__ import annotations
 
 import contextlib
@@ -292,3 +293,57 @@ def assert_one_line_error(code, err, flag):
     lines = [line for line in err.strip().splitlines() if not line.startswith("[")]  # stage markers
     assert code == 1 and len(lines) == 1 and lines[0].startswith("compress: error:") and flag in lines[0], err
     assert "Traceback" not in err
+
+
+SKELETON = "tests.tiny_models:AttentionCharLSTM"
+
+
+def test_evaluate_export_and_info_name_the_class_with_skeleton(char_files, char_run, tmp_path, capsys):
+    out, code, _, err = char_run
+    assert code == 0, err
+    packed = out / "model.tritpress.safetensors"
+    code, text, err = run_cli(["evaluate", packed, "--baseline", char_files / "char.pt", "--trust-pickle",
+                               "--skeleton", SKELETON, "--vocab", char_files / "vocab.json", "--tasks", "lm",
+                               "--lm-data", char_files / "text.txt", "--lm-tokens", 100, "--context", 12,
+                               "--max-drop", "perplexity=1000%", "--max-drop", "bits_per_byte=1000%",
+                               "--no-plots", "--json", "--out", tmp_path / "ev"], capsys)
+    assert code == 0, err
+    report = json.loads(text)
+    assert next(iter(report["tasks"].values()))["compressed"]["protocol"]["kind"] == "next"
+    code, text, err = run_cli(["export", packed, "--onnx", tmp_path / "m.onnx", "--skeleton", SKELETON, "--json"],
+                              capsys)
+    assert code == 0, err
+    assert json.loads(text)["validation"]["passed"] and (tmp_path / "m.onnx").is_file()
+    code, text, err = run_cli(["info", packed, "--skeleton", SKELETON], capsys)
+    assert code == 0, err
+    assert "ternary layers" in text and "loads into tests.tiny_models.AttentionCharLSTM: ok" in text
+
+
+def test_without_skeleton_the_error_names_the_flag(char_run, tmp_path, capsys):
+    out, code, _, err = char_run
+    assert code == 0, err
+    code, _, err = run_cli(["export", out / "model.tritpress.safetensors", "--onnx", tmp_path / "m.onnx"], capsys)
+    assert_one_line_error(code, err, f"--skeleton {SKELETON}")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("command", ["export", "info", "evaluate"])
+@pytest.mark.parametrize("value, says", [
+    ("tests.tiny_models", "expected package.module:Class"),
+    ("no_such_package.models:Net", "cannot import no_such_package.models"),
+    ("tests.tiny_models:NoSuchClass", "has no NoSuchClass"),
+    ("tests.tiny_models:VOCAB", "not a class"),
+    ("tests.tiny_models:sample_ids", "not an nn.Module"),
+    ("tests.tiny_models:bert_config", "BertConfig"),  # not an nn.Module either
+    ("tests.tiny_models:make_gpt2", "does not fit"),
+])
+def test_a_bad_skeleton_is_one_line_naming_the_flag(char_files, char_run, tmp_path, capsys, command, value, says):
+    out, code, _, err = char_run
+    assert code == 0, err
+    packed = out / "model.tritpress.safetensors"
+    args = {"export": ["export", packed, "--onnx", tmp_path / "m.onnx"], "info": ["info", packed],
+            "evaluate": ["evaluate", packed, "--baseline", char_files / "char.pt", "--trust-pickle", "--tasks", "lm",
+                         "--lm-data", char_files / "text.txt", "--out", tmp_path / "ev"]}[command]
+    code, _, err = run_cli([*args, "--skeleton", value], capsys)
+    assert_one_line_error(code, err, "--skeleton")
+    assert says in err

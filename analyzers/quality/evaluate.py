@@ -41,6 +41,8 @@ class EvalConfig:
     out: str | None = None               # report folder [default: <packed folder>/eval, else runs/eval]
     config: str | None = None            # HF config.json for a bare state_dict baseline
     trust_pickle: bool = False           # allow unpickling a saved nn.Module
+    skeleton: str | None = None          # the class to load a packed custom nn.Module into: package.module:Class
+                                         # (imported, called with no arguments) [default: a copy of the baseline]
     vocab: str | None = None             # the models' own vocabulary for the LM text: a JSON map token -> id;
                                          # characters when every key but <unk>-style markers is one character,
                                          # else words [default: the tokenizer; without one, words by frequency]
@@ -140,8 +142,11 @@ def load_models(cfg: EvalConfig):
         raise TritpressError("pass --baseline ORIGINAL (the model the compressed one is compared with)")
     base = load_model(baseline_spec, cfg.config, cfg.trust_pickle)
     if packed is not None:
-        from tritpress.exporters.packed import load_packed
-        skeleton = None if base.source.is_transformers else copy.deepcopy(base.model)
+        from tritpress.exporters.packed import load_packed, skeleton_from_spec
+        if cfg.skeleton:
+            skeleton = skeleton_from_spec(cfg.skeleton)
+        else:
+            skeleton = None if base.source.is_transformers else copy.deepcopy(base.model)
         comp, comp_tok, comp_desc = load_packed(packed, skeleton=skeleton), None, str(packed)
     else:
         loaded = load_model(cfg.compressed, cfg.config, cfg.trust_pickle)
