@@ -248,14 +248,16 @@ class ModelIO:
 @torch.no_grad()
 def returns_next_token_only(model: nn.Module, seq_first: bool = False) -> bool:
     """Whether a custom module's output on token ids [batch, seq] is [batch, vocab] (only the next
-    token's logits; vocab = its embedding's rows) rather than one row per position: read from one
-    forward on a 2 x 3 input, in eval mode (each module's own mode is given back). A forward that
-    does not take ids alone (the checks report it) counts as per-position."""
-    vocab = embedding_rows(model)
-    if vocab is None:
+    token's logits; vocab = the rows of one of its embedding tables) rather than one row per
+    position: read from one forward on a 2 x 3 input of ids every table holds, in eval mode (each
+    module's own mode is given back). A forward that does not take ids alone (the checks report
+    it) counts as per-position."""
+    kinds = (nn.Embedding, FakeQuantEmbedding, QEmbedding)
+    tables = {m.num_embeddings for m in model.modules() if isinstance(m, kinds)}
+    if not tables:
         return False
     batch, seq = 2, 3
-    ids = (torch.arange(batch * seq) % vocab).view(batch, seq).to(device_of(model))
+    ids = (torch.arange(batch * seq) % min(tables)).view(batch, seq).to(device_of(model))
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -265,7 +267,7 @@ def returns_next_token_only(model: nn.Module, seq_first: bool = False) -> bool:
     finally:
         for m, training in modes:
             m.training = training
-    return tuple(out.shape) == (batch, vocab)
+    return out.dim() == 2 and out.shape[0] == batch and out.shape[1] in tables
 
 
 def head_logits(out) -> list[torch.Tensor]:

@@ -103,6 +103,18 @@ def test_a_seq_first_next_token_rnn_is_called_seq_first_and_its_output_is_not_tr
     assert torch.equal(io.forward(model, ids), model(ids.t()))
 
 
+def test_a_position_table_larger_than_the_vocabulary_does_not_hide_the_next_token_output():
+    class WithPositions(NextTokenMLP):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(4 * VOCAB, 16)
+
+        def forward(self, ids):
+            return super().forward(ids) + 0 * self.pos(torch.arange(ids.shape[1])).sum()
+
+    assert returns_next_token_only(WithPositions().eval())
+
+
 def test_detection_leaves_each_module_in_its_own_mode():
     model = char_lstm().train()
     model.rnn.eval()
