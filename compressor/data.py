@@ -115,7 +115,6 @@ class TokenVocab:
     (<unk> / [UNK]) when there is one, else it is left out."""
 
     index: dict[str, int]
-    path: str
     chars: bool
 
     @classmethod
@@ -129,7 +128,7 @@ class TokenVocab:
             raise TritpressError(f"{VOCAB_FLAG} {path}: token {bad[0]!r} has id {bad[1]}, not in {allowed}; "
                                  "pass this model's own vocabulary")
         text_keys = [t for t in index if not SPECIAL_TOKEN.match(t)]
-        return cls(index, str(path), bool(text_keys) and all(len(t) == 1 for t in text_keys))
+        return cls(index, bool(text_keys) and all(len(t) == 1 for t in text_keys))
 
     @property
     def unknown(self) -> int | None:
@@ -209,7 +208,7 @@ def tokenizer_fn(tokenizer, texts_for_vocab: list[str] | None = None, vocab_size
         raise TritpressError(f"the model has no tokenizer and no embedding to size a word vocabulary; pass its "
                              f"vocabulary with {VOCAB_FLAG} FILE")
     note_once(f"the model has no tokenizer: its text is split at whitespace into words, numbered by how often "
-              f"they occur in the text given (the {vocab_size} most frequent; the rest is <unk>); for its own "
+              f"they occur in the text given (as many as its embedding has rows; the rest is <unk>); for its own "
               f"vocabulary, characters or words, pass {VOCAB_FLAG} FILE (a JSON map token -> id)")
     return WordVocab.build(texts_for_vocab or [], vocab_size).encode
 

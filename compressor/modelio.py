@@ -340,6 +340,7 @@ def carried_state(model: nn.Module):
     """While active, every outermost recurrent module starts from the state it ended with on the
     previous call (the stream is read as one sequence), whatever the model's own forward does."""
     state: dict[int, object] = {}
+    ModelIO.of(model)  # discovered (one probe forward, see returns_next_token_only) before any state is carried
 
     def pre(module, args, kwargs):
         key = id(module)

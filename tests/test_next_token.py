@@ -256,6 +256,7 @@ def test_every_stage_runs_on_a_pickled_character_lstm_with_attention(char_run):
     protocol = entry["baseline"]["protocol"]
     assert protocol["kind"] == "next" and protocol["scored_tokens"] == protocol["tokens"] - 1
     assert protocol["bytes"] == protocol["tokens"]  # one token per character (ASCII text)
+    assert protocol["vocab"].endswith("vocab.json")
 
 
 def test_the_run_tokenized_its_text_with_the_vocabulary(char_files, char_run):

@@ -86,7 +86,7 @@ def run_lm(task, model, tokenizer, data: TaskData, cfg, desc: str) -> dict:
     stream = lm.build_stream(data.test, encode, cfg.lm_tokens, bos)
     context, stride = _window(model, kind, cfg)
     protocol = {"kind": kind, "context": context, "tokens": len(stream.ids), "bytes": stream.n_bytes,
-                "lines": stream.n_lines, "bos_prepended": bos is not None}
+                "lines": stream.n_lines, "bos_prepended": bos is not None, "vocab": cfg.vocab}
     unit_total = len(stream.ids) if kind != "masked" or not cfg.mlm_positions else min(cfg.mlm_positions,
                                                                                         len(stream.ids))
     with progress_bar(desc, unit_total, "tok", cfg.quiet) as update:
