@@ -33,18 +33,22 @@ def export(
 ):
     """Export a packed checkpoint to ONNX (quantized weights stay quantized) and validate it
     with ONNX Runtime; exits non-zero when an output differs by more than --atol."""
-    result = run_export(packed, onnx, onnx_config(**flags["onnx"]), quiet=json_out)
+    from tritpress.exporters.packed import PackedLoadConfig
+
+    result = run_export(packed, onnx, onnx_config(**flags["onnx"]), quiet=json_out,
+                        load=PackedLoadConfig(**flags["load"]))
     if json_out:
         typer.echo(json.dumps(result, indent=2))
 
 
-def run_export(packed: str, onnx: str, cfg, quiet: bool) -> dict:
-    """Load the packed file and export it; progress lines on stdout unless quiet."""
+def run_export(packed: str, onnx: str, cfg, quiet: bool, load) -> dict:
+    """Load the packed file (into the --skeleton class, for a custom nn.Module) and export it;
+    progress lines on stdout unless quiet."""
     from tritpress.compressor.fileio import refuse_overwrite_input
     from tritpress.exporters.onnx import export_onnx
     from tritpress.exporters.packed import load_packed
 
     refuse_overwrite_input([onnx], [packed])
-    model = load_packed(packed)
+    model = load_packed(packed, skeleton=load.model_skeleton())
     log = (lambda line: None) if quiet else typer.echo
     return export_onnx(model, onnx, cfg, packed_path=packed, log=log)

@@ -34,6 +34,7 @@ from tritpress.compressor.transform import convert, get_record, prepare
 
 if TYPE_CHECKING:
     from tritpress.analyzers.quality.evaluate import EvalConfig
+    from tritpress.compressor.data import TokenVocab
     from tritpress.compressor.distributed import DistContext
     from tritpress.compressor.ingest import LoadedModel
 
@@ -49,6 +50,10 @@ class CompressConfig:
     config: str | None = None                    # HF config.json for a bare state_dict
     trust_pickle: bool = False                   # allow full unpickling of a saved nn.Module (runs code from
                                                  # the file: trusted files only)
+    vocab: str | None = None                     # the model's own vocabulary for its text (training, calibration,
+                                                 # --tasks lm): a JSON map token -> id; characters when every key
+                                                 # but <unk>-style markers is one character, else words [default:
+                                                 # the model's tokenizer; without one, words by frequency]
     quant: TernaryConfig = field(default_factory=TernaryConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sharing: SharingConfig = field(default_factory=SharingConfig)
@@ -83,6 +88,7 @@ class RunState:
     listener: Listener
     out: Path
     loaded: "LoadedModel | None" = None    # the ingested checkpoint; its model is the original and teacher
+    vocab: "TokenVocab | None" = None      # --vocab, read right after ingest (a bad file fails before compute)
     start: nn.Module | None = None         # the model to quantize: the original, or its tied copy
     model: nn.Module | None = None         # the ternary model: converted, then packed
     train_data: tuple | None = None        # (training data, held-out data, where that comes from), read once:
@@ -112,7 +118,7 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
 
     run = RunState(cfg, init_distributed(), listener or Listener(), cfg.out_dir())
     refuse_overwrite_input([run.packed_path, run.report_path, run.out / ONNX_NAME], [cfg.model, cfg.config])
-    run.loaded = timed(run, "ingest", ingest)
+    run.loaded, run.vocab = timed(run, "ingest", ingest)
     run.start = run.loaded.model  # the original stays untouched: it is the teacher
     if cfg.sharing.active:
         refuse_sharing_with_fsdp(run)
@@ -152,8 +158,19 @@ def timed(run: RunState, name: str, stage: Callable[[RunState], object]):
 # ------------------------------------------------------------------ stages
 
 
-def ingest(run: RunState):
-    return load_model(run.cfg.model, run.cfg.config, run.cfg.trust_pickle)
+def ingest(run: RunState) -> tuple["LoadedModel", "TokenVocab | None"]:
+    """-> (the checkpoint, its --vocab vocabulary or None)."""
+    from tritpress.compressor.data import TokenVocab, token_vocab_size
+
+    loaded = load_model(run.cfg.model, run.cfg.config, run.cfg.trust_pickle)
+    vocab = TokenVocab.read(run.cfg.vocab, token_vocab_size(loaded.model)) if run.cfg.vocab else None
+    return loaded, vocab
+
+
+def text_tokenizer(run: RunState):
+    """What tokenizes the run's text: the --vocab vocabulary, else the checkpoint's tokenizer (None:
+    compressor.data.tokenizer_fn builds a word vocabulary)."""
+    return run.vocab if run.vocab is not None else run.loaded.tokenizer
 
 
 def refuse_sharing_with_fsdp(run: RunState) -> None:
@@ -172,7 +189,7 @@ def share(run: RunState) -> tuple[nn.Module, dict]:
         # the probes train on the same blocks as the real run: read and tokenize them once
         probe = _qat_probe(cfg, run.loaded, run.ctx, training_data(run, need="--share-probe-steps")[0])
     write = (lambda analysis: write_outputs(analysis, run.out / "analysis")) if run.ctx.is_main else None
-    return share_stage(run.loaded.model, run.loaded.tokenizer, cfg.sharing, cfg.sharing.data or cfg.train.data,
+    return share_stage(run.loaded.model, text_tokenizer(run), cfg.sharing, cfg.sharing.data or cfg.train.data,
                        cfg.quant.exclude, write_analysis=write, probe=probe)
 
 
@@ -302,7 +319,7 @@ def evaluate(run: RunState) -> dict:
 
     cfg = run.cfg
     return evaluate_packed(cfg.eval, cfg.tasks, run.packed_path, cfg.model, run.out / "eval",
-                           config=cfg.config, trust_pickle=cfg.trust_pickle)
+                           config=cfg.config, trust_pickle=cfg.trust_pickle, vocab=cfg.vocab)
 
 
 # ------------------------------------------------------------------ training helpers
@@ -318,7 +335,7 @@ def training_data(run: RunState, need: str = "--steps") -> tuple:
         tcfg, model = run.cfg.train, run.loaded.model
         task = resolve_task(model, tcfg.task)
         if task == "lm":
-            run.train_data = _training_blocks(tcfg, run.loaded, need)
+            run.train_data = _training_blocks(tcfg, run.loaded.model, text_tokenizer(run), need)
         elif not tcfg.data:
             raise TritpressError(f"{need} on a {task} model needs its training examples: pass --data FILE "
                                  f"(or --task lm with text)")
@@ -327,15 +344,17 @@ def training_data(run: RunState, need: str = "--steps") -> tuple:
     return run.train_data
 
 
-def _training_blocks(tcfg: TrainConfig, loaded, need: str = "--steps"):
-    """-> (training token blocks, held-out blocks, where the held-out blocks come from)."""
-    from tritpress.compressor.data import lm_blocks, read_texts, token_vocab_size, tokenizer_fn
+def _training_blocks(tcfg: TrainConfig, teacher: nn.Module, tokenizer, need: str = "--steps"):
+    """-> (training token blocks, held-out blocks, where the held-out blocks come from). A model that
+    predicts only the next token trains on every window of --seq-len tokens (data.next_token_windows);
+    its held-out blocks stay blocks (modelio.prefix_nll reads them window by window)."""
+    from tritpress.compressor.data import lm_blocks, next_token_windows, read_texts, token_vocab_size, tokenizer_fn
+    from tritpress.compressor.modelio import ModelIO
 
-    teacher = loaded.model
     if not tcfg.data:
         raise TritpressError(f"{need} needs training text: pass --data FILE, pkg:ptb or a dataset name")
     texts = read_texts(tcfg.data, "train", tcfg.text_column)
-    encode = tokenizer_fn(loaded.tokenizer, texts, token_vocab_size(teacher))
+    encode = tokenizer_fn(tokenizer, texts, token_vocab_size(teacher))
     max_tokens = tcfg.max_train_tokens or None
     blocks = lm_blocks(texts, encode, tcfg.seq_len, max_tokens)
     n_eval = max(1, tcfg.eval_tokens // tcfg.seq_len)
@@ -349,6 +368,8 @@ def _training_blocks(tcfg: TrainConfig, loaded, need: str = "--steps"):
         eval_source = f"last {n_eval} blocks of {tcfg.data} (held out from training)"
     if len(blocks) < 1:
         raise TritpressError("not enough training text left after holding out evaluation blocks")
+    if ModelIO.discover(teacher).next_token_only:
+        blocks = next_token_windows(blocks)
     return blocks, eval_blocks, eval_source
 
 

@@ -83,14 +83,32 @@ def show_report(report: dict, json_out: bool) -> None:
             raise typer.Exit(1)
 
 
+@with_flags(*settings.INFO)
 def info(packed: str = typer.Argument(..., help="A packed checkpoint (.safetensors)."),
          json_out: bool = typer.Option(False, "--json", help="Print JSON."),
-         debug: bool = DebugOpt):
-    """Size report of a packed checkpoint (verifies its checksum)."""
+         debug: bool = DebugOpt,
+         flags: dict = None):
+    """Size report of a packed checkpoint (verifies its checksum); with --skeleton, also loads it
+    into that class."""
     from tritpress.analyzers.report import size_table
+    from tritpress.exporters.packed import PackedLoadConfig
+
+    size = packed_info(packed, PackedLoadConfig(**flags["load"]))
+    typer.echo(json.dumps(size, indent=2) if json_out else size_table(size))
+    if size.get("loads_into") and not json_out:
+        typer.echo(f"loads into {size['loads_into']}: ok")
+
+
+def packed_info(packed: str, load) -> dict:
+    """The size report of a verified packed file; with a skeleton, the file is also loaded into it
+    (a custom nn.Module's checkpoint that does not fit its class is refused) and `loads_into` names it."""
     from tritpress.analyzers.size import size_report
-    from tritpress.exporters.packed import read_packed_state
+    from tritpress.exporters.packed import load_packed, read_packed_state
 
     read_packed_state(packed)  # full integrity check before reporting
     size = size_report(packed)
-    typer.echo(json.dumps(size, indent=2) if json_out else size_table(size))
+    skeleton = load.model_skeleton()
+    if skeleton is not None:
+        load_packed(packed, skeleton=skeleton)
+        size["loads_into"] = f"{type(skeleton).__module__}.{type(skeleton).__qualname__}"
+    return size

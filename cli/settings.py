@@ -17,6 +17,7 @@ from tritpress.compressor.config import TernaryConfig
 from tritpress.compressor.share import SharingConfig
 from tritpress.compressor.train import TrainConfig
 from tritpress.exporters.onnx import OnnxConfig
+from tritpress.exporters.packed import PackedLoadConfig
 
 # top-level recipe keys of `compress run` (MODEL is the positional argument)
 PIPELINE = FlagSection("", CompressConfig, names={"out": ("out", "-o")}, skip=("model", *SECTIONS))
@@ -32,8 +33,12 @@ SHARING = FlagSection("sharing", SharingConfig, prefix="share-", names={
 PIPELINE_ONNX = FlagSection("onnx", OnnxConfig, prefix="onnx-", names={"enabled": "onnx"})
 RUN = (PIPELINE, QUANT, TRAIN, SHARING, PIPELINE_ONNX)
 
+# `--skeleton package.module:Class` of the commands that load a packed file (`evaluate` has its own
+# EvalConfig.skeleton, a key of the recipe's [eval] table)
+PACKED_LOAD = FlagSection("load", PackedLoadConfig)
 # `compress export PACKED --onnx OUT`: --onnx is the output file, so `enabled` has no flag
-EXPORT = (FlagSection("onnx", OnnxConfig, names={"format": "onnx-format"}, skip=("enabled",)),)
+EXPORT = (FlagSection("onnx", OnnxConfig, names={"format": "onnx-format"}, skip=("enabled",)), PACKED_LOAD)
+INFO = (PACKED_LOAD,)
 
 # `compress analyze`: the calibration settings of --sharing, under the same names; the
 # analyze command's older names stay accepted

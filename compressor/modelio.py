@@ -2,8 +2,10 @@
 main output, hooks block outputs and measures held-out quality. Training, the sharing analysis,
 evaluation, export and the pipeline's checks all go through it.
 
-- `ModelIO`: how to call a model and read its output, discovered once from its structure;
-  `forward` takes token ids or a dict of keyword inputs.
+- `ModelIO`: how to call a model and read its output, discovered once from its structure (and,
+  for a custom module, from the shape of one output: logits per position, or only the next
+  token's); `forward` takes token ids or a dict of keyword inputs; `lm_inputs` and
+  `next_token_pairs` say what an LM forward reads and which tokens its logits predict.
 - `logits` / `features` / `carried_state`: evaluation's calls (on the model's device, hidden
   states, recurrent state carried across calls).
 - `BlockOutputs`: forward hooks recording each block's output (and input).
@@ -172,6 +174,7 @@ class ModelIO:
     block_paths: list[str]
     no_cache: bool = False   # HF forward takes use_cache: pass False (one full-sequence forward, no KV cache)
     keywords: frozenset | None = None   # HF forward's keyword names; None: it takes any (**kwargs)
+    next_token_only: bool = False   # the output is the next token's logits [batch, vocab], not one per position
 
     @classmethod
     def discover(cls, model: nn.Module, structure: ModelStructure | None = None) -> "ModelIO":
@@ -179,15 +182,19 @@ class ModelIO:
         hf = is_hf(model)
         rnns = _rnns(model)
         seq_first = not hf and bool(rnns) and not all(getattr(r, "batch_first", False) for r in rnns)
-        causal = (not hf and bool(rnns)) or type(model).__name__.endswith(CAUSAL_SUFFIXES) \
+        # transformers LMs return logits per position; a custom module's output shape tells (also
+        # once converted, when its head is a quantized layer that structure discovery does not list)
+        next_only = not hf and returns_next_token_only(model, seq_first)
+        has_head = structure.head is not None or next_only
+        causal = (not hf and bool(rnns)) or next_only or type(model).__name__.endswith(CAUSAL_SUFFIXES) \
             or bool(getattr(getattr(model, "config", None), "is_decoder", False))
         blocks = []
         if structure.blocks is not None and structure.blocks.kind == "modulelist":
             blocks = [f"{structure.blocks.path}.{i}" for i in range(structure.blocks.num_blocks)]
         params = forward_params(model) if hf else {}
         takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
-        return cls(hf, seq_first, structure.head is not None, causal and structure.head is not None, blocks,
-                   "use_cache" in params, None if takes_any or not hf else frozenset(params))
+        return cls(hf, seq_first, has_head, causal and has_head, blocks,
+                   "use_cache" in params, None if takes_any or not hf else frozenset(params), next_only)
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelIO":
@@ -215,11 +222,52 @@ class ModelIO:
         return model(**inputs, **kwargs)
 
     def forward(self, model: nn.Module, inputs) -> torch.Tensor:
-        """Main output as float [batch, seq, ...] for token ids [batch, seq] or keyword inputs."""
+        """Main output as float [batch, seq, ...] (a next-token-only model: [batch, vocab]) for token
+        ids [batch, seq] or keyword inputs."""
         if not self.seq_first:
             return first_float_output(self.call(model, inputs)).float()
         ids = inputs["input_ids"] if isinstance(inputs, dict) else inputs
-        return first_float_output(self.call(model, ids.t())).float().transpose(0, 1)
+        out = first_float_output(self.call(model, ids.t())).float()
+        return out if self.next_token_only else out.transpose(0, 1)
+
+    def lm_inputs(self, ids: torch.Tensor) -> torch.Tensor:
+        """What a language-model forward reads of token blocks [batch, L]: all of them, or for a
+        next-token-only model the first L-1 tokens of each (the last one is its target)."""
+        return ids[:, :-1] if self.next_token_only else ids
+
+    def next_token_pairs(self, out: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [n, vocab], target ids [n]) of the forward `out` on `lm_inputs(ids)`: every
+        position's prediction of the token after it, or the next-token-only model's one prediction
+        of each block's last token."""
+        ids = ids.to(out.device)
+        if self.next_token_only:
+            return out, ids[:, -1]
+        return out[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
+
+
+@torch.no_grad()
+def returns_next_token_only(model: nn.Module, seq_first: bool = False) -> bool:
+    """Whether a custom module's output on token ids [batch, seq] is [batch, vocab] (only the next
+    token's logits; vocab = the rows of one of its embedding tables) rather than one row per
+    position: read from one forward on a 2 x 3 input of ids every table holds, in eval mode (each
+    module's own mode is given back). A forward that does not take ids alone (the checks report
+    it) counts as per-position."""
+    kinds = (nn.Embedding, FakeQuantEmbedding, QEmbedding)
+    tables = {m.num_embeddings for m in model.modules() if isinstance(m, kinds)}
+    if not tables:
+        return False
+    batch, seq = 2, 3
+    ids = (torch.arange(batch * seq) % min(tables)).view(batch, seq).to(device_of(model))
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        out = first_float_output(model(ids.t() if seq_first else ids))
+    except Exception:  # noqa: BLE001 - any failure of a foreign forward: not this kind of model
+        return False
+    finally:
+        for m, training in modes:
+            m.training = training
+    return out.dim() == 2 and out.shape[0] == batch and out.shape[1] in tables
 
 
 def head_logits(out) -> list[torch.Tensor]:
@@ -292,6 +340,7 @@ def carried_state(model: nn.Module):
     """While active, every outermost recurrent module starts from the state it ended with on the
     previous call (the stream is read as one sequence), whatever the model's own forward does."""
     state: dict[int, object] = {}
+    ModelIO.of(model)  # discovered (one probe forward, see returns_next_token_only) before any state is carried
 
     def pre(module, args, kwargs):
         key = id(module)
@@ -369,6 +418,17 @@ def next_token_nll(out: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
     return float(nll), ids[:, 1:].numel()
 
 
+def prefix_nll(io: ModelIO, model: nn.Module, ids: torch.Tensor) -> tuple[float, int]:
+    """`next_token_nll` of a next-token-only model: token t of each sequence read after the window
+    of its t tokens before it (t = 1 .. L-1), so the tokens scored, and their contexts, are those
+    a per-position model scores in one forward."""
+    total = 0.0
+    for t in range(1, ids.shape[1]):
+        out = io.forward(model, ids[:, :t])
+        total += float(F.cross_entropy(out, ids[:, t].to(out.device), reduction="sum"))
+    return total, ids[:, 1:].numel()
+
+
 def batched_forward(io: ModelIO, model: nn.Module, ids: torch.Tensor, batch: int):
     """Yield (ids of the batch, main output) over `ids` in batches of `batch` sequences."""
     for i in range(0, len(ids), batch):
@@ -379,10 +439,14 @@ def batched_forward(io: ModelIO, model: nn.Module, ids: torch.Tensor, batch: int
 @torch.no_grad()
 def held_out_sums(io: ModelIO, model: nn.Module, ids: torch.Tensor, reference: list | None = None,
                   batch: int = 8) -> tuple[float, int]:
-    """(summed loss, count): next-token NLL over tokens for causal LMs, else NMSE against
-    `reference` (the original's output per batch) over sequences."""
+    """(summed loss, count): next-token NLL over tokens for causal LMs (`prefix_nll` for a
+    next-token-only model), else NMSE against `reference` (the original's output per batch) over
+    sequences."""
     model.eval()
     total, count = 0.0, 0
+    if io.next_token_only:  # a forward per scored position, each on a window of the sequence
+        sums = [prefix_nll(io, model, ids[i: i + batch]) for i in range(0, len(ids), batch)]
+        return sum(loss for loss, _ in sums), sum(n for _, n in sums)
     for k, (chunk, out) in enumerate(batched_forward(io, model, ids, batch)):
         if io.causal:
             loss, n = next_token_nll(out, chunk)

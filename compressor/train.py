@@ -4,7 +4,8 @@
     result = train_qat(student, teacher=model, blocks=..., cfg=TrainConfig(steps=200))
     model = convert(student)          # result.findings: curves, timings, final losses
 
-Loss on LM text blocks (a [N, seq_len] tensor of token ids):
+Loss on LM text blocks (a [N, seq_len] tensor of token ids; for a model whose output is only the
+next token's logits, windows whose last token is the target, see data.next_token_windows):
        task_weight * next-token CE (causal LMs)
      + kd_weight * KL(teacher || student) on logits at temperature T (models with an output head),
        or normalized MSE on the main output (encoders without a head)
@@ -156,10 +157,11 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def distill_losses(io: ModelIO, student, teacher, ids, s_blocks: BlockOutputs, t_blocks: BlockOutputs,
                    cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    inputs = io.lm_inputs(ids)  # a next-token-only model reads each window but its last token, its target
     with torch.no_grad():
-        t_out = io.forward(teacher, ids)
+        t_out = io.forward(teacher, inputs)
         t_hidden = t_blocks.take()
-    s_out = io.forward(student, ids)
+    s_out = io.forward(student, inputs)
     s_hidden = s_blocks.take()
     losses = {}
     if io.has_head:
@@ -167,7 +169,7 @@ def distill_losses(io: ModelIO, student, teacher, ids, s_blocks: BlockOutputs, t
         losses["kd"] = F.kl_div(F.log_softmax(s_out / T, -1).flatten(0, -2), F.log_softmax(t_out / T, -1)
                                 .flatten(0, -2), log_target=True, reduction="batchmean") * T * T
         if io.causal:
-            losses["task"] = F.cross_entropy(s_out[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            losses["task"] = F.cross_entropy(*io.next_token_pairs(s_out, ids))
     else:
         losses["kd"] = nmse(s_out, t_out)
     if s_hidden:

@@ -13,8 +13,12 @@ rejected before any weight is used.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import os
 import struct
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -247,12 +251,71 @@ def retie(model: nn.Module, tie_map: dict[str, list[str]]) -> None:
                 owner._buffers[leaf] = t
 
 
+SKELETON_FLAG = "--skeleton"
+
+
+@dataclass
+class PackedLoadConfig:
+    """How the commands that read a packed file (`export`, `info`) load it as a model."""
+
+    skeleton: str | None = None   # the class a custom nn.Module checkpoint is loaded into: package.module:Class
+                                  # (imported, called with no arguments; a function returning the model
+                                  # works too) [default: transformers models are rebuilt from their config]
+
+    def model_skeleton(self) -> nn.Module | None:
+        return skeleton_from_spec(self.skeleton) if self.skeleton else None
+
+
+def skeleton_from_spec(spec: str, flag: str = SKELETON_FLAG) -> nn.Module:
+    """An instance of `package.module:Class` (or of any callable there that builds the model with no
+    arguments) to load a packed custom nn.Module into. The module is imported from the environment,
+    else from the current folder. Every failure is one line naming `flag`."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise TritpressError(f"{flag} {spec!r}: expected package.module:Class, e.g. mypkg.models:CharLSTM")
+    module = _import_for_skeleton(module_name, spec, flag)
+    target = module
+    for part in attr.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise TritpressError(f"{flag} {spec}: {module_name} has no {attr}")
+    if not callable(target):
+        raise TritpressError(f"{flag} {spec}: {attr} is a {type(target).__name__}, not a class")
+    try:
+        model = target()
+    except Exception as e:  # noqa: BLE001 - the user's constructor: any failure, told in one line
+        raise TritpressError(f"{flag} {spec}: {attr}() with no arguments failed ({type(e).__name__}: "
+                             f"{_first_line(e)}); name a class or function that builds the model without "
+                             "arguments") from e
+    if not isinstance(model, nn.Module):
+        raise TritpressError(f"{flag} {spec}: {attr}() made a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _import_for_skeleton(module_name: str, spec: str, flag: str):
+    added = os.getcwd() not in sys.path  # a console script's sys.path lacks the current folder
+    if added:
+        sys.path.append(os.getcwd())
+    try:
+        return importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - importing user code can raise anything
+        raise TritpressError(f"{flag} {spec}: cannot import {module_name} ({type(e).__name__}: "
+                             f"{_first_line(e)}); install its package or run from the folder that holds it") from e
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
 def load_packed(path, skeleton: nn.Module | None = None) -> nn.Module:
     """Load a packed checkpoint as a runnable converted model.
 
     Transformers models are rebuilt from the stored config; a custom nn.Module
     needs `skeleton`, an instance of the original architecture (its weights are
-    overwritten)."""
+    overwritten; on the command line, --skeleton package.module:Class)."""
     tensors, meta = read_packed_state(path)
     source = meta["source"]
     if skeleton is not None:
@@ -261,19 +324,22 @@ def load_packed(path, skeleton: nn.Module | None = None) -> nn.Module:
     elif source.get("hf_config"):
         model = build_from_config(source["hf_config"], source["model_class"])
     else:
-        raise TritpressError(f"{path} was made from a custom nn.Module ({source['model_class']}); "
-                             "pass an instance of that class: load_packed(path, skeleton=...)")
-    if meta.get("sharing"):  # cross-layer sharing wrappers, before the layers inside them are rebuilt
-        rebuild_wrappers(model, meta["sharing"])
-    build_empty(model, meta["module_map"])
-    _set_record(model, _record_from_meta(meta))
+        module_name, _, class_name = source["model_class"].rpartition(".")
+        raise TritpressError(f"{path} was made from a custom nn.Module ({source['model_class']}): name its class, "
+                             f"{SKELETON_FLAG} {module_name}:{class_name} on the command line, or "
+                             "load_packed(path, skeleton=an instance of it) in Python")
     state = {}
     for key, t in tensors.items():
         for k in [key, *meta["tie_map"].get(key, [])]:
             state[k] = t
     try:
+        if meta.get("sharing"):  # cross-layer sharing wrappers, before the layers inside them are rebuilt
+            rebuild_wrappers(model, meta["sharing"])
+        build_empty(model, meta["module_map"])
+        _set_record(model, _record_from_meta(meta))
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise TritpressError(f"{path} does not fit the model skeleton: {str(e).splitlines()[0]}") from e
+    except (RuntimeError, AttributeError, KeyError, TypeError, ValueError) as e:  # another architecture
+        raise TritpressError(f"{path} does not fit the model skeleton, a {type(model).__name__} (on the command "
+                             f"line: {SKELETON_FLAG}): {_first_line(e)}") from e
     retie(model, meta["tie_map"])
     return model.eval()

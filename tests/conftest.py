@@ -15,7 +15,8 @@ ALL_MODELS = list(FACTORIES)
 # the tiny-model test modules: one intra-op thread is faster for 32-wide tensors and does not
 # collapse when the 2 cores are shared with another process (thread oversubscription)
 SINGLE_THREAD_MODULES = {"test_quantize", "test_packing", "test_packed", "test_ingest", "test_structure",
-                         "test_eval_cli", "test_finetune", "test_eval_metrics", "test_share", "test_share_cli"}
+                         "test_eval_cli", "test_finetune", "test_eval_metrics", "test_share", "test_share_cli",
+                         "test_next_token"}
 
 
 @pytest.fixture(autouse=True)

@@ -21,6 +21,7 @@ from tritpress.cli.pipeline import CompressConfig
 from tritpress.cli.recipe import SECTIONS
 from tritpress.compressor.share import SharingConfig
 from tritpress.exporters.onnx import OnnxConfig
+from tritpress.exporters.packed import PackedLoadConfig
 
 # values a generic rule (next choice, default + 1, ...) would get wrong: they must be valid
 VALUES = {
@@ -68,7 +69,7 @@ def cases(command: str, sections):
 
 ALL_CASES = (cases("run", settings.RUN) + cases("evaluate", settings.EVALUATE)
              + cases("finetune-head", settings.FINETUNE) + cases("export", settings.EXPORT)
-             + cases("analyze", settings.ANALYZE))
+             + cases("info", settings.INFO) + cases("analyze", settings.ANALYZE))
 
 
 @pytest.fixture
@@ -84,14 +85,17 @@ def captured(monkeypatch):
     monkeypatch.setattr(evaluate, "run_finetune",
                         lambda cfg: seen.append(cfg) or {"first_loss": 1.0, "final_loss_mean_last_10": 1.0,
                                                          "steps": 1, "epochs_done": 1, "wall_seconds": 1})
-    monkeypatch.setattr(export, "run_export", lambda packed, onnx, cfg, quiet: seen.append(cfg) or {})
+    monkeypatch.setattr(export, "run_export",
+                        lambda packed, onnx, cfg, quiet, load: seen.append((cfg, load)) or {})
+    monkeypatch.setattr(run, "packed_info", lambda packed, load: seen.append(load) or {})
     monkeypatch.setattr(redundancy, "analyze_model", lambda model, cfg, *a: seen.append(cfg) or ({}, []))
     return seen
 
 
 BASE_ARGS = {"run": ["run", "m"], "evaluate": ["evaluate", "m"], "export": ["export", "p.safetensors", "--onnx", "o"],
              "finetune-head": ["finetune-head", "m", "--task", "tok", "--train", "t", "--out", "o"],
-             "analyze": ["analyze", "m", "--json", "--share-data", "cal.txt"]}
+             "analyze": ["analyze", "m", "--json", "--share-data", "cal.txt"],
+             "info": ["info", "p.safetensors", "--json"]}
 
 
 def api_config(command: str, section, name: str, value):
@@ -106,6 +110,8 @@ def api_config(command: str, section, name: str, value):
         return FinetuneConfig(**{"model": "m", "task": "tok", "train": "t", "out": "o", name: value})
     if command == "analyze":
         return SharingConfig(**{"data": "cal.txt", name: value})
+    if command == "export":  # each of its sections' configs, this one with the setting
+        return tuple(s.cls(**({name: value} if s is section else {})) for s in settings.EXPORT)
     return section.cls(**{name: value})
 
 
@@ -119,7 +125,8 @@ def test_flag_and_api_give_the_same_config(command, section, f, captured, capsys
     assert expected != DEFAULTS[command]  # the flag really changed the setting
 
 
-DEFAULTS = {"run": CompressConfig(model="m"), "evaluate": EvalConfig(compressed="m"), "export": OnnxConfig(),
+DEFAULTS = {"run": CompressConfig(model="m"), "evaluate": EvalConfig(compressed="m"),
+            "export": (OnnxConfig(), PackedLoadConfig()), "info": PackedLoadConfig(),
             "finetune-head": FinetuneConfig(model="m", task="tok", train="t", out="o"),
             "analyze": SharingConfig(data="cal.txt")}
 
@@ -154,7 +161,7 @@ def test_recipe_key_gives_the_config_of_the_flag(section, f, captured, tmp_path,
 
 def test_every_field_has_a_flag_or_is_the_positional_argument():
     covered = {}
-    for sections in (settings.RUN, settings.EVALUATE, settings.FINETUNE, settings.EXPORT):
+    for sections in (settings.RUN, settings.EVALUATE, settings.FINETUNE, settings.EXPORT, settings.INFO):
         for s in sections:
             covered.setdefault(s.cls, set()).update(f.name for f in s.fields())
     for cls, names in covered.items():

@@ -1,12 +1,14 @@
-"""Training text: reading every supported source, cutting token blocks, and the word
-vocabulary used by models without a tokenizer. No network: HF_HUB_OFFLINE=1 is forced."""
+"""Training text: reading every supported source, cutting token blocks (and the windows of a
+next-token-only model), a model's own vocabulary (--vocab) and the word vocabulary used by models
+without a tokenizer. No network: HF_HUB_OFFLINE=1 is forced."""
 import json
 import os
 
 import pytest
 import torch
 
-from tritpress.compressor.data import WordVocab, lm_blocks, read_texts, tokenizer_fn
+from tritpress.compressor import data
+from tritpress.compressor.data import TokenVocab, WordVocab, lm_blocks, next_token_windows, read_texts, tokenizer_fn
 from tritpress.compressor.errors import TritpressError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an unknown dataset name must fail at once, never hang on the network
@@ -169,3 +171,70 @@ def test_tokenizer_fn_with_a_tokenizer_appends_eos():
     assert tokenizer_fn(Tok())("aa b cccc") == [2, 1, 4, 99]
     Tok.eos_token_id = None
     assert tokenizer_fn(Tok())("aa b") == [2, 1]
+
+
+# ------------------------------------------------------------------ --vocab: a model's own vocabulary
+
+
+def _vocab_file(tmp_path, mapping, name="vocab.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(mapping))
+    return str(path)
+
+
+def test_a_vocab_of_single_characters_tokenizes_characters(tmp_path):
+    v = TokenVocab.read(_vocab_file(tmp_path, {"<unk>": 0, "a": 1, "b": 2, " ": 3, "\n": 4}), rows=5)
+    assert v.chars  # <unk> is a marker, not text: every other key is one character
+    assert v.encode("ab ba") == [1, 2, 3, 2, 1]
+    assert v.encode("abz") == [1, 2, 0]          # not in the vocabulary: <unk>
+    assert v.end == [4]                          # a document (line) ends with its newline
+    assert tokenizer_fn(v, ["ignored"], 5)("ba") == [2, 1, 4]
+
+
+def test_a_vocab_of_words_splits_at_whitespace_and_leaves_out_unknown_words_without_unk(tmp_path):
+    v = TokenVocab.read(_vocab_file(tmp_path, {"the": 0, "cat": 1, "<eos>": 2, "a": 3}))
+    assert not v.chars and v.unknown is None and v.end == [2]
+    assert v.encode("the  cat sat\ta") == [0, 1, 3]   # "sat" is not in it and there is no <unk>
+    assert tokenizer_fn(v)("a cat") == [3, 1, 2]
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "no such file"),
+    ("{not json", "not valid JSON"),
+    ('["a", "b"]', "JSON object mapping each token"),
+    ('{"a": "1"}', "JSON object mapping each token"),
+    ('{"a": true}', "JSON object mapping each token"),
+    ("{}", "JSON object mapping each token"),
+    ('{"a": 0, "b": 7}', "'b' has id 7, not in 0..4"),
+    ('{"a": -1}', "'a' has id -1"),
+])
+def test_a_bad_vocab_file_is_one_line_naming_the_flag_and_the_file(tmp_path, content, expected):
+    path = tmp_path / "v.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(TritpressError) as e:
+        TokenVocab.read(str(path), rows=5)
+    message = str(e.value)
+    assert message.startswith(f"--vocab {path}") and expected in message and "\n" not in message
+
+
+def test_without_tokenizer_or_vocab_the_word_vocabulary_is_said_once(monkeypatch, capsys):
+    monkeypatch.setattr(data, "_SAID", set())
+    for _ in range(3):  # training, calibration and evaluation text: one note
+        tokenizer_fn(None, ["a b"], 8)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no tokenizer" in err and "words" in err and "--vocab FILE" in err
+    monkeypatch.setenv("RANK", "1")  # under torchrun, rank 0 alone says it
+    monkeypatch.setattr(data, "_SAID", set())
+    tokenizer_fn(None, ["a b"], 8)
+    assert capsys.readouterr().err == ""
+
+
+def test_next_token_windows_move_by_one_token_over_the_block_stream():
+    blocks = torch.arange(12).view(3, 4)
+    windows = next_token_windows(blocks)
+    assert windows.shape == (9, 4)
+    assert windows[0].tolist() == [0, 1, 2, 3] and windows[1].tolist() == [1, 2, 3, 4]
+    assert windows[-1].tolist() == [8, 9, 10, 11]
+    assert windows[:, -1].tolist() == list(range(3, 12))  # every token after the first 3 is a target once
+    assert windows.data_ptr() == blocks.data_ptr()        # a view: no copy of the text

@@ -144,7 +144,7 @@ def test_evaluate_packed_needs_no_pipeline_config_and_the_pipeline_stage_agrees(
     assert [r["metric"] for r in got["rows"]] == ["perplexity", "bits_per_byte"]
     assert (tmp_path / "new" / "report.json").is_file() and got["files"]["json"] == str(tmp_path / "new" /
                                                                                         "report.json")
-    ccfg = SimpleNamespace(eval=settings, tasks="lm", model=str(base), config=None, trust_pickle=True)
+    ccfg = SimpleNamespace(eval=settings, tasks="lm", model=str(base), config=None, trust_pickle=True, vocab=None)
     old = pipeline.evaluate(SimpleNamespace(cfg=ccfg, packed_path=base, out=tmp_path / "old"))
     assert (tmp_path / "old" / "eval" / "report.json").is_file()
     key = lambda r: (r["task"], r["metric"], r["baseline"], r["compressed"], r["status"])  # noqa: E731

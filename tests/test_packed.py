@@ -7,6 +7,7 @@ import json
 import math
 import os
 import struct
+import sys
 
 import pytest
 import torch
@@ -19,8 +20,8 @@ from tritpress.compressor.errors import CorruptCheckpointError, TritpressError
 from tritpress.compressor.ingest import SourceInfo
 from tritpress.compressor.layers import QLinear, QTensor
 from tritpress.compressor.transform import tie_groups
-from tritpress.exporters.packed import load_packed, read_metadata, save_packed
-from tests.tiny_models import FACTORIES, SKELETONS, build, run
+from tritpress.exporters.packed import PackedLoadConfig, load_packed, read_metadata, save_packed, skeleton_from_spec
+from tests.tiny_models import FACTORIES, SKELETONS, build, run, sample_ids
 
 CONFIGS = {
     "default": TernaryConfig(),
@@ -406,3 +407,36 @@ def test_save_packed_requires_a_converted_model(tmp_path):
     with pytest.raises(TritpressError, match="convert"):
         save_packed(prepare(model, TernaryConfig()), tmp_path / "b.safetensors", src)
     assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "b.safetensors").exists()
+
+
+# ------------------------------------------------------------------ --skeleton package.module:Class
+
+
+def test_skeleton_spec_builds_the_class_from_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "my_skeletons.py").write_text(
+        "from tests.tiny_models import LSTMLM\n\n"
+        "class Wide(LSTMLM):\n    def __init__(self):\n        super().__init__(dim=16)\n\n"
+        "def needs_args(dim):\n    return LSTMLM(dim=dim)\n")
+    monkeypatch.chdir(tmp_path)
+    path_before = list(sys.path)
+    model = skeleton_from_spec("my_skeletons:Wide")
+    assert type(model).__name__ == "Wide" and model.rnn.hidden_size == 16
+    assert sys.path == path_before  # the current folder was only borrowed for the import
+    with pytest.raises(TritpressError, match=r"^--skeleton my_skeletons:needs_args: needs_args\(\) with no "
+                                             r"arguments failed \(TypeError"):
+        skeleton_from_spec("my_skeletons:needs_args")
+    assert PackedLoadConfig().model_skeleton() is None
+    assert type(PackedLoadConfig("tests.tiny_models:LSTMLM").model_skeleton()).__name__ == "LSTMLM"
+
+
+def test_a_packed_custom_module_loads_into_its_named_class(tmp_path):
+    path = tmp_path / "lstm.safetensors"
+    model = build("lstm")
+    converted = convert(copy.deepcopy(model), TernaryConfig())
+    save_packed(converted, path, SourceInfo("module", "lstm.pt", "tests.tiny_models.LSTMLM"))  # as ingest names it
+    with pytest.raises(TritpressError, match="--skeleton tests.tiny_models:LSTMLM on the command line"):
+        load_packed(path)
+    reloaded = load_packed(path, skeleton=skeleton_from_spec("tests.tiny_models:LSTMLM"))
+    ids = sample_ids()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids), converted(ids))

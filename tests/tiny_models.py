@@ -29,6 +29,24 @@ class LSTMLM(nn.Module):
         return self.out(self.rnn(self.emb(ids))[0])
 
 
+class AttentionCharLSTM(nn.Module):
+    """A character-level LSTM with attention over its time steps whose forward returns only the
+    next token's logits [batch, vocab] (the last position's), as Keras-style text generators do."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = HIDDEN, layers: int = 2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.rnn = nn.LSTM(dim, dim, layers, batch_first=True)
+        self.score = nn.Linear(dim, 1)
+        self.out = nn.Linear(2 * dim, vocab)
+
+    def forward(self, ids):
+        h = self.rnn(self.emb(ids))[0]                                 # [B, T, H]
+        weights = torch.softmax(self.score(h).squeeze(-1), dim=1)      # attention over the T steps
+        attended = (weights.unsqueeze(-1) * h).sum(1)
+        return self.out(torch.cat([attended, h[:, -1]], -1))           # [B, V]: the next token only
+
+
 def bert_config(**kw):
     from transformers import BertConfig
     return BertConfig(**{**dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=2,

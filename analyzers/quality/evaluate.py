@@ -41,6 +41,11 @@ class EvalConfig:
     out: str | None = None               # report folder [default: <packed folder>/eval, else runs/eval]
     config: str | None = None            # HF config.json for a bare state_dict baseline
     trust_pickle: bool = False           # allow unpickling a saved nn.Module
+    skeleton: str | None = None          # the class to load a packed custom nn.Module into: package.module:Class
+                                         # (imported, called with no arguments) [default: a copy of the baseline]
+    vocab: str | None = None             # the models' own vocabulary for the LM text: a JSON map token -> id;
+                                         # characters when every key but <unk>-style markers is one character,
+                                         # else words [default: the tokenizer; without one, words by frequency]
     # data: local files or HF names NAME[:CONFIG][@SPLIT]
     lm_data: list[str] = field(default_factory=lambda: [builtin.LM.default_data])  # LM text (repeatable):
                                          # WikiText .txt, .jsonl/.csv, pkg:ptb, or HF NAME[:CONFIG][@SPLIT]
@@ -137,8 +142,11 @@ def load_models(cfg: EvalConfig):
         raise TritpressError("pass --baseline ORIGINAL (the model the compressed one is compared with)")
     base = load_model(baseline_spec, cfg.config, cfg.trust_pickle)
     if packed is not None:
-        from tritpress.exporters.packed import load_packed
-        skeleton = None if base.source.is_transformers else copy.deepcopy(base.model)
+        from tritpress.exporters.packed import load_packed, skeleton_from_spec
+        if cfg.skeleton:
+            skeleton = skeleton_from_spec(cfg.skeleton)
+        else:
+            skeleton = None if base.source.is_transformers else copy.deepcopy(base.model)
         comp, comp_tok, comp_desc = load_packed(packed, skeleton=skeleton), None, str(packed)
     else:
         loaded = load_model(cfg.compressed, cfg.config, cfg.trust_pickle)
@@ -286,14 +294,15 @@ STAGE_KEYS = ("passed", "rows", "tasks", "files")  # what the pipeline's report.
 
 
 def evaluate_packed(settings: EvalConfig, tasks: str, packed_path, baseline: str, report_dir, *,
-                    config: str | None = None, trust_pickle: bool = False) -> dict:
+                    config: str | None = None, trust_pickle: bool = False, vocab: str | None = None) -> dict:
     """A packed file against its original model on `tasks` (e.g. "lm,cls"), with `settings` (a
-    recipe's [eval] table; its model, task and output fields are replaced); the report files go
-    to `report_dir`. Runs whole on this process (rank 0 after training), quietly; returns the
-    report's STAGE_KEYS. The pipeline's evaluation stage."""
+    recipe's [eval] table; its model, task and output fields are replaced, and its vocab when the run
+    has one); the report files go to `report_dir`. Runs whole on this process (rank 0 after
+    training), quietly; returns the report's STAGE_KEYS. The pipeline's evaluation stage."""
     from .distributed import local_only
     ecfg = dataclasses.replace(settings, compressed=str(packed_path), baseline=baseline, config=config,
-                               trust_pickle=trust_pickle, tasks=tasks, out=str(report_dir), quiet=True)
+                               trust_pickle=trust_pickle, vocab=vocab or settings.vocab, tasks=tasks,
+                               out=str(report_dir), quiet=True)
     with local_only():
         report = evaluate(ecfg)
     return {k: report[k] for k in STAGE_KEYS}

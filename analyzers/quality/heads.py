@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from tritpress.compressor.modelio import CAUSAL_SUFFIXES, is_hf, recurrent_modules
+from tritpress.compressor.modelio import CAUSAL_SUFFIXES, ModelIO, is_hf, recurrent_modules
 
 # the LM heads; a task's own head classes are declared with the task (registry.Task.head_classes)
 HEAD_SUFFIXES = {
@@ -18,12 +18,15 @@ def has_head(model: nn.Module, task: str) -> bool:
 
 
 def lm_kind(model: nn.Module) -> str | None:
-    """causal | masked | rnn | None (no language-model head)."""
+    """causal | masked | next (a custom module whose output is only the next token's logits, RNN or
+    not) | rnn | None (no language-model head)."""
     if has_head(model, "causal") or (is_hf(model) and getattr(model.config, "is_decoder", False)
                                      and hasattr(model, "lm_head")):
         return "causal"
     if has_head(model, "masked"):
         return "masked"
+    if not is_hf(model) and ModelIO.of(model).next_token_only:
+        return "next"
     if not is_hf(model) and recurrent_modules(model):
         return "rnn"
     return None

@@ -8,6 +8,8 @@
   own and predicted from both sides; `max_positions` subsamples the tokens (seeded).
 - RNN LMs: one stream, read in chunks of `context` tokens with the recurrent state carried
   across chunks, every token after the first scored.
+- models whose output is only the next token's logits (RNN or not): a window moving by one
+  token, every token after the first scored after up to `context - 1` tokens before it.
 
 perplexity = exp(total NLL / scored tokens); bits per byte = total NLL / ln 2 / UTF-8 bytes of
 the text, comparable across tokenizers (reported when every token is scored).
@@ -115,6 +117,37 @@ def rnn_perplexity(model: nn.Module, stream: LMText, context: int, progress=None
                 progress(count)
     out = _summary(nll_sum, n, stream, math.ceil((len(ids) - 1) / context))
     out["per_window"] = per_chunk
+    return out
+
+
+@torch.no_grad()
+def next_token_perplexity(model: nn.Module, stream: LMText, context: int, batch_size: int = 16,
+                          progress=None) -> dict:
+    """A model that predicts only the token after its input: token t (t >= 1) read after the window
+    ids[max(0, t - context + 1): t]. Windows of one length batch together (only the first
+    `context - 2` are shorter); bootstrap units are runs of `context` consecutive scored tokens."""
+    if context < 2:
+        raise TritpressError(f"need context >= 2 (got {context})")
+    ids = stream.ids
+    targets = list(range(1, len(ids)))
+    groups: dict[int, list[int]] = {}
+    for t in targets:
+        groups.setdefault(min(t, context - 1), []).append(t)
+    batches = [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    results = {}
+    for i in distributed.my_batches(len(batches)):
+        batch = batches[i]
+        width = min(batch[0], context - 1)
+        out = modelio.logits(model, torch.stack([ids[t - width: t] for t in batch]))
+        nll = F.cross_entropy(out.double(), ids[batch].to(out.device), reduction="none")
+        results[i] = [(float(x), 1) for x in nll]
+        if progress:
+            progress(len(batch))
+    items = distributed.gather_by_batch(results)  # batches are in target order: so are the items
+    nll_sum = sum(x for x, _ in items)
+    out = _summary(nll_sum, len(items), stream, len(targets))
+    out["per_window"] = [(sum(x for x, _ in items[j:j + context]), len(items[j:j + context]))
+                         for j in range(0, len(items), context)]
     return out
 
 

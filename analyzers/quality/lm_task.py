@@ -1,6 +1,7 @@
 """The language-modeling task: read the texts, run a model over them (perplexity, bits per byte).
 
-A causal LM, a masked LM (pseudo-perplexity) or an RNN LM is scored with its own head; an
+A causal LM, a masked LM (pseudo-perplexity), an RNN LM or a model that predicts only the next
+token (one window per token) is scored with its own head; an
 encoder without an LM head gets the masked-LM probe (analyzers/quality/lm.py). One job per
 --lm-data text, labelled lm:<dataset>."""
 from __future__ import annotations
@@ -48,20 +49,30 @@ def _texts(spec: str, task, cfg) -> list[str]:
     return read_texts(f"{name}:{config}" if config else name, split, cfg.lm_text_column)
 
 
-def _encoder(model, tokenizer, texts: list[str], kind: str):
-    """(text -> token ids, BOS id to prepend or None)."""
+def _encoder(model, tokenizer, texts: list[str], kind: str, vocab: str | None = None):
+    """(text -> token ids, BOS id to prepend or None): the --vocab vocabulary, else the tokenizer."""
+    from tritpress.compressor.data import TokenVocab, tokenizer_fn
+    if vocab:
+        return TokenVocab.read(vocab, heads.vocab_size(model)).encode, None
     if tokenizer is not None:
         encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
         return encode, tokenizer.bos_token_id if kind == "causal" else None
     # no tokenizer (e.g. an LSTM LM): a word vocabulary from the text, sized by the embedding
-    from tritpress.compressor.data import tokenizer_fn
     return tokenizer_fn(None, texts, heads.vocab_size(model)), None
 
 
+def check_lm(task, model, tokenizer, data: TaskData, cfg) -> None:
+    """Before any model runs: a --vocab file that cannot be read, or does not fit the model, is refused."""
+    if cfg.vocab:
+        from tritpress.compressor.data import TokenVocab
+        TokenVocab.read(cfg.vocab, heads.vocab_size(model))
+
+
 def _window(model, kind: str, cfg) -> tuple[int, int]:
-    """(context, stride) in tokens: the flags, else what suits the model."""
+    """(context, stride) in tokens: the flags, else what suits the model (a next-token-only model
+    runs one forward per token: 128)."""
     limit = heads.max_positions(model)
-    context = cfg.context or (128 if kind == "masked" else min(1024, limit or 1024))
+    context = cfg.context or (128 if kind in ("masked", "next") else min(1024, limit or 1024))
     if limit and context > limit:
         raise TritpressError(f"--context {context} exceeds the model's {limit} positions")
     return context, cfg.stride or (context // 2 if kind == "causal" else context)
@@ -71,11 +82,11 @@ def run_lm(task, model, tokenizer, data: TaskData, cfg, desc: str) -> dict:
     kind = "masked" if data.train is not None else heads.lm_kind(model)
     if kind is None:
         raise TritpressError(f"{type(model).__name__} has no language-model head (causal, masked or RNN)")
-    encode, bos = _encoder(model, tokenizer, data.test, kind)
+    encode, bos = _encoder(model, tokenizer, data.test, kind, cfg.vocab)
     stream = lm.build_stream(data.test, encode, cfg.lm_tokens, bos)
     context, stride = _window(model, kind, cfg)
     protocol = {"kind": kind, "context": context, "tokens": len(stream.ids), "bytes": stream.n_bytes,
-                "lines": stream.n_lines, "bos_prepended": bos is not None}
+                "lines": stream.n_lines, "bos_prepended": bos is not None, "vocab": cfg.vocab}
     unit_total = len(stream.ids) if kind != "masked" or not cfg.mlm_positions else min(cfg.mlm_positions,
                                                                                         len(stream.ids))
     with progress_bar(desc, unit_total, "tok", cfg.quiet) as update:
@@ -85,6 +96,9 @@ def run_lm(task, model, tokenizer, data: TaskData, cfg, desc: str) -> dict:
                                      lambda n: update(min(stride, unit_total) * n))
         elif kind == "rnn":
             m = lm.rnn_perplexity(model, stream, context, update)
+        elif kind == "next":
+            protocol["stride"] = 1
+            m = lm.next_token_perplexity(model, stream, context, cfg.batch_size, update)
         else:
             m = _masked(task, model, tokenizer, stream, encode, data.train, context, cfg, protocol, update)
     protocol.update(scored_tokens=m["scored_tokens"], windows=m["windows"])

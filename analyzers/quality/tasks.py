@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from . import metrics as m
 from .cls_task import check_cls, read_cls, run_cls
-from .lm_task import needs_lm_probe, read_lm, run_lm
+from .lm_task import check_lm, needs_lm_probe, read_lm, run_lm
 from .qa_task import read_qa, run_qa
 from .registry import Task, register
 from .tok_task import check_tok, read_tok, run_tok
@@ -18,7 +18,7 @@ from .tok_task import check_tok, read_tok, run_tok
 LM = register(Task(
     "lm", "language modeling", (m.PERPLEXITY, m.BITS_PER_BYTE), read_lm, run_lm,
     data_key="lm_data", train_key="lm_train", default_data="wikitext:wikitext-2-raw-v1", eval_split="test",
-    needs_probe=needs_lm_probe, probe_epochs=5))
+    needs_probe=needs_lm_probe, probe_epochs=5, check=check_lm))
 
 CLS = register(Task(
     "cls", "text classification", (m.ACCURACY, m.MACRO_F1, m.F1), read_cls, run_cls,
