@@ -65,7 +65,7 @@ class EvalConfig:
     # sample counts (0 = all): evaluation examples, and probe-training examples
     max_samples: int = 0                 # evaluate at most N examples per task, seeded subsample; 0 = all
     probe_samples: int = 0               # train probes on at most N examples; 0 = all
-    lm_tokens: int = 0                   # evaluate at least N LM tokens, whole lines; 0 = all
+    lm_tokens: int = 0                   # score N LM tokens (the text is cut inside the line that reaches N); 0 = all
     context: int = 0                     # LM window in tokens; 0 = min(1024, model positions)
     stride: int = 0                      # LM window stride; 0 = context/2 for causal LMs
     mlm_positions: int = 1024            # masked LMs: tokens scored for pseudo-perplexity; 0 = all
