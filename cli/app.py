@@ -57,6 +57,11 @@ COMMANDS: dict[str, tuple[Callable[[], Callable], str]] = {
 }
 
 
+class Interrupted(Exception):
+    """Ctrl-C in a command (typer would turn the KeyboardInterrupt into a silent exit 130); its message
+    is the interrupt's, e.g. compressor.errors.TrainingInterrupted's step and how to continue."""
+
+
 class App(TyperGroup):
     """The command group: routes `compress MODEL ...` to `run`, loads a command when it is used."""
 
@@ -64,6 +69,12 @@ class App(TyperGroup):
         if args and args[0] not in COMMANDS and args[0] not in ("--help", "-h"):
             args = ["run", *args]
         return super().parse_args(ctx, args)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            raise Interrupted(str(e) or "interrupted") from e
 
     def collect_usage_pieces(self, ctx) -> list[str]:
         return [self.subcommand_metavar]  # the group itself has no option but --help

@@ -29,12 +29,14 @@ def _command():
     return command()
 
 
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     if not args:
         args = ["--help"]
     debug = "--debug" in args
     command = _command()
+    from tritpress.cli.app import Interrupted  # loaded by _command() already
     try:
         rc = command.main(args=args, prog_name="compress", standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
@@ -46,8 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     except _click_exceptions("ClickException") as e:
         print(f"compress: error: {e.format_message()}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("compress: interrupted", file=sys.stderr)
+    except (KeyboardInterrupt, Interrupted) as e:  # Ctrl-C; after training's, at which step and how to go on
+        print(f"compress: {e or 'interrupted'}", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
         if debug:

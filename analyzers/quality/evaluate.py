@@ -243,7 +243,7 @@ def _out_dir(cfg: EvalConfig, info: dict) -> Path:
 def evaluate(cfg: EvalConfig) -> dict:
     """Score the baseline and the compressed model on every task, gate, write the report files."""
     from tritpress.compressor.distributed import init_distributed
-    from tritpress.compressor.fileio import refuse_overwrite_input
+    from tritpress.compressor.fileio import check_writable, refuse_overwrite_input
 
     ctx = init_distributed()
     torch.manual_seed(cfg.seed)
@@ -253,6 +253,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     comp.to(device)
     out = _out_dir(cfg, info)
     refuse_overwrite_input([out / "report.json", out / "report.md"], [cfg.compressed, info["baseline"]])
+    check_writable(out, "--out")
     jobs = read_jobs(cfg, base.model, tokenizer)
     check_jobs(jobs, (base.model, comp), tokenizer, cfg)
     tasks, rows = score_all(jobs, (base.model, comp), tokenizer, cfg)
