@@ -29,6 +29,7 @@ def analyze(
     similarity and the measured loss increase of tying each pair of blocks."""
     from tritpress.analyzers.redundancy import analyze_model, table
     from tritpress.compressor.errors import TritpressError
+    from tritpress.compressor.fileio import check_writable
     from tritpress.compressor.share import SharingConfig
 
     if "data" not in flags["sharing"]:
@@ -37,6 +38,7 @@ def analyze(
         cfg = SharingConfig(**flags["sharing"])
     except ValueError as e:
         raise TritpressError(str(e)) from e
+    check_writable(out, "--out")
     result, files = analyze_model(model, cfg, out, config, trust_pickle)
     if json_out:
         typer.echo(json.dumps(result, indent=2))

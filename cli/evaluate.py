@@ -96,9 +96,11 @@ def finetune_head_command(
     """Fine-tune MODEL with a task head (a task-finetuned baseline to compress and evaluate); with --dev,
     the best dev checkpoint is saved."""
     from tritpress.analyzers.quality.finetune import FinetuneConfig
+    from tritpress.compressor.fileio import check_writable
 
     quiet_libraries()
     cfg = FinetuneConfig(model=model, **flags["finetune"])
+    check_writable(cfg.out, "--out")
     typer.echo(finetune_summary(cfg, run_finetune(cfg)))
 
 

@@ -44,11 +44,14 @@ def export(
 def run_export(packed: str, onnx: str, cfg, quiet: bool, load) -> dict:
     """Load the packed file (into the --skeleton class, for a custom nn.Module) and export it;
     progress lines on stdout unless quiet."""
-    from tritpress.compressor.fileio import refuse_overwrite_input
+    from pathlib import Path
+
+    from tritpress.compressor.fileio import check_writable, refuse_overwrite_input
     from tritpress.exporters.onnx import export_onnx
     from tritpress.exporters.packed import load_packed
 
     refuse_overwrite_input([onnx], [packed])
+    check_writable(Path(onnx).parent, "--onnx")
     model = load_packed(packed, skeleton=load.model_skeleton())
     log = (lambda line: None) if quiet else typer.echo
     return export_onnx(model, onnx, cfg, packed_path=packed, log=log)

@@ -25,10 +25,9 @@ def _command():
     """The click command of the app, imported after the environment is set (torch imports tqdm)."""
     from tritpress.cli.runtime import disable_library_progress_bars
     disable_library_progress_bars()
-    import typer
+    from tritpress.cli.app import command
+    return command()
 
-    from tritpress.cli.app import app
-    return typer.main.get_command(app)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         args = ["--help"]
     debug = "--debug" in args
     command = _command()
-    from tritpress.compressor.errors import TritpressError  # imports torch: after _command()
+    from tritpress.cli.app import Interrupted  # loaded by _command() already
     try:
         rc = command.main(args=args, prog_name="compress", standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
@@ -49,21 +48,24 @@ def main(argv: list[str] | None = None) -> None:
     except _click_exceptions("ClickException") as e:
         print(f"compress: error: {e.format_message()}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("compress: interrupted", file=sys.stderr)
+    except (KeyboardInterrupt, Interrupted) as e:  # Ctrl-C; after training's, at which step and how to go on
+        print(f"compress: {e or 'interrupted'}", file=sys.stderr)
         sys.exit(130)
-    except TritpressError as e:
+    except Exception as e:
         if debug:
             raise
-        print(f"compress: error: {e}", file=sys.stderr)
+        print(f"compress: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(1)
-    except Exception as e:  # a bug, or a library failing on odd input: still one line
-        if debug:
-            raise
-        first = str(e).splitlines()[0] if str(e) else ""
-        print(f"compress: error: {type(e).__name__}: {first} (re-run with --debug for the traceback)",
-              file=sys.stderr)
-        sys.exit(1)
+
+
+def _one_line(e: Exception) -> str:
+    """A TritpressError as it is; anything else (a bug, or a library failing on odd input) with its class."""
+    from tritpress.compressor.errors import TritpressError  # imports torch: only once something failed
+
+    if isinstance(e, TritpressError):
+        return str(e)
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first} (re-run with --debug for the traceback)"
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from tritpress.exporters.onnx import OnnxConfig
 
 from tritpress.compressor.config import TernaryConfig
 from tritpress.compressor.errors import TritpressError
-from tritpress.compressor.fileio import refuse_overwrite_input, write_json
+from tritpress.compressor.fileio import check_writable, refuse_overwrite_input, write_json
 from tritpress.compressor.ingest import load_model
 from tritpress.compressor.share import SharingConfig
 from tritpress.compressor.train import TrainConfig
@@ -79,6 +79,9 @@ class Listener:
     def step(self, entry: dict, total: int) -> None:
         pass
 
+    def note(self, line: str) -> None:
+        """A line the user should see (e.g. the step --resume continues from)."""
+
 
 @dataclass
 class RunState:
@@ -118,6 +121,7 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
 
     run = RunState(cfg, init_distributed(), listener or Listener(), cfg.out_dir())
     refuse_overwrite_input([run.packed_path, run.report_path, run.out / ONNX_NAME], [cfg.model, cfg.config])
+    check_writable(run.out, "--out")
     run.loaded, run.vocab = timed(run, "ingest", ingest)
     run.start = run.loaded.model  # the original stays untouched: it is the teacher
     if cfg.sharing.active:
@@ -147,12 +151,28 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
 
 
 def timed(run: RunState, name: str, stage: Callable[[RunState], object]):
-    """Announce the stage, run it, record its wall time in run.timings[name]."""
+    """Announce the stage, run it, record its wall time in run.timings[name]. A library failing on odd
+    input (a raw KeyError, ValueError...) becomes one line naming the stage and the inputs it read."""
     run.listener.stage(name)
     t0 = time.perf_counter()
-    findings = stage(run)
+    try:
+        findings = stage(run)
+    except TritpressError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise TritpressError(f"stage {name} failed on {_stage_inputs(run.cfg, name)}: {type(e).__name__}: "
+                             f"{first} (check that input; --debug shows the traceback)") from e
     run.timings[name] = round(time.perf_counter() - t0, 3)
     return findings
+
+
+def _stage_inputs(cfg: CompressConfig, name: str) -> str:
+    """What a stage reads, as the user named it."""
+    data = {"share": ("--share-data", cfg.sharing.data or cfg.train.data),
+            "train": ("--data", cfg.train.data), "evaluate": ("--tasks", cfg.tasks)}.get(name)
+    model = f"MODEL {cfg.model}" + (f" (--config {cfg.config})" if cfg.config else "")
+    return f"{data[0]} {data[1]} with {model}" if data and data[1] else model
 
 
 # ------------------------------------------------------------------ stages
@@ -223,7 +243,8 @@ def fine_tune(run: RunState) -> tuple[nn.Module | None, dict]:
     student = prepare(copy.deepcopy(run.start), cfg.quant)  # from the tied model when sharing
     quality = _quality_before(run, quality_of, student) if ctx.is_main else {}
     result = train_qat(student, teacher, structure, train, tcfg, run.out / "train", ctx,
-                       on_step=lambda entry: run.listener.step(entry, tcfg.steps))
+                       on_step=lambda entry: run.listener.step(entry, tcfg.steps),
+                       on_resume=lambda step: run.listener.note(_resume_line(step, tcfg, run.out / "train")))
     if not ctx.is_main:
         return None, result.findings  # rank 0 packs and reports
     if result.full_state is not None:  # FSDP left the student sharded: rebuild a plain one
@@ -394,6 +415,12 @@ def _qat_probe(cfg: CompressConfig, loaded, ctx, blocks) -> Callable:
             train_qat(student, teacher, structure, blocks, tcfg, tmp, ctx)
         return convert(student)
     return probe
+
+
+def _resume_line(step: int, tcfg: TrainConfig, state_dir: Path) -> str:
+    if step == 0:
+        return f"--resume: no training checkpoint in {state_dir}; starting at step 0"
+    return f"resuming from step {step} of {tcfg.steps} (checkpoint in {state_dir})"
 
 
 def _resolved_train_config(cfg: CompressConfig, teacher: nn.Module) -> TrainConfig:

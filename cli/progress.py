@@ -17,6 +17,10 @@ class PlainListener:
         if not self.quiet:
             print(f"[{name}]", file=sys.stderr, flush=True)
 
+    def note(self, line):
+        if not self.quiet:
+            print(line, file=sys.stderr, flush=True)
+
     def step(self, e, total):
         if not self.quiet and (e["step"] == 1 or e["step"] % 10 == 0 or e["step"] == total):
             print(f"step {e['step']}/{total} loss {e['loss']:.4f} lambda {e['lambda']:.2f} lr {e['lr']:.2e} "
@@ -55,5 +59,8 @@ def _rich_listener(progress):
             progress.update(task, total=total, completed=e["step"],
                             info=f"loss {e['loss']:.4f} λ {e['lambda']:.2f} lr {e['lr']:.1e} "
                                  f"{e['tokens_per_s']:.0f} tok/s{_examples_rate(e)}")
+
+        def note(self, line):
+            progress.console.print(line, markup=False, highlight=False)
 
     return RichListener()

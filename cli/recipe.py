@@ -19,6 +19,7 @@ from tritpress.exporters.onnx import OnnxConfig
 
 from tritpress.compressor.config import TernaryConfig
 from tritpress.compressor.errors import TritpressError
+from tritpress.compressor.fileio import read_text_file
 from .pipeline import CompressConfig
 from tritpress.compressor.share import SharingConfig
 from tritpress.compressor.train import TrainConfig
@@ -33,7 +34,7 @@ def read_recipe(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise TritpressError(f"no such recipe file: {path}")
-    text = p.read_text()
+    text = read_text_file(p, "recipe")
     try:
         if p.suffix in (".yaml", ".yml"):
             import yaml  # optional: only needed for YAML recipes

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from .errors import TritpressError
+from .fileio import read_text_file
 
 TEXT_SUFFIXES = (".txt", ".tokens", ".raw")
 TABULAR = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
@@ -43,7 +44,7 @@ def read_texts(spec: str, split: str = "train", column: str = "text") -> list[st
     suffix = path.suffix.lower()
     if path.is_file():
         if suffix in ("", *TEXT_SUFFIXES):
-            return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return [line for line in read_text_file(path, "data file").splitlines() if line.strip()]
         if suffix not in TABULAR:
             raise TritpressError(f"unsupported data file {path.name}: use .txt, .jsonl, .json, .csv, .tsv, .parquet")
         kw = {"delimiter": "\t"} if suffix == ".tsv" else {}

@@ -7,7 +7,6 @@ bundled `pkg:NAME` models.
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import pickletools
@@ -22,6 +21,7 @@ from torch import nn
 
 from .bundled import resolve_bundled
 from .errors import TritpressError, UnsafeCheckpointError
+from .fileio import read_json_file
 
 TRUST_FLAG = "--trust-pickle"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -225,10 +225,7 @@ def _first_mismatch(message: str) -> str:
 
 
 def _load_state_dict_with_config(path: Path, config_path: str) -> LoadedModel:
-    try:
-        config_dict = json.loads(Path(config_path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise TritpressError(f"cannot read config {config_path}: {e}") from e
+    config_dict = read_json_file(config_path, "--config")
     state = _load_state_dict_file(path)
     model = build_from_config(config_dict, _best_fitting_class(config_dict, state))
     try:

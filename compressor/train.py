@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import DistContext
-from .errors import TritpressError
+from .errors import TrainingInterrupted, TritpressError
 from .fileio import atomic_path, write_json
 from .modelio import BlockOutputs, ModelIO, eager_attention, nmse, task_forward
 from .structure import ModelStructure
@@ -502,14 +502,16 @@ def _train_steps(run: _Run, data, start: int, curve: list, on_step: Callable[[di
 
 def train_qat(student: nn.Module, teacher: nn.Module, structure: ModelStructure,
               train_data: "torch.Tensor | ExampleSource", cfg: TrainConfig, state_dir: str | os.PathLike,
-              ctx: DistContext | None = None, on_step: Callable[[dict], None] | None = None) -> TrainResult:
+              ctx: DistContext | None = None, on_step: Callable[[dict], None] | None = None,
+              on_resume: Callable[[int], None] | None = None) -> TrainResult:
     """Fine-tune the prepared `student` in place against the frozen `teacher`, on the process's
     device (its GPU under CUDA, bf16 autocast), and leave it on the CPU. `train_data` is LM text
     cut into token blocks [N, seq_len], or a task's examples (`ExampleSource`: distilled through
     the model's own head, see the module docstring). Returns the findings (curves, timings,
     final losses) and, under FSDP, the gathered weights. `cfg` must be `resolved()`. The teacher
     comes back unchanged. `on_step(entry)` runs on rank 0 after each step (and its checkpoint,
-    when one is due)."""
+    when one is due); with `cfg.resume`, `on_resume(step)` first, with the step it continues after
+    (0: no checkpoint). Ctrl-C raises TrainingInterrupted, saying where a --resume would continue."""
     ctx = ctx or DistContext()
     batch = _per_process_batch(cfg, ctx)  # a bad split is refused before the models move
     io = ModelIO.discover(student, structure)
@@ -518,7 +520,12 @@ def train_qat(student: nn.Module, teacher: nn.Module, structure: ModelStructure,
     with _borrowed(teacher, ctx.device), (eager_attention(teacher, student) if attend else nullcontext()):
         run = _setup(student, teacher, io, cfg, ctx, batch, state_dir, task)
         start, curve = _resume(run)
-        t0 = _train_steps(run, train_data, start, curve, on_step)
+        if cfg.resume and on_resume and ctx.is_main:
+            on_resume(start)
+        try:
+            t0 = _train_steps(run, train_data, start, curve, on_step)
+        except KeyboardInterrupt:
+            raise _interrupted(run, len(curve), start) from None
         set_lambda(student, 1.0)
         for hooks in run.blocks:
             hooks.remove()
@@ -528,6 +535,18 @@ def train_qat(student: nn.Module, teacher: nn.Module, structure: ModelStructure,
     else:
         student.to("cpu")  # convert and pack run on the CPU
     return TrainResult(_findings(run, curve, start, t0, len(train_data)), full_state)
+
+
+def _interrupted(run: _Run, done: int, start: int) -> TrainingInterrupted:
+    """Ctrl-C after `done` finished steps: the step a --resume continues from is the last checkpoint,
+    which may be behind (a step cut short by Ctrl-C is not saved: its update may be half applied)."""
+    every = run.cfg.checkpoint_every
+    saved = max(done // every * every if every else 0, start)
+    if saved:
+        return TrainingInterrupted(f"interrupted at step {done}; rerun with --resume (it continues from step "
+                                   f"{saved}, the last checkpoint in {run.state_dir})")
+    return TrainingInterrupted(f"interrupted at step {done}, before the first checkpoint (--checkpoint-every "
+                               f"{every}): a rerun starts from step 0")
 
 
 def _findings(run: _Run, curve: list, start: int, t0: float, n_train: int) -> dict:

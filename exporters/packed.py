@@ -29,9 +29,9 @@ from tritpress.compressor.config import TernaryConfig
 from tritpress.compressor.errors import CorruptCheckpointError, TritpressError
 from tritpress.compressor.fileio import atomic_path
 from tritpress.compressor.ingest import SourceInfo, build_from_config
-from tritpress.compressor.layers import WeightFormat
+from tritpress.compressor.layers import QTensor, WeightFormat
 from tritpress.compressor.share import rebuild_wrappers, sharing_meta
-from tritpress.compressor.structure import BlockStack, LayerInfo, ModelStructure
+from tritpress.compressor.structure import BlockStack, LayerInfo, ModelStructure, set_submodule
 from tritpress.compressor.transform import (QuantRecord, _set_record, build_empty, get_record, qtensor_formats,
                                   storage_dtypes, tie_groups)
 
@@ -342,4 +342,16 @@ def load_packed(path, skeleton: nn.Module | None = None) -> nn.Module:
         raise TritpressError(f"{path} does not fit the model skeleton, a {type(model).__name__} (on the command "
                              f"line: {SKELETON_FLAG}): {_first_line(e)}") from e
     retie(model, meta["tie_map"])
+    retie_qtensors(model)
     return model.eval()
+
+
+def retie_qtensors(model: nn.Module) -> None:
+    """Make QTensors whose codes and scales are tied one module again, as convert left them: the ONNX
+    export recognises a head tied to its embedding by the QTensor they share, and stores the table once."""
+    first: dict[tuple[int, int], QTensor] = {}
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(m, QTensor):
+            one = first.setdefault((id(m.codes), id(m.scale)), m)
+            if one is not m:
+                set_submodule(model, name, one)

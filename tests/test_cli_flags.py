@@ -220,3 +220,29 @@ def test_main_disables_library_progress_bars_before_they_load():
                    "import tqdm\n"
                    "assert tqdm.tqdm(total=2).disable\n")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_top_level_help_points_at_the_pipeline_options_without_importing_torch():
+    """`compress --help` is read first: it names the main job and where its options are, and lists
+    the commands from cli/app.COMMANDS without loading their modules (torch takes seconds to import)."""
+    proc = _python("import sys\n"
+                   "from tritpress.cli.main import main\n"
+                   "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+                   "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'tritpress' in m)\n")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "Usage: compress MODEL [OPTIONS] | COMMAND [ARGS]..."
+    assert "compress run --help" in " ".join(lines[1:4])
+    from tritpress.cli.app import COMMANDS
+    listed = proc.stdout.split("Commands:")[1]
+    assert all(name in listed for name in COMMANDS)
+
+
+def test_every_command_loads_and_its_listed_line_fits_its_docstring(capsys):
+    """The table's one-line summaries stand in for the docstrings at `compress --help`: every command
+    still answers its own --help, with its full docstring."""
+    from tritpress.cli.app import COMMANDS
+    for name, (load, line) in COMMANDS.items():
+        code, out, _ = run_cli([name, "--help"], capsys)
+        assert code == 0 and out.startswith(f"Usage: compress {name} ")
+        assert load().__doc__.split()[0] in out and line.endswith(".")

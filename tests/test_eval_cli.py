@@ -181,6 +181,22 @@ def test_own_heads_are_used(files, tmp_path):
         assert all(r["head"] == "own" and r["delta"] == 0 for r in report["rows"])
 
 
+@pytest.mark.parametrize("tokens", [50, 117])
+def test_lm_tokens_scores_the_number_asked_for(gpt2_dirs, files, tmp_path, capsys, tokens):
+    """Lines of hundreds of tokens: the text is cut inside the line that reaches N, not after it."""
+    good, _ = gpt2_dirs
+    lines = files.joinpath("lm.txt").read_text().splitlines()
+    long_lines = tmp_path / "long.txt"
+    long_lines.write_text("\n".join(" ".join(lines[i::3]) for i in range(3)) + "\n")  # ~100 words a line
+    code, _, err = run_cli(["evaluate", good, "--baseline", good, "--out", tmp_path / "e", "--tasks", "lm",
+                            "--lm-data", long_lines, "--lm-tokens", tokens, "--context", 32, "--no-plots"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    prot = next(iter(report["tasks"].values()))["compressed"]["protocol"]
+    assert prot["scored_tokens"] == tokens and prot["lines"] == (1 if tokens < 100 else 2)
+    assert 0 < prot["bytes"] < len("\n".join(long_lines.read_text().splitlines()[:prot["lines"]]))
+
+
 def test_errors_are_one_line(gpt2_dirs, files, tmp_path, capsys):
     good, _ = gpt2_dirs
     for args, msg in (

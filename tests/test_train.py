@@ -363,6 +363,32 @@ def test_kill_then_resume_matches_an_uninterrupted_run(work):
     assert report(out)["training"]["resumed_from"] == 3
 
 
+def test_ctrl_c_says_the_step_and_resume_says_where_it_continues(work, monkeypatch):
+    from tritpress.compressor import train
+
+    args = [*_base(work), "--steps", 4, "--seq-len", 32, "--batch-size", 4, "--checkpoint-every", 2,
+            "--out", work / "ctrl_c"]
+    step = train._step
+
+    def ctrl_c_in_step_4(run, i, data):
+        if i == 3:
+            raise KeyboardInterrupt
+        return step(run, i, data)
+    monkeypatch.setattr(train, "_step", ctrl_c_in_step_4)
+    code, _, err = cli(args)
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(
+        "compress: interrupted at step 3; rerun with --resume (it continues from step 2, the last checkpoint")
+    monkeypatch.setattr(train, "_step", step)
+    code, _, err = cli([*args, "--resume"])
+    assert code == 0, err
+    assert f"resuming from step 2 of 4 (checkpoint in {work / 'ctrl_c' / 'train'})" in err
+    assert report(work / "ctrl_c")["training"]["resumed_from"] == 2
+    code, _, err = cli([*_base(work), "--steps", 1, "--seq-len", 32, "--batch-size", 4, "--resume",
+                        "--out", work / "fresh"])
+    assert code == 0 and "--resume: no training checkpoint in" in err, err
+
+
 def test_elastic_restart_after_a_worker_dies(work, run_ddp):
     out = work / "elastic"
     p = cli_proc([*_base(work), "--out", out, "--steps", 4, "--seq-len", 32, "--batch-size", 4,

@@ -81,6 +81,22 @@ def make_llama(tie: bool):
     return LlamaForCausalLM(llama_config(tie)).eval()
 
 
+def make_large_logit_decoder(seed: int = 0):
+    """(Not in FACTORIES: the parametrized tests over every model need no model this wide.) A Gemma-3-like tied decoder whose logits reach about +-50: a LLaMA with tied embedding/head and
+    norm weights scaled up (Gemma's norms are large), wide enough (hidden 256) that fp32 rounding and
+    int8 activations move the logits by more than an absolute 1e-4 / a few % of their range."""
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(True, hidden_size=256, intermediate_size=512, vocab_size=256,
+                                          num_hidden_layers=4)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.mul_(20.0)
+        model.model.norm.weight.mul_(40.0)
+    return model
+
+
 def make_lstm(**kw):
     return LSTMLM(**kw).eval()
 

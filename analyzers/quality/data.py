@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tritpress.compressor.errors import TritpressError
+from tritpress.compressor.fileio import read_json_file, read_text_file
 
 from .metrics import TAG_SCHEMES, detect_scheme, to_iob2
 
@@ -158,17 +159,24 @@ def _file(spec: str) -> Path:
 def _rows(path: Path) -> list[dict]:
     """Rows of a .tsv (GLUE: header row, no quoting), .csv, .jsonl or .json list."""
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text_file(path, "data file", encoding="utf-8-sig")
     if suffix == ".tsv":
         return list(csv.DictReader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
     if suffix == ".csv":
         return list(csv.DictReader(text.splitlines()))
     if suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [_json(line, f"{path} line {i + 1}") for i, line in enumerate(text.splitlines()) if line.strip()]
     if suffix == ".json":
-        data = json.loads(text)
+        data = _json(text, str(path))
         return data if isinstance(data, list) else data.get("data", [])
     raise TritpressError(f"unsupported data file {path.name}: use .tsv, .csv, .jsonl or .json")
+
+
+def _json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TritpressError(f"data file {where} is not valid JSON: {e}") from None
 
 
 def _column(rows: list[dict], name: str, spec: str) -> list:
@@ -243,14 +251,18 @@ def read_conll(path: Path, tag_column: int = -1) -> TokData:
             sent_t.clear()
 
     opener = __import__("gzip").open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            parts = line.split()
-            if not parts or parts[0] == "-DOCSTART-":
-                flush()
-                continue
-            sent_w.append(parts[0])
-            sent_t.append(parts[tag_column])
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                parts = line.split()
+                if not parts or parts[0] == "-DOCSTART-":
+                    flush()
+                    continue
+                sent_w.append(parts[0])
+                sent_t.append(parts[tag_column])
+    except UnicodeDecodeError:
+        read_text_file(path, "data file")  # raises the one-line message naming the file
+        raise
     flush()
     return TokData(words, tags)
 
@@ -326,7 +338,7 @@ def read_qa(spec: str, split: str) -> QAData:
                     raise TritpressError(f"{spec} should hold exactly one .json file (found {len(members)})")
                 return _squad_json(json.loads(z.read(members[0])))
         if path.suffix.lower() == ".json":
-            return _squad_json(json.loads(path.read_text(encoding="utf-8")))
+            return _squad_json(read_json_file(path, "data file"))
         return _hf_rows(_rows(path))
     return _hf_rows(load_hf(spec, split))
 

@@ -70,7 +70,7 @@ class EvalConfig:
     # sample counts (0 = all): evaluation examples, and probe-training examples
     max_samples: int = 0                 # evaluate at most N examples per task, seeded subsample; 0 = all
     probe_samples: int = 0               # train probes on at most N examples; 0 = all
-    lm_tokens: int = 0                   # evaluate at least N LM tokens, whole lines; 0 = all
+    lm_tokens: int = 0                   # score N LM tokens (the text is cut inside the line that reaches N); 0 = all
     context: int = 0                     # LM window in tokens; 0 = min(1024, model positions)
     stride: int = 0                      # LM window stride; 0 = context/2 for causal LMs
     mlm_positions: int = 1024            # masked LMs: tokens scored for pseudo-perplexity; 0 = all
@@ -251,7 +251,7 @@ def _out_dir(cfg: EvalConfig, info: dict) -> Path:
 def evaluate(cfg: EvalConfig) -> dict:
     """Score the baseline and the compressed model on every task, gate, write the report files."""
     from tritpress.compressor.distributed import init_distributed
-    from tritpress.compressor.fileio import refuse_overwrite_input
+    from tritpress.compressor.fileio import check_writable, refuse_overwrite_input
 
     ctx = init_distributed()
     torch.manual_seed(cfg.seed)
@@ -261,6 +261,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     comp.to(device)
     out = _out_dir(cfg, info)
     refuse_overwrite_input([out / "report.json", out / "report.md"], [cfg.compressed, info["baseline"]])
+    check_writable(out, "--out")
     jobs = read_jobs(cfg, base.model, tokenizer)
     check_jobs(jobs, (base.model, comp), tokenizer, cfg)
     tasks, rows = score_all(jobs, (base.model, comp), tokenizer, cfg)

@@ -39,8 +39,9 @@ class LMText:
 
 def build_stream(texts: list[str], encode: Callable[[str], list[int]], max_tokens: int = 0,
                  bos: int | None = None) -> LMText:
-    """Lines joined by newlines, cut after the line that reaches `max_tokens` (0 = all), so the
-    byte count is exactly that of the text the ids encode."""
+    """Lines joined by newlines; with `max_tokens`, cut inside the line that reaches it so that the
+    stream scores exactly `max_tokens` tokens (every token after the first; a line can hold thousands),
+    and the byte count is exactly that of the text the ids encode."""
     lines, n = [], 0
     for line in texts:
         lines.append(line)
@@ -48,10 +49,24 @@ def build_stream(texts: list[str], encode: Callable[[str], list[int]], max_token
         if max_tokens and n >= max_tokens:
             break
     text = "\n".join(lines)
+    if max_tokens:  # the first token is context only, unless a BOS is prepended
+        text = _prefix_with_tokens(text, encode, max_tokens + (0 if bos is not None else 1))
     ids = ([bos] if bos is not None else []) + encode(text)
     if len(ids) < 2:
         raise TritpressError("the language-modeling text has fewer than two tokens")
-    return LMText(torch.tensor(ids, dtype=torch.long), len(text.encode("utf-8")), len(lines))
+    return LMText(torch.tensor(ids, dtype=torch.long), len(text.encode("utf-8")), text.count("\n") + 1)
+
+
+def _prefix_with_tokens(text: str, encode: Callable[[str], list[int]], tokens: int) -> str:
+    """The longest prefix of `text` that encodes to at most `tokens` ids (binary search on its length:
+    a longer prefix never encodes to fewer tokens, give or take a merge at the cut)."""
+    if len(encode(text)) <= tokens:
+        return text
+    lo, hi = 0, len(text)  # encode(text[:lo]) fits, encode(text[:hi]) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if len(encode(text[:mid])) <= tokens else (lo, mid)
+    return text[:lo]
 
 
 def sliding_windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
