@@ -2,7 +2,8 @@
 
 Tensors:
 - ternary codes -> uint8, 5 trits per byte (`encoding: trits5`), flat row-major;
-- int4 codes -> uint8, 2 per byte (`int4x2`); int8 codes -> int8 (`raw`);
+- int4 codes -> uint8, 2 per byte (`int4x2`); int2 codes -> uint8, 4 per byte (`int2x4`);
+  int8 codes -> int8 (`raw`);
 - scales and float tensors -> their storage dtype (`raw`).
 Every tensor is stored once: aliases (tied or shared weights) are listed in
 `tie_map` and re-tied on load. The JSON metadata (key `tritpress`) also holds the
@@ -31,7 +32,8 @@ from tritpress.compressor.structure import BlockStack, LayerInfo, ModelStructure
 from tritpress.compressor.transform import (QuantRecord, _set_record, build_empty, get_record, qtensor_formats,
                                   storage_dtypes, tie_groups)
 
-from .packing import pack_int4, pack_trits, packed_int4_size, packed_trits_size, unpack_int4, unpack_trits
+from .packing import (pack_int2, pack_int4, pack_trits, packed_int2_size, packed_int4_size, packed_trits_size,
+                      unpack_int2, unpack_int4, unpack_trits)
 
 FORMAT = "tritpress.packed"
 FORMAT_VERSION = 1
@@ -66,6 +68,8 @@ def _encode(key, t, code_formats, dtypes):
             return torch.from_numpy(pack_trits(codes)), "trits5"
         if kind == "int4":
             return torch.from_numpy(pack_int4(codes)), "int4x2"
+        if kind == "int2":
+            return torch.from_numpy(pack_int2(codes)), "int2x4"
         return t.detach().clone().contiguous(), "raw"
     if key in dtypes:
         return t.detach().to(dtypes[key]).clone().contiguous(), "raw"
@@ -172,6 +176,8 @@ def _expected_stored(entry: dict) -> tuple[list[int], str | None]:
         return [packed_trits_size(n)], "uint8"
     if entry["encoding"] == "int4x2":
         return [packed_int4_size(n)], "uint8"
+    if entry["encoding"] == "int2x4":
+        return [packed_int2_size(n)], "uint8"
     return entry["shape"], None
 
 
@@ -182,6 +188,8 @@ def _decode(key, stored: torch.Tensor, entry: dict) -> torch.Tensor:
             return torch.from_numpy(unpack_trits(stored.numpy(), n).copy()).reshape(entry["shape"])
         if entry["encoding"] == "int4x2":
             return torch.from_numpy(unpack_int4(stored.numpy(), n).copy()).reshape(entry["shape"])
+        if entry["encoding"] == "int2x4":
+            return torch.from_numpy(unpack_int2(stored.numpy(), n).copy()).reshape(entry["shape"])
     except ValueError as e:
         raise CorruptCheckpointError(f"tensor {key}: {e}") from e
     return stored
