@@ -5,6 +5,9 @@ Tensors:
 - int4 codes -> uint8, 2 per byte (`int4x2`); int2 codes -> uint8, 4 per byte (`int2x4`);
   int8 codes -> int8 (`raw`);
 - scales and float tensors -> their storage dtype (`raw`).
+A trimmed vocabulary (compressor/vocab) adds one int32 tensor, the kept token ids, and a
+`vocab` entry (which modules are trimmed, their shapes, the unknown token's id); the embedding
+and head store only the kept rows.
 Every tensor is stored once: aliases (tied or shared weights) are listed in
 `tie_map` and re-tied on load. The JSON metadata (key `tritpress`) also holds the
 format version, the source model's config, the module map, the quantization
@@ -29,6 +32,7 @@ from tritpress.compressor.ingest import SourceInfo, build_from_config
 from tritpress.compressor.layers import WeightFormat
 from tritpress.compressor.share import rebuild_wrappers, sharing_meta
 from tritpress.compressor.structure import BlockStack, LayerInfo, ModelStructure
+from tritpress.compressor.vocab import rebuild_trimmed, vocab_meta
 from tritpress.compressor.transform import (QuantRecord, _set_record, build_empty, get_record, qtensor_formats,
                                   storage_dtypes, tie_groups)
 
@@ -52,6 +56,8 @@ def component_of(key: str, record: QuantRecord, code_formats: dict) -> str:
     owner = max((layer for layer in record.structure.layers
                  if key.startswith(layer.name + ".")), key=lambda layer: len(layer.name), default=None)
     leaf = key.rsplit(".", 1)[-1]
+    if leaf == "kept_ids":  # a trimmed vocabulary's table of kept token ids (compressor/vocab)
+        return "vocabulary map"
     if owner is None or leaf.startswith("bias"):
         return "norms/biases"
     if key.endswith(".scale") and key[: -len("scale")] + "codes" in code_formats:
@@ -117,6 +123,7 @@ def save_packed(model: nn.Module, path, source: SourceInfo, extra: dict | None =
         "module_map": record.module_map(model),
         "tie_map": {keys[0]: keys[1:] for keys in groups if len(keys) > 1},
         "sharing": sharing_meta(model),
+        "vocab": vocab_meta(model),
         "tensors": entries,
         "extra": extra or {},
     }
@@ -273,6 +280,7 @@ def load_packed(path, skeleton: nn.Module | None = None) -> nn.Module:
                              "pass an instance of that class: load_packed(path, skeleton=...)")
     if meta.get("sharing"):  # cross-layer sharing wrappers, before the layers inside them are rebuilt
         rebuild_wrappers(model, meta["sharing"])
+    rebuild_trimmed(model, meta.get("vocab") or {})  # a trimmed vocabulary: files without one have no entry
     build_empty(model, meta["module_map"])
     _set_record(model, _record_from_meta(meta))
     state = {}
