@@ -118,8 +118,9 @@ def render(report: dict) -> str:
         parts += ["", *sharing_lines(report["sharing"])]
     if report.get("vocabulary"):
         v = report["vocabulary"]
+        scored = ", the head scores them -inf" if v.get("head") else ""
         parts += ["", f"vocabulary: kept {v['kept']:,} of {v['vocab_size']:,} token ids ({v['corpus_ids']:,} used by "
-                      f"{v['source']}, + special and unknown tokens); other ids read as the unknown token, score -inf; "
+                      f"{v['source']}, + special and unknown tokens); other ids read as the unknown token{scored}; "
                       f"{v['bytes_saved']:,} bytes saved"]
     if report.get("training"):
         parts += ["", *training_lines(report["training"])]

@@ -40,7 +40,9 @@ from .packing import (pack_int2, pack_int4, pack_trits, packed_int2_size, packed
                       unpack_int2, unpack_int4, unpack_trits)
 
 FORMAT = "tritpress.packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # the newest this code reads and writes
+# a file is written at the lowest version that reads it: 2 only when it holds an int2 tensor or a
+# trimmed vocabulary, so that an older tritpress says "upgrade" instead of misreading it
 META_KEY = "tritpress"
 DTYPES = {str(d).removeprefix("torch."): d for d in
           (torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16, torch.int32,
@@ -116,7 +118,7 @@ def save_packed(model: nn.Module, path, source: SourceInfo, extra: dict | None =
                         "component": component_of(key, record, code_formats),
                         "aliases": {a: component_of(a, record, code_formats) for a in keys[1:]}}
     meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "format": FORMAT, "format_version": _version_for(entries, vocab_meta(model)),
         "source": source.to_dict(),
         "quant_config": record.config.to_dict(),
         "structure": record.structure.to_dict(),
@@ -131,6 +133,10 @@ def save_packed(model: nn.Module, path, source: SourceInfo, extra: dict | None =
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
     return meta
+
+
+def _version_for(entries: dict, vocab: dict) -> int:
+    return 2 if vocab or any(e["encoding"] == "int2x4" for e in entries.values()) else 1
 
 
 def read_header(path) -> tuple[dict, int]:

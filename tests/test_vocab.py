@@ -128,6 +128,14 @@ def test_trim_pack_reload_is_exact(name, fmt, tmp_path):
     assert sorted(map(sorted, tie_groups(r))) == sorted(map(sorted, tie_groups(q)))
 
 
+@pytest.mark.parametrize("trim,embedding,version", [(False, "int8", 1), (False, "int2", 2), (True, "int8", 2)])
+def test_format_version_is_2_only_for_what_version_1_cannot_read(trim, embedding, version, tmp_path):
+    model = trimmed("gpt2")[1] if trim else build("gpt2")
+    meta = save_packed(convert(model, TernaryConfig(embedding=embedding)), tmp_path / "m.safetensors",
+                       source_for("gpt2", model))
+    assert meta["format_version"] == read_metadata(tmp_path / "m.safetensors")["format_version"] == version
+
+
 def _non_metadata_bytes(rep):
     return {c["component"]: c["bytes"] for c in rep["components"] if c["component"] != "metadata"}
 
