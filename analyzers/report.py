@@ -59,6 +59,7 @@ def training_table(training: dict) -> str:
     """Held-out quality of the original, post-training ternary and QAT ternary models."""
     quality = training["quality"]
     names = {"original": "original (teacher)", "shared_float": "shared (float, right after tying)",
+             "trimmed_float": "trimmed vocabulary (float)",
              "ternary_post_training": "ternary, post-training",
              "ternary_qat": f"ternary, QAT {training['steps']} steps"}
     metric_names = [k for k in ("ppl", "nll", "cosine_to_teacher", "nmse_to_teacher", "accuracy", "token_accuracy",
@@ -115,6 +116,12 @@ def render(report: dict) -> str:
     parts = [head, "", size_table(report["size"]), "", *summary_lines(report)]
     if report.get("sharing"):
         parts += ["", *sharing_lines(report["sharing"])]
+    if report.get("vocabulary"):
+        v = report["vocabulary"]
+        scored = ", the head scores them -inf" if v.get("head") else ""
+        parts += ["", f"vocabulary: kept {v['kept']:,} of {v['vocab_size']:,} token ids ({v['corpus_ids']:,} used by "
+                      f"{v['source']}, + special and unknown tokens); other ids read as the unknown token{scored}; "
+                      f"{v['bytes_saved']:,} bytes saved"]
     if report.get("training"):
         parts += ["", *training_lines(report["training"])]
     if report.get("onnx"):

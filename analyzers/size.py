@@ -9,8 +9,13 @@ import math
 from pathlib import Path
 
 from tritpress.exporters.packed import read_header, read_metadata
+from tritpress.exporters.packing import packed_int2_size, packed_int4_size, packed_trits_size
 
-COMPONENTS = ("ternary layers", "embeddings", "head", "other layers", "norms/biases", "scales", "metadata")
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+CODE_BYTES = {"ternary": packed_trits_size, "int4": packed_int4_size, "int2": packed_int2_size, "int8": lambda n: n}
+
+COMPONENTS = ("ternary layers", "embeddings", "head", "other layers", "norms/biases", "scales", "vocabulary map",
+              "metadata")
 
 
 def size_report(packed_path) -> dict:
@@ -57,8 +62,38 @@ def size_report(packed_path) -> dict:
             "information_limit": round(math.log2(3), 4),
         },
     }
+    if meta.get("vocab"):
+        report["vocabulary"] = vocabulary_savings(meta, rows["vocabulary map"]["bytes"])
     if original:
         report["original"] = {"params": original, "fp32_bytes": 4 * original, "fp16_bytes": 2 * original}
         report["ratio_vs_fp32"] = round(4 * original / file_bytes, 2)
         report["ratio_vs_fp16"] = round(2 * original / file_bytes, 2)
     return report
+
+
+def _table_bytes(fmt: dict, rows: int, dim: int) -> int:
+    """Bytes the packed file spends on a [rows, dim] weight of this format (codes and scales)."""
+    n = rows * dim
+    if fmt["kind"] in DTYPE_BYTES:
+        return n * DTYPE_BYTES[fmt["kind"]]
+    scales = rows if fmt["kind"] != "ternary" or fmt["granularity"] == "channel" else 1
+    return CODE_BYTES[fmt["kind"]](n) + scales * DTYPE_BYTES[fmt["scale_dtype"]]
+
+
+def vocabulary_savings(meta: dict, map_bytes: int) -> dict:
+    """A trimmed vocabulary: ids kept, and the bytes the full embedding/head rows would have taken
+    in this file minus what the kept rows and the kept-id table take."""
+    floats = meta["quant_config"]["float_dtype"]
+    tied = meta["structure"]["head_tied_to"]
+    saved, out = 0, {}
+    for name, e in meta["vocab"].items():
+        inner = f"{name}.{'table' if e['kind'] == 'embedding' else 'proj'}"
+        fmt = meta["module_map"].get(inner, {}).get("format", {"kind": floats})
+        if e["kind"] == "embedding":
+            out = {"vocab_size": e["vocab_size"], "kept": e["rows"], "dropped": e["vocab_size"] - e["rows"]}
+        if e["kind"] == "head" and tied:
+            continue  # the tied head reads the embedding's rows: counted once
+        saved += _table_bytes(fmt, e["vocab_size"], e["dim"]) - _table_bytes(fmt, e["rows"], e["dim"])
+        if e.get("bias"):
+            saved += (e["vocab_size"] - e["rows"]) * DTYPE_BYTES[floats]
+    return {**out, "bytes_saved": saved - map_bytes}

@@ -59,6 +59,9 @@ class CompressConfig:
     sharing: SharingConfig = field(default_factory=SharingConfig)
     check: bool = True                           # compare outputs: original vs ternary, converted vs reload
     onnx: OnnxConfig = field(default_factory=OnnxConfig)  # [onnx] enabled = true: export model.onnx last
+    trim_vocab: str | None = None                # keep only the token ids this corpus uses (+ the tokenizer's
+                                                 # special and unknown tokens; other ids read as the unknown
+                                                 # token): "data" = the --data training data, or a text file
     tasks: str | None = None                     # after packing, evaluate and gate on these tasks (lm,cls,tok,qa;
                                                  # data and tolerances from the recipe's [eval] table)
     eval: "EvalConfig" = field(default_factory=lambda: _eval_config())
@@ -97,6 +100,7 @@ class RunState:
     train_data: tuple | None = None        # (training data, held-out data, where that comes from), read once:
                                            # LM token blocks, or a task model's examples (TaskExamples)
     sharing: dict | None = None
+    vocab: dict | None = None              # --trim-vocab: what was kept
     training: dict | None = None
     checks: dict = field(default_factory=dict)
     example: tuple | None = None           # (inputs, ternary model's output) of the check, for verify
@@ -127,6 +131,8 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
     if cfg.sharing.active:
         refuse_sharing_with_fsdp(run)
         run.start, run.sharing = timed(run, "share", share)
+    if cfg.trim_vocab:  # after the tie (which reads the original), before QAT: the trained model is trimmed
+        run.start, run.vocab = timed(run, "trim", trim)
     if cfg.train.steps > 0:
         run.model, run.training = timed(run, "train", fine_tune)
         if not run.ctx.is_main:
@@ -223,6 +229,47 @@ def refuse_task_examples_as_calibration_text(run: RunState) -> None:
                              "model's examples: pass --share-data TEXT")
 
 
+def trim(run: RunState) -> tuple[nn.Module, dict]:
+    """-> (the model to quantize with a trimmed vocabulary, what was kept). The original stays whole:
+    it is the teacher, and the check compares against it."""
+    from tritpress.compressor.vocab import trim_model
+
+    tok = run.loaded.tokenizer
+    if tok is None:
+        raise TritpressError("--trim-vocab needs the model's tokenizer (its special and unknown tokens)")
+    if tok.unk_token_id is None:
+        raise TritpressError("--trim-vocab: the tokenizer has no unknown token to read dropped ids as")
+    used, source = corpus_ids(run)
+    model = copy.deepcopy(run.start) if run.start is run.loaded.model else run.start
+    try:
+        findings = trim_model(model, used | set(tok.all_special_ids), tok.unk_token_id)
+    except ValueError as e:
+        raise TritpressError(f"--trim-vocab: {e}") from e
+    return model, {"source": source, "corpus_ids": len(used), **findings}
+
+
+def corpus_ids(run: RunState) -> tuple[set[int], str]:
+    """The token ids --trim-vocab's corpus uses, and where they come from: `data` is what QAT trains
+    on (a task model's training examples, or every token of the LM text --data names), else a text."""
+    from tritpress.analyzers.quality.examples import resolve_task
+    from tritpress.compressor.data import read_texts, tokenizer_fn
+
+    cfg = run.cfg
+    spec = cfg.trim_vocab
+    if spec == "data":
+        if not cfg.train.data:
+            raise TritpressError("--trim-vocab data keeps the tokens of the training data: pass --data FILE")
+        if resolve_task(run.loaded.model, cfg.train.task) != "lm":
+            examples = training_data(run, need="--trim-vocab data")[0]
+            return {i for f in examples.features for i in f["input_ids"]}, f"{examples.source} (training examples)"
+        spec = cfg.train.data
+    encode = tokenizer_fn(run.loaded.tokenizer)
+    ids = {i for text in read_texts(spec, "train", cfg.train.text_column) for i in encode(text)}
+    if not ids:
+        raise TritpressError(f"--trim-vocab: {spec} holds no tokens")
+    return ids, spec
+
+
 def quantize(run: RunState) -> nn.Module:
     """Post-training quantization: the ternary model, no training."""
     return convert(copy.deepcopy(run.start), run.cfg.quant)
@@ -295,7 +342,7 @@ def verify(run: RunState) -> dict:
     codes_equal = all(torch.equal(t, reloaded_state[k]) for k, t in run.model.state_dict().items()
                       if k.endswith(".codes"))
     result["codes_bit_identical"] = codes_equal
-    if result["max_abs_diff"] != 0.0 or not codes_equal:
+    if result["max_abs_diff"] != 0.0 or result.get("nonfinite_mismatch") or not codes_equal:
         raise TritpressError(f"reloading {run.packed_path} did not reproduce the converted model "
                              f"(max |diff| {result['max_abs_diff']:.3g})")
     return result
@@ -314,14 +361,16 @@ def export(run: RunState) -> tuple[dict | None, Exception | None]:
 def report_of(run: RunState) -> dict:
     from tritpress.analyzers.size import size_report
 
+    size = size_report(run.packed_path)
     report = {
         "tritpress_version": _version(),
         "model": {k: v for k, v in run.loaded.source.to_dict().items() if k != "hf_config"},
         "structure": _structure_summary(get_record(run.model).structure),
         "quant_config": run.cfg.quant.to_dict(),
-        "size": size_report(run.packed_path),
+        "size": size,
         "training": run.training,
         "sharing": run.sharing,
+        "vocabulary": {**run.vocab, **size.get("vocabulary", {})} if run.vocab else None,  # + bytes saved
         "checks": run.checks,
         "timings_s": run.timings,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
@@ -456,8 +505,8 @@ def _quality_before(run: RunState, quality_of: Callable[[nn.Module], dict], stud
     model before training."""
     teacher = run.loaded.model
     quality = {"original": quality_of(teacher)}
-    if run.start is not teacher:
-        quality["shared_float"] = quality_of(run.start)
+    if run.start is not teacher:  # tied and/or trimmed, still float
+        quality["trimmed_float" if run.vocab and not run.sharing else "shared_float"] = quality_of(run.start)
     quality["ternary_post_training"] = quality_of(convert(copy.deepcopy(student)))
     return quality
 

@@ -10,7 +10,7 @@ import torch
 from .quantize import GRANULARITIES, TERNARY_METHODS
 
 # How a non-block weight (embedding, output head, Linear outside the block stack) is stored.
-WEIGHT_FORMATS = ("keep", "fp32", "fp16", "bf16", "int8", "int4", "ternary")
+WEIGHT_FORMATS = ("keep", "fp32", "fp16", "bf16", "int8", "int4", "int2", "ternary")
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ACT_BITS = (None, 8)
 
@@ -27,7 +27,7 @@ class TernaryConfig:
     method: str = "absmean"          # ternary quantizer: absmean (BitNet b1.58) | twn (TernaryBERT)
     granularity: str = "tensor"      # one scale per tensor or per output channel
     act_bits: int | None = None      # 8: per-token absmax int8 activations (W1.58A8) [default: off]
-    embedding: str = "int8"          # embedding storage: keep | fp32 | fp16 | bf16 | int8 | int4 | ternary (per row)
+    embedding: str = "int8"          # embedding storage: keep | fp32 | fp16 | bf16 | int8 | int4 | int2 | ternary (per row)
     head: str = "int8"               # output head storage; a head tied to the embedding follows --embedding
     outside_blocks: str = "keep"     # Linears outside the block stack (pooler, classifier...)
     float_dtype: str = "fp16"        # storage of norms, biases and tensors kept float

@@ -22,6 +22,7 @@ import torch
 
 from .errors import TritpressError
 from .fileio import read_text_file
+from .vocab import TrimmedEmbedding
 
 TEXT_SUFFIXES = (".txt", ".tokens", ".raw")
 TABULAR = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
@@ -187,7 +188,7 @@ def token_vocab_size(model) -> int | None:
         emb = get() if callable(get) else None
     except (NotImplementedError, AttributeError):
         emb = None
-    if isinstance(emb, torch.nn.Embedding):
+    if isinstance(emb, (torch.nn.Embedding, TrimmedEmbedding)):  # trimmed: the original tokenizer's ids
         return emb.num_embeddings
     # custom modules: the first embedding in module order is the token embedding by convention
     return next((m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)

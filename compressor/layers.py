@@ -17,14 +17,15 @@ from torch import nn
 from torch.func import functional_call
 
 from .config import FLOAT_DTYPES
-from .quantize import _expand, dequantize, quantize_activations_int8, quantize_rows, quantize_ternary, ste
+from .quantize import (_expand, dequantize, quantize_activations_int8, quantize_int2_rows, quantize_rows,
+                       quantize_ternary, ste)
 
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """How one weight tensor is represented: ternary, int8/int4 per row, or a float dtype."""
+    """How one weight tensor is represented: ternary, int8/int4/int2 per row, or a float dtype."""
 
-    kind: str                    # ternary | int8 | int4 | fp32 | fp16 | bf16
+    kind: str                    # ternary | int8 | int4 | int2 | fp32 | fp16 | bf16
     method: str = "absmean"      # ternary only
     granularity: str = "tensor"  # ternary only; int formats always have one scale per row
     scale_dtype: str = "fp16"
@@ -39,6 +40,8 @@ class WeightFormat:
             codes, scale = quantize_ternary(w, self.method, self.granularity, dtype)
         elif self.kind in ("int8", "int4"):
             codes, scale = quantize_rows(w, int(self.kind[3:]), dtype)
+        elif self.kind == "int2":
+            codes, scale = quantize_int2_rows(w, dtype)
         else:
             raise ValueError(f"{self.kind} is not an integer format")
         return codes, scale.to(FLOAT_DTYPES[self.scale_dtype]).float()
@@ -55,7 +58,7 @@ class WeightFormat:
     @property
     def per_row(self) -> bool:
         """Each row's codes and scale depend on that row alone (int formats, per-channel ternary)."""
-        return self.kind in ("int8", "int4") or (self.kind == "ternary" and self.granularity == "channel")
+        return self.kind in ("int8", "int4", "int2") or (self.kind == "ternary" and self.granularity == "channel")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -100,9 +100,11 @@ def find_block_stack(model: nn.Module) -> BlockStack | None:
 
 def _find_head(model: nn.Module, linears: dict[str, nn.Module], embeddings: dict[str, nn.Embedding]):
     """Return (head module name, embedding name it is tied to or None)."""
-    head = None
+    # a wrapper around the head (a trimmed vocabulary, compressor/vocab) names its Linear
+    head = next((f"{n}.{m.vocab_head}" for n, m in model.named_modules()
+                 if isinstance(getattr(m, "vocab_head", None), str) and f"{n}.{m.vocab_head}" in linears), None)
     get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
+    if head is None and callable(get_out):
         try:
             out = get_out()
         except Exception:  # custom models may implement it partially
@@ -114,7 +116,9 @@ def _find_head(model: nn.Module, linears: dict[str, nn.Module], embeddings: dict
         # a Linear sharing an embedding's weight is a tied output head
         head = next((n for n, m in linears.items() if id(m.weight) in emb_by_weight), None)
     if head is None and embeddings:
-        vocab = max(e.num_embeddings for e in embeddings.values())
+        # a trimmed token embedding (compressor/vocab) names its table: the vocabulary is its original size
+        wrapped = [m.num_embeddings for m in model.modules() if isinstance(getattr(m, "vocab_table", None), str)]
+        vocab = max([e.num_embeddings for e in embeddings.values()] + wrapped)
         vocab_sized = [n for n, m in linears.items() if _out_features(m) == vocab]
         head = vocab_sized[-1] if vocab_sized else None
     tied = emb_by_weight.get(id(linears[head].weight)) if head else None

@@ -166,10 +166,14 @@ def distill_losses(io: ModelIO, student, teacher, ids, s_blocks: BlockOutputs, t
     losses = {}
     if io.has_head:
         T = cfg.kd_temperature
-        losses["kd"] = F.kl_div(F.log_softmax(s_out / T, -1).flatten(0, -2), F.log_softmax(t_out / T, -1)
+        s_kd, t_kd, produced = student_vocabulary(s_out, t_out)
+        losses["kd"] = F.kl_div(F.log_softmax(s_kd / T, -1).flatten(0, -2), F.log_softmax(t_kd / T, -1)
                                 .flatten(0, -2), log_target=True, reduction="batchmean") * T * T
         if io.causal:
-            losses["task"] = F.cross_entropy(*io.next_token_pairs(s_out, ids))
+            logits, target = io.next_token_pairs(s_out, ids)
+            if produced is not None:  # a trimmed vocabulary cannot produce dropped ids: not a target
+                target = target.masked_fill(~produced[target], -100)
+            losses["task"] = F.cross_entropy(logits, target)
     else:
         losses["kd"] = nmse(s_out, t_out)
     if s_hidden:
@@ -177,6 +181,17 @@ def distill_losses(io: ModelIO, student, teacher, ids, s_blocks: BlockOutputs, t
     weights = {"task": cfg.task_weight, "kd": cfg.kd_weight, "hidden": cfg.hidden_weight}
     losses["loss"] = sum(weights[k] * v for k, v in losses.items())
     return losses
+
+
+def student_vocabulary(s_out: torch.Tensor, t_out: torch.Tensor):
+    """A trimmed student (compressor/vocab) scores dropped ids -inf. Distillation is over the ids it
+    can produce: both logit sets restricted to them (the teacher renormalized over the kept ids),
+    and next-token targets it cannot produce are ignored. -> (student, teacher, produced ids mask
+    or None when the student scores the whole vocabulary)."""
+    produced = torch.isfinite(s_out.detach().reshape(-1, s_out.shape[-1])[0])
+    if bool(produced.all()):
+        return s_out, t_out, None
+    return s_out[..., produced], t_out[..., produced], produced
 
 
 def _kl_rows(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:

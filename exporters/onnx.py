@@ -70,6 +70,11 @@ class OnnxValidationError(TritpressError):
         self.result = result
 
 
+def finite_absmax(a: np.ndarray) -> float:
+    """max |a| over finite values: a trimmed vocabulary's -inf logits do not set the tolerance."""
+    return float(np.abs(a[np.isfinite(a)]).max(initial=0.0))
+
+
 @dataclass
 class OnnxConfig:
     """How `export_onnx` writes and checks the ONNX file."""
@@ -114,7 +119,7 @@ class OnnxConfig:
         MatMul inputs - PyTorch| of this output, for the int8-activation kernels."""
         if self.atol is not None:
             return self.atol
-        scale = float(np.abs(reference).max(initial=0.0))
+        scale = finite_absmax(reference)
         if self.int8_activations:
             return max(INT8_ACT_RTOL * scale, INT8_ACT_MARGIN * int8_deviation)
         if self.format == "float" and self.float_dtype == "fp16":  # int8 codes x scale rounded to fp16
@@ -585,7 +590,7 @@ def validate(path, model: nn.Module, sig: Signature, cfg: OnnxConfig, log: Calla
 
 def fp32_atol(reference: np.ndarray) -> float:
     """fp32 rounding, relative to the output's magnitude (summing larger values rounds more)."""
-    return FP32_RTOL * max(1.0, float(np.abs(reference).max(initial=0.0)))
+    return FP32_RTOL * max(1.0, finite_absmax(reference))
 
 
 def _atol_origin(cfg: OnnxConfig, reference: np.ndarray, deviation: float) -> str:
@@ -631,8 +636,12 @@ def _int8_deviation(model: nn.Module, sig: Signature, inputs: tuple, ref: list, 
 
 def _compare(name: str, ref: np.ndarray, got: np.ndarray, atol: float) -> dict:
     shape_ok = tuple(ref.shape) == tuple(got.shape)
-    diff = float(np.abs(ref - got).max(initial=0.0)) if shape_ok else float("inf")
-    ok = shape_ok and diff <= atol and bool(np.isfinite(got).all())
+    # equal infinities agree (a trimmed vocabulary's dropped ids are -inf in both); any other
+    # non-finite value is a failure
+    same = (ref == got) if shape_ok else None
+    with np.errstate(invalid="ignore"):  # inf - inf where they agree: masked out by `same`
+        diff = float(np.abs(np.where(same, 0.0, ref - got)).max(initial=0.0)) if shape_ok else float("inf")
+    ok = shape_ok and diff <= atol and bool((np.isfinite(got) | same).all())
     return {"name": name, "onnx_shape": list(got.shape), "torch_shape": list(ref.shape), "shape_ok": shape_ok,
             "max_abs_diff": diff, "atol": atol, "ok": ok}
 

@@ -25,9 +25,9 @@ import onnx.numpy_helper
 from onnx import TensorProto, helper
 
 MS_DOMAIN = "com.microsoft"
-BITS = {"ternary": 2, "int4": 4, "int8": 8}
-DQ_TYPES = {"ternary": TensorProto.INT2, "int4": TensorProto.INT4, "int8": TensorProto.INT8}
-DQ_MIN_OPSET = {"ternary": 25, "int4": 21, "int8": 13}
+BITS = {"ternary": 2, "int2": 2, "int4": 4, "int8": 8}
+DQ_TYPES = {"ternary": TensorProto.INT2, "int2": TensorProto.INT2, "int4": TensorProto.INT4, "int8": TensorProto.INT8}
+DQ_MIN_OPSET = {"ternary": 25, "int2": 25, "int4": 21, "int8": 13}
 
 
 @dataclass
@@ -38,7 +38,7 @@ class QuantWeight:
     codes: np.ndarray      # int8, same shape as the float initializer
     scale: np.ndarray      # float32, [1] or [codes.shape[axis]]
     axis: int
-    kind: str              # ternary | int4 | int8
+    kind: str              # ternary | int2 | int4 | int8
     source: int = 0        # id of the QTensor it came from (links a tied head to its table)
 
     def dequantize(self) -> np.ndarray:

@@ -2,8 +2,12 @@
 
 Tensors:
 - ternary codes -> uint8, 5 trits per byte (`encoding: trits5`), flat row-major;
-- int4 codes -> uint8, 2 per byte (`int4x2`); int8 codes -> int8 (`raw`);
+- int4 codes -> uint8, 2 per byte (`int4x2`); int2 codes -> uint8, 4 per byte (`int2x4`);
+  int8 codes -> int8 (`raw`);
 - scales and float tensors -> their storage dtype (`raw`).
+A trimmed vocabulary (compressor/vocab) adds one int32 tensor, the kept token ids, and a
+`vocab` entry (which modules are trimmed, their shapes, the unknown token's id); the embedding
+and head store only the kept rows.
 Every tensor is stored once: aliases (tied or shared weights) are listed in
 `tie_map` and re-tied on load. The JSON metadata (key `tritpress`) also holds the
 format version, the source model's config, the module map, the quantization
@@ -32,13 +36,17 @@ from tritpress.compressor.ingest import SourceInfo, build_from_config
 from tritpress.compressor.layers import QTensor, WeightFormat
 from tritpress.compressor.share import rebuild_wrappers, sharing_meta
 from tritpress.compressor.structure import BlockStack, LayerInfo, ModelStructure, set_submodule
+from tritpress.compressor.vocab import rebuild_trimmed, vocab_meta
 from tritpress.compressor.transform import (QuantRecord, _set_record, build_empty, get_record, qtensor_formats,
                                   storage_dtypes, tie_groups)
 
-from .packing import pack_int4, pack_trits, packed_int4_size, packed_trits_size, unpack_int4, unpack_trits
+from .packing import (pack_int2, pack_int4, pack_trits, packed_int2_size, packed_int4_size, packed_trits_size,
+                      unpack_int2, unpack_int4, unpack_trits)
 
 FORMAT = "tritpress.packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # the newest this code reads and writes
+# a file is written at the lowest version that reads it: 2 only when it holds an int2 tensor or a
+# trimmed vocabulary, so that an older tritpress says "upgrade" instead of misreading it
 META_KEY = "tritpress"
 DTYPES = {str(d).removeprefix("torch."): d for d in
           (torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16, torch.int32,
@@ -54,6 +62,8 @@ def component_of(key: str, record: QuantRecord, code_formats: dict) -> str:
     owner = max((layer for layer in record.structure.layers
                  if key.startswith(layer.name + ".")), key=lambda layer: len(layer.name), default=None)
     leaf = key.rsplit(".", 1)[-1]
+    if leaf == "kept_ids":  # a trimmed vocabulary's table of kept token ids (compressor/vocab)
+        return "vocabulary map"
     if owner is None or leaf.startswith("bias"):
         return "norms/biases"
     if key.endswith(".scale") and key[: -len("scale")] + "codes" in code_formats:
@@ -70,6 +80,8 @@ def _encode(key, t, code_formats, dtypes):
             return torch.from_numpy(pack_trits(codes)), "trits5"
         if kind == "int4":
             return torch.from_numpy(pack_int4(codes)), "int4x2"
+        if kind == "int2":
+            return torch.from_numpy(pack_int2(codes)), "int2x4"
         return t.detach().clone().contiguous(), "raw"
     if key in dtypes:
         return t.detach().to(dtypes[key]).clone().contiguous(), "raw"
@@ -110,13 +122,14 @@ def save_packed(model: nn.Module, path, source: SourceInfo, extra: dict | None =
                         "component": component_of(key, record, code_formats),
                         "aliases": {a: component_of(a, record, code_formats) for a in keys[1:]}}
     meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "format": FORMAT, "format_version": _version_for(entries, vocab_meta(model)),
         "source": source.to_dict(),
         "quant_config": record.config.to_dict(),
         "structure": record.structure.to_dict(),
         "module_map": record.module_map(model),
         "tie_map": {keys[0]: keys[1:] for keys in groups if len(keys) > 1},
         "sharing": sharing_meta(model),
+        "vocab": vocab_meta(model),
         "tensors": entries,
         "extra": extra or {},
     }
@@ -124,6 +137,10 @@ def save_packed(model: nn.Module, path, source: SourceInfo, extra: dict | None =
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
     return meta
+
+
+def _version_for(entries: dict, vocab: dict) -> int:
+    return 2 if vocab or any(e["encoding"] == "int2x4" for e in entries.values()) else 1
 
 
 def read_header(path) -> tuple[dict, int]:
@@ -176,6 +193,8 @@ def _expected_stored(entry: dict) -> tuple[list[int], str | None]:
         return [packed_trits_size(n)], "uint8"
     if entry["encoding"] == "int4x2":
         return [packed_int4_size(n)], "uint8"
+    if entry["encoding"] == "int2x4":
+        return [packed_int2_size(n)], "uint8"
     return entry["shape"], None
 
 
@@ -186,6 +205,8 @@ def _decode(key, stored: torch.Tensor, entry: dict) -> torch.Tensor:
             return torch.from_numpy(unpack_trits(stored.numpy(), n).copy()).reshape(entry["shape"])
         if entry["encoding"] == "int4x2":
             return torch.from_numpy(unpack_int4(stored.numpy(), n).copy()).reshape(entry["shape"])
+        if entry["encoding"] == "int2x4":
+            return torch.from_numpy(unpack_int2(stored.numpy(), n).copy()).reshape(entry["shape"])
     except ValueError as e:
         raise CorruptCheckpointError(f"tensor {key}: {e}") from e
     return stored
@@ -335,6 +356,7 @@ def load_packed(path, skeleton: nn.Module | None = None) -> nn.Module:
     try:
         if meta.get("sharing"):  # cross-layer sharing wrappers, before the layers inside them are rebuilt
             rebuild_wrappers(model, meta["sharing"])
+        rebuild_trimmed(model, meta.get("vocab") or {})  # a trimmed vocabulary: files without one have no entry
         build_empty(model, meta["module_map"])
         _set_record(model, _record_from_meta(meta))
         model.load_state_dict(state, strict=True)

@@ -4,6 +4,8 @@
   (3**5 = 243 <= 256): 1.6 bits per weight; log2(3) = 1.585 is the limit.
   byte = t0 + 3*t1 + 9*t2 + 27*t3 + 81*t4 with t = code + 1, flattened in row-major order.
 - `pack_int4`: codes in [-8, 7] as two nibbles per byte, low nibble first.
+- `pack_int2`: codes in [-2, 1] as four 2-bit fields per byte (code + 2), first code in the
+  lowest bits: 2 bits per weight.
 """
 from __future__ import annotations
 
@@ -71,3 +73,25 @@ def unpack_int4(packed, n: int) -> np.ndarray:
     out[0::2] = (packed & 0x0F).astype(np.int8) - 8
     out[1::2] = (packed >> 4).astype(np.int8) - 8
     return out[:n]
+
+
+def packed_int2_size(n: int) -> int:
+    return -(-n // 4)
+
+
+def pack_int2(codes) -> np.ndarray:
+    flat = np.asarray(codes).reshape(-1)
+    if flat.size and (flat.min() < -2 or flat.max() > 1):
+        raise ValueError("int2 codes must be in [-2, 1]")
+    u = (flat.astype(np.int16) + 2).astype(np.uint8)
+    u = np.concatenate([u, np.zeros((-u.size) % 4, np.uint8)]).reshape(-1, 4)
+    return u[:, 0] | (u[:, 1] << 2) | (u[:, 2] << 4) | (u[:, 3] << 6)
+
+
+def unpack_int2(packed, n: int) -> np.ndarray:
+    """uint8 bytes -> the first n int2 codes (int8). Every byte is valid: only the size is checked."""
+    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    if packed.size != packed_int2_size(n):
+        raise ValueError(f"{packed.size} bytes cannot hold exactly {n} int2 values")
+    fields = np.stack([(packed >> shift) & 3 for shift in (0, 2, 4, 6)], axis=1)
+    return (fields.astype(np.int8) - 2).reshape(-1)[:n]

@@ -22,7 +22,7 @@ PACKAGES = {"compressor": "tritpress.compressor", "exporters": "tritpress.export
 # docs/ARCHITECTURE.md. A package __init__ sits on the floor of what it re-exports.
 FLOORS = {
     0: ["compressor/errors", "compressor/fileio", "compressor/config", "compressor/quantize",
-        "compressor/layers", "compressor/structure", "compressor/modelio", "compressor/distributed"],
+        "compressor/layers", "compressor/structure", "compressor/vocab", "compressor/modelio", "compressor/distributed"],
     1: ["compressor/ingest", "compressor/bundled", "compressor/data"],
     2: ["compressor/transform", "compressor/train", "compressor/__init__"],
     3: ["compressor/share", "compressor/redundancy", "compressor/redundancy_auto", "compressor/sharing_stage"],

@@ -57,12 +57,13 @@ def test_export_runs_and_matches_pytorch(name, fmt, tmp_path):
         assert float_elems <= sum(p.numel() for p in model.parameters()) + 64
 
 
-def test_matmulnbits_values_against_numpy(tmp_path):
-    """The packed B layout and scales decode to exactly the converted weight."""
+@pytest.mark.parametrize("kind,low,high", [("ternary", -1, 1), ("int2", -2, 1)])
+def test_matmulnbits_values_against_numpy(kind, low, high, tmp_path):
+    """The packed B layout and scales decode to exactly the converted weight (int2: signed scales)."""
     from tritpress.exporters.onnx_quant import QuantWeight, matmulnbits_tensors
     rng = np.random.default_rng(0)
-    codes = rng.integers(-1, 2, (40, 24)).astype(np.int8)       # K=40: not a multiple of the block
-    w = QuantWeight(codes, rng.random(24).astype(np.float32), axis=1, kind="ternary")
+    codes = rng.integers(low, high + 1, (40, 24)).astype(np.int8)       # K=40: not a multiple of the block
+    w = QuantWeight(codes, rng.random(24).astype(np.float32) - 0.5, axis=1, kind=kind)
     (b, s), attrs = matmulnbits_tensors(w, 16, "w")
     g = onnx.helper.make_graph(
         [onnx.helper.make_node("MatMulNBits", ["x", "w_nbits", "w_nbits_scales"], ["y"], domain="com.microsoft",
@@ -108,6 +109,23 @@ def test_shared_weights_are_one_initializer(fmt, tmp_path):
         uses = [n.input[1] for n in onnx.load(str(tmp_path / "shared.onnx")).graph.node
                 if n.op_type == "MatMulNBits"]
         assert len(uses) - len(set(uses)) == 1   # two MatMulNBits nodes read one B
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama_untied"])
+def test_int2_embedding_and_head_export_and_validate(name, fmt, tmp_path):
+    from tritpress.compressor.config import TernaryConfig
+
+    model = convert(build(name), TernaryConfig(embedding="int2", head="int2"))
+    result = export_onnx(model, tmp_path / "m.onnx", OnnxConfig(format=fmt))
+    assert result["validation"]["passed"]
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    if name == "llama_untied" and fmt == "int2":  # the head's [dim, vocab] weight stays 2-bit
+        assert any(t.data_type == TensorProto.INT2 and sorted(t.dims) == [32, 100] for t in graph.initializer)
+    if name == "llama_untied" and fmt == "matmulnbits":
+        head = [n for n in graph.node if n.op_type == "MatMulNBits"
+                and {a.name: a.i for a in n.attribute}["N"] == 100]
+        assert head and {a.name: a.i for a in head[0].attribute}["bits"] == 2
 
 
 def test_tied_embedding_and_head_stored_once(tmp_path):

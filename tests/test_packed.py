@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from tritpress.analyzers.size import COMPONENTS, size_report
 from tritpress.compressor import TernaryConfig, convert, get_record
+from tritpress.compressor.config import WEIGHT_FORMATS
 from tritpress.compressor.errors import CorruptCheckpointError, TritpressError
 from tritpress.compressor.ingest import SourceInfo
 from tritpress.compressor.layers import QLinear, QTensor
@@ -33,9 +34,11 @@ CONFIGS = {
                                            scale_dtype="fp32"),
     "act8-fp32-everything": TernaryConfig(act_bits=8, embedding="fp32", head="keep", float_dtype="fp32",
                                           scale_dtype="bf16"),
+    "int2-emb-int2-head": TernaryConfig(embedding="int2", head="int2", outside_blocks="int2"),
 }
 TIED = {"gpt2", "llama_tied", "lstm_tied"}
-BYTES_PER = {"ternary": lambda n: math.ceil(n / 5), "int4": lambda n: math.ceil(n / 2), "int8": lambda n: n,
+BYTES_PER = {"ternary": lambda n: math.ceil(n / 5), "int4": lambda n: math.ceil(n / 2),
+             "int2": lambda n: math.ceil(n / 4), "int8": lambda n: n,
              "fp16": lambda n: 2 * n, "bf16": lambda n: 2 * n, "fp32": lambda n: 4 * n}
 
 
@@ -94,7 +97,8 @@ def test_round_trip_is_exact(name, cfg_name, tmp_path):
            {n: m.act_bits for n, m in r.named_modules() if isinstance(m, QLinear)}
 
 
-@pytest.mark.parametrize("cfg_name", ["default", "act8-ternary-emb-int4-head", "twn-fp16-emb-bf16-floats"])
+@pytest.mark.parametrize("cfg_name", ["default", "act8-ternary-emb-int4-head", "twn-fp16-emb-bf16-floats",
+                                      "int2-emb-int2-head"])
 @pytest.mark.parametrize("name", list(FACTORIES))
 def test_ties_are_stored_once_and_restored(name, cfg_name, tmp_path):
     path = tmp_path / "m.tritpress.safetensors"
@@ -131,10 +135,44 @@ def test_tied_gpt2_head_and_embedding_share_storage_after_load(tmp_path):
     assert meta2["tie_map"] == {"transformer.wte.weight": ["lm_head.weight"]}
 
 
+@pytest.mark.parametrize("fmt", WEIGHT_FORMATS)
+@pytest.mark.parametrize("name", ["gpt2", "llama_tied", "lstm_tied"])
+def test_tied_head_stays_one_tensor_with_every_format(name, fmt, tmp_path):
+    """--head asks for another format on purpose: a tied head follows --embedding, one tensor."""
+    other = "int8" if fmt != "int8" else "ternary"
+    _, q, r, meta = roundtrip(name, TernaryConfig(embedding=fmt, head=other), tmp_path / "m.safetensors")
+    record = get_record(q)
+    head, emb = record.structure.head, record.structure.head_tied_to
+    assert emb is not None and record.formats[head] == record.formats[emb]
+    for model in (q, r):
+        h, e = model.get_submodule(head), model.get_submodule(emb)
+        if hasattr(e, "qweight"):
+            assert e.qweight.fmt.kind == fmt and h.qweight.fmt == e.qweight.fmt
+            assert h.qweight.codes is e.qweight.codes and h.qweight.scale is e.qweight.scale
+        else:
+            assert h.weight is e.weight
+    # stored once: the only ties in the file are the embedding's tensors, aliased by the head
+    assert meta["tie_map"] and all(k.startswith(emb + ".") and [a.replace(head, emb, 1) for a in v] == [k]
+                                   for k, v in meta["tie_map"].items())
+    assert torch.equal(run(q), run(r))
+
+
+@pytest.mark.parametrize("kind", ["int2", "int4", "ternary"])
+def test_untied_low_bit_head_is_stored_at_its_format_cost(kind, tmp_path):
+    path = tmp_path / "m.safetensors"
+    _, q, _, _ = roundtrip("llama_untied", TernaryConfig(embedding=kind, head=kind), path)
+    rows = {c["component"]: c for c in size_report(path)["components"]}
+    vocab, dim = q.lm_head.qweight.codes.shape
+    expected = {"int2": math.ceil(vocab * dim / 4), "int4": math.ceil(vocab * dim / 2),
+                "ternary": math.ceil(vocab * dim / 5)}[kind]
+    assert rows["head"]["bytes"] == rows["embeddings"]["bytes"] == expected
+    assert rows["head"]["bits_per_weight"] == round(8 * expected / (vocab * dim), 4)
+
+
 # ------------------------------------------------------------------ size
 
 @pytest.mark.parametrize("cfg_name", ["default", "twn-channel-int4emb", "act8-ternary-emb-int4-head",
-                                      "bf16-emb-ternary-head", "act8-fp32-everything"])
+                                      "bf16-emb-ternary-head", "act8-fp32-everything", "int2-emb-int2-head"])
 @pytest.mark.parametrize("name", list(FACTORIES))
 def test_size_report_matches_file_and_bits_per_weight(name, cfg_name, tmp_path):
     path = tmp_path / "m.tritpress.safetensors"

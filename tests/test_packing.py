@@ -1,4 +1,4 @@
-"""Bit packing: base-3 trits (5 per byte) and int4 nibbles."""
+"""Bit packing: base-3 trits (5 per byte), int4 nibbles and int2 fields (4 per byte)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,11 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from tritpress.exporters.packing import (MAX_TRIT_BYTE, pack_int4, pack_trits, packed_int4_size, packed_trits_size,
-                               unpack_int4, unpack_trits)
+from tritpress.exporters.packing import (MAX_TRIT_BYTE, pack_int2, pack_int4, pack_trits, packed_int2_size,
+                                        packed_int4_size, packed_trits_size, unpack_int2, unpack_int4, unpack_trits)
 
 trit_arrays = hnp.arrays(np.int8, st.integers(0, 2000), elements=st.integers(-1, 1))
 int4_arrays = hnp.arrays(np.int8, st.integers(0, 2000), elements=st.integers(-8, 7))
+int2_arrays = hnp.arrays(np.int8, st.integers(0, 2000), elements=st.integers(-2, 1))
 
 
 def ceil_div(a, b):
@@ -144,3 +145,49 @@ def test_pack_int4_rejects_out_of_range(bad):
 def test_unpack_int4_rejects_wrong_sizes(nbytes, n):
     with pytest.raises(ValueError):
         unpack_int4(np.zeros(nbytes, np.uint8), n)
+
+
+# ------------------------------------------------------------------ int2
+
+@pytest.mark.parametrize("codes,expected", [
+    ([-2, -1, 0, 1], [228]),   # u = 0,1,2,3 -> 0 | 1<<2 | 2<<4 | 3<<6 = 4 + 32 + 192 = 228
+    ([1, 1, 1, 1], [255]),     # all u = 3
+    ([-2, -2, -2, -2], [0]),   # all u = 0
+    ([0], [2]),                # u = 2 in the lowest bits, the padding fields are 0
+    ([1, -2, 0, -1, 0], [3 | 0 | 2 << 4 | 1 << 6, 2]),  # 5 codes: two bytes
+])
+def test_pack_int2_known_bytes(codes, expected):
+    packed = pack_int2(np.array(codes, np.int8))
+    assert packed.dtype == np.uint8
+    assert packed.tolist() == expected
+    assert unpack_int2(packed, len(codes)).tolist() == codes
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(int2_arrays)
+def test_int2_round_trip_property(codes):
+    packed = pack_int2(codes)
+    assert packed.dtype == np.uint8
+    assert packed.size == ceil_div(codes.size, 4) == packed_int2_size(codes.size)
+    assert np.array_equal(unpack_int2(packed, codes.size), codes)
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(hnp.arrays(np.uint8, st.integers(0, 500)))
+def test_every_int2_byte_decodes_and_repacks_to_itself(packed):
+    # 4 fields of 2 bits use all 256 byte values: any byte is four valid codes
+    codes = unpack_int2(packed, 4 * packed.size)
+    assert codes.min(initial=-2) >= -2 and codes.max(initial=1) <= 1
+    assert np.array_equal(pack_int2(codes), packed)
+
+
+@pytest.mark.parametrize("bad", [[2], [-3], [0, 100], [127]])
+def test_pack_int2_rejects_out_of_range(bad):
+    with pytest.raises(ValueError):
+        pack_int2(np.array(bad, np.int16))
+
+
+@pytest.mark.parametrize("nbytes,n", [(1, 5), (2, 4), (0, 1), (1, 0)])
+def test_unpack_int2_rejects_wrong_sizes(nbytes, n):
+    with pytest.raises(ValueError):
+        unpack_int2(np.zeros(nbytes, np.uint8), n)

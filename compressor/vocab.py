@@ -1,0 +1,176 @@
+"""Vocabulary trimming: keep the embedding and head rows of the token ids a corpus uses.
+
+The trimmed model still takes and returns the ORIGINAL tokenizer's ids, so nothing outside it
+(tokenizer, evaluation, ONNX callers) changes:
+
+- `TrimmedEmbedding` wraps an `nn.Embedding` of the kept rows only; a buffer maps every original
+  id to its row, and an id outside the kept set to the unknown token's row (a gather);
+- `TrimmedHead` wraps a `nn.Linear` with the kept rows only; its logits are gathered back to the
+  full vocabulary, with -inf for the dropped ids: the model can never predict a token it could
+  not read back (it would be the unknown token), and argmax / softmax / sampling over the
+  original vocabulary work unchanged (dropped ids get probability exactly 0).
+
+The kept ids (int32, sorted) are the only persistent extra tensor, one per model (the head
+aliases the embedding's); the id -> row maps are rebuilt from them on load. The wrapped
+`table` / `proj` are ordinary layers, so prepare/convert/pack quantize them like any other
+embedding or head, and a tied head stays tied to its embedding.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .structure import discover, set_submodule
+
+
+def _row_map(kept_ids: torch.Tensor, vocab_size: int, fill: int) -> torch.Tensor:
+    """[vocab_size] int64: original id -> its position in kept_ids, `fill` where it is not kept."""
+    out = torch.full((vocab_size,), fill, dtype=torch.int64)
+    out[kept_ids.long()] = torch.arange(len(kept_ids))
+    return out
+
+
+class _Remapped(nn.Module):
+    """Holds the kept ids and rebuilds the derived map (`index`, the subclass's `_index()`) whenever
+    they are loaded."""
+
+    def __init__(self, kept_ids: torch.Tensor, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.register_buffer("kept_ids", kept_ids.to(torch.int32))
+        self.register_buffer("index", self._index(), persistent=False)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.index = self._index().to(self.kept_ids.device)
+
+
+class TrimmedEmbedding(_Remapped):
+    """Original ids in, rows of the kept-ids table out; a dropped id reads the unknown token's row."""
+
+    vocab_table = "table"  # structure.discover: the embedding inside; num_embeddings is the original size
+
+    def __init__(self, table: nn.Module, kept_ids: torch.Tensor, vocab_size: int, unk_id: int):
+        self.unk_id = unk_id
+        super().__init__(kept_ids, vocab_size)
+        self.table = table
+        self.num_embeddings, self.embedding_dim = vocab_size, table.embedding_dim
+
+    def _index(self) -> torch.Tensor:
+        rows = _row_map(self.kept_ids, self.vocab_size, -1)
+        if rows[self.unk_id] < 0:
+            raise ValueError(f"the unknown token {self.unk_id} must be among the kept ids")
+        return torch.where(rows < 0, rows[self.unk_id], rows)
+
+    def forward(self, ids):
+        return self.table(self.index[ids])
+
+
+class TrimmedHead(_Remapped):
+    """Logits over the kept ids, gathered back to the full vocabulary with -inf for dropped ids."""
+
+    vocab_head = "proj"  # structure.discover: the head Linear inside this wrapper
+
+    def __init__(self, proj: nn.Module, kept_ids: torch.Tensor, vocab_size: int):
+        super().__init__(kept_ids, vocab_size)
+        self.proj = proj
+
+    def _index(self) -> torch.Tensor:
+        return _row_map(self.kept_ids, self.vocab_size, len(self.kept_ids))  # the -inf column
+
+    def forward(self, x):
+        y = self.proj(x)
+        # one gather along the last axis (ONNX Gather): column K is the -inf of every dropped id
+        return F.pad(y, (0, 1), value=float("-inf"))[..., self.index]
+
+
+def _embedding_rows(emb: nn.Embedding, kept: torch.Tensor) -> nn.Embedding:
+    pad = emb.padding_idx
+    new_pad = int((kept == pad).nonzero()[0, 0]) if pad is not None and bool((kept == pad).any()) else None
+    table = nn.Embedding(len(kept), emb.embedding_dim, padding_idx=new_pad)
+    table.weight = nn.Parameter(emb.weight.detach()[kept].clone(), requires_grad=emb.weight.requires_grad)
+    return table
+
+
+def _linear_rows(head: nn.Linear, kept: torch.Tensor, weight: nn.Parameter | None) -> nn.Linear:
+    proj = nn.Linear(head.in_features, len(kept), bias=head.bias is not None)
+    proj.weight = weight if weight is not None else nn.Parameter(head.weight.detach()[kept].clone())
+    if head.bias is not None:
+        proj.bias = nn.Parameter(head.bias.detach()[kept].clone())
+    return proj
+
+
+def trim_vocab(model: nn.Module, embedding: str, head: str | None, keep_ids, unk_id: int) -> dict:
+    """Replace the token embedding (and the head, tied or not) by trimmed wrappers, in place.
+    `keep_ids`: the ids to keep (the unknown token is added). -> the findings (kept, vocab size).
+    The embedding must be a float nn.Embedding and the head a float nn.Linear: trim before
+    prepare/convert, so that quantization and training see the trimmed tables."""
+    emb = model.get_submodule(embedding)
+    out = model.get_submodule(head) if head else None
+    if type(emb) is not nn.Embedding or (out is not None and type(out) is not nn.Linear):
+        raise ValueError("trim_vocab needs a float nn.Embedding (and nn.Linear head): trim before quantizing")
+    vocab = emb.num_embeddings
+    kept = torch.tensor(sorted({int(i) for i in keep_ids} | {int(unk_id)}), dtype=torch.int64)
+    if kept[0] < 0 or kept[-1] >= vocab:
+        raise ValueError(f"kept token ids must be in [0, {vocab}); got {int(kept[0])}..{int(kept[-1])}")
+    new_emb = TrimmedEmbedding(_embedding_rows(emb, kept), kept, vocab, int(unk_id))
+    set_submodule(model, embedding, new_emb)
+    if out is not None:
+        tied = out.weight is emb.weight
+        new_head = TrimmedHead(_linear_rows(out, kept, new_emb.table.weight if tied else None), kept, vocab)
+        new_head.kept_ids = new_emb.kept_ids  # one tensor: stored once, aliased by the head
+        set_submodule(model, head, new_head)
+    return {"vocab_size": vocab, "kept": len(kept), "dropped": vocab - len(kept)}
+
+
+def token_embedding(model: nn.Module) -> str | None:
+    """Module name of the token embedding: the model's input embeddings, or the first nn.Embedding
+    of a custom module (the convention compressor.data also follows)."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        emb = None
+    names = [n for n, m in model.named_modules() if (m is emb if emb is not None else isinstance(m, nn.Embedding))]
+    return names[0] if names else None
+
+
+def trim_model(model: nn.Module, keep_ids, unk_id: int) -> dict:
+    """Trim the token embedding and, when it scores the vocabulary, the head (compressor.structure
+    finds it; a classifier head is left alone). -> findings: vocab size, kept, dropped, modules."""
+    embedding = token_embedding(model)
+    if embedding is None:
+        raise ValueError("the model has no token embedding to trim")
+    vocab = model.get_submodule(embedding).num_embeddings
+    head = discover(model).head
+    if head is not None and getattr(model.get_submodule(head), "out_features", None) != vocab:
+        head = None
+    return {**trim_vocab(model, embedding, head, keep_ids, unk_id), "embedding": embedding, "head": head}
+
+
+def vocab_meta(model: nn.Module) -> dict:
+    """What load_packed needs to put the wrappers back: module name -> kind and shapes."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, TrimmedEmbedding):
+            out[name] = {"kind": "embedding", "vocab_size": m.vocab_size, "rows": len(m.kept_ids),
+                         "dim": m.embedding_dim, "unk_id": m.unk_id, "padding_idx": m.table.padding_idx}
+        elif isinstance(m, TrimmedHead):
+            proj = m.proj
+            out[name] = {"kind": "head", "vocab_size": m.vocab_size, "rows": len(m.kept_ids),
+                         "dim": proj.in_features, "bias": proj.bias is not None}
+    return out
+
+
+def rebuild_trimmed(model: nn.Module, meta: dict) -> None:
+    """Empty trimmed wrappers of the stored shapes (load_packed fills them). The unknown token's
+    id stands in for the kept ids until the state dict is loaded."""
+    for name, e in meta.items():
+        placeholder = torch.full((e["rows"],), e.get("unk_id", 0), dtype=torch.int32)
+        if e["kind"] == "embedding":
+            table = nn.Embedding(e["rows"], e["dim"], padding_idx=e["padding_idx"])
+            new = TrimmedEmbedding(table, placeholder, e["vocab_size"], e["unk_id"])
+        else:
+            new = TrimmedHead(nn.Linear(e["dim"], e["rows"], bias=e["bias"]), placeholder, e["vocab_size"])
+        set_submodule(model, name, new)
