@@ -259,3 +259,18 @@ def test_atomic_dir_output_has_the_umasks_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+def test_qa_dev_from_the_training_file_is_only_the_articles_left_out(files, tmp_path):
+    """--qa-articles 0.5 with --dev = the training file: the dev split is the other half of the
+    articles, so the checkpoint is never picked on questions it trained on."""
+    from tritpress.analyzers.quality.finetune_data import _read_qa
+    squad = str(files / "squad.json")
+    cfg = ft.FinetuneConfig(model="x", task="qa", train=squad, dev=squad, qa_articles=0.5)
+    train, dev, _ = _read_qa(cfg)
+    seen, unseen = {e.article for e in train.examples}, {e.article for e in dev.examples}
+    assert seen and unseen and not seen & unseen
+    copy = tmp_path / "other.json"
+    copy.write_text((files / "squad.json").read_text())
+    _, whole, _ = _read_qa(dataclasses.replace(cfg, dev=str(copy)))   # another file: used as given
+    assert {e.article for e in whole.examples} == seen | unseen

@@ -8,6 +8,7 @@ on a CPU is most of the cost of short-sentence tasks; every example is in exactl
 per epoch."""
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 
@@ -94,9 +95,17 @@ def _read_squad(spec: str, split: str):
 
 def _read_qa(cfg):
     train = _read_squad(cfg.train, TRAIN_SPLIT)
+    dev = _read_squad(cfg.dev, DEV_SPLIT) if cfg.dev else None
     if cfg.qa_articles:
         train, _ = qdata.split_by_article(train, cfg.qa_articles)
-    return train, _read_squad(cfg.dev, DEV_SPLIT) if cfg.dev else None, None
+        if dev is not None and _same_file(cfg.dev, cfg.train):
+            # scoring the training articles would pick the checkpoint that memorized them best
+            _, dev = qdata.split_by_article(dev, cfg.qa_articles)
+    return train, dev, None
+
+
+def _same_file(a: str, b: str) -> bool:
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
 
 def dev_task_data(task, files: TaskFiles) -> TaskData | None:
