@@ -155,6 +155,17 @@ def test_qa_windows_overlap_by_the_doc_stride_and_point_at_the_answer(tok, model
     assert set(b) >= {"input_ids", "attention_mask", "start_positions", "end_positions"}
 
 
+def test_qa_held_out_by_default_is_whole_articles(tok, models, files):  # noqa: F811
+    """Without --eval-data, QA holds out the last articles, never questions on a paragraph it trains on."""
+    from tritpress.analyzers.quality import data as qdata
+    squad = qdata.read_qa(str(files / "squad.json"), "train")
+    train, held_out, where = task_examples(models["qa"], tok, "qa", TrainConfig(data=str(files / "squad.json"),
+                                                                                seq_len=24, doc_stride=8))
+    last = [e for e in squad.examples if e.article == squad.examples[-1].article]
+    assert where.startswith("last 1 of 4 articles")
+    assert held_out.examples == len(last) and train.examples == squad.size - len(last)
+
+
 # ------------------------------------------------------------------ losses
 
 

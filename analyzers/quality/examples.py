@@ -189,16 +189,26 @@ def task_examples(model, tokenizer, task: str, tcfg) -> tuple[TaskExamples, Task
     if tcfg.eval_data:
         held_out, where = read_task_data(task, tcfg.eval_data, "validation", column), tcfg.eval_data
     else:
-        n = min(tcfg.eval_examples or train.size, max(1, train.size // 20))
-        if train.size < 2:
-            raise TritpressError(f"{tcfg.data} holds {train.size} example: too few to hold some out; "
-                                 "pass --eval-data")
-        train, held_out = train.subset(range(train.size - n)), train.subset(range(train.size - n, train.size))
-        where = f"last {n} examples of {tcfg.data} (held out from training)"
+        train, held_out, where = _hold_out(task, train, tcfg)
     train = train.subset(qdata.subsample(train.size, tcfg.max_examples, tcfg.seed))
     held_out = held_out.subset(qdata.subsample(held_out.size, tcfg.eval_examples, tcfg.seed))
     return (encode_examples(model, tok, task, train, tcfg.data, tcfg),
             encode_examples(model, tok, task, held_out, tcfg.eval_data or tcfg.data, tcfg), where)
+
+
+def _hold_out(task: str, train, tcfg):
+    """The last 5% of --data (at most eval_examples) as the held-out split; for QA the last articles,
+    since questions on one paragraph share its context and would leak it across the split."""
+    if train.size < 2:
+        raise TritpressError(f"{tcfg.data} holds {train.size} example: too few to hold some out; pass --eval-data")
+    articles = list(dict.fromkeys(e.article for e in train.examples)) if task == "qa" else []
+    if len(articles) >= 2:
+        k = max(1, len(articles) // 20)
+        kept, held_out = qdata.split_by_article(train, (len(articles) - k) / len(articles))
+        return kept, held_out, f"last {k} of {len(articles)} articles of {tcfg.data} (held out from training)"
+    n = min(tcfg.eval_examples or train.size, max(1, train.size // 20))
+    return (train.subset(range(train.size - n)), train.subset(range(train.size - n, train.size)),
+            f"last {n} examples of {tcfg.data} (held out from training)")
 
 
 # ------------------------------------------------------------------ held-out quality
