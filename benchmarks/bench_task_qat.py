@@ -13,6 +13,16 @@ dev file, and prints one JSON object with their rows (metric, teacher, compresse
         --train ../shared/data/sst-2/train.tsv --dev ../shared/data/sst-2/dev.tsv --steps 2000 \
         --seq-len 64 --out runs/bench-sst2 > bench_task_qat_sst2.json
 
+SQuAD ships only a dev file here: `--split-articles 0.5` writes its first half of the articles to
+OUT/train.json (QAT's data, the articles `finetune-head --qa-articles 0.5` trained on) and the rest
+to OUT/heldout.json (QAT's held-out examples and the gate), so no article is on both sides:
+
+    HF_HUB_OFFLINE=1 python benchmarks/bench_task_qat.py --task qa --teacher runs/minilm-squad \
+        --train ../shared/data/squad-v1.1/dev-v1.1.json.zip --dev ../shared/data/squad-v1.1/dev-v1.1.json.zip \
+        --split-articles 0.5 --steps 600 --seq-len 192 --batch-size 16 --extra "--doc-stride 64" \
+        --eval qa_max_length=192 --eval doc_stride=64 --out runs/bench-squad > bench_task_qat_squad.json
+
+`--eval KEY=VALUE` adds an [eval] setting of the gate (the recipe's evaluation fields).
 `--reuse` reads a run folder that already holds a report.json instead of running it again.
 The gate's exit status 1 (a failing row) is data here, not an error.
 """
@@ -20,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import zipfile
 import shutil
 import subprocess
 import sys
@@ -41,6 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--reuse", action="store_true", help="keep runs that already have a report.json")
     p.add_argument("--extra", default="", help="more flags for both runs, one string")
+    p.add_argument("--eval", action="append", default=[], metavar="KEY=VALUE",
+                   help="an [eval] setting of the gate, repeatable (e.g. qa_max_length=192)")
+    p.add_argument("--split-articles", type=float, default=0.0,
+                   help="qa: split the SQuAD file by article: this leading fraction trains, the rest is held out")
     return p.parse_args(argv)
 
 
@@ -78,11 +93,38 @@ def summary(folder: Path) -> dict:
             "train_examples": training.get("train_examples"), "timings_s": rep.get("timings_s")}
 
 
+def split_squad(spec: str, fraction: float, out: Path) -> tuple[str, str]:
+    """SQuAD JSON (or a .zip holding one) cut by article in file order -> (train.json, heldout.json)."""
+    if spec.endswith(".zip"):
+        with zipfile.ZipFile(spec) as z:
+            data = json.loads(z.read(next(n for n in z.namelist() if n.endswith(".json"))))
+    else:
+        data = json.loads(Path(spec).read_text())
+    cut = max(1, round(len(data["data"]) * fraction))
+    paths = out / "train.json", out / "heldout.json"
+    for path, articles in zip(paths, (data["data"][:cut], data["data"][cut:])):
+        path.write_text(json.dumps({**data, "data": articles}))
+    return str(paths[0].resolve()), str(paths[1].resolve())
+
+
+def toml_value(text: str) -> str:
+    """A number or true/false as is, anything else as a quoted string."""
+    try:
+        float(text)
+        return text
+    except ValueError:
+        return text if text in ("true", "false") else json.dumps(text)
+
+
 def main(argv=None):
     a = parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.toml").write_text(f'[eval]\n{DATA_KEY[a.task]} = "{Path(a.dev).resolve()}"\n')
+    if a.split_articles:
+        a.train, a.dev = split_squad(a.train, a.split_articles, out)
+    settings = [f'{DATA_KEY[a.task]} = "{Path(a.dev).resolve()}"']
+    settings += [f"{k.strip()} = {toml_value(v.strip())}" for k, v in (e.split("=", 1) for e in a.eval)]
+    (out / "eval.toml").write_text("[eval]\n" + "\n".join(settings) + "\n")
     result = {"benchmark": "tritpress bench_task_qat", "task": a.task, "teacher": a.teacher,
               "train": a.train, "dev": a.dev, "runs": {}}
     for name, cmd in commands(a).items():
