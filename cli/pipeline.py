@@ -100,7 +100,7 @@ class RunState:
     train_data: tuple | None = None        # (training data, held-out data, where that comes from), read once:
                                            # LM token blocks, or a task model's examples (TaskExamples)
     sharing: dict | None = None
-    vocab: dict | None = None              # --trim-vocab: what was kept
+    trimmed: dict | None = None            # --trim-vocab: what was kept
     training: dict | None = None
     checks: dict = field(default_factory=dict)
     example: tuple | None = None           # (inputs, ternary model's output) of the check, for verify
@@ -132,7 +132,7 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
         refuse_sharing_with_fsdp(run)
         run.start, run.sharing = timed(run, "share", share)
     if cfg.trim_vocab:  # after the tie (which reads the original), before QAT: the trained model is trimmed
-        run.start, run.vocab = timed(run, "trim", trim)
+        run.start, run.trimmed = timed(run, "trim", trim)
     if cfg.train.steps > 0:
         run.model, run.training = timed(run, "train", fine_tune)
         if not run.ctx.is_main:
@@ -370,7 +370,7 @@ def report_of(run: RunState) -> dict:
         "size": size,
         "training": run.training,
         "sharing": run.sharing,
-        "vocabulary": {**run.vocab, **size.get("vocabulary", {})} if run.vocab else None,  # + bytes saved
+        "vocabulary": {**run.trimmed, **size.get("vocabulary", {})} if run.trimmed else None,  # + bytes saved
         "checks": run.checks,
         "timings_s": run.timings,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
@@ -506,7 +506,7 @@ def _quality_before(run: RunState, quality_of: Callable[[nn.Module], dict], stud
     teacher = run.loaded.model
     quality = {"original": quality_of(teacher)}
     if run.start is not teacher:  # tied and/or trimmed, still float
-        quality["trimmed_float" if run.vocab and not run.sharing else "shared_float"] = quality_of(run.start)
+        quality["trimmed_float" if run.trimmed and not run.sharing else "shared_float"] = quality_of(run.start)
     quality["ternary_post_training"] = quality_of(convert(copy.deepcopy(student)))
     return quality
 
