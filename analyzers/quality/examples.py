@@ -24,8 +24,8 @@ from tritpress.compressor.errors import TritpressError
 from tritpress.compressor.modelio import ModelIO, device_of, task_forward
 
 from . import data as qdata
-from .encode import batches, collate, encode_texts, encode_words, first_subtokens, ready_tokenizer
-from .qa import encode_windows, span_labels
+from .encode import batches, collate, ready_tokenizer
+from .features import cls_features, qa_features, tok_features
 from .registry import get, use_own_head
 
 HEAD_TASKS = ("cls", "tok", "qa")
@@ -34,7 +34,6 @@ FORMATS = {"cls": "classification examples (GLUE .tsv, .csv or .jsonl with text 
            "qa": "QA examples (SQuAD .json or .zip, or .jsonl)"}
 LM_TEXT_SUFFIXES = (".txt", ".tokens", ".raw")
 QUALITY_METRIC = {"cls": "accuracy", "tok": "token_accuracy", "qa": "span_exact"}
-ENCODE_CHUNK = 256   # examples per tokenizer call
 
 
 def head_task(model) -> str | None:
@@ -69,12 +68,6 @@ class TaskExamples:
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         return collate([self.features[i] for i in indices], self.pad_id)
-
-
-def _stripped(enc, row: int) -> dict:
-    """Row `row` of a right-padded tokenizer batch as token lists without the padding."""
-    n = int(enc["attention_mask"][row].sum())
-    return {k: enc[k][row, :n].tolist() for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
 
 
 # ------------------------------------------------------------------ reading
@@ -131,49 +124,15 @@ def head_label_ids(model, names: list[str], spec: str) -> dict[str, int]:
 # ------------------------------------------------------------------ encoding
 
 
-def _cls_features(model, tok, d, spec: str, max_len: int) -> list[dict]:
-    ids = head_label_ids(model, d.label_names, spec)
-    feats = []
-    for part in batches(d.size, ENCODE_CHUNK):
-        enc = encode_texts(tok, d, part, max_len)
-        feats += [{**_stripped(enc, r), "labels": ids[d.label_names[d.labels[i]]]} for r, i in enumerate(part)]
-    return feats
-
-
-def _tok_features(model, tok, d, spec: str, max_len: int) -> list[dict]:
-    ids = head_label_ids(model, sorted({t for s in d.tags for t in s}), spec)
-    feats = []
-    for part in batches(d.size, ENCODE_CHUNK):
-        enc = encode_words(tok, d.words, part, max_len)
-        for r, i in enumerate(part):
-            f = _stripped(enc, r)
-            labels = [-100] * len(f["input_ids"])  # only each word's first sub-token is scored
-            for w, t in enumerate(first_subtokens(enc, r, len(d.words[i]))):
-                if t is not None:
-                    labels[t] = ids[d.tags[i][w]]
-            feats.append({**f, "labels": labels})
-    return feats
-
-
-def _qa_features(tok, d, max_len: int, stride: int) -> list[dict]:
-    windows = SimpleNamespace(qa_max_length=max_len, doc_stride=stride)
-    feats = []
-    for part in batches(d.size, ENCODE_CHUNK // 8):
-        chunk = [d.examples[k] for k in part]
-        enc, sample, offsets, context = encode_windows(tok, chunk, windows)
-        starts, ends = span_labels(chunk, sample, offsets, context)
-        feats += [{**_stripped(enc, j), "start_positions": int(starts[j]), "end_positions": int(ends[j])}
-                  for j in range(len(sample))]
-    return feats
-
-
 def encode_examples(model, tok, task: str, d, spec: str, tcfg) -> TaskExamples:
+    """The examples' features, labels numbered as the model's own head numbers them."""
     if task == "cls":
-        feats = _cls_features(model, tok, d, spec, tcfg.seq_len)
+        ids = head_label_ids(model, d.label_names, spec)
+        feats = cls_features(tok, d, tcfg.seq_len, [ids[name] for name in d.label_names])
     elif task == "tok":
-        feats = _tok_features(model, tok, d, spec, tcfg.seq_len)
+        feats = tok_features(tok, d, tcfg.seq_len, head_label_ids(model, sorted({t for s in d.tags for t in s}), spec))
     else:
-        feats = _qa_features(tok, d, tcfg.seq_len, tcfg.doc_stride)
+        feats = qa_features(tok, d, SimpleNamespace(qa_max_length=tcfg.seq_len, doc_stride=tcfg.doc_stride))
     return TaskExamples(task, feats, tok.pad_token_id, d.size, spec)
 
 
@@ -183,7 +142,7 @@ def task_examples(model, tokenizer, task: str, tcfg) -> tuple[TaskExamples, Task
     if tokenizer is None:
         raise TritpressError(f"QAT on {task} examples needs the model's tokenizer; the checkpoint has none")
     tok = ready_tokenizer(tokenizer, need_fast=task != "cls")
-    tok.padding_side = "right"  # _stripped and the first-sub-token positions read right-padded rows
+    tok.padding_side = "right"  # the QA span labels index the unpadded prefix of each window
     column = None if tcfg.text_column == "text" else tcfg.text_column  # "text" is among the usual names
     train = read_task_data(task, tcfg.data, "train", column)
     if tcfg.eval_data:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from tritpress.compressor.errors import TritpressError
 
 from . import data as qdata
-from .encode import encode_texts, encode_words, first_subtokens
+from .features import cls_features, qa_features, tok_features
 from .registry import TaskData
 
 TRAIN_SPLIT, DEV_SPLIT = "train", "validation"
@@ -117,49 +117,14 @@ def dev_task_data(task, files: TaskFiles) -> TaskData | None:
 
 
 def train_features(cfg, tok, d, labels) -> TrainSet:
-    features = {"cls": _cls_features, "tok": _tok_features, "qa": _qa_features}[cfg.task](cfg, tok, d, labels)
+    """Every training example tokenized once; a new head numbers classes and tags in the data's order."""
+    if cfg.task == "cls":
+        features = cls_features(tok, d, cfg.max_length, list(range(len(d.label_names))))
+    elif cfg.task == "tok":
+        features = tok_features(tok, d, cfg.max_length, {t: i for i, t in enumerate(labels)})
+    else:
+        features = qa_features(tok, d, cfg)
     return TrainSet(features, [len(f["input_ids"]) for f in features], d.size)
-
-
-def _rows_of(enc, n: int) -> list[dict]:
-    return [{k: enc[k][i] for k in enc.keys()} for i in range(n)]
-
-
-def _cls_features(cfg, tok, d, labels) -> list[dict]:
-    enc = encode_texts(tok, d, range(d.size), cfg.max_length, pad=False)
-    rows = _rows_of(enc, d.size)
-    for row, label in zip(rows, d.labels):
-        row["labels"] = label
-    return rows
-
-
-def _tok_features(cfg, tok, d, tags) -> list[dict]:
-    """The first sub-token of each word carries its tag; the others (and specials) are -100."""
-    index = {t: i for i, t in enumerate(tags)}
-    enc = encode_words(tok, d.words, range(d.size), cfg.max_length, pad=False)
-    rows = _rows_of(enc, d.size)
-    for r, row in enumerate(rows):
-        row["labels"] = [-100] * len(row["input_ids"])
-        for w, t in enumerate(first_subtokens(enc, r, len(d.words[r]))):
-            if t is not None:
-                row["labels"][t] = index[d.tags[r][w]]
-    return rows
-
-
-def _qa_features(cfg, tok, d, labels, chunk: int = 64) -> list[dict]:
-    """Windows of each question (encode_windows, the evaluation's own), padding stripped again."""
-    from .qa import encode_windows, span_labels
-    tok.padding_side = "right"  # the span labels index the unpadded prefix
-    rows = []
-    for i in range(0, d.size, chunk):
-        part = d.examples[i:i + chunk]
-        enc, sample, offsets, context = encode_windows(tok, part, cfg)
-        starts, ends = span_labels(part, sample, offsets, context)
-        for j in range(len(sample)):
-            n = int(enc["attention_mask"][j].sum())
-            row = {k: enc[k][j, :n].tolist() for k in enc.keys()}
-            rows.append({**row, "start_positions": int(starts[j]), "end_positions": int(ends[j])})
-    return rows
 
 
 # ------------------------------------------------------------------ batches
