@@ -41,6 +41,11 @@ def _finetune_head() -> Callable:
     return finetune_head_command
 
 
+def _search() -> Callable:
+    from tritpress.cli.search_command import search_command
+    return search_command
+
+
 def _analyze() -> Callable:
     from tritpress.cli.analyze import analyze
     return analyze
@@ -53,6 +58,7 @@ COMMANDS: dict[str, tuple[Callable[[], Callable], str]] = {
     "info": (_info, "Size report of a packed checkpoint (verifies its checksum)."),
     "evaluate": (_evaluate, "Score COMPRESSED against its baseline on LM / classification / NER / QA, gated."),
     "finetune-head": (_finetune_head, "Fine-tune MODEL with a task head: a task baseline to evaluate against."),
+    "search": (_search, "Find the smallest configuration whose quality gate passes (sharing x bits x trimming)."),
     "analyze": (_analyze, "Redundancy analysis of MODEL's block stack (what --sharing measures)."),
 }
 

@@ -3,6 +3,7 @@ import typer
 
 from tritpress.analyzers.quality.metrics import TAG_SCHEMES
 from tritpress.analyzers.quality.registry import PROBE_CHOICES
+from tritpress.cli.search import ORDERS
 from tritpress.compressor.config import ACT_BITS, FLOAT_DTYPES, WEIGHT_FORMATS
 from tritpress.compressor.quantize import GRANULARITIES, TERNARY_METHODS
 from tritpress.compressor.share import INITS, SHARE_KINDS
@@ -33,4 +34,5 @@ CHOICES = {
     ("OnnxConfig", "format"): ONNX_FORMATS,
     ("EvalConfig", "probe"): PROBE_CHOICES,
     ("EvalConfig", "tag_scheme"): TAG_SCHEMES,
+    ("SearchConfig", "order"): ORDERS,
 }

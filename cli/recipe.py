@@ -67,6 +67,7 @@ def build_config(recipe: dict, flags: dict[str, dict]) -> CompressConfig:
     """Recipe values, then the flags given on the command line: {table: {key: value}}, where
     table "" holds the top-level keys (model, out, ...)."""
     recipe = dict(recipe)
+    recipe.pop("search", None)  # `compress search`'s own table (SearchConfig): one recipe serves both commands
     sections = {name: {**(recipe.pop(name, {}) or {}), **flags.get(name, {})} for name in SECTIONS}
     top = {**recipe, **flags.get("", {})}
     fields = {f.name for f in dataclasses.fields(CompressConfig)} - set(SECTIONS)

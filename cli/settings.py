@@ -13,6 +13,7 @@ from tritpress.analyzers.quality.finetune import FinetuneConfig
 from tritpress.cli.flags import FlagSection
 from tritpress.cli.pipeline import CompressConfig
 from tritpress.cli.recipe import SECTIONS
+from tritpress.cli.search import SearchConfig
 from tritpress.compressor.config import TernaryConfig
 from tritpress.compressor.share import SharingConfig
 from tritpress.compressor.train import TrainConfig
@@ -32,6 +33,9 @@ SHARING = FlagSection("sharing", SharingConfig, prefix="share-", names={
 # `compress run --onnx --onnx-format int2 ...`: the export after packing
 PIPELINE_ONNX = FlagSection("onnx", OnnxConfig, prefix="onnx-", names={"enabled": "onnx"})
 RUN = (PIPELINE, QUANT, TRAIN, SHARING, PIPELINE_ONNX)
+# `compress search`: every run option (the candidates' common settings; the search sets --sharing,
+# --relax-rank, --embedding, --head and --trim-vocab per candidate), and what to try
+SEARCH = (*RUN, FlagSection("search", SearchConfig))
 
 # `--skeleton package.module:Class` of the commands that load a packed file (`evaluate` has its own
 # EvalConfig.skeleton, a key of the recipe's [eval] table)

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,6 +20,8 @@ from tritpress.cli import settings
 from tritpress.cli.flags import choice_enum, field_comments, field_type
 from tritpress.cli.pipeline import CompressConfig
 from tritpress.cli.recipe import SECTIONS
+from tritpress.cli.search import SearchConfig
+from tritpress.compressor.config import TernaryConfig
 from tritpress.compressor.share import SharingConfig
 from tritpress.exporters.onnx import OnnxConfig
 from tritpress.exporters.packed import PackedLoadConfig
@@ -31,6 +34,8 @@ VALUES = {
     ("EvalConfig", "tasks"): "lm,qa", ("EvalConfig", "probe"): "always", ("EvalConfig", "device"): "cpu",
     ("EvalConfig", "max_drop"): ["perplexity=5%", "cls.accuracy=2"], ("EvalConfig", "qa_train_fraction"): 0.25,
     ("FinetuneConfig", "task"): "qa",
+    ("SearchConfig", "max_drop"): "2%", ("SearchConfig", "try_sharing"): "none,cycle:2",
+    ("SearchConfig", "try_bits"): "int4,ternary", ("SearchConfig", "try_relax_rank"): "0,8",
 }
 POSITIONAL = {"CompressConfig": "model", "EvalConfig": "compressed", "FinetuneConfig": "model"}
 
@@ -69,16 +74,19 @@ def cases(command: str, sections):
 
 ALL_CASES = (cases("run", settings.RUN) + cases("evaluate", settings.EVALUATE)
              + cases("finetune-head", settings.FINETUNE) + cases("export", settings.EXPORT)
-             + cases("info", settings.INFO) + cases("analyze", settings.ANALYZE))
+             + cases("info", settings.INFO) + cases("analyze", settings.ANALYZE) + cases("search", settings.SEARCH))
 
 
 @pytest.fixture
 def captured(monkeypatch):
     """Replace each command's work by recording the config it built."""
     import tritpress.analyzers.redundancy as redundancy
-    from tritpress.cli import evaluate, export, run
+    from tritpress.cli import evaluate, export, run, search_command
 
     seen = []
+    monkeypatch.setattr(search_command, "run_search",
+                        lambda cfg, scfg, quiet: seen.append((cfg, scfg)) or SimpleNamespace(passed=True, record={}))
+    monkeypatch.setattr(search_command, "show_search", lambda record, json_out: None)
     monkeypatch.setattr(run, "run_pipeline", lambda cfg, quiet: seen.append(cfg))
     monkeypatch.setattr(evaluate, "run_evaluation", lambda cfg: seen.append(cfg) or {"passed": True})
     monkeypatch.setattr(evaluate, "show_evaluation", lambda report, json_out: None)
@@ -95,11 +103,15 @@ def captured(monkeypatch):
 BASE_ARGS = {"run": ["run", "m"], "evaluate": ["evaluate", "m"], "export": ["export", "p.safetensors", "--onnx", "o"],
              "finetune-head": ["finetune-head", "m", "--task", "tok", "--train", "t", "--out", "o"],
              "analyze": ["analyze", "m", "--json", "--share-data", "cal.txt"],
-             "info": ["info", "p.safetensors", "--json"]}
+             "info": ["info", "p.safetensors", "--json"], "search": ["search", "m"]}
 
 
 def api_config(command: str, section, name: str, value):
     """The config the Python API builds for the same setting."""
+    if command == "search":  # (the candidates' common settings, what to try)
+        if section.name == "search":
+            return CompressConfig(model="m"), SearchConfig(**{name: value})
+        return api_config("run", section, name, value), SearchConfig()
     if command == "run" and section.name == "":
         return CompressConfig(model="m", **{name: value})
     if command == "run":
@@ -128,7 +140,7 @@ def test_flag_and_api_give_the_same_config(command, section, f, captured, capsys
 DEFAULTS = {"run": CompressConfig(model="m"), "evaluate": EvalConfig(compressed="m"),
             "export": (OnnxConfig(), PackedLoadConfig()), "info": PackedLoadConfig(),
             "finetune-head": FinetuneConfig(model="m", task="tok", train="t", out="o"),
-            "analyze": SharingConfig(data="cal.txt")}
+            "analyze": SharingConfig(data="cal.txt"), "search": (CompressConfig(model="m"), SearchConfig())}
 
 
 def _recipe(tmp_path, table: str, key: str, value) -> str:
@@ -159,9 +171,36 @@ def test_recipe_key_gives_the_config_of_the_flag(section, f, captured, tmp_path,
         assert captured[-1] == api_config("run", section, f.name, value)
 
 
+SEARCH_FIELDS = [pytest.param(f, id=f"search.{f.name}") for f in dataclasses.fields(SearchConfig)]
+
+
+@pytest.mark.parametrize("f", SEARCH_FIELDS)
+def test_search_recipe_table_gives_the_config_of_the_flag(f, captured, tmp_path, capsys):
+    """`compress search --recipe` reads its [search] table (and every run table); `compress run` reads the
+    same recipe and leaves [search] to the search."""
+    value = other_value(SearchConfig, f)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f"[quant]\nmethod = \"twn\"\n[search]\n{f.name} = {json.dumps(value)}\n")
+    code, _, err = run_cli(["search", "m", "--recipe", recipe], capsys)
+    assert code == 0, err
+    run_cfg = CompressConfig(model="m", quant=TernaryConfig(method="twn"))
+    assert captured[-1] == (run_cfg, SearchConfig(**{f.name: value}))
+    code, _, err = run_cli(["run", "m", "--recipe", recipe], capsys)
+    assert code == 0, err
+    assert captured[-1] == run_cfg
+
+
+@pytest.mark.parametrize("args, flag", [(["--try-bits", "int3"], "--try-bits"), (["--max-drop", "x"], "--max-drop"),
+                                        (["--try-relax-rank", "a"], "--try-relax-rank")])
+def test_bad_search_setting_is_one_line_naming_the_flag(args, flag, capsys):
+    code, _, err = run_cli(["search", "m", *args], capsys)
+    assert code != 0 and flag in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_every_field_has_a_flag_or_is_the_positional_argument():
     covered = {}
-    for sections in (settings.RUN, settings.EVALUATE, settings.FINETUNE, settings.EXPORT, settings.INFO):
+    for sections in (settings.RUN, settings.EVALUATE, settings.FINETUNE, settings.EXPORT, settings.INFO,
+                     settings.SEARCH):
         for s in sections:
             covered.setdefault(s.cls, set()).update(f.name for f in s.fields())
     for cls, names in covered.items():
