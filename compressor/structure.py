@@ -98,7 +98,7 @@ def find_block_stack(model: nn.Module) -> BlockStack | None:
     return best
 
 
-def _find_head(model: nn.Module, linears: dict[str, nn.Module], embeddings: dict[str, nn.Embedding]):
+def _find_head(model: nn.Module, linears: dict[str, nn.Module], embeddings: dict[str, nn.Embedding], stack=None):
     """Return (head module name, embedding name it is tied to or None)."""
     # a wrapper around the head (a trimmed vocabulary, compressor/vocab) names its Linear
     head = next((f"{n}.{m.vocab_head}" for n, m in model.named_modules()
@@ -119,7 +119,9 @@ def _find_head(model: nn.Module, linears: dict[str, nn.Module], embeddings: dict
         # a trimmed token embedding (compressor/vocab) names its table: the vocabulary is its original size
         wrapped = [m.num_embeddings for m in model.modules() if isinstance(getattr(m, "vocab_table", None), str)]
         vocab = max([e.num_embeddings for e in embeddings.values()] + wrapped)
-        vocab_sized = [n for n, m in linears.items() if _out_features(m) == vocab]
+        # a head is never inside the repeated blocks (a block's Linear can be vocabulary-sized by chance)
+        inside = stack.contains if stack is not None and stack.kind == "modulelist" else (lambda n: False)
+        vocab_sized = [n for n, m in linears.items() if _out_features(m) == vocab and not inside(n)]
         head = vocab_sized[-1] if vocab_sized else None
     tied = emb_by_weight.get(id(linears[head].weight)) if head else None
     return head, tied
@@ -140,7 +142,7 @@ def discover(model: nn.Module, exclude: list[str] | tuple = ()) -> ModelStructur
     linears = {n: m for n, m in model.named_modules() if is_linear(m) and not skip(n)}
     embeddings = {n: m for n, m in model.named_modules() if isinstance(m, nn.Embedding) and not skip(n)}
     rnns = {n: m for n, m in model.named_modules() if isinstance(m, RNN_TYPES) and not skip(n)}
-    head, tied = _find_head(model, linears, embeddings)
+    head, tied = _find_head(model, linears, embeddings, stack)
     in_blocks = (lambda n: stack.contains(n)) if stack is not None and stack.kind == "modulelist" else None
 
     layers = []

@@ -70,6 +70,16 @@ def test_bert_roles():
     assert q.shape == [64, 32] and q.params == 64 * 32
 
 
+def test_a_vocabulary_sized_linear_inside_the_blocks_is_not_the_head():
+    """A task model without an LM head whose FFN width equals its vocabulary size: no block Linear
+    becomes the "head" (it got the head's int8 format, and a cycle-shared copy of it two formats)."""
+    from transformers import BertConfig, BertForSequenceClassification
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    s = discover(BertForSequenceClassification(cfg))
+    assert s.head is None
+    assert {layer.role for layer in s.layers if ".intermediate." in layer.name} == {"block"}
+
+
 def test_gpt2_conv1d_layers_are_block_with_out_in_shape():
     model = build("gpt2")
     s = discover(model)
