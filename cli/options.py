@@ -1,14 +1,12 @@
 """Options every `compress` sub-command shares, and the fixed value sets of settings."""
 import typer
 
-from tritpress.analyzers.quality.metrics import TAG_SCHEMES
-from tritpress.analyzers.quality.registry import PROBE_CHOICES
-from tritpress.cli.search import ORDERS
-from tritpress.compressor.config import ACT_BITS, FLOAT_DTYPES, WEIGHT_FORMATS
-from tritpress.compressor.quantize import GRANULARITIES, TERNARY_METHODS
-from tritpress.compressor.share import INITS, SHARE_KINDS
-from tritpress.compressor.train import PARALLEL, QUANT_SCHEDULES, SCHEDULES, TASKS
-from tritpress.exporters.onnx import ONNX_FORMATS
+# from the torch-free settings modules: a command's --help imports no torch
+from tritpress.analyzers.defaults import PROBE_CHOICES, TAG_SCHEMES
+from tritpress.cli.config import ORDERS
+from tritpress.compressor.settings import (ACT_BITS, FLOAT_FORMATS, GRANULARITIES, INITS, PARALLEL, QUANT_SCHEDULES,
+                                           SCHEDULES, SHARE_KINDS, TASKS, TERNARY_METHODS, WEIGHT_FORMATS)
+from tritpress.exporters.settings import ONNX_FORMATS
 
 # read by cli.main.main before typer parses (it decides how errors are shown); declared on each
 # command so that --help lists it and typer accepts it
@@ -23,8 +21,8 @@ CHOICES = {
     ("TernaryConfig", "embedding"): WEIGHT_FORMATS,
     ("TernaryConfig", "head"): WEIGHT_FORMATS,
     ("TernaryConfig", "outside_blocks"): WEIGHT_FORMATS,
-    ("TernaryConfig", "float_dtype"): tuple(FLOAT_DTYPES),
-    ("TernaryConfig", "scale_dtype"): tuple(FLOAT_DTYPES),
+    ("TernaryConfig", "float_dtype"): FLOAT_FORMATS,
+    ("TernaryConfig", "scale_dtype"): FLOAT_FORMATS,
     ("TrainConfig", "schedule"): SCHEDULES,
     ("TrainConfig", "quant_schedule"): QUANT_SCHEDULES,
     ("TrainConfig", "parallel"): PARALLEL,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import platform
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,18 +21,15 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from tritpress.exporters.onnx import OnnxConfig
-
-from tritpress.compressor.config import TernaryConfig
 from tritpress.compressor.errors import TritpressError
 from tritpress.compressor.fileio import check_writable, refuse_overwrite_input, write_json
 from tritpress.compressor.ingest import load_model
-from tritpress.compressor.share import SharingConfig
 from tritpress.compressor.train import TrainConfig
 from tritpress.compressor.transform import convert, get_record, prepare
 
+from .config import CompressConfig  # re-exported: torch-free home of the settings
+
 if TYPE_CHECKING:
-    from tritpress.analyzers.quality.evaluate import EvalConfig
     from tritpress.compressor.data import TokenVocab
     from tritpress.compressor.distributed import DistContext
     from tritpress.compressor.ingest import LoadedModel
@@ -41,36 +37,6 @@ if TYPE_CHECKING:
 PACKED_NAME = "model.tritpress.safetensors"
 REPORT_NAME = "report.json"
 ONNX_NAME = "model.onnx"
-
-
-@dataclass
-class CompressConfig:
-    model: str                                   # path, hub id or pkg:NAME
-    out: str | None = None                       # output folder [default: runs/<model name>]
-    config: str | None = None                    # HF config.json for a bare state_dict
-    trust_pickle: bool = False                   # allow full unpickling of a saved nn.Module (runs code from
-                                                 # the file: trusted files only)
-    vocab: str | None = None                     # the model's own vocabulary for its text (training, calibration,
-                                                 # --tasks lm): a JSON map token -> id; characters when every key
-                                                 # but <unk>-style markers is one character, else words [default:
-                                                 # the model's tokenizer; without one, words by frequency]
-    quant: TernaryConfig = field(default_factory=TernaryConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    sharing: SharingConfig = field(default_factory=SharingConfig)
-    check: bool = True                           # compare outputs: original vs ternary, converted vs reload
-    onnx: OnnxConfig = field(default_factory=OnnxConfig)  # [onnx] enabled = true: export model.onnx last
-    trim_vocab: str | None = None                # keep only the token ids this corpus uses (+ the tokenizer's
-                                                 # special and unknown tokens; other ids read as the unknown
-                                                 # token): "data" = the --data training data, or a text file
-    tasks: str | None = None                     # after packing, evaluate and gate on these tasks (lm,cls,tok,qa;
-                                                 # data and tolerances from the recipe's [eval] table)
-    eval: "EvalConfig" = field(default_factory=lambda: _eval_config())
-
-    def out_dir(self) -> Path:
-        if self.out:
-            return Path(self.out)
-        name = re.sub(r"[^\w.-]+", "_", Path(self.model.split(":", 1)[-1]).stem or "model").strip("_")
-        return Path("runs") / (name or "model")
 
 
 class Listener:
@@ -509,11 +475,6 @@ def _quality_before(run: RunState, quality_of: Callable[[nn.Module], dict], stud
         quality["trimmed_float" if run.trimmed and not run.sharing else "shared_float"] = quality_of(run.start)
     quality["ternary_post_training"] = quality_of(convert(copy.deepcopy(student)))
     return quality
-
-
-def _eval_config():
-    from tritpress.analyzers.quality.evaluate import EvalConfig
-    return EvalConfig()
 
 
 def _structure_summary(structure) -> dict:

@@ -15,16 +15,13 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from tritpress.exporters.onnx import OnnxConfig
-
-from tritpress.compressor.config import TernaryConfig
+from tritpress.analyzers.settings import EvalConfig
 from tritpress.compressor.errors import TritpressError
 from tritpress.compressor.fileio import read_text_file
-from .pipeline import CompressConfig
-from tritpress.compressor.share import SharingConfig
-from tritpress.compressor.train import TrainConfig
+from tritpress.compressor.settings import SharingConfig, TernaryConfig, TrainConfig
+from tritpress.exporters.settings import OnnxConfig
 
-from tritpress.analyzers.quality.evaluate import EvalConfig  # noqa: E402
+from .config import CompressConfig  # the settings alone: reading a recipe (and --help) imports no torch
 
 SECTIONS = {"quant": TernaryConfig, "train": TrainConfig, "eval": EvalConfig, "onnx": OnnxConfig,
             "sharing": SharingConfig}

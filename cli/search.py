@@ -26,10 +26,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tritpress.compressor.config import WEIGHT_FORMATS
 from tritpress.compressor.errors import TritpressError
 from tritpress.compressor.fileio import atomic_path, check_writable, read_json_file, refuse_overwrite_input, write_json
 
+from .config import ORDERS, SearchConfig, split_list  # re-exported: torch-free home
 from .pipeline import ONNX_NAME, PACKED_NAME, REPORT_NAME, CompressConfig, Listener, compress
 
 SEARCH_NAME = "search.json"
@@ -38,58 +38,6 @@ FRONTIER_PNG = "frontier.png"
 CANDIDATES_DIR = "candidates"
 SIZE_NAME = "size.json"            # a candidate's measured packed size (reused by --resume)
 CANDIDATE_NAME = "candidate.json"  # the settings a candidate's run was started with
-ORDERS = ("smallest-first", "bisect")
-
-# Why smallest first, stopping at the first PASS (the default): every candidate trains for the same
-# --steps, so candidates cost about the same and the only saving is the number of runs. Trained from
-# the smallest up, the first that passes is the answer (every smaller one was tried and failed)
-# whatever shape quality takes over size: sharing, bits and trimming do not degrade quality in one
-# order, so the assumption a bisection makes (bigger than a passing candidate passes, smaller than a
-# failing one fails) can be wrong, and then it returns a bigger model than needed or misses a
-# passing one. `--order bisect` makes that assumption for its log2(n) runs, when n runs are too many.
-# Largest first ("cheap to aggressive") would have to train every candidate to know which passing
-# one is the smallest.
-
-
-@dataclass
-class SearchConfig:
-    max_drop: str | None = None          # largest drop of each gated score: points (1: the 0-100 scores) or a
-                                         # percentage of the baseline (1%: every metric, perplexity included)
-                                         # [default: the gate's: 1 point, perplexity 5%]
-    target_ratio: float = 0.0            # skip, untrained, a candidate whose packed file is less than this
-                                         # many times smaller than fp32 (0 = any size)
-    try_sharing: str = "none,sequence,cycle,alternate"  # --sharing strategies to try, comma-separated
-    try_bits: str = "int8,int4,int2,ternary"  # --embedding/--head formats to try (both set alike), comma-separated
-    try_relax_rank: str = "0"            # --relax-rank values to try with sharing, comma-separated (0 = strict tie)
-    order: str = "smallest-first"        # smallest-first: train from the smallest up, stop at the first PASS
-                                         # (the smallest that passes); bisect: log2(n) runs, assuming quality
-                                         # falls with size
-    max_minutes: float = 0.0             # stop between candidates after this many minutes (0 = no limit)
-
-    def __post_init__(self):
-        if self.order not in ORDERS:
-            raise ValueError(f"--order {self.order!r} is not one of {', '.join(ORDERS)}")
-        if self.target_ratio < 0 or self.max_minutes < 0:
-            raise ValueError("--target-ratio and --max-minutes must be >= 0")
-        bad = [b for b in split_list(self.try_bits) if b not in WEIGHT_FORMATS]
-        if bad or not split_list(self.try_bits):
-            raise ValueError(f"--try-bits {self.try_bits!r}: each one of {', '.join(WEIGHT_FORMATS)}")
-        if not split_list(self.try_sharing):
-            raise ValueError("--try-sharing needs at least one strategy (none = no sharing)")
-        if not all(r.isdigit() for r in split_list(self.try_relax_rank)) or not split_list(self.try_relax_rank):
-            raise ValueError(f"--try-relax-rank {self.try_relax_rank!r}: comma-separated integers >= 0")
-        if self.max_drop is not None:
-            from tritpress.analyzers.quality.gate import Tolerance
-            try:
-                Tolerance.parse(self.max_drop)
-            except TritpressError as e:
-                raise ValueError(f"--max-drop: {e}") from None
-
-
-def split_list(text: str) -> list[str]:
-    return [s.strip() for s in str(text).split(",") if s.strip()]
-
-
 @dataclass
 class Candidate:
     """One configuration: its run's settings, its size, and what the search made of it."""

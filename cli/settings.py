@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from tritpress.analyzers.quality.evaluate import EvalConfig
-from tritpress.analyzers.quality.finetune import FinetuneConfig
+# every config from its torch-free module: a command's --help builds these sections without torch
+from tritpress.analyzers.settings import EvalConfig, FinetuneConfig
+from tritpress.cli.config import CompressConfig, SearchConfig
 from tritpress.cli.flags import FlagSection
-from tritpress.cli.pipeline import CompressConfig
 from tritpress.cli.recipe import SECTIONS
-from tritpress.cli.search import SearchConfig
-from tritpress.compressor.config import TernaryConfig
-from tritpress.compressor.share import SharingConfig
-from tritpress.compressor.train import TrainConfig
-from tritpress.exporters.onnx import OnnxConfig
-from tritpress.exporters.packed import PackedLoadConfig
+from tritpress.compressor.settings import SharingConfig, TernaryConfig, TrainConfig
+from tritpress.exporters.settings import OnnxConfig, PackedLoadConfig
 
 # top-level recipe keys of `compress run` (MODEL is the positional argument)
 PIPELINE = FlagSection("", CompressConfig, names={"out": ("out", "-o")}, skip=("model", *SECTIONS))

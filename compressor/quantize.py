@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import torch
 
-EPS = 1e-5
+from .settings import GRANULARITIES, TERNARY_METHODS  # declared with TernaryConfig, torch-free
 
-TERNARY_METHODS = ("absmean", "twn")
-GRANULARITIES = ("tensor", "channel")
+EPS = 1e-5
 
 
 def _reduce_abs_mean(w: torch.Tensor, per_channel: bool) -> torch.Tensor:

@@ -29,75 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import TritpressError
+from .settings import INITS, SHARE_KINDS, STRATEGIES, SharingConfig  # re-exported: torch-free home
 from .structure import ModelStructure, discover, is_conv1d, is_linear, set_submodule
-
-STRATEGIES = ("none", "alternate", "sequential", "cycle", "sequence", "middle-cycle", "groups", "auto")
-SHARE_KINDS = ("all", "attention", "ffn")
-INITS = ("average", "stepwise", "closest")
-
-
-@dataclass
-class SharingConfig:
-    """Which blocks share weights, what is tied inside a block, and how the shared weight starts."""
-
-    strategy: str = "none"          # cross-layer sharing: none, alternate, sequential[:N], cycle[:K], sequence[:K],
-                                    # middle-cycle[:K], auto, explicit groups "0,2,4;1,3,5" or a .json file
-    groups: str | None = None       # with strategy groups: "0,2,4;1,3,5" or a JSON file ([[0,2,4],[1,3,5]])
-    every: int = 2                  # sequential: stride N (blocks i, i+N, i+2N... share)
-    unique: int = 0                 # cycle/sequence/middle-cycle: unique blocks; 0 = half the stack
-    share: str = "all"              # matrices tied inside a block: all | attention | ffn
-    init: str = "average"           # initial shared weight: group average, stepwise (one evenly spaced member)
-                                    # or closest to the mean
-    relax_rank: int = 0             # per-occurrence low-rank correction of shared weights (counted in sizes);
-                                    # 0 = strict tie
-    target_params: float = 0.0      # auto: unique block parameters to keep, as a fraction (e.g. 0.5)
-    max_loss_increase: float = 0.0  # auto: largest calibration-loss increase accepted
-    data: str | None = None         # calibration text for the analysis [default: the training --data]
-    calib_sequences: int = 16       # calibration sequences
-    calib_seq_len: int = 128        # calibration tokens per sequence
-    auto_pairs: int = 66            # auto/analysis: block pairs tied and measured at most (0 = none)
-    auto_refine: int = 12           # auto: block swaps tied and measured at most
-    auto_probe_steps: int = 0       # auto: rank the candidates by their calibration loss after this many QAT
-                                    # steps each, not right after tying (0 = off)
-    auto_probe_top: int = 0         # auto with --share-probe-steps: fine-tune at most this many candidates,
-                                    # best after tying first (0 = all)
-    analyze: bool = True            # compress: write the redundancy analysis first (needs calibration text)
-
-    def __post_init__(self):
-        s = str(self.strategy)
-        if s not in STRATEGIES and ":" in s:  # "cycle:3", "sequential:3"
-            s, _, arg = s.partition(":")
-            if not arg.isdigit():
-                raise ValueError(f"sharing {self.strategy!r}: expected NAME:INTEGER, e.g. cycle:3")
-            if s == "sequential":
-                self.every = int(arg)
-            else:
-                self.unique = int(arg)
-        elif s not in STRATEGIES and (re.fullmatch(r"[\d,;\s]+", s) or s.endswith(".json")):
-            self.groups, s = s, "groups"
-        self.strategy = s
-        for name, allowed in (("strategy", STRATEGIES), ("share", SHARE_KINDS), ("init", INITS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"sharing {name}={getattr(self, name)!r} is not one of {', '.join(allowed)} "
-                                 "(or explicit groups like \"0,2,4;1,3,5\" / a .json file)")
-        if self.strategy == "groups" and not self.groups:
-            raise ValueError("sharing strategy 'groups' needs groups, e.g. \"0,2,4;1,3,5\"")
-        if self.relax_rank < 0 or self.every < 1 or self.unique < 0 or self.auto_probe_steps < 0 \
-                or self.auto_probe_top < 0:
-            raise ValueError("relax_rank >= 0, every >= 1, unique >= 0, auto_probe_steps >= 0 and "
-                             "auto_probe_top >= 0 are required")
-        if not 0.0 <= self.target_params <= 1.0:
-            raise ValueError("target_params is a fraction of the unique block parameters, in [0, 1]")
-        if self.strategy == "auto" and not (self.target_params or self.max_loss_increase):
-            raise ValueError("sharing auto needs target_params (e.g. 0.5) or max_loss_increase")
-
-    @property
-    def active(self) -> bool:
-        return self.strategy != "none"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
 class SharingPlan:

@@ -49,14 +49,11 @@ from torch import nn
 from .distributed import DistContext
 from .errors import TrainingInterrupted, TritpressError
 from .fileio import atomic_path, write_json
+from .settings import PARALLEL, QUANT_SCHEDULES, SCHEDULES, TASKS, TrainConfig  # re-exported: torch-free home
 from .modelio import BlockOutputs, ModelIO, eager_attention, nmse, task_forward
 from .structure import ModelStructure
 from .transform import set_lambda, tie_groups
 
-SCHEDULES = ("cosine", "linear", "constant")
-QUANT_SCHEDULES = ("linear", "sigmoid", "none")
-PARALLEL = ("ddp", "fsdp")
-TASKS = ("auto", "lm", "cls", "tok", "qa")
 QUIET_LOGITS = -1e4   # logit put on padding before a softmax over positions: probability exactly 0
 
 
@@ -73,64 +70,6 @@ class ExampleSource(Protocol):
     def __len__(self) -> int: ...
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]: ...
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 0                 # QAT optimizer steps with distillation from the original; 0 = post-training only
-    data: str | None = None        # training text: .txt/.jsonl/.json/.csv/.tsv/.parquet file, pkg:ptb,
-                                   # or a HF dataset NAME[:CONFIG] (online); a task model: its task's
-                                   # training examples (GLUE .tsv, CoNLL columns, SQuAD .json/.zip, .jsonl/.csv)
-    task: str = "auto"             # what QAT trains on: auto (the model's head: cls/tok/qa, else lm) | lm
-                                   # (text blocks) | cls | tok | qa (the task's examples through its own
-                                   # head, each cut to --seq-len tokens)
-    text_column: str = "text"      # text column of tabular data
-    eval_data: str | None = None   # held-out text (task: examples) for before/after quality [default: the
-                                   # last 5% of --data]
-    seq_len: int = 128             # tokens per training sequence
-    doc_stride: int = 64           # task qa: tokens shared by consecutive --seq-len windows of a long context
-    batch_size: int = 8            # sequences per optimizer step, all processes together
-    micro_batch_size: int = 0      # sequences per forward per process (gradient accumulation); 0 = no accumulation
-    lr: float = 0.0                # peak learning rate [default: 2e-4 below 100M params, 1e-4 above]
-    weight_decay: float = 0.0      # AdamW weight decay
-    warmup_steps: int = -1         # learning-rate warm-up steps [default: 10% of steps]
-    schedule: str = "cosine"       # LR decay after warm-up: cosine | linear | constant
-    quant_warmup: int = -1         # steps for lambda to reach 1 [default: half of steps]
-    quant_schedule: str = "linear"  # lambda schedule: linear = min(step/warmup, 1) | sigmoid | none (lambda = 1)
-    grad_clip: float = 1.0         # gradient-norm clip
-    task_weight: float = 1.0       # next-token CE weight
-    kd_weight: float = 1.0         # logit KL / output MSE weight
-    kd_temperature: float = 1.0    # KD temperature
-    hidden_weight: float = 1.0     # per-block hidden-state MSE weight
-    attention_weight: float = 1.0  # task models: per-block attention-probability MSE weight
-    label_weight: float = 0.0      # task models: gold-label cross-entropy weight
-    max_train_tokens: int = 0      # use at most this many training tokens; 0 = all of --data
-    eval_tokens: int = 32768       # held-out tokens scored before and after
-    max_examples: int = 0          # task models: train on at most N examples (seeded sample); 0 = all
-    eval_examples: int = 512       # task models: held-out examples scored before and after; 0 = all
-    seed: int = 0                  # seed for data order and init
-    checkpoint_every: int = 50     # save training state every N steps; 0 = never
-    resume: bool = False           # continue from the last training checkpoint in --out
-    parallel: str = "ddp"          # with several processes: ddp | fsdp
-
-    def __post_init__(self):
-        for name, allowed in (("schedule", SCHEDULES), ("quant_schedule", QUANT_SCHEDULES),
-                              ("parallel", PARALLEL), ("task", TASKS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        if self.steps < 0 or self.seq_len < 2 or self.batch_size < 1:
-            raise ValueError("steps >= 0, seq_len >= 2 and batch_size >= 1 are required")
-
-    def resolved(self, n_params: int) -> "TrainConfig":
-        """Concrete values for the derived defaults."""
-        r = dataclasses.replace(self)
-        if r.lr <= 0:
-            r.lr = 2e-4 if n_params < 100_000_000 else 1e-4
-        if r.warmup_steps < 0:
-            r.warmup_steps = max(1, r.steps // 10)
-        if r.quant_warmup < 0:
-            r.quant_warmup = max(1, r.steps // 2)
-        return r
 
 
 def quant_lambda(step: int, cfg: TrainConfig) -> float:

@@ -22,7 +22,7 @@ import copy
 import dataclasses
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -38,25 +38,11 @@ from tritpress.compressor.modelio import ModelIO, embedding_rows, forward_params
 from tritpress.compressor.structure import set_submodule
 from tritpress.compressor.transform import get_record
 
-ONNX_FORMATS = ("matmulnbits", "int2", "float")
-ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+from .settings import (ACCURACY_LEVELS, FP16_RTOL, FP32_RTOL, INT8_ACT_MARGIN, INT8_ACT_RTOL,  # re-exported:
+                       ONNX_FORMATS, OnnxConfig, finite_absmax, fp32_atol)  # torch-free home of the settings
+
 TORCHSCRIPT_MAX_OPSET = 20
 EXTERNAL_DATA_BYTES = 2**31 - 2**26   # protobuf's 2 GB limit, with room for the graph itself
-# Default tolerances, relative to the output's own scale (a decoder's logits reach +-50, a hidden state ~1).
-# A graph computing in fp32 matches PyTorch to rounding, which grows with the values summed:
-# FP32_RTOL * max(1, max|output|). ORT's int8-activation kernels (MatMulNBits accuracy_level 4; the int2 format
-# too, since ORT fuses DequantizeLinear+MatMul into MatMulNBits with session.qdq_matmulnbits_accuracy_level,
-# default 4) round every MatMul input to an int8 step of max|block|/127 per block of K; what that does to the
-# outputs depends on the model (outlier activations, depth), so validation measures it: the PyTorch model is run
-# again with its quantized layers' inputs rounded the same way (`int8_block_inputs`), and the atol is
-# INT8_ACT_MARGIN x that emulated deviation (ORT lands within a few % of it; the margin covers rounding that
-# falls the other way), at least INT8_ACT_RTOL * max|output|. The same graph is also run with fp32 compute,
-# which must match to FP32_RTOL * max(1, max|output|): a wrong weight layout fails that check, not only the
-# loose one.
-FP32_RTOL = 1e-4
-INT8_ACT_RTOL = 0.1
-INT8_ACT_MARGIN = 2.0
-FP16_RTOL = 1e-2
 EXPORT_SHAPE = (2, 5)      # (batch, sequence) traced at export
 VALIDATE_SHAPE = (3, 11)   # another (batch, sequence): checks the axes are really dynamic
 EXPORT_PAST, VALIDATE_PAST = 3, 9   # KV-cache graph: cached tokens before the new ones
@@ -68,66 +54,6 @@ class OnnxValidationError(TritpressError):
     def __init__(self, message: str, result: dict):
         super().__init__(message)
         self.result = result
-
-
-def finite_absmax(a: np.ndarray) -> float:
-    """max |a| over finite values: a trimmed vocabulary's -inf logits do not set the tolerance."""
-    return float(np.abs(a[np.isfinite(a)]).max(initial=0.0))
-
-
-@dataclass
-class OnnxConfig:
-    """How `export_onnx` writes and checks the ONNX file."""
-
-    enabled: bool = False           # pipeline only: also export <out>/model.onnx (validated with ONNX Runtime)
-    format: str = "matmulnbits"     # matmulnbits: ORT com.microsoft::MatMulNBits (2-bit); int2: standard
-                                    # DequantizeLinear on INT2 (opset 25); float: dequantized fp32 weights
-    accuracy_level: int = 4         # MatMulNBits compute type, 4 = int8 activations (fast CPU path)
-    block_size: int = 128           # MatMulNBits block size along the input dimension (power of two >= 16)
-    atol: float | None = None       # max |ONNX - PyTorch| per output [default: relative to the output:
-                                    # 1e-4 x max(1, max |PyTorch output|) with fp32 compute; with int8
-                                    # activations (matmulnbits at accuracy level 4, int2) 2 x what rounding
-                                    # the MatMul inputs to int8 does in PyTorch, at least 0.1 x max |output|]
-    opset: int = 25                 # opset of a graph that needs INT2/INT4 initializers (>= 25 / 21); others
-                                    # keep the TorchScript exporter's 20
-    validate: bool = True           # compare ONNX Runtime with PyTorch after export
-    float_dtype: str = "fp32"       # format float: fp32 or fp16 storage of the dequantized weights
-    kv_cache: bool = False          # decoder LMs: export the incremental-decoding graph (past_key_values.* in,
-                                    # present.* out)
-
-    def __post_init__(self):
-        if self.format not in ONNX_FORMATS:
-            raise ValueError(f"format={self.format!r} is not one of {', '.join(ONNX_FORMATS)}")
-        if self.accuracy_level not in ACCURACY_LEVELS:
-            raise ValueError(f"accuracy_level={self.accuracy_level} is not one of 0..4")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size={self.block_size} must be a power of two >= 16")
-        if self.format == "int2" and self.opset < 25:
-            raise ValueError("format int2 needs opset >= 25 (INT2 appeared in ONNX opset 25)")
-        if self.float_dtype not in ("fp32", "fp16"):
-            raise ValueError(f"float_dtype={self.float_dtype!r} is not one of fp32, fp16")
-        if self.atol is not None and self.atol <= 0:
-            raise ValueError("atol must be > 0")
-
-    @property
-    def int8_activations(self) -> bool:
-        """ONNX Runtime computes this graph's quantized MatMuls with int8 activations."""
-        return self.format == "int2" or (self.format == "matmulnbits" and self.accuracy_level == 4)
-
-    def atol_for(self, reference: np.ndarray, int8_deviation: float = 0.0) -> float:
-        """The default atol of an output (see FP32_RTOL); `int8_deviation`: max |PyTorch with int8-rounded
-        MatMul inputs - PyTorch| of this output, for the int8-activation kernels."""
-        if self.atol is not None:
-            return self.atol
-        scale = finite_absmax(reference)
-        if self.int8_activations:
-            return max(INT8_ACT_RTOL * scale, INT8_ACT_MARGIN * int8_deviation)
-        if self.format == "float" and self.float_dtype == "fp16":  # int8 codes x scale rounded to fp16
-            return FP16_RTOL * max(1.0, scale)
-        return fp32_atol(reference)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ---------------------------------------------------------------- float twin
@@ -586,11 +512,6 @@ def validate(path, model: nn.Module, sig: Signature, cfg: OnnxConfig, log: Calla
     return {"onnxruntime": ort.__version__, "passed": passed, "outputs": outputs,
             "int8_activations": cfg.int8_activations,
             "input_shapes": {n: list(t.shape) for n, t in zip(sig.input_names, inputs)}}
-
-
-def fp32_atol(reference: np.ndarray) -> float:
-    """fp32 rounding, relative to the output's magnitude (summing larger values rounds more)."""
-    return FP32_RTOL * max(1.0, finite_absmax(reference))
 
 
 def _atol_origin(cfg: OnnxConfig, reference: np.ndarray, deviation: float) -> str:

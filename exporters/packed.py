@@ -17,12 +17,8 @@ rejected before any weight is used.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
-import os
 import struct
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +36,8 @@ from tritpress.compressor.vocab import rebuild_trimmed, vocab_meta
 from tritpress.compressor.transform import (QuantRecord, _set_record, build_empty, get_record, qtensor_formats,
                                   storage_dtypes, tie_groups)
 
+from .settings import (SKELETON_FLAG, PackedLoadConfig, _first_line,  # re-exported: torch-free home
+                       skeleton_from_spec)
 from .packing import (pack_int2, pack_int4, pack_trits, packed_int2_size, packed_int4_size, packed_trits_size,
                       unpack_int2, unpack_int4, unpack_trits)
 
@@ -270,65 +268,6 @@ def retie(model: nn.Module, tie_map: dict[str, list[str]]) -> None:
                 owner._parameters[leaf] = t
             else:
                 owner._buffers[leaf] = t
-
-
-SKELETON_FLAG = "--skeleton"
-
-
-@dataclass
-class PackedLoadConfig:
-    """How the commands that read a packed file (`export`, `info`) load it as a model."""
-
-    skeleton: str | None = None   # the class a custom nn.Module checkpoint is loaded into: package.module:Class
-                                  # (imported, called with no arguments; a function returning the model
-                                  # works too) [default: transformers models are rebuilt from their config]
-
-    def model_skeleton(self) -> nn.Module | None:
-        return skeleton_from_spec(self.skeleton) if self.skeleton else None
-
-
-def skeleton_from_spec(spec: str, flag: str = SKELETON_FLAG) -> nn.Module:
-    """An instance of `package.module:Class` (or of any callable there that builds the model with no
-    arguments) to load a packed custom nn.Module into. The module is imported from the environment,
-    else from the current folder. Every failure is one line naming `flag`."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise TritpressError(f"{flag} {spec!r}: expected package.module:Class, e.g. mypkg.models:CharLSTM")
-    module = _import_for_skeleton(module_name, spec, flag)
-    target = module
-    for part in attr.split("."):
-        target = getattr(target, part, None)
-        if target is None:
-            raise TritpressError(f"{flag} {spec}: {module_name} has no {attr}")
-    if not callable(target):
-        raise TritpressError(f"{flag} {spec}: {attr} is a {type(target).__name__}, not a class")
-    try:
-        model = target()
-    except Exception as e:  # noqa: BLE001 - the user's constructor: any failure, told in one line
-        raise TritpressError(f"{flag} {spec}: {attr}() with no arguments failed ({type(e).__name__}: "
-                             f"{_first_line(e)}); name a class or function that builds the model without "
-                             "arguments") from e
-    if not isinstance(model, nn.Module):
-        raise TritpressError(f"{flag} {spec}: {attr}() made a {type(model).__name__}, not an nn.Module")
-    return model
-
-
-def _import_for_skeleton(module_name: str, spec: str, flag: str):
-    added = os.getcwd() not in sys.path  # a console script's sys.path lacks the current folder
-    if added:
-        sys.path.append(os.getcwd())
-    try:
-        return importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 - importing user code can raise anything
-        raise TritpressError(f"{flag} {spec}: cannot import {module_name} ({type(e).__name__}: "
-                             f"{_first_line(e)}); install its package or run from the folder that holds it") from e
-    finally:
-        if added:
-            sys.path.remove(os.getcwd())
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [""])[0]
 
 
 def load_packed(path, skeleton: nn.Module | None = None) -> nn.Module:

@@ -21,15 +21,16 @@ PACKAGES = {"compressor": "tritpress.compressor", "exporters": "tritpress.export
 # floor -> modules (relative to the repository root, without .py); the same table is in
 # docs/ARCHITECTURE.md. A package __init__ sits on the floor of what it re-exports.
 FLOORS = {
-    0: ["compressor/errors", "compressor/fileio", "compressor/config", "compressor/quantize",
+    0: ["compressor/errors", "compressor/fileio", "compressor/settings", "compressor/config",
+        "compressor/quantize",
         "compressor/layers", "compressor/structure", "compressor/vocab", "compressor/modelio", "compressor/distributed"],
     1: ["compressor/ingest", "compressor/bundled", "compressor/data"],
     2: ["compressor/transform", "compressor/train", "compressor/__init__"],
     3: ["compressor/share", "compressor/redundancy", "compressor/redundancy_auto", "compressor/sharing_stage"],
-    4: ["exporters/packing", "exporters/packed", "exporters/onnx", "exporters/onnx_quant", "exporters/__init__"],
-    5: ["analyzers/size", "analyzers/report", "analyzers/redundancy", "analyzers/frontier", "analyzers/__init__",
+    4: ["exporters/settings", "exporters/packing", "exporters/packed", "exporters/onnx", "exporters/onnx_quant", "exporters/__init__"],
+    5: ["analyzers/defaults", "analyzers/settings", "analyzers/size", "analyzers/report", "analyzers/redundancy", "analyzers/frontier", "analyzers/__init__",
         "analyzers/quality/*"],
-    6: ["cli/pipeline", "cli/search", "cli/__init__"],
+    6: ["cli/config", "cli/pipeline", "cli/search", "cli/__init__"],
     7: ["cli/recipe"],
     8: ["cli/main", "cli/app", "cli/run", "cli/analyze", "cli/evaluate", "cli/export", "cli/search_command",
         "cli/options", "cli/flags",

@@ -5,6 +5,7 @@ without touching the environment."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import subprocess
@@ -275,6 +276,63 @@ def test_top_level_help_points_at_the_pipeline_options_without_importing_torch()
     from tritpress.cli.app import COMMANDS
     listed = proc.stdout.split("Commands:")[1]
     assert all(name in listed for name in COMMANDS)
+
+
+HEAVY = ("torch", "transformers", "onnx", "onnxruntime")
+
+
+def _command_names() -> list[str]:
+    from tritpress.cli.app import COMMANDS
+    return list(COMMANDS)
+
+
+@pytest.mark.parametrize("name", _command_names())
+def test_a_command_help_imports_no_torch(name):
+    """`compress NAME --help` builds every option from the settings dataclasses, which live in torch-free
+    modules (compressor/settings, exporters/settings, analyzers/settings, cli/config): a fresh interpreter
+    answers it without importing torch, transformers or onnx (seconds each, with a cold disk cache)."""
+    proc = _python("import sys\n"
+                   "from tritpress.cli.main import main\n"
+                   f"try:\n    main([{name!r}, '--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+                   f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
+                   "assert not heavy, heavy[:8]\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"Usage: compress {name} ") and "--help" in proc.stdout
+
+
+def test_settings_keep_their_old_import_paths_and_the_packages_their_api():
+    """The config dataclasses moved to torch-free modules; the modules that held them re-export the very
+    same objects, and the package __init__s (loaded on first use) still give their public API."""
+    import tritpress.analyzers.quality as quality
+    import tritpress.compressor as compressor
+    import tritpress.exporters as exporters
+    from tritpress.analyzers import defaults, settings as eval_settings
+    from tritpress.analyzers.quality import bootstrap, finetune, metrics, registry
+    from tritpress.cli import config as cli_config, pipeline, search
+    from tritpress.compressor import config, quantize, settings as comp_settings, share, train
+    from tritpress.exporters import onnx, packed, settings as exp_settings
+
+    assert config.TernaryConfig is comp_settings.TernaryConfig is compressor.TernaryConfig
+    assert config.WEIGHT_FORMATS is comp_settings.WEIGHT_FORMATS
+    assert tuple(config.FLOAT_DTYPES) == comp_settings.FLOAT_FORMATS
+    assert quantize.TERNARY_METHODS is comp_settings.TERNARY_METHODS
+    assert share.SharingConfig is comp_settings.SharingConfig and share.INITS is comp_settings.INITS
+    assert train.TrainConfig is comp_settings.TrainConfig and train.SCHEDULES is comp_settings.SCHEDULES
+    assert onnx.OnnxConfig is exp_settings.OnnxConfig and onnx.ONNX_FORMATS is exp_settings.ONNX_FORMATS
+    assert packed.PackedLoadConfig is exp_settings.PackedLoadConfig
+    assert packed.skeleton_from_spec is exp_settings.skeleton_from_spec
+    evaluate = importlib.import_module("tritpress.analyzers.quality.evaluate")  # quality.evaluate: the function
+    assert evaluate.EvalConfig is eval_settings.EvalConfig is quality.EvalConfig
+    assert finetune.FinetuneConfig is eval_settings.FinetuneConfig
+    assert metrics.TAG_SCHEMES is defaults.TAG_SCHEMES and registry.PROBE_CHOICES is defaults.PROBE_CHOICES
+    assert bootstrap.RESAMPLES == defaults.RESAMPLES
+    assert pipeline.CompressConfig is cli_config.CompressConfig
+    assert search.SearchConfig is cli_config.SearchConfig and search.ORDERS is cli_config.ORDERS
+    assert callable(quality.evaluate) and EvalConfig().lm_data == [quality.TASKS["lm"].default_data]
+    assert [getattr(compressor, n) for n in compressor.__all__] and [getattr(exporters, n) for n in exporters.__all__]
+    assert compressor.prepare.__module__ == "tritpress.compressor.transform"
+    with pytest.raises(AttributeError):
+        compressor.no_such_name  # noqa: B018
 
 
 def test_every_command_loads_and_its_listed_line_fits_its_docstring(capsys):

@@ -16,7 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-RESAMPLES = 1000
+from tritpress.analyzers.defaults import RESAMPLES  # re-exported: declared with the settings
+
 LEVEL = 0.95
 CHUNK = 100   # resamples per matrix product: bounds memory at CHUNK x examples counts
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,50 +26,12 @@ from .encode import ready_tokenizer
 from .finetune_data import TaskFiles, dev_task_data, read_task_files, train_features
 from .finetune_loop import DevTracker, LoopResult, loss_curve, run_training
 from .registry import TASKS
+from tritpress.analyzers.settings import FinetuneConfig  # re-exported: torch-free home
 
 AUTO_CLASSES = {"cls": "AutoModelForSequenceClassification", "tok": "AutoModelForTokenClassification",
                 "qa": "AutoModelForQuestionAnswering"}
 TASK_OF = {"cls": builtin.CLS, "tok": builtin.TOK, "qa": builtin.QA}
 DEFAULT_METRIC = {"cls": "accuracy", "tok": "f1_strict", "qa": "f1"}
-
-
-@dataclass
-class FinetuneConfig:
-    model: str = ""                   # an HF folder or pkg:NAME (a transformers encoder)
-    task: str = "cls"                 # cls, tok or qa
-    train: str = ""                   # training data (GLUE .tsv / CoNLL / SQuAD .json/.zip / .jsonl / .csv)
-    out: str = ""                     # output HF folder (model + tokenizer); replaced only if a finetune-head output
-    steps: int = 300                  # optimizer steps, when --epochs is 0
-    epochs: int = 0                   # passes over the training data, reshuffled each epoch (seeded); 0 = --steps
-    batch_size: int = 16              # examples per step
-    lr: float = 5e-5                  # AdamW peak learning rate
-    warmup: float = 0.06              # linear warm-up over this fraction of the steps, then linear decay to 0
-    weight_decay: float = 0.01        # AdamW weight decay (not on biases and norms)
-    max_length: int = 128             # cls/tok tokens; qa uses --qa-max-length / --doc-stride
-    qa_max_length: int = 256          # QA window tokens
-    doc_stride: int = 128             # QA window overlap
-    group_batches: int = 50           # length grouping: each chunk of N batches is sorted by length, so a batch
-                                      # pads little (1 = plain shuffle)
-    text_column: str | None = None    # cls text column of .tsv/.csv/.jsonl data [default: sentence/text/...]
-    text_pair_column: str | None = None  # cls second-text column [default: sentence2/...]
-    label_column: str | None = None   # cls label column [default: label]
-    max_samples: int = 0              # use at most N training examples, seeded; 0 = all
-    qa_articles: float = 0.0          # qa: train on this leading fraction of the articles only (0 = all);
-                                      # `compress evaluate --qa-heldout` then scores the other articles
-    dev: str = ""                     # dev data (same formats): scored every --eval-every steps and at each epoch
-                                      # end; the best checkpoint is the one saved
-    eval_every: int = 0               # score --dev every N steps (0 = at epoch ends and at the end only)
-    metric: str = ""                  # dev metric that picks the best checkpoint [default: cls accuracy, tok
-                                      # f1_strict, qa f1]
-    dev_samples: int = 0              # score at most N dev examples, seeded; 0 = all
-    eval_batch_size: int = 64         # dev examples per forward
-    max_minutes: float = 0.0          # wall budget: stop cleanly after the step that passes it, keep the best;
-                                      # 0 = none
-    fit_budget: bool = False          # with --max-minutes: shorten the schedule when the pace so far will not
-                                      # reach its end in time, so the decay still ends (the run then depends on
-                                      # the machine's speed)
-    log_every: int = 50               # a progress line on stderr every N steps
-    seed: int = 0                     # seed (head init, dropout, data order, subsamples)
 
 
 def _folder(spec: str) -> str:

@@ -13,6 +13,8 @@ import re
 import string
 from dataclasses import dataclass
 
+from tritpress.analyzers.defaults import TAG_SCHEMES  # re-exported: declared with the settings
+
 ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 PUNCT = set(string.punctuation)
 
@@ -179,7 +181,6 @@ def token_accuracy(gold: list[list[str]], pred: list[list[str]]) -> float:
     return 100.0 * sum(g == p for g, p in pairs) / max(len(pairs), 1)
 
 
-TAG_SCHEMES = ("auto", "iob1", "iob2", "iobes", "plain")
 _PREFIXED = re.compile(r"^[BIES]-.+")
 
 

@@ -21,6 +21,7 @@ from types import MappingProxyType
 from typing import Any, Callable
 
 from tritpress.compressor import modelio
+from tritpress.analyzers.defaults import PROBE_CHOICES  # re-exported: declared with the settings
 from tritpress.compressor.errors import TritpressError
 
 from .metrics import Metric
@@ -82,9 +83,6 @@ class Task:
             raise TritpressError(f"--probe never, but {type(model).__name__} has no {self.title} head for task "
                                  f"{self.name!r} (use --probe auto to score it through a probe)")
         return needed
-
-
-PROBE_CHOICES = ("auto", "always", "never")
 
 
 def use_own_head(model, task: Task, probe: str) -> bool:

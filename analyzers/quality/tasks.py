@@ -12,25 +12,28 @@ from . import metrics as m
 from .cls_task import check_cls, read_cls, run_cls
 from .lm_task import check_lm, needs_lm_probe, read_lm, run_lm
 from .qa_task import read_qa, run_qa
+from tritpress.analyzers.defaults import DEFAULT_DATA
+
 from .registry import Task, register
 from .tok_task import check_tok, read_tok, run_tok
 
 LM = register(Task(
     "lm", "language modeling", (m.PERPLEXITY, m.BITS_PER_BYTE), read_lm, run_lm,
-    data_key="lm_data", train_key="lm_train", default_data="wikitext:wikitext-2-raw-v1", eval_split="test",
+    data_key="lm_data", train_key="lm_train", default_data=DEFAULT_DATA["lm"], eval_split="test",
     needs_probe=needs_lm_probe, probe_epochs=5, check=check_lm))
 
 CLS = register(Task(
     "cls", "text classification", (m.ACCURACY, m.MACRO_F1, m.F1), read_cls, run_cls,
-    data_key="cls_data", train_key="cls_train", default_data="glue:sst2",
+    data_key="cls_data", train_key="cls_train", default_data=DEFAULT_DATA["cls"],
     head_classes=("ForSequenceClassification",), probe_epochs=20, check=check_cls))
 
 TOK = register(Task(
     "tok", "token classification (NER)", (m.F1_LENIENT, m.F1_STRICT, m.TOKEN_ACCURACY), read_tok, run_tok,
-    data_key="tok_data", train_key="tok_train", default_data="conll2003", head_classes=("ForTokenClassification",),
+    data_key="tok_data", train_key="tok_train", default_data=DEFAULT_DATA["tok"],
+    head_classes=("ForTokenClassification",),
     probe_epochs=10, check=check_tok, data_metrics=(m.TAG_MACRO_F1,)))
 
 QA = register(Task(
     "qa", "extractive QA", (m.EXACT_MATCH, m.F1), read_qa, run_qa,
-    data_key="qa_data", train_key="qa_train", default_data="squad",
+    data_key="qa_data", train_key="qa_train", default_data=DEFAULT_DATA["qa"],
     head_classes=("ForQuestionAnswering",), probe_epochs=10))

@@ -1,0 +1,199 @@
+"""The settings of the compressor, torch-free: `TernaryConfig` (what `prepare`/`convert` do),
+`SharingConfig` (cross-layer ties) and `TrainConfig` (QAT), with the value lists their fields accept.
+
+Every CLI flag of these maps to one field; a field's trailing comment is its --help (cli/flags.py).
+They live apart from the code that uses them (config, share, train, which re-export them) so that
+the command line builds its options, and `--help` answers, without importing torch."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+TERNARY_METHODS = ("absmean", "twn")
+GRANULARITIES = ("tensor", "channel")
+# How a non-block weight (embedding, output head, Linear outside the block stack) is stored.
+WEIGHT_FORMATS = ("keep", "fp32", "fp16", "bf16", "int8", "int4", "int2", "ternary")
+FLOAT_FORMATS = ("fp32", "fp16", "bf16")   # the keys of config.FLOAT_DTYPES (their torch dtypes)
+ACT_BITS = (None, 8)
+
+
+@dataclass
+class TernaryConfig:
+    """What `prepare`/`convert` do to a model.
+
+    Linear / Conv1D / RNN weights inside the repeated block stack become ternary
+    ({-1, 0, +1} * scale). Embeddings, the output head and Linears outside the stack
+    follow their own format; norms and biases stay float (stored as `float_dtype`).
+    """
+
+    method: str = "absmean"          # ternary quantizer: absmean (BitNet b1.58) | twn (TernaryBERT)
+    granularity: str = "tensor"      # one scale per tensor or per output channel
+    act_bits: int | None = None      # 8: per-token absmax int8 activations (W1.58A8) [default: off]
+    embedding: str = "int8"          # embedding storage: keep | fp32 | fp16 | bf16 | int8 | int4 | int2 | ternary (per row)
+    head: str = "int8"               # output head storage; a head tied to the embedding follows --embedding
+    outside_blocks: str = "keep"     # Linears outside the block stack (pooler, classifier...)
+    float_dtype: str = "fp16"        # storage of norms, biases and tensors kept float
+    scale_dtype: str = "fp16"        # storage of quantization scales
+    exclude: list[str] = field(default_factory=list)  # regex of module names left float (repeatable)
+
+    def __post_init__(self):
+        def check(name, value, allowed):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+        check("method", self.method, TERNARY_METHODS)
+        check("granularity", self.granularity, GRANULARITIES)
+        check("act_bits", self.act_bits, ACT_BITS)
+        for name in ("embedding", "head", "outside_blocks"):
+            check(name, getattr(self, name), WEIGHT_FORMATS)
+        check("float_dtype", self.float_dtype, FLOAT_FORMATS)
+        check("scale_dtype", self.scale_dtype, FLOAT_FORMATS)
+        self.exclude = list(self.exclude)
+
+    def storage_format(self, fmt: str) -> str:
+        """Resolve 'keep' to the float storage dtype."""
+        return self.float_dtype if fmt == "keep" else fmt
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TernaryConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown TernaryConfig fields: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+STRATEGIES = ("none", "alternate", "sequential", "cycle", "sequence", "middle-cycle", "groups", "auto")
+SHARE_KINDS = ("all", "attention", "ffn")
+INITS = ("average", "stepwise", "closest")
+
+
+@dataclass
+class SharingConfig:
+    """Which blocks share weights, what is tied inside a block, and how the shared weight starts."""
+
+    strategy: str = "none"          # cross-layer sharing: none, alternate, sequential[:N], cycle[:K], sequence[:K],
+                                    # middle-cycle[:K], auto, explicit groups "0,2,4;1,3,5" or a .json file
+    groups: str | None = None       # with strategy groups: "0,2,4;1,3,5" or a JSON file ([[0,2,4],[1,3,5]])
+    every: int = 2                  # sequential: stride N (blocks i, i+N, i+2N... share)
+    unique: int = 0                 # cycle/sequence/middle-cycle: unique blocks; 0 = half the stack
+    share: str = "all"              # matrices tied inside a block: all | attention | ffn
+    init: str = "average"           # initial shared weight: group average, stepwise (one evenly spaced member)
+                                    # or closest to the mean
+    relax_rank: int = 0             # per-occurrence low-rank correction of shared weights (counted in sizes);
+                                    # 0 = strict tie
+    target_params: float = 0.0      # auto: unique block parameters to keep, as a fraction (e.g. 0.5)
+    max_loss_increase: float = 0.0  # auto: largest calibration-loss increase accepted
+    data: str | None = None         # calibration text for the analysis [default: the training --data]
+    calib_sequences: int = 16       # calibration sequences
+    calib_seq_len: int = 128        # calibration tokens per sequence
+    auto_pairs: int = 66            # auto/analysis: block pairs tied and measured at most (0 = none)
+    auto_refine: int = 12           # auto: block swaps tied and measured at most
+    auto_probe_steps: int = 0       # auto: rank the candidates by their calibration loss after this many QAT
+                                    # steps each, not right after tying (0 = off)
+    auto_probe_top: int = 0         # auto with --share-probe-steps: fine-tune at most this many candidates,
+                                    # best after tying first (0 = all)
+    analyze: bool = True            # compress: write the redundancy analysis first (needs calibration text)
+
+    def __post_init__(self):
+        s = str(self.strategy)
+        if s not in STRATEGIES and ":" in s:  # "cycle:3", "sequential:3"
+            s, _, arg = s.partition(":")
+            if not arg.isdigit():
+                raise ValueError(f"sharing {self.strategy!r}: expected NAME:INTEGER, e.g. cycle:3")
+            if s == "sequential":
+                self.every = int(arg)
+            else:
+                self.unique = int(arg)
+        elif s not in STRATEGIES and (re.fullmatch(r"[\d,;\s]+", s) or s.endswith(".json")):
+            self.groups, s = s, "groups"
+        self.strategy = s
+        for name, allowed in (("strategy", STRATEGIES), ("share", SHARE_KINDS), ("init", INITS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"sharing {name}={getattr(self, name)!r} is not one of {', '.join(allowed)} "
+                                 "(or explicit groups like \"0,2,4;1,3,5\" / a .json file)")
+        if self.strategy == "groups" and not self.groups:
+            raise ValueError("sharing strategy 'groups' needs groups, e.g. \"0,2,4;1,3,5\"")
+        if self.relax_rank < 0 or self.every < 1 or self.unique < 0 or self.auto_probe_steps < 0 \
+                or self.auto_probe_top < 0:
+            raise ValueError("relax_rank >= 0, every >= 1, unique >= 0, auto_probe_steps >= 0 and "
+                             "auto_probe_top >= 0 are required")
+        if not 0.0 <= self.target_params <= 1.0:
+            raise ValueError("target_params is a fraction of the unique block parameters, in [0, 1]")
+        if self.strategy == "auto" and not (self.target_params or self.max_loss_increase):
+            raise ValueError("sharing auto needs target_params (e.g. 0.5) or max_loss_increase")
+
+    @property
+    def active(self) -> bool:
+        return self.strategy != "none"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SCHEDULES = ("cosine", "linear", "constant")
+QUANT_SCHEDULES = ("linear", "sigmoid", "none")
+PARALLEL = ("ddp", "fsdp")
+TASKS = ("auto", "lm", "cls", "tok", "qa")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 0                 # QAT optimizer steps with distillation from the original; 0 = post-training only
+    data: str | None = None        # training text: .txt/.jsonl/.json/.csv/.tsv/.parquet file, pkg:ptb,
+                                   # or a HF dataset NAME[:CONFIG] (online); a task model: its task's
+                                   # training examples (GLUE .tsv, CoNLL columns, SQuAD .json/.zip, .jsonl/.csv)
+    task: str = "auto"             # what QAT trains on: auto (the model's head: cls/tok/qa, else lm) | lm
+                                   # (text blocks) | cls | tok | qa (the task's examples through its own
+                                   # head, each cut to --seq-len tokens)
+    text_column: str = "text"      # text column of tabular data
+    eval_data: str | None = None   # held-out text (task: examples) for before/after quality [default: the
+                                   # last 5% of --data]
+    seq_len: int = 128             # tokens per training sequence
+    doc_stride: int = 64           # task qa: tokens shared by consecutive --seq-len windows of a long context
+    batch_size: int = 8            # sequences per optimizer step, all processes together
+    micro_batch_size: int = 0      # sequences per forward per process (gradient accumulation); 0 = no accumulation
+    lr: float = 0.0                # peak learning rate [default: 2e-4 below 100M params, 1e-4 above]
+    weight_decay: float = 0.0      # AdamW weight decay
+    warmup_steps: int = -1         # learning-rate warm-up steps [default: 10% of steps]
+    schedule: str = "cosine"       # LR decay after warm-up: cosine | linear | constant
+    quant_warmup: int = -1         # steps for lambda to reach 1 [default: half of steps]
+    quant_schedule: str = "linear"  # lambda schedule: linear = min(step/warmup, 1) | sigmoid | none (lambda = 1)
+    grad_clip: float = 1.0         # gradient-norm clip
+    task_weight: float = 1.0       # next-token CE weight
+    kd_weight: float = 1.0         # logit KL / output MSE weight
+    kd_temperature: float = 1.0    # KD temperature
+    hidden_weight: float = 1.0     # per-block hidden-state MSE weight
+    attention_weight: float = 1.0  # task models: per-block attention-probability MSE weight
+    label_weight: float = 0.0      # task models: gold-label cross-entropy weight
+    max_train_tokens: int = 0      # use at most this many training tokens; 0 = all of --data
+    eval_tokens: int = 32768       # held-out tokens scored before and after
+    max_examples: int = 0          # task models: train on at most N examples (seeded sample); 0 = all
+    eval_examples: int = 512       # task models: held-out examples scored before and after; 0 = all
+    seed: int = 0                  # seed for data order and init
+    checkpoint_every: int = 50     # save training state every N steps; 0 = never
+    resume: bool = False           # continue from the last training checkpoint in --out
+    parallel: str = "ddp"          # with several processes: ddp | fsdp
+
+    def __post_init__(self):
+        for name, allowed in (("schedule", SCHEDULES), ("quant_schedule", QUANT_SCHEDULES),
+                              ("parallel", PARALLEL), ("task", TASKS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.steps < 0 or self.seq_len < 2 or self.batch_size < 1:
+            raise ValueError("steps >= 0, seq_len >= 2 and batch_size >= 1 are required")
+
+    def resolved(self, n_params: int) -> "TrainConfig":
+        """Concrete values for the derived defaults."""
+        r = dataclasses.replace(self)
+        if r.lr <= 0:
+            r.lr = 2e-4 if n_params < 100_000_000 else 1e-4
+        if r.warmup_steps < 0:
+            r.warmup_steps = max(1, r.steps // 10)
+        if r.quant_warmup < 0:
+            r.quant_warmup = max(1, r.steps // 2)
+        return r
