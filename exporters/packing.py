@@ -55,43 +55,48 @@ def packed_int4_size(n: int) -> int:
     return -(-n // 2)
 
 
-def pack_int4(codes) -> np.ndarray:
-    flat = np.asarray(codes).reshape(-1)
-    if flat.size and (flat.min() < -8 or flat.max() > 7):
-        raise ValueError("int4 codes must be in [-8, 7]")
-    u = (flat.astype(np.int16) + 8).astype(np.uint8)
-    if u.size % 2:
-        u = np.concatenate([u, np.zeros(1, np.uint8)])
-    return u[0::2] | (u[1::2] << 4)
-
-
-def unpack_int4(packed, n: int) -> np.ndarray:
-    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
-    if packed.size != packed_int4_size(n):
-        raise ValueError(f"{packed.size} bytes cannot hold exactly {n} int4 values")
-    out = np.empty(packed.size * 2, dtype=np.int8)
-    out[0::2] = (packed & 0x0F).astype(np.int8) - 8
-    out[1::2] = (packed >> 4).astype(np.int8) - 8
-    return out[:n]
-
-
 def packed_int2_size(n: int) -> int:
     return -(-n // 4)
 
 
-def pack_int2(codes) -> np.ndarray:
+def _pack_fields(codes, bits: int) -> np.ndarray:
+    """Signed codes of `bits` bits (2 or 4) -> uint8 bytes, each code offset to unsigned, the first
+    code in a byte's lowest bits; the last byte is padded with zero fields."""
+    lo, hi, per = -(1 << (bits - 1)), (1 << (bits - 1)) - 1, 8 // bits
     flat = np.asarray(codes).reshape(-1)
-    if flat.size and (flat.min() < -2 or flat.max() > 1):
-        raise ValueError("int2 codes must be in [-2, 1]")
-    u = (flat.astype(np.int16) + 2).astype(np.uint8)
-    u = np.concatenate([u, np.zeros((-u.size) % 4, np.uint8)]).reshape(-1, 4)
-    return u[:, 0] | (u[:, 1] << 2) | (u[:, 2] << 4) | (u[:, 3] << 6)
+    if flat.size and (flat.min() < lo or flat.max() > hi):
+        raise ValueError(f"int{bits} codes must be in [{lo}, {hi}]")
+    u = (flat.astype(np.int16) - lo).astype(np.uint8)
+    u = np.concatenate([u, np.zeros((-u.size) % per, np.uint8)]).reshape(-1, per)
+    out = np.zeros(u.shape[0], np.uint8)
+    for k in range(per):
+        out |= u[:, k] << (k * bits)
+    return out
+
+
+def _unpack_fields(packed, n: int, bits: int) -> np.ndarray:
+    """uint8 bytes -> the first n signed `bits`-bit codes (int8). Every byte is valid: only the size
+    is checked."""
+    per, mask = 8 // bits, (1 << bits) - 1
+    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    if packed.size != -(-n // per):
+        raise ValueError(f"{packed.size} bytes cannot hold exactly {n} int{bits} values")
+    fields = np.stack([(packed >> (k * bits)) & mask for k in range(per)], axis=1)
+    return (fields.astype(np.int8) - (1 << (bits - 1))).reshape(-1)[:n]
+
+
+def pack_int4(codes) -> np.ndarray:
+    return _pack_fields(codes, 4)
+
+
+def unpack_int4(packed, n: int) -> np.ndarray:
+    return _unpack_fields(packed, n, 4)
+
+
+def pack_int2(codes) -> np.ndarray:
+    return _pack_fields(codes, 2)
 
 
 def unpack_int2(packed, n: int) -> np.ndarray:
-    """uint8 bytes -> the first n int2 codes (int8). Every byte is valid: only the size is checked."""
-    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
-    if packed.size != packed_int2_size(n):
-        raise ValueError(f"{packed.size} bytes cannot hold exactly {n} int2 values")
-    fields = np.stack([(packed >> shift) & 3 for shift in (0, 2, 4, 6)], axis=1)
-    return (fields.astype(np.int8) - 2).reshape(-1)[:n]
+    """uint8 bytes -> the first n int2 codes (int8), 4 per byte."""
+    return _unpack_fields(packed, n, 2)

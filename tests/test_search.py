@@ -22,17 +22,12 @@ from tritpress.cli.search import Budget, Candidate, SearchConfig, bisect, smalle
 from tritpress.exporters.packed import load_packed
 from tests.test_eval_cli import files  # noqa: F401  (fixture)
 from tests.test_task_qat import cls_work  # noqa: F401  (fixture)
+from tests.test_train import _one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 from tests.test_train import cli
 
 FOUR = ["--try-sharing", "none", "--try-bits", "int8,int4,int2,ternary"]  # 4 candidates of 4 different sizes
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _args(cls_work, files, out, *extra):  # noqa: F811

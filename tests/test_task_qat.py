@@ -23,20 +23,13 @@ from tritpress.compressor.train import (TrainConfig, batch_indices, distill_loss
 from tritpress.compressor.transform import convert, prepare, set_lambda
 from tritpress.exporters.packed import load_packed
 from tests.test_eval_cli import BAD, FILLER, GOOD, NAMES, PLACES, VERBS, files  # noqa: F401  (fixture)
-from tests.test_train import _tail, cli, cli_proc, text_blocks, train_state  # noqa: F401  (fixture)
+from tests.test_train import _one_thread, _tail, cli, cli_proc, text_blocks, train_state  # noqa: F401  (fixtures; _one_thread autouse)
 from tests.tiny_models import build
 
 TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 SPLIT = {"alice": ("ali", "##ce"), "rome": ("ro", "##me")}   # words the tokenizer cuts in two
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """As in test_train: one intra-op thread, the same float arithmetic as the subprocesses."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def wordpiece_tokenizer():
