@@ -350,8 +350,7 @@ def _row(r: dict) -> dict:
     below 0 fails), so candidates compare on one number."""
     from tritpress.analyzers.quality.gate import Tolerance
 
-    tol = Tolerance.parse(r["tolerance"])
-    allowed = tol.value * abs(r["baseline"]) if tol.relative else tol.value
+    allowed = Tolerance.parse(r["tolerance"]).allowed(r["baseline"])
     drop = r["delta"] if r["lower_is_better"] else -r["delta"]
     keep = ("task", "metric", "baseline", "compressed", "delta", "delta_ci95", "tolerance", "status", "lower_is_better")
     return {**{k: r.get(k) for k in keep}, "allowed": allowed,

@@ -27,6 +27,10 @@ class Tolerance:
     def __str__(self) -> str:
         return f"{100 * self.value:g}%" if self.relative else f"{self.value:g}"
 
+    def allowed(self, baseline: float) -> float:
+        """The drop this tolerance allows from `baseline`, in the metric's units."""
+        return self.value * abs(baseline) if self.relative else self.value
+
     @classmethod
     def parse(cls, text: str) -> "Tolerance":
         text = text.strip()
@@ -72,7 +76,7 @@ def gate_row(task: str, label: str, metric: Metric | str, base: float, comp: flo
     delta = comp - base
     rel = delta / abs(base) if base not in (0, 0.0) and math.isfinite(base) else float("nan")
     drop = delta if lower else -delta
-    allowed = tol.value * abs(base) if tol.relative else tol.value
+    allowed = tol.allowed(base)
     ok = math.isfinite(comp) and math.isfinite(base) and drop <= allowed + 1e-12
     return {"task": label, "metric": metric.name, "head": head, "baseline": base, "compressed": comp,
             "delta": delta, "delta_rel": rel, "tolerance": str(tol), "tolerance_kind":
