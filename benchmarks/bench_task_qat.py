@@ -5,9 +5,13 @@ commands a user would, each ending in the quality gate with the model's own head
 dev file, and prints one JSON object with their rows (metric, teacher, compressed, Δ with its
 95 % paired-bootstrap interval, PASS/FAIL), packed sizes and wall times:
 
-    compress TEACHER --out OUT/ptq --recipe OUT/eval.toml --tasks TASK
-    compress TEACHER --out OUT/qat --recipe OUT/eval.toml --tasks TASK --steps N --data TRAIN \
-        --eval-data DEV --seq-len L --batch-size B
+    compress TEACHER --out OUT/ptq --recipe OUT/eval.toml --tasks TASK --data TRAIN --seq-len L
+    compress TEACHER --out OUT/qat --recipe OUT/eval.toml --tasks TASK --data TRAIN --seq-len L \
+        --steps N --eval-data DEV --batch-size B
+
+(the post-training run reads TRAIN only for what --extra asks of it: `--trim-vocab data`, the
+`--sharing` analysis). Size-frontier configurations go in --extra, e.g.
+`--extra "--granularity channel --lr 5e-4 --sharing sequence --embedding int2 --head int2 --trim-vocab data"`.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_task_qat.py --task cls --teacher runs/minilm-sst2 \
         --train ../shared/data/sst-2/train.tsv --dev ../shared/data/sst-2/dev.tsv --steps 2000 \
@@ -61,9 +65,10 @@ def parse_args(argv=None):
 
 def commands(a) -> dict[str, list[str]]:
     out = Path(a.out)
-    common = [a.teacher, "--recipe", str(out / "eval.toml"), "--tasks", a.task, *a.extra.split()]
-    qat = ["--steps", str(a.steps), "--data", a.train, "--eval-data", a.dev, "--seq-len", str(a.seq_len),
-           "--batch-size", str(a.batch_size)]
+    # both runs read the training examples: --trim-vocab data keeps their tokens, --sharing calibrates on them
+    common = [a.teacher, "--recipe", str(out / "eval.toml"), "--tasks", a.task, "--data", a.train,
+              "--seq-len", str(a.seq_len), *a.extra.split()]
+    qat = ["--steps", str(a.steps), "--eval-data", a.dev, "--batch-size", str(a.batch_size)]
     return {"ptq": ["compress", *common, "--out", str(out / "ptq")],
             "qat": ["compress", *common, "--out", str(out / "qat"), *qat]}
 

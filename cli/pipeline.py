@@ -176,23 +176,31 @@ def share(run: RunState) -> tuple[nn.Module, dict]:
     from tritpress.compressor.sharing_stage import share_stage
 
     cfg, probe = run.cfg, None
-    refuse_task_examples_as_calibration_text(run)
+    ids = task_calibration_ids(run)
     if cfg.sharing.strategy == "auto" and cfg.sharing.auto_probe_steps > 0:
         # the probes train on the same blocks as the real run: read and tokenize them once
         probe = _qat_probe(cfg, run.loaded, run.ctx, training_data(run, need="--share-probe-steps")[0])
     write = (lambda analysis: write_outputs(analysis, run.out / "analysis")) if run.ctx.is_main else None
-    return share_stage(run.loaded.model, text_tokenizer(run), cfg.sharing, cfg.sharing.data or cfg.train.data,
-                       cfg.quant.exclude, write_analysis=write, probe=probe)
+    data = cfg.sharing.data or (cfg.train.data if ids is None else None)
+    tied, findings = share_stage(run.loaded.model, text_tokenizer(run), cfg.sharing, data, cfg.quant.exclude,
+                                 write_analysis=write, probe=probe, calibration_ids=ids)
+    findings["calibration_source"] = "the training examples (--data)" if ids is not None else data
+    return tied, findings
 
 
-def refuse_task_examples_as_calibration_text(run: RunState) -> None:
-    """The redundancy measures read calibration text; a task model's --data holds its examples."""
+def task_calibration_ids(run: RunState):
+    """A task model whose --data holds its examples (no --share-data): the redundancy measures
+    calibrate on blocks of those examples' tokens, through the model's own head. None otherwise."""
     from tritpress.analyzers.quality.examples import resolve_task
+    from tritpress.compressor.redundancy import example_calibration_ids
 
     cfg = run.cfg
-    if not cfg.sharing.data and cfg.train.data and resolve_task(run.loaded.model, cfg.train.task) != "lm":
-        raise TritpressError("--sharing measures redundancy on calibration text, and --data holds this task "
-                             "model's examples: pass --share-data TEXT")
+    if cfg.sharing.data or not cfg.train.data or resolve_task(run.loaded.model, cfg.train.task) == "lm":
+        return None
+    if not (cfg.sharing.analyze or cfg.sharing.strategy == "auto"):
+        return None
+    examples = training_data(run, need="--sharing")[0]
+    return example_calibration_ids(examples.features, cfg.sharing.calib_sequences, cfg.sharing.calib_seq_len)
 
 
 def trim(run: RunState) -> tuple[nn.Module, dict]:

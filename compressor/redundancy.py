@@ -79,6 +79,27 @@ def calibration_ids(spec: str, tokenizer, model: nn.Module, sequences: int, seq_
     return pool[torch.linspace(0, len(pool) - 1, sequences).round().long()]
 
 
+def example_calibration_ids(features: list[dict], sequences: int, seq_len: int) -> torch.Tensor:
+    """[sequences, seq_len] token ids from a task model's examples: their tokens without padding,
+    end to end, cut into seq_len blocks spread evenly over the examples. A task model's --data
+    holds examples, not text, and the calibration loss is then measured through its own head on
+    the inputs it serves (each example keeps its [CLS] ... [SEP] markers inside a block)."""
+    stream: list[int] = []
+    for f in features:
+        mask = f.get("attention_mask")
+        stream.extend(i for j, i in enumerate(f["input_ids"]) if mask is None or mask[j])
+        if len(stream) >= CALIBRATION_POOL_TOKENS:
+            break
+    n = len(stream) // seq_len
+    if n == 0:
+        raise TritpressError(f"sharing calibration: the training examples hold {len(stream)} tokens, "
+                             f"fewer than one block of --share-seq-len {seq_len}")
+    pool = torch.tensor(stream[:n * seq_len]).view(n, seq_len)
+    if n <= sequences:
+        return pool
+    return pool[torch.linspace(0, n - 1, sequences).round().long()]
+
+
 def tied_loss(model: nn.Module, plan: SharingPlan, cfg: SharingConfig, cal: Calibration,
               structure: ModelStructure | None = None) -> float:
     """Calibration loss of a copy of `model` with `plan` really tied."""

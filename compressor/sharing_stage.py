@@ -15,30 +15,33 @@ from .share import SharingConfig, apply_sharing, plan_groups
 from .structure import discover
 
 
-def calibration_for(model: nn.Module, tokenizer, scfg: SharingConfig, data: str | None, structure):
-    """Calibration of `model` on DATA, or None without DATA."""
-    if not data:
+def calibration_for(model: nn.Module, tokenizer, scfg: SharingConfig, data: str | None, structure, ids=None):
+    """Calibration of `model` on `ids` (given token blocks) or DATA; None without either."""
+    if ids is None and not data:
         return None
-    ids = calibration_ids(data, tokenizer, model, scfg.calib_sequences, scfg.calib_seq_len)
+    if ids is None:
+        ids = calibration_ids(data, tokenizer, model, scfg.calib_sequences, scfg.calib_seq_len)
     return Calibration.build(model, ids, structure)
 
 
 def share_stage(model: nn.Module, tokenizer, scfg: SharingConfig, data: str | None, exclude=(),
-                write_analysis: Callable[[dict], list[str]] | None = None, probe=None) -> tuple[nn.Module, dict]:
+                write_analysis: Callable[[dict], list[str]] | None = None, probe=None,
+                calibration_ids=None) -> tuple[nn.Module, dict]:
     """-> (tied copy of `model`, findings for the report). `write_analysis` writes the analysis
     and returns the files (the pipeline passes analyzers.redundancy.write_outputs into its folder:
     drawing reports is a floor above this one); None writes nothing.
-    `probe` (auto only): fine-tunes a tied candidate, see redundancy_auto.auto_plan."""
+    `probe` (auto only): fine-tunes a tied candidate, see redundancy_auto.auto_plan.
+    `calibration_ids` ([N, T] token ids) replace DATA: a task model's blocks of its own examples."""
     structure = discover(model, exclude)
     if structure.blocks is None:
         raise TritpressError("--sharing: no stack of repeated blocks (or stacked LSTM/GRU layers) found in the model")
     auto = scfg.strategy == "auto"
-    if auto and not data:
+    if auto and not data and calibration_ids is None:
         raise TritpressError("--sharing auto measures the loss of candidate ties: pass calibration text "
                              "with --data or --share-data")
     plan = None if auto else plan_groups(structure.blocks.num_blocks, scfg)  # refuse a bad plan early
     findings: dict = {"config": scfg.to_dict()}
-    cal = calibration_for(model, tokenizer, scfg, data, structure) if (scfg.analyze or auto) else None
+    cal = calibration_for(model, tokenizer, scfg, data, structure, calibration_ids) if (scfg.analyze or auto) else None
     analysis = None
     if cal is not None:
         analysis = analyze(model, cal, scfg, structure, strategies=scfg.analyze)

@@ -337,7 +337,6 @@ def test_two_processes_reproduce_one_for_a_task_model(run_cls, cls_work, files):
     ("three.tsv", [], r"labels \['2'\] that the model's head does not know"),
     ("nocols.tsv", [], "no text column"),
     ("train.conll", [], "unsupported data file"),
-    ("train.tsv", ["--sharing", "alternate"], "pass --share-data TEXT"),
 ])
 def test_bad_task_input_is_one_line_before_training(data, extra, message, cls_work, files, tmp_path):  # noqa: F811
     (tmp_path / "three.tsv").write_text("sentence\tlabel\nthe film\t0\nthe film\t2\n")
@@ -349,6 +348,27 @@ def test_bad_task_input_is_one_line_before_training(data, extra, message, cls_wo
     assert code == 1 and len(lines) == 1 and lines[0].startswith("compress: error:"), err
     assert __import__("re").search(message, lines[0]), lines[0]
     assert not (out / "train").exists() and not (out / "analysis").exists()   # refused before any compute
+
+
+def test_sharing_a_task_model_calibrates_on_its_own_examples(cls_work, files, tmp_path):  # noqa: F811
+    out = tmp_path / "o"
+    code, _, err = cli([*_cls_args(cls_work, files, out), "--sharing", "cycle:1", "--share-sequences", 4,
+                        "--share-seq-len", 16])
+    assert code == 0, err
+    sharing = json.loads((out / "report.json").read_text())["sharing"]
+    assert sharing["calibration_source"] == "the training examples (--data)"
+    cal = sharing["analysis"]["calibration"]
+    assert cal["sequences"] == 4 and cal["seq_len"] == 16 and cal["metric"] == "nmse_to_original"
+    assert sharing["calibration_loss"]["original"] == 0 < sharing["calibration_loss"]["after_tying"]
+
+
+def test_example_calibration_blocks_drop_padding_and_spread_over_the_examples():
+    from tritpress.compressor.redundancy import example_calibration_ids
+    feats = [{"input_ids": [1, 10 + i, 2, 0, 0], "attention_mask": [1, 1, 1, 0, 0]} for i in range(8)]
+    ids = example_calibration_ids(feats, sequences=2, seq_len=6)
+    assert ids.tolist() == [[1, 10, 2, 1, 11, 2], [1, 16, 2, 1, 17, 2]]   # 4 blocks, first and last kept
+    with pytest.raises(TritpressError, match="fewer than one block"):
+        example_calibration_ids(feats[:1], sequences=2, seq_len=6)
 
 
 def test_task_data_of_the_wrong_kind_is_one_line(models, tok, files, tmp_path):  # noqa: F811
