@@ -121,15 +121,20 @@ def toml_value(text: str) -> str:
         return text if text in ("true", "false") else json.dumps(text)
 
 
+def write_recipe(a, out: Path) -> None:
+    """OUT/eval.toml: the gate's [eval] settings (the dev file, --eval KEY=VALUE)."""
+    settings = [f'{DATA_KEY[a.task]} = "{Path(a.dev).resolve()}"']
+    settings += [f"{k.strip()} = {toml_value(v.strip())}" for k, v in (e.split("=", 1) for e in a.eval)]
+    (out / "eval.toml").write_text("[eval]\n" + "\n".join(settings) + "\n")
+
+
 def main(argv=None):
     a = parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.split_articles:
         a.train, a.dev = split_squad(a.train, a.split_articles, out)
-    settings = [f'{DATA_KEY[a.task]} = "{Path(a.dev).resolve()}"']
-    settings += [f"{k.strip()} = {toml_value(v.strip())}" for k, v in (e.split("=", 1) for e in a.eval)]
-    (out / "eval.toml").write_text("[eval]\n" + "\n".join(settings) + "\n")
+    write_recipe(a, out)
     result = {"benchmark": "tritpress bench_task_qat", "task": a.task, "teacher": a.teacher,
               "train": a.train, "dev": a.dev, "runs": {}}
     for name, cmd in commands(a).items():

@@ -69,6 +69,8 @@ class SearchConfig:
     try_sharing: str = "none,sequence,cycle,alternate"  # --sharing strategies to try, comma-separated
     try_bits: str = "int8,int4,int2,ternary"  # --embedding/--head formats to try (both set alike), comma-separated
     try_relax_rank: str = "0"            # --relax-rank values to try with sharing, comma-separated (0 = strict tie)
+    try_outside: str = ""                # --outside-blocks formats to try (pooler, classifier...), comma-separated
+                                         # [default: the run's --outside-blocks only]
     order: str = "smallest-first"        # smallest-first: train from the smallest up, stop at the first PASS
                                          # (the smallest that passes); bisect: log2(n) runs, assuming quality
                                          # falls with size
@@ -82,6 +84,9 @@ class SearchConfig:
         bad = [b for b in split_list(self.try_bits) if b not in WEIGHT_FORMATS]
         if bad or not split_list(self.try_bits):
             raise ValueError(f"--try-bits {self.try_bits!r}: each one of {', '.join(WEIGHT_FORMATS)}")
+        bad = [b for b in split_list(self.try_outside) if b not in WEIGHT_FORMATS]
+        if bad:
+            raise ValueError(f"--try-outside {self.try_outside!r}: each one of {', '.join(WEIGHT_FORMATS)}")
         if not split_list(self.try_sharing):
             raise ValueError("--try-sharing needs at least one strategy (none = no sharing)")
         if not all(r.isdigit() for r in split_list(self.try_relax_rank)) or not split_list(self.try_relax_rank):

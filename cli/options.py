@@ -4,7 +4,7 @@ import typer
 # from the torch-free settings modules: a command's --help imports no torch
 from tritpress.analyzers.defaults import PROBE_CHOICES, TAG_SCHEMES
 from tritpress.cli.config import ORDERS
-from tritpress.compressor.settings import (ACT_BITS, FLOAT_FORMATS, GRANULARITIES, INITS, PARALLEL, QUANT_SCHEDULES,
+from tritpress.compressor.settings import (ACT_BITS, FLOAT_FORMATS, GRANULARITY_CHOICES, INITS, PARALLEL, QUANT_SCHEDULES,
                                            SCHEDULES, SHARE_KINDS, TASKS, TERNARY_METHODS, WEIGHT_FORMATS)
 from tritpress.exporters.settings import ONNX_FORMATS
 
@@ -16,7 +16,7 @@ DebugOpt = typer.Option(False, "--debug", help="Show full tracebacks on errors."
 # with a usage error (exit 2) before anything runs
 CHOICES = {
     ("TernaryConfig", "method"): TERNARY_METHODS,
-    ("TernaryConfig", "granularity"): GRANULARITIES,
+    ("TernaryConfig", "granularity"): GRANULARITY_CHOICES,
     ("TernaryConfig", "act_bits"): ACT_BITS,
     ("TernaryConfig", "embedding"): WEIGHT_FORMATS,
     ("TernaryConfig", "head"): WEIGHT_FORMATS,

@@ -429,7 +429,7 @@ def _qat_probe(cfg: CompressConfig, loaded, ctx, blocks) -> Callable:
     teacher = loaded.model
     n_params = sum(p.numel() for p in teacher.parameters())
     tcfg = dataclasses.replace(cfg.train, steps=cfg.sharing.auto_probe_steps, checkpoint_every=0,
-                               resume=False).resolved(n_params)
+                               resume=False).resolved(n_params, _on_task_examples(cfg, teacher))
     structure = discover(teacher, cfg.quant.exclude)
 
     def probe(tied):
@@ -449,10 +449,16 @@ def _resume_line(step: int, tcfg: TrainConfig, state_dir: Path) -> str:
 def _resolved_train_config(cfg: CompressConfig, teacher: nn.Module) -> TrainConfig:
     from tritpress.compressor.distributed import restarted_by_torchrun
 
-    tcfg = cfg.train.resolved(sum(p.numel() for p in teacher.parameters()))
+    tcfg = cfg.train.resolved(sum(p.numel() for p in teacher.parameters()), _on_task_examples(cfg, teacher))
     if restarted_by_torchrun():
         tcfg.resume = True  # an elastic restart continues from the last checkpoint
     return tcfg
+
+
+def _on_task_examples(cfg: CompressConfig, teacher: nn.Module) -> bool:
+    from tritpress.analyzers.quality.examples import resolve_task
+
+    return resolve_task(teacher, cfg.train.task) != "lm"
 
 
 def _quality_measure(io, teacher: nn.Module, held_out) -> Callable[[nn.Module], dict]:

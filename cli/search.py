@@ -1,6 +1,6 @@
 """`compress search`: the smallest configuration whose quality gate passes.
 
-    configurations: sharing x embedding/head bits x relax rank x vocabulary trimming
+    configurations: sharing x embedding/head bits x relax rank x vocabulary trimming [x outside-block formats]
       -> each one's packed size, from a post-training run (no QAT: a packed file's bytes do not
          depend on the weights' values, only on the formats, the ties and the kept vocabulary)
       -> skip what misses --target-ratio, and duplicates (two strategies that tie the same blocks)
@@ -56,6 +56,7 @@ class Candidate:
     why: str = ""
     rows: list = field(default_factory=list)  # the gate rows, compact
     wall_s: float | None = None
+    outside: str | None = None           # --outside-blocks of this candidate (None: the run's, not searched)
 
     @property
     def folder(self) -> Path:
@@ -65,7 +66,7 @@ class Candidate:
         self.status, self.why = "skipped", why
 
     def to_dict(self) -> dict:
-        keep = ("name", "sharing", "relax_rank", "bits", "trim_vocab", "estimated_bytes", "bytes", "ratio",
+        keep = ("name", "sharing", "relax_rank", "bits", "trim_vocab", "outside", "estimated_bytes", "bytes", "ratio",
                 "status", "why", "rows", "wall_s")
         return {**{k: getattr(self, k) for k in keep}, "folder": str(self.folder)}
 
@@ -133,25 +134,27 @@ def plan_candidates(cfg: CompressConfig, scfg: SearchConfig, out: Path) -> list[
     Trimming is tried off, and as --trim-vocab says when it is given."""
     trims = [None] + ([cfg.trim_vocab] if cfg.trim_vocab else [])
     ranks = [int(r) for r in split_list(scfg.try_relax_rank)]
+    outsides = split_list(scfg.try_outside) or [None]
     candidates = []
     for sharing in split_list(scfg.try_sharing):
         for rank in ([0] if sharing == "none" else ranks):
             for bits in split_list(scfg.try_bits):
-                for trim in trims:
-                    name = _name(sharing, rank, bits, trim)
-                    candidates.append(Candidate(name, sharing, rank, bits, trim,
-                                                candidate_config(cfg, scfg, sharing, rank, bits, trim,
-                                                                 out / CANDIDATES_DIR / name)))
+                for outside in outsides:
+                    for trim in trims:
+                        name = _name(sharing, rank, bits, trim, outside)
+                        config = candidate_config(cfg, scfg, sharing, rank, bits, trim, out / CANDIDATES_DIR / name,
+                                                  outside)
+                        candidates.append(Candidate(name, sharing, rank, bits, trim, config, outside=outside))
     return candidates
 
 
-def _name(sharing: str, rank: int, bits: str, trim: str | None) -> str:
+def _name(sharing: str, rank: int, bits: str, trim: str | None, outside: str | None = None) -> str:
     slug = re.sub(r"[^\w.-]+", "_", sharing).strip("_") or "groups"
-    return f"{slug}{f'-r{rank}' if rank else ''}-{bits}{'-trim' if trim else ''}"
+    return f"{slug}{f'-r{rank}' if rank else ''}-{bits}{f'-o{outside}' if outside else ''}{'-trim' if trim else ''}"
 
 
 def candidate_config(cfg: CompressConfig, scfg: SearchConfig, sharing: str, rank: int, bits: str,
-                     trim: str | None, folder: Path) -> CompressConfig:
+                     trim: str | None, folder: Path, outside: str | None = None) -> CompressConfig:
     """The user's run settings with this candidate's sharing, formats, trim and gate tolerance."""
     try:  # the redundancy analysis does not change a fixed strategy's tie: `compress analyze` writes it once
         scfg_sharing = dataclasses.replace(cfg.sharing, strategy=sharing, relax_rank=rank, groups=None,
@@ -160,7 +163,7 @@ def candidate_config(cfg: CompressConfig, scfg: SearchConfig, sharing: str, rank
         raise TritpressError(f"--try-sharing {sharing!r}: {e}") from None
     return dataclasses.replace(
         cfg, out=str(folder), trim_vocab=trim, sharing=scfg_sharing,
-        quant=dataclasses.replace(cfg.quant, embedding=bits, head=bits),
+        quant=dataclasses.replace(cfg.quant, embedding=bits, head=bits, outside_blocks=outside or cfg.quant.outside_blocks),
         eval=dataclasses.replace(cfg.eval, max_drop=[*cfg.eval.max_drop, *max_drop_entries(cfg.tasks, scfg.max_drop)]))
 
 
@@ -232,7 +235,7 @@ def _skip_duplicates(candidates: list[Candidate]) -> None:
     for c in candidates:
         if c.status != "pending":
             continue
-        key = json.dumps([c.groups, c.relax_rank if c.groups else 0, c.bits, c.trim_vocab,
+        key = json.dumps([c.groups, c.relax_rank if c.groups else 0, c.bits, c.outside, c.trim_vocab,
                           c.cfg.sharing.share if c.groups else None])
         if key in seen:
             c.skip(f"the same model as {seen[key]} (same tied blocks)")

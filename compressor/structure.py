@@ -11,6 +11,17 @@ from torch import nn
 RNN_TYPES = (nn.LSTM, nn.GRU, nn.RNN)
 
 
+# transformers' task heads: a fine-tuned classifier, tagger or QA reader
+TASK_HEAD_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+
+
+def default_granularity(model: nn.Module) -> str:
+    """What granularity "auto" means for `model`: one scale per output channel for a task model
+    (per-channel scored above per-tensor in the SST-2 task-QAT sweep, README "Choosing the recipe"), one
+    per tensor otherwise (BitNet b1.58's choice for LMs)."""
+    return "channel" if type(model).__name__.endswith(TASK_HEAD_SUFFIXES) else "tensor"
+
+
 def is_conv1d(m: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2): a Linear whose weight is stored [in, out]."""
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None

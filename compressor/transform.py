@@ -9,6 +9,7 @@ share a weight Parameter share one fake-quant Parameter and one QTensor.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from .config import FLOAT_DTYPES, TernaryConfig
 from .layers import (FakeQuantEmbedding, FakeQuantLinear, FakeQuantRNN, QEmbedding, QLinear, QRNN,
                      QTensor, WeightFormat)
-from .structure import ModelStructure, discover, is_conv1d, rnn_weight_names, set_submodule
+from .structure import ModelStructure, default_granularity, discover, is_conv1d, rnn_weight_names, set_submodule
 
 RECORD_ATTR = "tritpress"
 
@@ -79,6 +80,8 @@ def prepare(model: nn.Module, config: TernaryConfig | None = None) -> nn.Module:
     if get_record(model) is not None:
         raise ValueError("model is already prepared")
     cfg = config or TernaryConfig()
+    if cfg.granularity == "auto":  # resolved once: the record (and the packed file) holds the choice
+        cfg = dataclasses.replace(cfg, granularity=default_granularity(model))
     structure = discover(model, cfg.exclude)
     formats = layer_formats(structure, cfg)
     record = QuantRecord(cfg, structure)

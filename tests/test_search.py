@@ -245,3 +245,16 @@ def test_search_config_refuses_bad_values():
         SearchConfig(order="random")
     with pytest.raises(ValueError, match="--try-bits"):
         SearchConfig(try_bits="int3")
+    with pytest.raises(ValueError, match="--try-outside"):
+        SearchConfig(try_outside="int3")
+
+
+def test_outside_block_formats_are_one_more_axis(tmp_path):
+    cfg = pipeline.CompressConfig(model="m", out=str(tmp_path), trim_vocab="data")
+    plan = search_mod.plan_candidates(cfg, SearchConfig(try_sharing="none", try_bits="int2", try_outside="keep,int4"),
+                                      tmp_path)
+    assert [c.name for c in plan] == ["none-int2-okeep", "none-int2-okeep-trim", "none-int2-oint4", "none-int2-oint4-trim"]
+    assert [c.cfg.quant.outside_blocks for c in plan] == ["keep", "keep", "int4", "int4"]
+    assert [c.to_dict()["outside"] for c in plan] == ["keep", "keep", "int4", "int4"]
+    default = search_mod.plan_candidates(cfg, SearchConfig(try_sharing="none", try_bits="int2"), tmp_path)
+    assert [c.name for c in default] == ["none-int2", "none-int2-trim"] and default[0].outside is None

@@ -20,7 +20,7 @@ from tritpress.compressor.modelio import BlockOutputs, ModelIO, eager_attention
 from tritpress.compressor.structure import discover
 from tritpress.compressor.train import (TrainConfig, batch_indices, distill_losses, lr_factor, quant_lambda,
                                         task_losses, train_qat)
-from tritpress.compressor.transform import convert, prepare, set_lambda
+from tritpress.compressor.transform import convert, get_record, prepare, set_lambda
 from tritpress.exporters.packed import load_packed
 from tests.test_eval_cli import BAD, FILLER, GOOD, NAMES, PLACES, VERBS, files  # noqa: F401  (fixture)
 from tests.test_train import _one_thread, _tail, cli, cli_proc, text_blocks, train_state  # noqa: F401  (fixtures; _one_thread autouse)
@@ -369,6 +369,17 @@ def test_example_calibration_blocks_drop_padding_and_spread_over_the_examples():
     assert ids.tolist() == [[1, 10, 2, 1, 11, 2], [1, 16, 2, 1, 17, 2]]   # 4 blocks, first and last kept
     with pytest.raises(TritpressError, match="fewer than one block"):
         example_calibration_ids(feats[:1], sequences=2, seq_len=6)
+
+
+def test_auto_granularity_is_per_channel_for_a_task_head_only(models):
+    for task, model in models.items():
+        student = prepare(copy.deepcopy(model), TernaryConfig())
+        assert get_record(student).config.granularity == "channel", task
+        assert all(f.granularity == "channel" for f in get_record(student).formats.values())
+    lm = prepare(build("gpt2"), TernaryConfig())
+    assert get_record(lm).config.granularity == "tensor"
+    explicit = prepare(copy.deepcopy(models["cls"]), TernaryConfig(granularity="tensor"))
+    assert get_record(explicit).config.granularity == "tensor"
 
 
 def test_task_data_of_the_wrong_kind_is_one_line(models, tok, files, tmp_path):  # noqa: F811

@@ -105,6 +105,7 @@ def test_resolved_defaults():
     assert (cfg.lr, cfg.warmup_steps, cfg.quant_warmup) == (0.0, -1, -1)   # a copy: the input is untouched
     assert cfg.resolved(100_000_000).lr == 1e-4
     assert cfg.resolved(3_000_000_000).lr == 1e-4
+    assert cfg.resolved(3_000_000_000, task_examples=True).lr == 5e-4   # a task model's own examples
     r = TrainConfig(steps=20).resolved(1)
     assert (r.warmup_steps, r.quant_warmup) == (2, 10)
     r = TrainConfig(steps=100, lr=5e-4, warmup_steps=0, quant_warmup=7).resolved(1)   # explicit values stay
