@@ -71,11 +71,11 @@ def main(argv=None):
                  "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len)]
     for e in a.eval:
         task_args += ["--eval", e]
+    bench_task_qat.write_recipe(a, out)  # the gate's settings: the same for every configuration
     points = []
     for spec in a.config:
         name, _, flags = spec.partition("=")
         b = bench_task_qat.parse_args([*task_args, "--extra", f"{a.base} {flags}".strip()])
-        bench_task_qat.write_recipe(b, out)
         cmd = bench_task_qat.commands(b)["qat"]
         cmd[cmd.index("--out") + 1] = str(out / name)
         info = bench_task_qat.run(name, cmd, out / name, a.reuse)

@@ -191,11 +191,10 @@ def share(run: RunState) -> tuple[nn.Module, dict]:
 def task_calibration_ids(run: RunState):
     """A task model whose --data holds its examples (no --share-data): the redundancy measures
     calibrate on blocks of those examples' tokens, through the model's own head. None otherwise."""
-    from tritpress.analyzers.quality.examples import resolve_task
     from tritpress.compressor.redundancy import example_calibration_ids
 
     cfg = run.cfg
-    if cfg.sharing.data or not cfg.train.data or resolve_task(run.loaded.model, cfg.train.task) == "lm":
+    if cfg.sharing.data or not cfg.train.data or not _on_task_examples(cfg, run.loaded.model):
         return None
     if not (cfg.sharing.analyze or cfg.sharing.strategy == "auto"):
         return None

@@ -74,9 +74,7 @@ def calibration_ids(spec: str, tokenizer, model: nn.Module, sequences: int, seq_
     texts = read_texts(spec, "validation")
     encode = tokenizer_fn(tokenizer, texts, token_vocab_size(model))
     pool = lm_blocks(texts, encode, seq_len, max(CALIBRATION_POOL_TOKENS, 32 * sequences * seq_len))
-    if len(pool) <= sequences:
-        return pool
-    return pool[torch.linspace(0, len(pool) - 1, sequences).round().long()]
+    return spread_blocks(pool, sequences)
 
 
 def example_calibration_ids(features: list[dict], sequences: int, seq_len: int) -> torch.Tensor:
@@ -94,10 +92,14 @@ def example_calibration_ids(features: list[dict], sequences: int, seq_len: int) 
     if n == 0:
         raise TritpressError(f"sharing calibration: the training examples hold {len(stream)} tokens, "
                              f"fewer than one block of --share-seq-len {seq_len}")
-    pool = torch.tensor(stream[:n * seq_len]).view(n, seq_len)
-    if n <= sequences:
+    return spread_blocks(torch.tensor(stream[:n * seq_len]).view(n, seq_len), sequences)
+
+
+def spread_blocks(pool: torch.Tensor, sequences: int) -> torch.Tensor:
+    """`sequences` blocks of `pool` evenly spaced from its first to its last (all when fewer)."""
+    if len(pool) <= sequences:
         return pool
-    return pool[torch.linspace(0, n - 1, sequences).round().long()]
+    return pool[torch.linspace(0, len(pool) - 1, sequences).round().long()]
 
 
 def tied_loss(model: nn.Module, plan: SharingPlan, cfg: SharingConfig, cal: Calibration,
