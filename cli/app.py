@@ -54,7 +54,8 @@ def _analyze() -> Callable:
 # name -> (the command function, imported when needed; its line in `compress --help`)
 COMMANDS: dict[str, tuple[Callable[[], Callable], str]] = {
     "run": (_run, "Ingest MODEL, quantize to ternary (QAT with --steps), pack, verify [, evaluate, ONNX]."),
-    "export": (_export, "Export a packed checkpoint to ONNX and validate it with ONNX Runtime."),
+    "export": (_export, "Export a packed checkpoint to ONNX (validated with ONNX Runtime) or to a transformers "
+                          "BitNet folder (validated with from_pretrained)."),
     "info": (_info, "Size report of a packed checkpoint (verifies its checksum)."),
     "evaluate": (_evaluate, "Score COMPRESSED against its baseline on LM / classification / NER / QA, gated."),
     "finetune-head": (_finetune_head, "Fine-tune MODEL with a task head: a task baseline to evaluate against."),

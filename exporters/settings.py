@@ -162,3 +162,25 @@ def _import_for_skeleton(module_name: str, spec: str, flag: str):
 
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [""])[0]
+
+
+HF_LINEAR_CLASSES = ("bitlinear", "autobitlinear")
+
+
+@dataclass
+class HfExportConfig:
+    """How `export_hf_bitnet` writes and checks a transformers BitNet folder."""
+
+    linear_class: str = "bitlinear"  # transformers' BitNet layer: bitlinear (2-bit weights in memory, unpacked at
+                                     # each forward) | autobitlinear (unpacked to float once, at load)
+    tokenizer: str | None = None     # the tokenizer folder to copy in [default: the source model's, when it has one]
+    rtol: float = 1e-3               # max |transformers - tritpress| / max |tritpress| of the main output (or 2x
+                                     # tritpress's own float32-vs-float64 difference, when larger: int8
+                                     # activations make a deep model sensitive to the last bit)
+    validate: bool = True            # load the folder with plain from_pretrained and compare with tritpress
+
+    def __post_init__(self):
+        if self.linear_class not in HF_LINEAR_CLASSES:
+            raise ValueError(f"linear_class={self.linear_class!r} is not one of {', '.join(HF_LINEAR_CLASSES)}")
+        if self.rtol <= 0:
+            raise ValueError("rtol must be > 0")

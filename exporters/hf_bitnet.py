@@ -1,0 +1,346 @@
+"""Hugging Face BitNet export: a converted (packed) model -> a transformers folder that plain
+`AutoModel*.from_pretrained` loads without tritpress (transformers itself asks for `accelerate`
+to load any BitNet model).
+
+    export_hf_bitnet(load_packed("model.tritpress.safetensors"), "model-hf", HfExportConfig())
+
+The folder holds `config.json` (the source config plus `quantization_config`: quant_method
+"bitnet", offline mode, the linear class), `model.safetensors` (ternary matrices in transformers'
+2-bit layout, everything else float32) and the tokenizer.
+
+What transformers' BitNet layers compute decides what can be written exactly:
+- both layers quantize their input per token to int8 (absmax, like our --act-bits 8) and hold ONE
+  scale per matrix: our ternary Linears must be per tensor with int8 activations;
+- BitLinear: y = (int8(x) @ codes^T) / (weight_scale * input_scale) + bias, so weight_scale =
+  1 / (gain * scale) (a shared occurrence's gain scales its input, which the per-token int8
+  rounding passes through unchanged);
+- AutoBitLinear (offline): y = (x_q @ codes^T + bias) * weight_scale, so weight_scale =
+  gain * scale and the stored bias is bias / weight_scale.
+Embeddings, the head and Linears kept out of the ternary stack are written dequantized in
+float32; the Linears among them are listed in `modules_to_not_convert`. A trimmed input
+embedding is expanded back to the full vocabulary (a dropped id reads the unknown token's row,
+as in tritpress). Cross-layer ties are written once per layer: transformers has no such ties.
+Refused with one line each: per-channel scales, float activations, a low-rank relaxation, a
+trimmed output head (its -inf logits), GPT-2's Conv1D (transformers' BitNet replaces nn.Linear
+only), recurrent layers, custom nn.Modules.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tritpress.compressor.errors import TritpressError
+from tritpress.compressor.fileio import atomic_dir
+from tritpress.compressor.layers import QEmbedding, QLinear, QRNN
+from tritpress.compressor.modelio import compare_outputs, example_inputs, run_model
+from tritpress.compressor.share import SharedLinear
+from tritpress.compressor.transform import get_record
+from tritpress.compressor.vocab import TrimmedEmbedding, TrimmedHead
+
+from .settings import HfExportConfig  # re-exported: torch-free home
+
+HF_WEIGHTS = "model.safetensors"
+TRITS_PER_BYTE = 4   # transformers' layout: 4 rows of 2-bit codes (+1) per uint8 row
+ROUNDING_MARGIN = 2.0   # x tritpress's own float32-vs-float64 spread (see rounding_spread)
+
+
+class HfExportError(TritpressError):
+    """The model cannot be written as a transformers BitNet folder (or does not match once loaded)."""
+
+
+# ------------------------------------------------------------------ transformers' 2-bit layout
+
+def pack_rows_2bit(codes: torch.Tensor) -> torch.Tensor:
+    """Ternary codes [out, in] -> uint8 [out / 4, in]: row r of byte-row j holds code row r * out/4 + j,
+    in bits 2r..2r+1, stored as code + 1 (transformers.integrations.bitnet's layout)."""
+    out = codes.shape[0]
+    if out % TRITS_PER_BYTE:
+        raise HfExportError(f"a ternary matrix with {out} rows: transformers' BitNet layout needs a multiple of 4")
+    u = (codes.to(torch.int16) + 1).to(torch.uint8).reshape(TRITS_PER_BYTE, out // TRITS_PER_BYTE, -1)
+    return u[0] | (u[1] << 2) | (u[2] << 4) | (u[3] << 6)
+
+
+def unpack_rows_2bit(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_rows_2bit: uint8 [out / 4, in] -> int8 codes [out, in]."""
+    parts = [((packed >> (2 * r)) & 3).to(torch.int8) - 1 for r in range(TRITS_PER_BYTE)]
+    return torch.cat(parts, 0)
+
+
+# ------------------------------------------------------------------ what can be written
+
+def hf_name(name: str, modules: dict[str, nn.Module]) -> str:
+    """A module path of the converted model -> the path transformers builds: the wrappers tritpress
+    adds (a shared occurrence's `inner`, a trimmed embedding's `table`) are dropped."""
+    parts, kept = name.split("."), []
+    for i, part in enumerate(parts):
+        parent = modules.get(".".join(parts[:i]))
+        if (isinstance(parent, SharedLinear) and part == "inner") or \
+                (isinstance(parent, TrimmedEmbedding) and part == "table"):
+            continue
+        kept.append(part)
+    return ".".join(kept)
+
+
+def refusals(model: nn.Module, source: dict) -> list[str]:
+    """Why the model cannot be written as a transformers BitNet folder (empty: it can)."""
+    if not source.get("hf_config"):
+        return [f"{source.get('model_class')} is not a transformers model: only transformers models have a "
+                "BitNet form (export --onnx instead)"]
+    why = []
+    for name, m in model.named_modules():
+        if isinstance(m, QRNN):
+            why.append(f"{name}: recurrent layers have no transformers BitNet form (export --onnx instead)")
+        elif isinstance(m, TrimmedHead):
+            why.append(f"{name}: a trimmed output head (-inf logits for dropped ids) has no transformers form; "
+                       "compress without --trim-vocab")
+        elif isinstance(m, SharedLinear) and m.rank:
+            why.append(f"{name}: a low-rank relaxation (--relax-rank {m.rank}) has no BitNet form; use --relax-rank 0")
+        elif isinstance(m, QLinear) and m.qweight.fmt.kind == "ternary":
+            fmt = m.qweight.fmt
+            if fmt.granularity != "tensor":
+                why.append(f"{name}: per-channel scales (transformers' BitNet holds one scale per matrix); "
+                           "compress with --granularity tensor")
+            if m.act_bits != 8:
+                why.append(f"{name}: float activations (transformers' BitNet layers quantize them to int8); "
+                           "compress with --act-bits 8")
+    return why
+
+
+def _gain(name: str, modules: dict[str, nn.Module]) -> float:
+    parent = modules.get(name.rpartition(".")[0]) if name.endswith(".inner") else None
+    return float(parent.gain.detach()) if isinstance(parent, SharedLinear) else 1.0
+
+
+def _ternary_tensors(m: QLinear, gain: float, linear_class: str) -> dict[str, torch.Tensor]:
+    """weight (packed codes), weight_scale [1] and bias of one ternary Linear, for `linear_class`."""
+    scale = float(m.qweight.scale.reshape(-1)[0]) * gain
+    if scale == 0.0:  # an all-zero matrix: any scale gives the same (zero) product
+        scale = 1.0
+    out = {"weight": pack_rows_2bit(m.qweight.codes),
+           "weight_scale": torch.tensor([1.0 / scale if linear_class == "bitlinear" else scale])}
+    if m.bias is not None:
+        bias = m.bias.detach().float()
+        out["bias"] = bias if linear_class == "bitlinear" else bias / scale
+    return out
+
+
+def _float_weight(m: nn.Module, name: str, modules: dict[str, nn.Module]) -> torch.Tensor:
+    """The float32 table of a QLinear / QEmbedding (a trimmed embedding expanded to the full vocabulary)."""
+    w = m.qweight.dequantize(torch.float32) * _gain(name, modules)
+    parent = modules.get(name.rpartition(".")[0])
+    if isinstance(parent, TrimmedEmbedding) and name.endswith(".table"):
+        w = w[parent.index.long()]
+    return w.contiguous()
+
+
+def _skeleton(source: dict) -> nn.Module:
+    """The transformers model of the source config, on the meta device (no memory, no init)."""
+    from tritpress.compressor.ingest import build_from_config
+
+    with torch.device("meta"):
+        return build_from_config(source["hf_config"], source["model_class"])
+
+
+def _refuse_conv1d(ternary: list[str], skeleton: nn.Module) -> None:
+    names = [n for n in ternary if not isinstance(skeleton.get_submodule(n), nn.Linear)]
+    if names:
+        kind = type(skeleton.get_submodule(names[0])).__name__
+        raise HfExportError(f"{names[0]} (and {len(names) - 1} more) is a {kind} in {type(skeleton).__name__}: "
+                            "transformers' BitNet replaces nn.Linear layers only (export --onnx instead)")
+
+
+def hf_state(model: nn.Module, linear_class: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(tensors by transformers name, names of the ternary Linears)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    tensors, ternary, done = {}, [], set()
+    for name, m in modules.items():
+        if not isinstance(m, (QLinear, QEmbedding)):
+            continue
+        hf = hf_name(name, modules)
+        done.update(f"{name}.{k}" for k, _ in m.named_parameters(remove_duplicate=False))
+        done.update(f"{name}.{k}" for k, _ in m.named_buffers(remove_duplicate=False))
+        if isinstance(m, QLinear) and m.qweight.fmt.kind == "ternary":
+            tensors.update({f"{hf}.{k}": t for k, t in _ternary_tensors(m, _gain(name, modules), linear_class).items()})
+            ternary.append(hf)
+            continue
+        tensors[f"{hf}.weight"] = _float_weight(m, name, modules)
+        if isinstance(m, QLinear):
+            if m.bias is not None:
+                tensors[f"{hf}.bias"] = m.bias.detach().float().clone()
+    for key, t in model.state_dict(keep_vars=True).items():
+        leaf = key.rpartition(".")[2]
+        if key in done or leaf in ("gain", "kept_ids"):  # a gain is folded into the scale; kept ids into the table
+            continue
+        owner = key.rpartition(".")[0]
+        tensors[hf_name(owner, modules) + "." + leaf if owner else leaf] = t.detach().float().clone() \
+            if t.is_floating_point() else t.detach().clone()
+    return tensors, ternary
+
+
+def _drop_tied(tensors: dict, skeleton: nn.Module) -> dict:
+    """Write a tensor that transformers ties (e.g. lm_head.weight = the embedding) once, under the
+    name its own save_pretrained keeps; check that every other name is one the model loads."""
+    state = skeleton.state_dict(keep_vars=True)
+    first: dict[int, str] = {}
+    for key, t in state.items():
+        first.setdefault(id(t), key)
+    out = {k: t for k, t in tensors.items() if k not in state or first[id(state[k])] == k}
+    unknown = [k for k in out if k not in state and not k.endswith(".weight_scale")]
+    missing = [k for k in state if first[id(state[k])] == k and k not in out]
+    if unknown or missing:
+        raise HfExportError(f"the converted model does not map onto {type(skeleton).__name__}: "
+                            f"{len(missing)} tensors missing (e.g. {missing[:2]}), {len(unknown)} unknown "
+                            f"(e.g. {unknown[:2]})")
+    return out
+
+
+def float_linears(skeleton: nn.Module, ternary: list[str]) -> list[str]:
+    """The nn.Linear layers written float, as `modules_to_not_convert` patterns (transformers reads
+    each as a regex from the start of a module path, or as a suffix)."""
+    tern = set(ternary)
+    return [re.escape(n) for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and n not in tern]
+
+
+def hf_config(source: dict, cfg: HfExportConfig, kept_float: list[str]) -> dict:
+    config = dict(source["hf_config"])
+    config["architectures"] = [source["model_class"]]
+    config["dtype"] = "float32"
+    config.pop("torch_dtype", None)
+    config["quantization_config"] = {"quant_method": "bitnet", "linear_class": cfg.linear_class,
+                                     "quantization_mode": "offline", "modules_to_not_convert": sorted(kept_float),
+                                     "use_rms_norm": False}
+    return config
+
+
+def _tokenizer(source: dict, cfg: HfExportConfig):
+    """The tokenizer to copy in: --hf-tokenizer, else the source model's (None when it has none)."""
+    from tritpress.compressor.ingest import _tokenizer as load_tokenizer
+
+    if cfg.tokenizer:
+        tok = load_tokenizer(cfg.tokenizer)
+        if tok is None:
+            raise HfExportError(f"--hf-tokenizer {cfg.tokenizer}: no tokenizer could be loaded from it")
+        return tok
+    kw = {"gguf_file": source["gguf_file"]} if source.get("gguf_file") else {}
+    return load_tokenizer(source["path"], **kw) if source.get("path") else None
+
+
+def load_hf_bitnet(folder, model_class: str) -> nn.Module:
+    """The folder as transformers loads it (torch.compile of its BitNet kernels off: same arithmetic,
+    no minutes-long compile on a CPU)."""
+    import transformers
+
+    cls = getattr(transformers, model_class, None) or transformers.AutoModel
+    with torch._dynamo.config.patch(disable=True):
+        return cls.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+def _max_rel(ref: torch.Tensor, got: torch.Tensor) -> float:
+    finite = torch.isfinite(ref) & torch.isfinite(got)
+    scale = float(ref[finite].abs().max()) if bool(finite.any()) else 1.0
+    return float((ref - got)[finite].abs().max()) / max(scale, 1e-12) if bool(finite.any()) else 0.0
+
+
+@torch.no_grad()
+def rounding_spread(model: nn.Module, inputs, ref: torch.Tensor) -> float:
+    """max relative |float64 - float32| of tritpress's own output: with int8 activations a last-bit change
+    of a layer's input can move a value across a rounding step, and a deep model carries that on (SmolLM2:
+    ~5 % of the logits' range), so another implementation of the same arithmetic differs by as much."""
+    wide = copy.deepcopy(model).double()
+    return _max_rel(run_model(wide, inputs), ref)
+
+
+@torch.no_grad()
+def compare_hf(model: nn.Module, hf_model: nn.Module, tokenizer, cfg: HfExportConfig) -> dict:
+    """tritpress vs transformers on the example input: max relative difference (allowed: --hf-rtol, or
+    ROUNDING_MARGIN x tritpress's own float32-vs-float64 spread when that is larger) and top-1 agreement."""
+    inputs = example_inputs(model, tokenizer)
+    ref = run_model(model, inputs)
+    with torch._dynamo.config.patch(disable=True):
+        got = run_model(hf_model, inputs)
+    result = compare_outputs(ref, got)
+    result["max_rel_diff"] = _max_rel(ref, got)
+    result["top1_agreement"] = float((ref.argmax(-1) == got.argmax(-1)).float().mean())
+    result["rounding_spread"] = rounding_spread(model, inputs, ref) if result["max_rel_diff"] > cfg.rtol else None
+    result["allowed"] = max(cfg.rtol, ROUNDING_MARGIN * (result["rounding_spread"] or 0.0))
+    result["passed"] = result["max_rel_diff"] <= result["allowed"]
+    return result
+
+
+def _check_loadable() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise HfExportError("checking the export loads it with transformers, which needs accelerate for BitNet "
+                            "models: pip install accelerate (or --no-hf-validate)")
+
+
+def export_hf_bitnet(model: nn.Module, out, cfg: HfExportConfig | None = None, source: dict | None = None,
+                     log=lambda line: None) -> dict:
+    """Write `model` (converted, e.g. load_packed's) as a transformers BitNet folder at `out`
+    (atomically: no partial folder on failure) and, with cfg.validate, load it back with
+    from_pretrained and compare. `source`: where the model came from (a SourceInfo, or the
+    `source` entry of a packed file's metadata: `read_metadata(path)["source"]`)."""
+    cfg = cfg or HfExportConfig()
+    record = get_record(model)
+    if record is None or not record.converted:
+        raise HfExportError("the HF BitNet export needs a converted model (compressor.convert or load_packed)")
+    source = source.to_dict() if hasattr(source, "to_dict") else (source or {})
+    why = refusals(model, source)
+    if why:
+        raise HfExportError(f"cannot write a transformers BitNet model: {why[0]}"
+                            + (f" (and {len(why) - 1} more)" if len(why) > 1 else ""))
+    if cfg.validate:
+        _check_loadable()
+    skeleton = _skeleton(source)
+    tensors, ternary = hf_state(model, cfg.linear_class)
+    _refuse_conv1d(ternary, skeleton)
+    tensors = _drop_tied(tensors, skeleton)
+    tokenizer = _tokenizer(source, cfg)
+    with atomic_dir(out) as tmp:
+        result = _write(tmp, tensors, hf_config(source, cfg, float_linears(skeleton, ternary)), tokenizer)
+        result.update(ternary_linears=len(ternary), linear_class=cfg.linear_class,
+                      tied_across_layers=_cross_layer_ties(model))
+        log(f"wrote {len(tensors)} tensors ({len(ternary)} ternary Linears as {cfg.linear_class}), "
+            f"{result['bytes']:,} bytes")
+        if result["tied_across_layers"]:
+            log(f"{result['tied_across_layers']} cross-layer tied matrices are written once per layer "
+                "(transformers has no cross-layer ties)")
+        if cfg.validate:
+            result["validation"] = compare_hf(model, load_hf_bitnet(tmp, source["model_class"]), tokenizer, cfg)
+            _log_validation(result["validation"], log)
+            if not result["validation"]["passed"]:
+                raise HfExportError(f"the transformers model differs from tritpress's: max relative difference "
+                                    f"{result['validation']['max_rel_diff']:.2e} > {result['validation']['allowed']:.2e}")
+    result["path"] = str(out)
+    return result
+
+
+def _cross_layer_ties(model: nn.Module) -> int:
+    return sum(1 for m in model.modules() if isinstance(m, SharedLinear)) - \
+        len({id(m.inner.qweight) for m in model.modules() if isinstance(m, SharedLinear)
+             and isinstance(m.inner, QLinear)})
+
+
+def _log_validation(v: dict, log) -> None:
+    mark = "OK" if v["passed"] else "FAIL"
+    spread = "" if v["rounding_spread"] is None else \
+        f"; tritpress's own float32 vs float64: {v['rounding_spread']:.2e}"
+    log(f"transformers from_pretrained vs tritpress: max relative difference {v['max_rel_diff']:.2e} "
+        f"(allowed {v['allowed']:.2e}{spread}), top-1 agreement {100 * v['top1_agreement']:.2f} %  {mark}")
+
+
+def _write(folder: Path, tensors: dict, config: dict, tokenizer) -> dict:
+    from safetensors.torch import save_file
+
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(folder / HF_WEIGHTS), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    return {"path": None, "bytes": (folder / HF_WEIGHTS).stat().st_size, "tokenizer": tokenizer is not None,
+            "modules_to_not_convert": config["quantization_config"]["modules_to_not_convert"]}
