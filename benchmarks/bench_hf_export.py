@@ -74,7 +74,7 @@ def reference(packed: str, folder: Path, text: str | None, lines: int, seq_len: 
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from tritpress.compressor.modelio import EXAMPLE_TEXT, run_model
+    from tritpress.compressor.modelio import EXAMPLE_TEXT, keyword_inputs, run_model
     from tritpress.exporters.packed import load_packed
 
     model = load_packed(packed)
@@ -83,9 +83,7 @@ def reference(packed: str, folder: Path, text: str | None, lines: int, seq_len: 
         tok.pad_token = tok.eos_token
     texts = [t for t in Path(text).read_text().splitlines() if t.strip()][:lines] if text else EXAMPLE_TEXT
     enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=seq_len)
-    inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    if "token_type_ids" in inputs and "token_type_ids" not in type(model).forward.__code__.co_varnames:
-        inputs.pop("token_type_ids")
+    inputs = keyword_inputs(model, enc)   # the token tensors its forward takes (no token_type_ids for a LLaMA)
     out = run_model(model, inputs)
     path = folder.parent / f"{folder.name}.reference.safetensors"
     save_file({**{k: v.contiguous() for k, v in inputs.items()}, "output": out.contiguous()}, str(path))

@@ -13,26 +13,14 @@ from tritpress.cli.flags import with_flags
 from tritpress.cli.options import DebugOpt
 
 
-def onnx_config(**values):
-    """OnnxConfig from the flags given, with a one-line error for bad values."""
+def export_config(cls, what: str, values: dict):
+    """An export config (OnnxConfig, HfExportConfig) from the flags given, with a one-line error for bad values."""
     from tritpress.compressor.errors import TritpressError
-    from tritpress.exporters.onnx import OnnxConfig
 
     try:
-        return OnnxConfig(**values)
+        return cls(**values)
     except ValueError as e:
-        raise TritpressError(f"invalid ONNX setting: {e}") from e
-
-
-def hf_config(**values):
-    """HfExportConfig from the flags given, with a one-line error for bad values."""
-    from tritpress.compressor.errors import TritpressError
-    from tritpress.exporters.settings import HfExportConfig
-
-    try:
-        return HfExportConfig(**values)
-    except ValueError as e:
-        raise TritpressError(f"invalid --hf setting: {e}") from e
+        raise TritpressError(f"invalid {what} setting: {e}") from e
 
 
 @with_flags(*settings.EXPORT)
@@ -50,31 +38,41 @@ def export(
     folder (validated with from_pretrained, non-zero exit beyond --hf-rtol)."""
     from tritpress.compressor.errors import TritpressError
     from tritpress.exporters.packed import PackedLoadConfig
+    from tritpress.exporters.settings import HfExportConfig, OnnxConfig
 
     if (onnx is None) == (hf is None):
         raise TritpressError("give one output: --onnx FILE or --hf FOLDER")
     load = PackedLoadConfig(**flags["load"])
     if hf is not None:
-        result = run_hf_export(packed, hf, hf_config(**flags["hf"]), quiet=json_out, load=load)
+        cfg = export_config(HfExportConfig, "--hf", flags["hf"])
+        result = run_hf_export(packed, hf, cfg, quiet=json_out, load=load)
     else:
-        result = run_export(packed, onnx, onnx_config(**flags["onnx"]), quiet=json_out, load=load)
+        cfg = export_config(OnnxConfig, "ONNX", flags["onnx"])
+        result = run_export(packed, onnx, cfg, quiet=json_out, load=load)
     if json_out:
         typer.echo(json.dumps(result, indent=2))
+
+
+def packed_for_export(packed: str, out: str, flag: str, load, quiet: bool):
+    """The packed file loaded as a model, once `out` (the --onnx / --hf output) is checked not to be the
+    input and to be writable -> (model, progress printer: silent when quiet)."""
+    from pathlib import Path
+
+    from tritpress.compressor.fileio import check_writable, refuse_overwrite_input
+    from tritpress.exporters.packed import load_packed
+
+    refuse_overwrite_input([out], [packed])
+    check_writable(Path(out).parent, flag)
+    model = load_packed(packed, skeleton=load.model_skeleton())
+    return model, (lambda line: None) if quiet else typer.echo
 
 
 def run_export(packed: str, onnx: str, cfg, quiet: bool, load) -> dict:
     """Load the packed file (into the --skeleton class, for a custom nn.Module) and export it;
     progress lines on stdout unless quiet."""
-    from pathlib import Path
-
-    from tritpress.compressor.fileio import check_writable, refuse_overwrite_input
     from tritpress.exporters.onnx import export_onnx
-    from tritpress.exporters.packed import load_packed
 
-    refuse_overwrite_input([onnx], [packed])
-    check_writable(Path(onnx).parent, "--onnx")
-    model = load_packed(packed, skeleton=load.model_skeleton())
-    log = (lambda line: None) if quiet else typer.echo
+    model, log = packed_for_export(packed, onnx, "--onnx", load, quiet)
     return export_onnx(model, onnx, cfg, packed_path=packed, log=log)
 
 
@@ -82,15 +80,12 @@ def run_hf_export(packed: str, out: str, cfg, quiet: bool, load) -> dict:
     """Load the packed file and write it as a transformers BitNet folder; progress lines unless quiet."""
     from pathlib import Path
 
-    from tritpress.compressor.fileio import check_writable, refuse_overwrite_input
     from tritpress.exporters.hf_bitnet import export_hf_bitnet
-    from tritpress.exporters.packed import load_packed, read_metadata
+    from tritpress.exporters.packed import read_metadata
 
-    refuse_overwrite_input([out], [packed])
-    check_writable(Path(out).resolve().parent, "--hf")
-    model = load_packed(packed, skeleton=load.model_skeleton())
-    log = (lambda line: None) if quiet else typer.echo
+    model, log = packed_for_export(packed, out, "--hf", load, quiet)
     result = export_hf_bitnet(model, out, cfg, read_metadata(packed)["source"], log=log)
     result["packed_bytes"] = Path(packed).stat().st_size
-    log(f"{out}: {result['bytes']:,} bytes of weights ({result['bytes'] / result['packed_bytes']:.2f}x the packed file)")
+    log(f"{out}: {result['bytes']:,} bytes of weights "
+        f"({result['bytes'] / result['packed_bytes']:.2f}x the packed file)")
     return result

@@ -154,8 +154,18 @@ def _refuse_conv1d(ternary: list[str], skeleton: nn.Module) -> None:
                             "transformers' BitNet replaces nn.Linear layers only (export --onnx instead)")
 
 
-def hf_state(model: nn.Module, linear_class: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(tensors by transformers name, names of the ternary Linears)."""
+def tied_aliases(skeleton: nn.Module) -> set[str]:
+    """Names transformers ties to an earlier tensor (e.g. lm_head.weight = the embedding): its own
+    save_pretrained writes only the first, and from_pretrained ties the others again."""
+    first: dict[int, str] = {}
+    state = skeleton.state_dict(keep_vars=True)
+    for key, t in state.items():
+        first.setdefault(id(t), key)
+    return {key for key, t in state.items() if first[id(t)] != key}
+
+
+def hf_state(model: nn.Module, linear_class: str, aliases: set[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(tensors by transformers name, names of the ternary Linears); names in `aliases` are not computed."""
     modules = dict(model.named_modules(remove_duplicate=False))
     tensors, ternary, done = {}, [], set()
     for name, m in modules.items():
@@ -168,35 +178,30 @@ def hf_state(model: nn.Module, linear_class: str) -> tuple[dict[str, torch.Tenso
             tensors.update({f"{hf}.{k}": t for k, t in _ternary_tensors(m, _gain(name, modules), linear_class).items()})
             ternary.append(hf)
             continue
-        tensors[f"{hf}.weight"] = _float_weight(m, name, modules)
-        if isinstance(m, QLinear):
-            if m.bias is not None:
-                tensors[f"{hf}.bias"] = m.bias.detach().float().clone()
+        if f"{hf}.weight" not in aliases:
+            tensors[f"{hf}.weight"] = _float_weight(m, name, modules)
+        if isinstance(m, QLinear) and m.bias is not None and f"{hf}.bias" not in aliases:
+            tensors[f"{hf}.bias"] = m.bias.detach().float().clone()
     for key, t in model.state_dict(keep_vars=True).items():
         leaf = key.rpartition(".")[2]
         if key in done or leaf in ("gain", "kept_ids"):  # a gain is folded into the scale; kept ids into the table
             continue
         owner = key.rpartition(".")[0]
-        tensors[hf_name(owner, modules) + "." + leaf if owner else leaf] = t.detach().float().clone() \
-            if t.is_floating_point() else t.detach().clone()
+        hf_key = hf_name(owner, modules) + "." + leaf if owner else leaf
+        if hf_key not in aliases:
+            tensors[hf_key] = t.detach().float().clone() if t.is_floating_point() else t.detach().clone()
     return tensors, ternary
 
 
-def _drop_tied(tensors: dict, skeleton: nn.Module) -> dict:
-    """Write a tensor that transformers ties (e.g. lm_head.weight = the embedding) once, under the
-    name its own save_pretrained keeps; check that every other name is one the model loads."""
+def check_names(tensors: dict, skeleton: nn.Module, aliases: set[str]) -> None:
+    """Every name written is one the model loads (or a BitNet weight_scale), and none it needs is missing."""
     state = skeleton.state_dict(keep_vars=True)
-    first: dict[int, str] = {}
-    for key, t in state.items():
-        first.setdefault(id(t), key)
-    out = {k: t for k, t in tensors.items() if k not in state or first[id(state[k])] == k}
-    unknown = [k for k in out if k not in state and not k.endswith(".weight_scale")]
-    missing = [k for k in state if first[id(state[k])] == k and k not in out]
+    unknown = [k for k in tensors if (k not in state or k in aliases) and not k.endswith(".weight_scale")]
+    missing = [k for k in state if k not in aliases and k not in tensors]
     if unknown or missing:
         raise HfExportError(f"the converted model does not map onto {type(skeleton).__name__}: "
                             f"{len(missing)} tensors missing (e.g. {missing[:2]}), {len(unknown)} unknown "
                             f"(e.g. {unknown[:2]})")
-    return out
 
 
 def float_linears(skeleton: nn.Module, ternary: list[str]) -> list[str]:
@@ -298,9 +303,10 @@ def export_hf_bitnet(model: nn.Module, out, cfg: HfExportConfig | None = None, s
     if cfg.validate:
         _check_loadable()
     skeleton = _skeleton(source)
-    tensors, ternary = hf_state(model, cfg.linear_class)
+    aliases = tied_aliases(skeleton)
+    tensors, ternary = hf_state(model, cfg.linear_class, aliases)
     _refuse_conv1d(ternary, skeleton)
-    tensors = _drop_tied(tensors, skeleton)
+    check_names(tensors, skeleton, aliases)
     tokenizer = _tokenizer(source, cfg)
     with atomic_dir(out) as tmp:
         result = _write(tmp, tensors, hf_config(source, cfg, float_linears(skeleton, ternary)), tokenizer)
@@ -314,9 +320,10 @@ def export_hf_bitnet(model: nn.Module, out, cfg: HfExportConfig | None = None, s
         if cfg.validate:
             result["validation"] = compare_hf(model, load_hf_bitnet(tmp, source["model_class"]), tokenizer, cfg)
             _log_validation(result["validation"], log)
-            if not result["validation"]["passed"]:
+            v = result["validation"]
+            if not v["passed"]:
                 raise HfExportError(f"the transformers model differs from tritpress's: max relative difference "
-                                    f"{result['validation']['max_rel_diff']:.2e} > {result['validation']['allowed']:.2e}")
+                                    f"{v['max_rel_diff']:.2e} > {v['allowed']:.2e}")
     result["path"] = str(out)
     return result
 
@@ -342,5 +349,5 @@ def _write(folder: Path, tensors: dict, config: dict, tokenizer) -> dict:
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
-    return {"path": None, "bytes": (folder / HF_WEIGHTS).stat().st_size, "tokenizer": tokenizer is not None,
+    return {"bytes": (folder / HF_WEIGHTS).stat().st_size, "tokenizer": tokenizer is not None,
             "modules_to_not_convert": config["quantization_config"]["modules_to_not_convert"]}
