@@ -91,6 +91,7 @@ def refusals(model: nn.Module, source: dict) -> list[str]:
     if not source.get("hf_config"):
         return [f"{source.get('model_class')} is not a transformers model: only transformers models have a "
                 "BitNet form (export --onnx instead)"]
+    blocks = get_record(model).structure.blocks
     why = []
     for name, m in model.named_modules():
         if isinstance(m, QRNN):
@@ -101,13 +102,22 @@ def refusals(model: nn.Module, source: dict) -> list[str]:
         elif isinstance(m, SharedLinear) and m.rank:
             why.append(f"{name}: a low-rank relaxation (--relax-rank {m.rank}) has no BitNet form; use --relax-rank 0")
         elif isinstance(m, QLinear) and m.qweight.fmt.kind == "ternary":
-            fmt = m.qweight.fmt
-            if fmt.granularity != "tensor":
-                why.append(f"{name}: per-channel scales (transformers' BitNet holds one scale per matrix); "
-                           "compress with --granularity tensor")
-            if m.act_bits != 8:
-                why.append(f"{name}: float activations (transformers' BitNet layers quantize them to int8); "
-                           "compress with --act-bits 8")
+            why += _ternary_refusals(name, m, in_blocks=blocks is not None and blocks.contains(name))
+    return why
+
+
+def _ternary_refusals(name: str, m: QLinear, in_blocks: bool) -> list[str]:
+    """What a ternary Linear lacks for transformers' BitNet layers (one scale per matrix, int8 activations)."""
+    if not in_blocks:  # --head / --outside-blocks ternary: one scale per row and float activations, always
+        return [f"{name}: a ternary layer outside the block stack (a scale per row, float activations) has no "
+                "BitNet form; compress with --head / --outside-blocks int8 (or another non-ternary format)"]
+    why = []
+    if m.qweight.fmt.granularity != "tensor":
+        why.append(f"{name}: per-channel scales (transformers' BitNet holds one scale per matrix); "
+                   "compress with --granularity tensor")
+    if m.act_bits != 8:
+        why.append(f"{name}: float activations (transformers' BitNet layers quantize them to int8); "
+                   "compress with --act-bits 8")
     return why
 
 

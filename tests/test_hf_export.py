@@ -90,10 +90,11 @@ def test_classifier_with_shared_blocks_and_trimmed_embedding(tmp_path):
 @pytest.mark.parametrize("cfg,fragment", [
     (TernaryConfig(granularity="channel", act_bits=8), "--granularity tensor"),
     (TernaryConfig(granularity="tensor"), "--act-bits 8"),
+    (TernaryConfig(granularity="tensor", act_bits=8, head="ternary"), "--head / --outside-blocks int8"),
 ])
 def test_inexpressible_quantization_is_refused_with_the_flag(cfg, fragment, tmp_path):
     with pytest.raises(HfExportError, match=fragment):
-        export(build("llama_tied"), tmp_path, cfg)
+        export(build("llama_untied" if cfg.head == "ternary" else "llama_tied"), tmp_path, cfg)
     assert list(tmp_path.iterdir()) == []
 
 
