@@ -6,6 +6,9 @@
 - `pack_int4`: codes in [-8, 7] as two nibbles per byte, low nibble first.
 - `pack_int2`: codes in [-2, 1] as four 2-bit fields per byte (code + 2), first code in the
   lowest bits: 2 bits per weight.
+- `pack_idset`: a set of non-negative integers (a trimmed vocabulary's kept token ids) as a
+  bitmap over [0, largest]: bit i of the result (byte i // 8, bit i % 8) is set when i is in the
+  set. 30,522-id BERT vocabulary: 3.8 KB, where 11,575 int32 ids take 46 KB.
 """
 from __future__ import annotations
 
@@ -100,3 +103,38 @@ def pack_int2(codes) -> np.ndarray:
 def unpack_int2(packed, n: int) -> np.ndarray:
     """uint8 bytes -> the first n int2 codes (int8), 4 per byte."""
     return _unpack_fields(packed, n, 2)
+
+
+def packed_idset_size(universe: int) -> int:
+    """Bytes of the bitmap of a set whose largest member is universe - 1."""
+    return -(-universe // 8)
+
+
+def is_idset(values) -> bool:
+    """Strictly increasing non-negative integers: what `pack_idset` stores exactly."""
+    v = np.asarray(values)
+    return v.ndim == 1 and v.size > 0 and v.dtype.kind in "iu" and int(v[0]) >= 0 and bool(np.all(np.diff(v) > 0))
+
+
+def pack_idset(values) -> tuple[np.ndarray, int]:
+    """Strictly increasing non-negative integers -> (uint8 bitmap, universe = largest + 1)."""
+    v = np.asarray(values)
+    if not is_idset(v):
+        raise ValueError("an id set must be non-empty, strictly increasing and non-negative")
+    universe = int(v[-1]) + 1
+    bits = np.zeros(packed_idset_size(universe) * 8, np.uint8)
+    bits[v.astype(np.int64)] = 1
+    return np.packbits(bits, bitorder="little"), universe
+
+
+def unpack_idset(packed, n: int, universe: int) -> np.ndarray:
+    """Bitmap -> the n set members in increasing order (int64). Rejects a bitmap of the wrong size,
+    a member count other than n, or bits at or past `universe`."""
+    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    if universe < 1 or packed.size != packed_idset_size(universe):
+        raise ValueError(f"{packed.size} bytes are not the bitmap of ids below {universe}")
+    ids = np.flatnonzero(np.unpackbits(packed, bitorder="little"))
+    if ids.size != n or ids[-1] != universe - 1:
+        raise ValueError(f"the bitmap holds {ids.size} ids up to {ids[-1] if ids.size else None}, "
+                         f"the metadata says {n} up to {universe - 1}")
+    return ids

@@ -2,12 +2,14 @@
 weight, and rejection of truncated / tampered / foreign files."""
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import math
 import os
 import struct
 import sys
+import zlib
 
 import pytest
 import torch
@@ -241,9 +243,9 @@ def write(path, header, data):
 def rewrite(src, dst, edit_meta=None, edit_header=None):
     header, data = split(src)
     if edit_meta is not None:
-        meta = json.loads(header["__metadata__"]["tritpress"])
+        meta = json.loads(zlib.decompress(base64.b64decode(header["__metadata__"]["tritpress.zlib"])))
         edit_meta(meta)
-        header["__metadata__"]["tritpress"] = json.dumps(meta)
+        header["__metadata__"]["tritpress.zlib"] = base64.b64encode(zlib.compress(json.dumps(meta).encode())).decode()
     if edit_header is not None:
         edit_header(header)
     write(dst, header, data)
@@ -376,6 +378,38 @@ def test_newer_format_version_is_refused(packed_gpt2, tmp_path):
 
     with pytest.raises(TritpressError, match="newer"):
         load_packed(rewrite(path, tmp_path / "v99.safetensors", edit_meta=edit))
+
+
+def test_metadata_is_compressed_and_an_uncompressed_one_still_reads(packed_gpt2, tmp_path):
+    """Format 3 stores the metadata zlib-compressed behind a readable stub; files of formats 1 and 2
+    hold it as plain JSON under `tritpress` and must keep loading."""
+    path, q = packed_gpt2
+    header, data = split(path)
+    stub = json.loads(header["__metadata__"]["tritpress"])
+    assert stub == {"format": "tritpress.packed", "format_version": 3, "tensors": {}, "metadata": "tritpress.zlib"}
+    blob = header["__metadata__"].pop("tritpress.zlib")
+    plain = zlib.decompress(base64.b64decode(blob)).decode()
+    assert len(blob) < len(plain) / 4
+    header["__metadata__"]["tritpress"] = plain
+    write(tmp_path / "plain.safetensors", header, data)
+    ids = sample_ids()
+    assert torch.equal(run(load_packed(tmp_path / "plain.safetensors"), ids), run(q, ids))
+
+
+def test_compressed_metadata_that_is_damaged_or_newer_is_refused(packed_gpt2, tmp_path):
+    path, _ = packed_gpt2
+    header, data = split(path)
+    blob = header["__metadata__"]["tritpress.zlib"]
+    header["__metadata__"]["tritpress.zlib"] = blob[:len(blob) // 2]
+    write(tmp_path / "half.safetensors", header, data)
+    with pytest.raises(CorruptCheckpointError, match="compressed metadata"):
+        load_packed(tmp_path / "half.safetensors")
+    header["__metadata__"]["tritpress.zlib"] = blob
+    header["__metadata__"]["tritpress"] = json.dumps({"format": "tritpress.packed", "format_version": 4,
+                                                      "tensors": {}, "metadata": "tritpress.zlib"})
+    write(tmp_path / "v4.safetensors", header, data)
+    with pytest.raises(TritpressError, match="newer"):
+        load_packed(tmp_path / "v4.safetensors")
 
 
 def test_plain_safetensors_file_is_not_a_packed_checkpoint(tmp_path):

@@ -1,4 +1,4 @@
-"""Bit packing: base-3 trits (5 per byte), int4 nibbles and int2 fields (4 per byte)."""
+"""Bit packing: base-3 trits (5 per byte), int4 nibbles, int2 fields (4 per byte) and id-set bitmaps."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from tritpress.exporters.packing import (MAX_TRIT_BYTE, pack_int2, pack_int4, pack_trits, packed_int2_size,
-                                        packed_int4_size, packed_trits_size, unpack_int2, unpack_int4, unpack_trits)
+from tritpress.exporters.packing import (MAX_TRIT_BYTE, is_idset, pack_idset, pack_int2, pack_int4, pack_trits,
+                                        packed_idset_size, packed_int2_size, packed_int4_size, packed_trits_size,
+                                        unpack_idset, unpack_int2, unpack_int4, unpack_trits)
 
 trit_arrays = hnp.arrays(np.int8, st.integers(0, 2000), elements=st.integers(-1, 1))
 int4_arrays = hnp.arrays(np.int8, st.integers(0, 2000), elements=st.integers(-8, 7))
@@ -191,3 +192,37 @@ def test_pack_int2_rejects_out_of_range(bad):
 def test_unpack_int2_rejects_wrong_sizes(nbytes, n):
     with pytest.raises(ValueError):
         unpack_int2(np.zeros(nbytes, np.uint8), n)
+
+
+# ------------------------------------------------------------------ id sets (bitmaps)
+
+def test_pack_idset_known_bytes():
+    packed, universe = pack_idset(np.array([0, 3, 8, 9], np.int32))
+    assert universe == 10 and packed.tolist() == [0b00001001, 0b00000011]  # bit i of byte i // 8
+    assert unpack_idset(packed, 4, 10).tolist() == [0, 3, 8, 9]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sets(st.integers(0, 5000), min_size=1, max_size=600))
+def test_idset_round_trip_property(members):
+    ids = np.array(sorted(members), np.int32)
+    packed, universe = pack_idset(ids)
+    assert packed.dtype == np.uint8 and packed.size == packed_idset_size(universe) == -(-(ids[-1] + 1) // 8)
+    assert np.array_equal(unpack_idset(packed, ids.size, universe), ids)
+
+
+@pytest.mark.parametrize("bad", [[], [3, 3], [5, 2], [-1, 4], [[1, 2]], [0.5, 1.0]])
+def test_pack_idset_rejects_what_is_not_a_set(bad):
+    assert not is_idset(np.array(bad))
+    with pytest.raises(ValueError):
+        pack_idset(np.array(bad))
+
+
+def test_unpack_idset_rejects_a_bitmap_that_disagrees_with_its_metadata():
+    packed, universe = pack_idset(np.array([1, 4, 7]))
+    with pytest.raises(ValueError, match="holds 3 ids"):
+        unpack_idset(packed, 4, universe)       # one id missing
+    with pytest.raises(ValueError, match="not the bitmap"):
+        unpack_idset(packed, 3, 20)             # wrong size
+    with pytest.raises(ValueError, match="up to 7"):
+        unpack_idset(packed, 3, 7)              # universe shorter than the largest member

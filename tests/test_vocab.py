@@ -128,12 +128,15 @@ def test_trim_pack_reload_is_exact(name, fmt, tmp_path):
     assert sorted(map(sorted, tie_groups(r))) == sorted(map(sorted, tie_groups(q)))
 
 
-@pytest.mark.parametrize("trim,embedding,version", [(False, "int8", 1), (False, "int2", 2), (True, "int8", 2)])
-def test_format_version_is_2_only_for_what_version_1_cannot_read(trim, embedding, version, tmp_path):
+@pytest.mark.parametrize("trim,embedding", [(False, "int8"), (False, "int2"), (True, "int8")])
+def test_files_are_written_at_format_version_3_with_the_kept_ids_as_a_bitmap(trim, embedding, tmp_path):
     model = trimmed("gpt2")[1] if trim else build("gpt2")
     meta = save_packed(convert(model, TernaryConfig(embedding=embedding)), tmp_path / "m.safetensors",
                        source_for("gpt2", model))
-    assert meta["format_version"] == read_metadata(tmp_path / "m.safetensors")["format_version"] == version
+    assert meta["format_version"] == read_metadata(tmp_path / "m.safetensors")["format_version"] == 3
+    kept = [e for k, e in meta["tensors"].items() if k.endswith("kept_ids")]
+    assert [(e["encoding"], e["universe"], e["shape"]) for e in kept] == ([("bitset", KEPT[-1] + 1, [len(KEPT)])]
+                                                                         if trim else [])
 
 
 def _non_metadata_bytes(rep):
@@ -158,9 +161,10 @@ def test_bytes_go_down_by_the_dropped_rows(name, fmt, tmp_path):
         return code + (0 if fmt == "fp16" else 2 * rows)
 
     tables = 1 if name != "llama_untied" else 2  # bert: no vocab head; gpt2: tied
-    expected = tables * (table(VOCAB) - table(n_kept)) - 4 * n_kept
+    id_map = min(4 * n_kept, math.ceil((KEPT[-1] + 1) / 8))  # int32 ids or their bitmap, the smaller
+    expected = tables * (table(VOCAB) - table(n_kept)) - id_map
     a_bytes, b_bytes = _non_metadata_bytes(a), _non_metadata_bytes(b)
-    assert b_bytes["vocabulary map"] == 4 * n_kept
+    assert b_bytes["vocabulary map"] == id_map
     assert sum(a_bytes.values()) - sum(b_bytes.values()) == expected == b["vocabulary"]["bytes_saved"]
     assert b["vocabulary"] == {"vocab_size": VOCAB, "kept": n_kept, "dropped": VOCAB - n_kept,
                                "bytes_saved": expected}
