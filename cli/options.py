@@ -6,7 +6,7 @@ from tritpress.analyzers.defaults import PROBE_CHOICES, TAG_SCHEMES
 from tritpress.cli.config import ORDERS
 from tritpress.compressor.settings import (ACT_BITS, FLOAT_FORMATS, GRANULARITY_CHOICES, INITS, PARALLEL, QUANT_SCHEDULES,
                                            SCHEDULES, SHARE_KINDS, TASKS, TERNARY_METHODS, WEIGHT_FORMATS)
-from tritpress.exporters.settings import HF_LINEAR_CLASSES, ONNX_FORMATS
+from tritpress.exporters.settings import GGUF_TERNARY_TYPES, HF_LINEAR_CLASSES, ONNX_FORMATS
 
 # read by cli.main.main before typer parses (it decides how errors are shown); declared on each
 # command so that --help lists it and typer accepts it
@@ -31,6 +31,7 @@ CHOICES = {
     ("SharingConfig", "init"): INITS,
     ("OnnxConfig", "format"): ONNX_FORMATS,
     ("HfExportConfig", "linear_class"): HF_LINEAR_CLASSES,
+    ("GgufExportConfig", "ternary_type"): GGUF_TERNARY_TYPES,
     ("EvalConfig", "probe"): PROBE_CHOICES,
     ("EvalConfig", "tag_scheme"): TAG_SCHEMES,
     ("SearchConfig", "order"): ORDERS,

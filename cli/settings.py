@@ -14,7 +14,7 @@ from tritpress.cli.config import CompressConfig, SearchConfig
 from tritpress.cli.flags import FlagSection
 from tritpress.cli.recipe import SECTIONS
 from tritpress.compressor.settings import SharingConfig, TernaryConfig, TrainConfig
-from tritpress.exporters.settings import HfExportConfig, OnnxConfig, PackedLoadConfig
+from tritpress.exporters.settings import GgufExportConfig, HfExportConfig, OnnxConfig, PackedLoadConfig
 
 # top-level recipe keys of `compress run` (MODEL is the positional argument)
 PIPELINE = FlagSection("", CompressConfig, names={"out": ("out", "-o")}, skip=("model", *SECTIONS))
@@ -39,7 +39,8 @@ PACKED_LOAD = FlagSection("load", PackedLoadConfig)
 # `compress export PACKED --onnx OUT | --hf DIR`: --onnx is the output file, so `enabled` has no flag;
 # the --hf export's settings are --hf-FIELD
 EXPORT = (FlagSection("onnx", OnnxConfig, names={"format": "onnx-format"}, skip=("enabled",)),
-          FlagSection("hf", HfExportConfig, prefix="hf-"), PACKED_LOAD)
+          FlagSection("hf", HfExportConfig, prefix="hf-"), FlagSection("gguf", GgufExportConfig, prefix="gguf-"),
+          PACKED_LOAD)
 INFO = (PACKED_LOAD,)
 
 # `compress analyze`: the calibration settings of --sharing, under the same names; the

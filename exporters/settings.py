@@ -184,3 +184,27 @@ class HfExportConfig:
             raise ValueError(f"linear_class={self.linear_class!r} is not one of {', '.join(HF_LINEAR_CLASSES)}")
         if self.rtol <= 0:
             raise ValueError("rtol must be > 0")
+
+
+GGUF_TERNARY_TYPES = ("tq1_0", "tq2_0")
+
+
+@dataclass
+class GgufExportConfig:
+    """How `export_gguf` writes and checks a GGUF file for llama.cpp."""
+
+    ternary_type: str = "tq1_0"   # ternary matrices whose rows are a multiple of 256 wide: tq1_0 (1.69 bits per
+                                  # weight) | tq2_0 (2.06, faster kernels); narrower rows: Q4_0 holding the same
+                                  # codes exactly
+    tokenizer: str | None = None  # a .gguf file to copy the tokenizer (tokenizer.* keys) from [default: the source
+                                  # model's, when it came from a GGUF file]
+    rtol: float = 1e-3            # max relative difference of each tensor read back (gguf's own dequantizer) from
+                                  # tritpress's weight; exact types give 0, a cross-layer gain folded into an fp16
+                                  # scale up to 2**-11
+    validate: bool = True         # read the file back with the gguf package and compare every tensor
+
+    def __post_init__(self):
+        if self.ternary_type not in GGUF_TERNARY_TYPES:
+            raise ValueError(f"ternary_type={self.ternary_type!r} is not one of {', '.join(GGUF_TERNARY_TYPES)}")
+        if self.rtol <= 0:
+            raise ValueError("rtol must be > 0")

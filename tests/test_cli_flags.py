@@ -25,7 +25,7 @@ from tritpress.cli.search import SearchConfig
 from tritpress.compressor.config import TernaryConfig
 from tritpress.compressor.share import SharingConfig
 from tritpress.exporters.onnx import OnnxConfig
-from tritpress.exporters.settings import HfExportConfig
+from tritpress.exporters.settings import GgufExportConfig, HfExportConfig
 from tritpress.exporters.packed import PackedLoadConfig
 
 # values a generic rule (next choice, default + 1, ...) would get wrong: they must be valid
@@ -100,6 +100,8 @@ def captured(monkeypatch):
                         lambda packed, onnx, cfg, quiet, load: seen.append((cfg, load)) or {})
     monkeypatch.setattr(export, "run_hf_export",
                         lambda packed, out, cfg, quiet, load: seen.append((cfg, load)) or {})
+    monkeypatch.setattr(export, "run_gguf_export",
+                        lambda packed, out, cfg, quiet, load: seen.append((cfg, load)) or {})
     monkeypatch.setattr(run, "packed_info", lambda packed, load: seen.append(load) or {})
     monkeypatch.setattr(redundancy, "analyze_model", lambda model, cfg, *a: seen.append(cfg) or ({}, []))
     return seen
@@ -107,6 +109,7 @@ def captured(monkeypatch):
 
 BASE_ARGS = {"run": ["run", "m"], "evaluate": ["evaluate", "m"], "export": ["export", "p.safetensors", "--onnx", "o"],
              "export-hf": ["export", "p.safetensors", "--hf", "o"],
+             "export-gguf": ["export", "p.safetensors", "--gguf", "o.gguf"],
              "finetune-head": ["finetune-head", "m", "--task", "tok", "--train", "t", "--out", "o"],
              "analyze": ["analyze", "m", "--json", "--share-data", "cal.txt"],
              "info": ["info", "p.safetensors", "--json"], "search": ["search", "m"]}
@@ -128,8 +131,8 @@ def api_config(command: str, section, name: str, value):
         return FinetuneConfig(**{"model": "m", "task": "tok", "train": "t", "out": "o", name: value})
     if command == "analyze":
         return SharingConfig(**{"data": "cal.txt", name: value})
-    if command == "export":  # the output's config (--hf's for an --hf-* flag, else --onnx's) and the load config
-        output = HfExportConfig if section.cls is HfExportConfig else OnnxConfig
+    if command == "export":  # the output's config (--hf's / --gguf's for their flags, else --onnx's) and the load config
+        output = section.cls if section.cls in (HfExportConfig, GgufExportConfig) else OnnxConfig
         return tuple(cls(**({name: value} if cls is section.cls else {})) for cls in (output, PackedLoadConfig))
     return section.cls(**{name: value})
 
@@ -137,7 +140,8 @@ def api_config(command: str, section, name: str, value):
 @pytest.mark.parametrize("command, section, f", ALL_CASES)
 def test_flag_and_api_give_the_same_config(command, section, f, captured, capsys):
     value = other_value(section.cls, f)
-    base = BASE_ARGS["export-hf"] if section.cls is HfExportConfig else BASE_ARGS[command]
+    base = {HfExportConfig: BASE_ARGS["export-hf"], GgufExportConfig: BASE_ARGS["export-gguf"]}.get(
+        section.cls, BASE_ARGS[command])
     code, _, err = run_cli([*base, *flag_args(section, f, value)], capsys)
     assert code == 0, err
     expected = api_config(command, section, f.name, value)
