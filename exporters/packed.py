@@ -21,6 +21,7 @@ tritpress says "upgrade" instead of "not a tritpress file".
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import struct
@@ -317,7 +318,8 @@ def load_packed(path, skeleton: nn.Module | None = None) -> nn.Module:
         model = skeleton.float().eval() if any(p.dtype != torch.float32 for p in skeleton.parameters()) \
             else skeleton.eval()
     elif source.get("hf_config"):
-        model = build_from_config(source["hf_config"], source["model_class"])
+        with parameters_on_meta(), _no_init():  # every parameter is assigned from the file
+            model = build_from_config(source["hf_config"], source["model_class"])
     else:
         module_name, _, class_name = source["model_class"].rpartition(".")
         raise TritpressError(f"{path} was made from a custom nn.Module ({source['model_class']}): name its class, "
@@ -331,15 +333,53 @@ def load_packed(path, skeleton: nn.Module | None = None) -> nn.Module:
         if meta.get("sharing"):  # cross-layer sharing wrappers, before the layers inside them are rebuilt
             rebuild_wrappers(model, meta["sharing"])
         rebuild_trimmed(model, meta.get("vocab") or {})  # a trimmed vocabulary: files without one have no entry
-        build_empty(model, meta["module_map"])
+        with torch.device("meta"):  # empty quantized layers: their codes and scales are assigned from the file
+            build_empty(model, meta["module_map"])
         _set_record(model, _record_from_meta(meta))
-        model.load_state_dict(state, strict=True)
+        current = model.state_dict(keep_vars=True)  # stored dtypes (fp16 scales...) -> the module's own
+        model.load_state_dict({k: t.to(current[k].dtype) if k in current else t for k, t in state.items()},
+                              strict=True, assign=True)
     except (RuntimeError, AttributeError, KeyError, TypeError, ValueError) as e:  # another architecture
         raise TritpressError(f"{path} does not fit the model skeleton, a {type(model).__name__} (on the command "
                              f"line: {SKELETON_FLAG}): {_first_line(e)}") from e
     retie(model, meta["tie_map"])
     retie_qtensors(model)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CorruptCheckpointError(f"{path}: no stored value for {left[0]} (and {len(left) - 1} more)")
     return model.eval()
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory, initialisation a no-op);
+    buffers stay real, so values computed at construction (rotary frequencies, position ids) are kept.
+    The same trick as accelerate's init_empty_weights(include_buffers=False)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _no_init():
+    """transformers' own switch for skipping weight initialisation (on the meta device torch still runs
+    its Python reference of normal_: 0.3 s for MiniLM); a no-op context where transformers has none."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def retie_qtensors(model: nn.Module) -> None:

@@ -512,3 +512,20 @@ def test_a_packed_custom_module_loads_into_its_named_class(tmp_path):
     ids = sample_ids()
     with torch.no_grad():
         assert torch.equal(reloaded(ids), converted(ids))
+
+
+def test_load_builds_no_throwaway_weights(packed_gpt2, monkeypatch):
+    """The skeleton's parameters live on the meta device and nothing initialises them: every value comes
+    from the file (load_packed used to build and randomly initialise a whole fp32 model first)."""
+    import torch.nn.init as init
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a weight was initialised while loading")
+
+    for name in ("normal_", "uniform_", "kaiming_uniform_", "xavier_uniform_", "trunc_normal_", "zeros_", "ones_"):
+        monkeypatch.setattr(init, name, refuse)
+    path, q = packed_gpt2
+    model = load_packed(path)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    ids = sample_ids()
+    assert torch.equal(run(model, ids), run(q, ids))
