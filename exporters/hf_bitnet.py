@@ -121,7 +121,8 @@ def _ternary_refusals(name: str, m: QLinear, in_blocks: bool) -> list[str]:
     return why
 
 
-def _gain(name: str, modules: dict[str, nn.Module]) -> float:
+def occurrence_gain(name: str, modules: dict[str, nn.Module]) -> float:
+    """A shared occurrence's gain (SharedLinear, folded into the scale by the exporters); 1 elsewhere."""
     parent = modules.get(name.rpartition(".")[0]) if name.endswith(".inner") else None
     return float(parent.gain.detach()) if isinstance(parent, SharedLinear) else 1.0
 
@@ -141,11 +142,24 @@ def _ternary_tensors(m: QLinear, gain: float, linear_class: str) -> dict[str, to
 
 def _float_weight(m: nn.Module, name: str, modules: dict[str, nn.Module]) -> torch.Tensor:
     """The float32 table of a QLinear / QEmbedding (a trimmed embedding expanded to the full vocabulary)."""
-    w = m.qweight.dequantize(torch.float32) * _gain(name, modules)
+    w = m.qweight.dequantize(torch.float32) * occurrence_gain(name, modules)
     parent = modules.get(name.rpartition(".")[0])
     if isinstance(parent, TrimmedEmbedding) and name.endswith(".table"):
         w = w[parent.index.long()]
     return w.contiguous()
+
+
+def exportable_source(model: nn.Module, source, why_not, error: type, what: str) -> dict:
+    """The source as a dict, once `model` is checked to be converted and `why_not(model, source)` finds
+    nothing it cannot express (else `error` with the first reason, in one line)."""
+    record = get_record(model)
+    if record is None or not record.converted:
+        raise error(f"writing {what} needs a converted model (compressor.convert or load_packed)")
+    source = source.to_dict() if hasattr(source, "to_dict") else (source or {})
+    why = why_not(model, source)
+    if why:
+        raise error(f"cannot write {what}: {why[0]}" + (f" (and {len(why) - 1} more)" if len(why) > 1 else ""))
+    return source
 
 
 def _skeleton(source: dict) -> nn.Module:
@@ -185,7 +199,7 @@ def hf_state(model: nn.Module, linear_class: str, aliases: set[str]) -> tuple[di
         done.update(f"{name}.{k}" for k, _ in m.named_parameters(remove_duplicate=False))
         done.update(f"{name}.{k}" for k, _ in m.named_buffers(remove_duplicate=False))
         if isinstance(m, QLinear) and m.qweight.fmt.kind == "ternary":
-            tensors.update({f"{hf}.{k}": t for k, t in _ternary_tensors(m, _gain(name, modules), linear_class).items()})
+            tensors.update({f"{hf}.{k}": t for k, t in _ternary_tensors(m, occurrence_gain(name, modules), linear_class).items()})
             ternary.append(hf)
             continue
         if f"{hf}.weight" not in aliases:
@@ -302,14 +316,7 @@ def export_hf_bitnet(model: nn.Module, out, cfg: HfExportConfig | None = None, s
     from_pretrained and compare. `source`: where the model came from (a SourceInfo, or the
     `source` entry of a packed file's metadata: `read_metadata(path)["source"]`)."""
     cfg = cfg or HfExportConfig()
-    record = get_record(model)
-    if record is None or not record.converted:
-        raise HfExportError("the HF BitNet export needs a converted model (compressor.convert or load_packed)")
-    source = source.to_dict() if hasattr(source, "to_dict") else (source or {})
-    why = refusals(model, source)
-    if why:
-        raise HfExportError(f"cannot write a transformers BitNet model: {why[0]}"
-                            + (f" (and {len(why) - 1} more)" if len(why) > 1 else ""))
+    source = exportable_source(model, source, refusals, HfExportError, "a transformers BitNet model")
     if cfg.validate:
         _check_loadable()
     skeleton = _skeleton(source)

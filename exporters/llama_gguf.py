@@ -36,10 +36,9 @@ from tritpress.compressor.errors import TritpressError
 from tritpress.compressor.fileio import atomic_path
 from tritpress.compressor.layers import QEmbedding, QLinear, QRNN
 from tritpress.compressor.share import SharedLinear
-from tritpress.compressor.transform import get_record
 from tritpress.compressor.vocab import TrimmedEmbedding, TrimmedHead
 
-from .hf_bitnet import hf_name
+from .hf_bitnet import exportable_source, hf_name, occurrence_gain
 from .settings import GgufExportConfig  # re-exported: torch-free home
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}   # transformers model_type -> llama.cpp architecture
@@ -147,11 +146,6 @@ def refusals(model: nn.Module, source: dict) -> list[str]:
     return why
 
 
-def _gain(name: str, modules: dict[str, nn.Module]) -> float:
-    parent = modules.get(name.rpartition(".")[0]) if name.endswith(".inner") else None
-    return float(parent.gain.detach()) if isinstance(parent, SharedLinear) else 1.0
-
-
 def _heads(gname: str, cfg: dict) -> int | None:
     """The head count q/k rows are permuted by (None: not a q/k tensor)."""
     n_head = cfg["num_attention_heads"]
@@ -176,7 +170,7 @@ class Planned:
 
 def _quantized(m: nn.Module, name: str, gname: str, modules: dict, cfg: dict, ternary_type: str) -> Planned:
     codes = _permuted(m.qweight.codes.detach().numpy(), gname, cfg)
-    scale = m.qweight.scale.detach().float().reshape(-1).numpy() * np.float32(_gain(name, modules))
+    scale = m.qweight.scale.detach().float().reshape(-1).numpy() * np.float32(occurrence_gain(name, modules))
     d = _permuted(np.broadcast_to(scale, (codes.shape[0],)).astype(np.float32), gname, cfg)
     qtype = gguf_type(m.qweight.fmt.kind, codes.shape[1], ternary_type)
     stored_d = d if qtype.name == "F32" else d.astype(np.float16).astype(np.float32)  # ggml block scales: fp16
@@ -357,14 +351,7 @@ def export_gguf(model: nn.Module, out, cfg: GgufExportConfig | None = None, sour
     partial file on failure) and, with cfg.validate, read every tensor back with the gguf package.
     `source`: the `source` entry of the packed file's metadata (`read_metadata(path)["source"]`)."""
     cfg = cfg or GgufExportConfig()
-    record = get_record(model)
-    if record is None or not record.converted:
-        raise GgufExportError("the GGUF export needs a converted model (compressor.convert or load_packed)")
-    source = source.to_dict() if hasattr(source, "to_dict") else (source or {})
-    why = refusals(model, source)
-    if why:
-        raise GgufExportError(f"cannot write a llama.cpp GGUF file: {why[0]}"
-                              + (f" (and {len(why) - 1} more)" if len(why) > 1 else ""))
+    source = exportable_source(model, source, refusals, GgufExportError, "a llama.cpp GGUF file")
     hf_cfg = source["hf_config"]
     planned = plan_tensors(model, hf_cfg, cfg.ternary_type)
     tokenizer = tokenizer_source(source, cfg)
