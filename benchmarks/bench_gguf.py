@@ -6,7 +6,8 @@ starting with BOS; every window is scored by tritpress (the packed model, its ow
 llama.cpp (llama-cpp-python with logits for every position; llama.cpp quantizes activations itself,
 in 8-bit blocks). Prints one JSON object: perplexity from each and their relative difference, top-1
 agreement of the next-token prediction over all positions, the largest logit difference relative to
-the largest logit, and the file sizes:
+the largest logit, the same between tritpress in float64 and float32 (the yardstick: what float
+rounding alone changes), and the file sizes:
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_gguf.py --packed runs/hf-smollm2/model.tritpress.safetensors \\
         --text ../shared/data/wikitext-2/test.txt --llama-python /path/to/venv-with-llama_cpp/bin/python \\
@@ -79,14 +80,23 @@ def token_windows(packed: str, text: str, windows: int, window: int) -> np.ndarr
     return np.array([[bos, *ids[i * body:(i + 1) * body]] for i in range(windows)], dtype=np.int64)
 
 
-def tritpress_logits(packed: str, ids: np.ndarray) -> np.ndarray:
+def tritpress_logits(packed: str, ids: np.ndarray, dtype: str = "float32") -> np.ndarray:
+    """tritpress's logits; in float64 too, as the yardstick: how far tritpress moves from itself when
+    only float rounding changes (int8 activations make a deep post-training model sensitive to it)."""
     import torch
 
     from tritpress.exporters.packed import load_packed
 
-    model = load_packed(packed)
+    model = load_packed(packed).to(getattr(torch, dtype))
     with torch.no_grad():
         return np.stack([model(input_ids=torch.from_numpy(w)[None]).logits[0].float().numpy() for w in ids])
+
+
+def agreement(a: np.ndarray, b: np.ndarray, ids: np.ndarray) -> dict:
+    pa, pb = perplexity(a, ids), perplexity(b, ids)
+    return {"perplexity": [pa, pb], "perplexity_rel_diff": pb / pa - 1,
+            "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
+            "max_rel_logit_diff": float(np.abs(a - b).max() / np.abs(a).max())}
 
 
 def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
@@ -113,16 +123,15 @@ def main(argv=None) -> None:
     if run.returncode:
         raise SystemExit(f"llama.cpp failed: {run.stderr.strip()[-2000:]}")
     theirs = np.load(out / "llama_logits.npy")[..., : ours.shape[-1]]
-    ppl_ours, ppl_llama = perplexity(ours, ids), perplexity(theirs, ids)
+    wide = tritpress_logits(args.packed, ids, "float64")
     print(json.dumps({
         "benchmark": "tritpress bench_gguf", "packed": args.packed, "gguf": str(gguf),
         "export": exported and {k: exported[k] for k in ("command", "bytes", "bits_per_weight", "types",
                                                          "ternary_matrices", "ternary_as_tq", "validation")},
         "packed_bytes": Path(args.packed).stat().st_size, "gguf_bytes": gguf.stat().st_size,
         "text": args.text, "windows": args.windows, "window": args.window, "tokens_scored": int(ids[:, 1:].size),
-        "perplexity": {"tritpress": ppl_ours, "llama_cpp": ppl_llama, "rel_diff": ppl_llama / ppl_ours - 1},
-        "top1_agreement": float((ours.argmax(-1) == theirs.argmax(-1)).mean()),
-        "max_rel_logit_diff": float(np.abs(ours - theirs).max() / np.abs(ours).max()),
+        "llama_cpp_vs_tritpress": agreement(ours, theirs, ids),
+        "tritpress_float64_vs_float32": agreement(ours, wide, ids),
         "llama_cpp": json.loads(run.stdout.strip().splitlines()[-1]),
         "python": sys.version.split()[0],
     }, indent=2))

@@ -120,7 +120,7 @@ def bench_pack(rows: int, cols: int, repeats: int) -> tuple[dict, dict, list[str
             return torch.from_numpy(unpack_trits(stored.numpy(), math.prod(entry["shape"])).copy()
                                     ).reshape(entry["shape"])
     key = "layer.qweight.codes"
-    enc_t, (stored, encoding) = timed(lambda: encode(key, qt.codes, {key: fmt}, {}), repeats)
+    enc_t, (stored, encoding, *_) = timed(lambda: encode(key, qt.codes, {key: fmt}, {}), repeats)
     entry = {"encoding": encoding, "shape": [rows, cols]}
     dec_t, decoded = timed(lambda: decode(key, stored, entry), repeats)
 
