@@ -149,6 +149,13 @@ def _float_weight(m: nn.Module, name: str, modules: dict[str, nn.Module]) -> tor
     return w.contiguous()
 
 
+def state_keys_of(name: str, m: nn.Module) -> set[str]:
+    """The state-dict keys module `name` holds (its parameters and buffers, tied ones included): what an
+    exporter has written once it wrote the module, so the walk over the remaining state skips them."""
+    return {f"{name}.{k}" for k, _ in [*m.named_parameters(remove_duplicate=False),
+                                       *m.named_buffers(remove_duplicate=False)]}
+
+
 def exportable_source(model: nn.Module, source, why_not, error: type, what: str) -> dict:
     """The source as a dict, once `model` is checked to be converted and `why_not(model, source)` finds
     nothing it cannot express (else `error` with the first reason, in one line)."""
@@ -196,8 +203,7 @@ def hf_state(model: nn.Module, linear_class: str, aliases: set[str]) -> tuple[di
         if not isinstance(m, (QLinear, QEmbedding)):
             continue
         hf = hf_name(name, modules)
-        done.update(f"{name}.{k}" for k, _ in m.named_parameters(remove_duplicate=False))
-        done.update(f"{name}.{k}" for k, _ in m.named_buffers(remove_duplicate=False))
+        done |= state_keys_of(name, m)
         if isinstance(m, QLinear) and m.qweight.fmt.kind == "ternary":
             tensors.update({f"{hf}.{k}": t for k, t in _ternary_tensors(m, occurrence_gain(name, modules), linear_class).items()})
             ternary.append(hf)

@@ -26,6 +26,7 @@ low-rank relaxation, RoPE scaling, MLP biases.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ from tritpress.compressor.layers import QEmbedding, QLinear, QRNN
 from tritpress.compressor.share import SharedLinear
 from tritpress.compressor.vocab import TrimmedEmbedding, TrimmedHead
 
-from .hf_bitnet import exportable_source, hf_name, occurrence_gain
+from .hf_bitnet import exportable_source, hf_name, occurrence_gain, state_keys_of
 from .settings import GgufExportConfig  # re-exported: torch-free home
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}   # transformers model_type -> llama.cpp architecture
@@ -161,11 +162,15 @@ def _permuted(a: np.ndarray, gname: str, cfg: dict) -> np.ndarray:
     return rotary_permute(a, heads) if heads else a
 
 
+@dataclass
 class Planned:
     """One GGUF tensor: its stored data and type, and the float32 values it must read back as."""
 
-    def __init__(self, data: np.ndarray, qtype, expected: np.ndarray, kind: str = "float", shared: bool = False):
-        self.data, self.qtype, self.expected, self.kind, self.shared = data, qtype, expected, kind, shared
+    data: np.ndarray
+    qtype: object                 # gguf.GGMLQuantizationType
+    expected: np.ndarray
+    kind: str = "float"           # the tritpress format it came from (ternary, int8, ..., float)
+    shared: bool = False          # a cross-layer shared occurrence (written once per layer)
 
 
 def _quantized(m: nn.Module, name: str, gname: str, modules: dict, cfg: dict, ternary_type: str) -> Planned:
@@ -195,8 +200,7 @@ def plan_tensors(model: nn.Module, cfg: dict, ternary_type: str) -> dict[str, Pl
     for name, m in modules.items():
         if not isinstance(m, (QLinear, QEmbedding)):
             continue
-        done.update(f"{name}.{k}" for k, _ in m.named_buffers(remove_duplicate=False))
-        done.update(f"{name}.{k}" for k, _ in m.named_parameters(remove_duplicate=False))
+        done |= state_keys_of(name, m)
         gname = _gguf_name_of(name, modules)
         if gname == "output" and embed is not None and getattr(embed, "qweight", None) is m.qweight:
             continue  # tied to the embedding
