@@ -14,7 +14,7 @@ rounding alone changes), and the file sizes:
         --out runs/bench-gguf
 
 llama-cpp-python runs in its own environment (--llama-python), built from source:
-`CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python` (about 30 minutes on 2 cores).
+`CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python` (an hour here, sharing 2 cores with a training run).
 """
 from __future__ import annotations
 
