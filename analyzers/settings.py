@@ -19,7 +19,7 @@ class EvalConfig:
     compressed: str = ""                 # packed file, folder holding one, or any model spec
     baseline: str | None = None          # the original model (any `compress` MODEL spec) [default: the source
                                          # recorded in the packed file]
-    tasks: str = "lm,cls,tok,qa"         # comma-separated: lm, cls, tok, qa
+    tasks: str = "lm,cls,tok,qa"         # comma-separated: lm, cls, tok, qa, lmeval (lm-evaluation-harness)
     out: str | None = None               # report folder [default: <packed folder>/eval, else runs/eval]
     config: str | None = None            # HF config.json for a bare state_dict baseline
     trust_pickle: bool = False           # allow unpickling a saved nn.Module
@@ -45,6 +45,12 @@ class EvalConfig:
     qa_data: str = DEFAULT_DATA["qa"]  # QA eval data: SQuAD .json/.zip, .jsonl or HF (its validation split)
     qa_train: str | None = None          # probe training data for qa [default: HF train split; a local
                                          # --qa-data file is split by article]
+    lmeval_tasks: list[str] = field(default_factory=list)  # --tasks lmeval (repeatable, or comma-separated):
+                                         # lm-eval task names, task YAML files, or local .txt files (lm-eval's
+                                         # rolling perplexity of the file as one document)
+    lmeval_limit: int = 0                # --tasks lmeval: at most N examples per lm-eval task; 0 = all
+    lmeval_fewshot: int = -1             # --tasks lmeval: few-shot examples; -1 = the task's default
+    lmeval_max_length: int = 0           # --tasks lmeval: HFLM's window in tokens; 0 = lm-eval's default
     text_column: str | None = None       # cls text column [default: sentence/text/...]
     text_pair_column: str | None = None  # cls second-text column [default: sentence2/...]
     label_column: str | None = None      # cls label column [default: label]

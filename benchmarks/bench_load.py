@@ -19,8 +19,15 @@ from pathlib import Path
 
 MODELS = {"minilm": "pkg:all-MiniLM-L6-v2", "smollm2": "pkg:SmolLM2-135M"}
 
-LOAD = r'''
-import json, resource, sys, time
+PEAK_RSS = r'''
+def peak_rss_mb():
+    """This process's peak RSS, VmHWM: it starts afresh at exec (ru_maxrss keeps the parent's at fork)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+'''
+
+LOAD = PEAK_RSS + r'''
+import json, sys, time
 t0 = time.perf_counter()
 kind, path, cls = sys.argv[1], sys.argv[2], sys.argv[3]
 import transformers
@@ -30,7 +37,7 @@ t1 = time.perf_counter()
 model = load_packed(path) if kind == "packed" else model_class.from_pretrained(path)
 t2 = time.perf_counter()
 print(json.dumps({"load_s": t2 - t1, "import_s": t1 - t0,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_rss_mb()}))
 '''
 
 

@@ -1,6 +1,8 @@
 """Benchmark of cross-layer sharing: analysis wall time, and the strategy table on a real model.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_sharing.py                  # analysis timing only (~1-2 min)
+    python benchmarks/bench_sharing.py --analysis-model bert-base --threads 2   # issue #14's 110M case
+    python benchmarks/bench_sharing.py --sequences 16 --reference       # + the whole-model-copy way, same run
     OMP_NUM_THREADS=1 python benchmarks/bench_sharing.py --table minilm --steps 40
     OMP_NUM_THREADS=1 python benchmarks/bench_sharing.py --table smollm2 --steps 0 --sequences 8
 
@@ -9,10 +11,14 @@ Prints ONE JSON object on stdout; progress goes to stderr.
 "analysis": the full redundancy analysis (compressor/redundancy.analyze: block
 influence, CKA, angular distance, weight cosine, all 66 block pairs tied and measured, 4 fixed
 strategies tied and measured) of a randomly initialized 12-block LLaMA-style model (hidden 128,
-FFN 344, vocab 2000) on 64 calibration sequences of 128 tokens, with torch's thread count as
-given. Speed is also given as a ratio against one plain forward pass over the same calibration
-set, measured in the same run (`forward_s`): analysis_s / forward_s is how many calibration
-passes the analysis costs.
+FFN 344, vocab 2000), or of a random BertModel in bert-base's shape (--analysis-model bert-base,
+110M), on 64 calibration sequences of 128 tokens, with torch's thread count as given. Speed is
+also given as a ratio against one plain forward pass over the same calibration set, measured in
+the same run (`forward_s`): analysis_s / forward_s is how many calibration passes the analysis
+costs. A tie is measured on copies of the tied blocks only, the blocks before the first one
+replayed from their recorded outputs; --reference also runs the analysis the way it was done
+before (each tie on a deep copy of the whole model, full forwards) and prints the largest
+difference between the two results (0 expected).
 
 "table": for each strategy at comparable budgets, `compress()` is run on the real model with
 that sharing plan (ternary QAT with distillation from the untied original when --steps > 0);
@@ -45,31 +51,69 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def bench_analysis(sequences: int, seq_len: int) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
+ANALYSIS_MODELS = {
+    "llama-small": "random LlamaForCausalLM, 12 blocks, hidden 128, FFN 344, vocab 2000",
+    "bert-base": "random BertModel in bert-base-uncased's shape: 12 blocks, hidden 768, FFN 3072, vocab 30522 (110M)",
+}
 
-    from tritpress.compressor.redundancy import Calibration, analyze
-    from tritpress.compressor.share import SharingConfig
+
+def analysis_model(shape: str, seq_len: int):
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    if shape == "bert-base":
+        return BertModel(BertConfig(max_position_embeddings=max(512, seq_len)), add_pooling_layer=False).eval()
     cfg = LlamaConfig(vocab_size=2000, hidden_size=128, intermediate_size=344, num_hidden_layers=12,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=seq_len,
                       tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(0, cfg.vocab_size, (sequences, seq_len), generator=torch.Generator().manual_seed(1))
+    return LlamaForCausalLM(cfg).eval()
+
+
+def bench_analysis(sequences: int, seq_len: int, shape: str = "llama-small", reference: bool = False) -> dict:
+    """The full analysis (66 pairs, 4 strategies) timed; with `reference`, also the way it was
+    measured before replay (every tie on a deep copy of the whole model, full forwards), in the
+    same run, and the largest difference between the two results."""
+    from tritpress.compressor.redundancy import Calibration, analyze
+    from tritpress.compressor.share import SharingConfig
+
+    model = analysis_model(shape, seq_len)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (sequences, seq_len), generator=torch.Generator().manual_seed(1))
     t = time.perf_counter()
-    cal = Calibration.build(model, ids)  # one calibration pass (the base loss)
+    cal = Calibration.build(model, ids)  # reference outputs (encoders) and the base loss, blocks recorded
+    build_s = time.perf_counter() - t
+    t = time.perf_counter()
+    cal.loss(model)  # one plain pass over the calibration set: the unit the analysis is counted in
     forward_s = time.perf_counter() - t
     t = time.perf_counter()
     result = analyze(model, cal, SharingConfig(auto_pairs=66))
     analysis_s = time.perf_counter() - t
     measured = sum(v is not None for row in result["loss_increase"] for v in row) // 2
-    return {"model": "random LlamaForCausalLM, 12 blocks, hidden 128, FFN 344, vocab 2000",
-            "params": sum(p.numel() for p in model.parameters()),
-            "calibration": {"sequences": sequences, "seq_len": seq_len},
-            "pairs_measured": measured, "strategies_measured": len(result["strategies"]),
-            "forward_s": round(forward_s, 3), "analysis_s": round(analysis_s, 3),
-            "analysis_over_forward": round(analysis_s / forward_s, 2), "breakdown_s": result["timings"]}
+    out = {"model": ANALYSIS_MODELS[shape], "params": sum(p.numel() for p in model.parameters()),
+           "calibration": {"sequences": sequences, "seq_len": seq_len, "tokens": "random ids"},
+           "pairs_measured": measured, "strategies_measured": len(result["strategies"]),
+           "calibration_build_s": round(build_s, 3), "forward_s": round(forward_s, 3),
+           "analysis_s": round(analysis_s, 3), "analysis_over_forward": round(analysis_s / forward_s, 2),
+           "total_s": round(build_s + analysis_s, 3), "breakdown_s": result["timings"]}
+    if reference:
+        log("reference: ties on whole-model copies, full forwards ...")
+        cal.replay = None
+        t = time.perf_counter()
+        before = analyze(model, cal, SharingConfig(auto_pairs=66))
+        out["reference_analysis_s"] = round(time.perf_counter() - t, 3)
+        out["reference_over_replay"] = round(out["reference_analysis_s"] / analysis_s, 2)
+        out["reference_over_forward"] = round(out["reference_analysis_s"] / forward_s, 2)
+        out["max_abs_difference"] = max_difference(result, before)
+    return out
+
+
+def max_difference(a: dict, b: dict) -> dict:
+    """Largest |a - b| over the measured loss increases, the strategy losses and the CKA matrix."""
+    pairs = [abs(x - y) for ra, rb in zip(a["loss_increase"], b["loss_increase"]) for x, y in zip(ra, rb)
+             if x is not None]
+    plans = [abs(x["loss_after_tying"] - y["loss_after_tying"]) for x, y in zip(a["strategies"], b["strategies"])]
+    cka = [abs(x - y) for ra, rb in zip(a["cka"], b["cka"]) for x, y in zip(ra, rb)]
+    return {"loss_increase": max(pairs), "strategies": max(plans), "cka": max(cka)}
 
 
 def strategy_rows(name: str, steps: int, sequences: int, eval_tokens: int, auto_targets: list[float],
@@ -172,6 +216,10 @@ def main():
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--skip-analysis", action="store_true")
+    ap.add_argument("--analysis-model", choices=sorted(ANALYSIS_MODELS), default="llama-small",
+                    help="analysis benchmark: the model's shape (random weights)")
+    ap.add_argument("--reference", action="store_true",
+                    help="analysis benchmark: also time the analysis without replay (whole-model copies)")
     ap.add_argument("--table", choices=sorted(MODELS), help="also run the strategy table on this real model")
     ap.add_argument("--steps", type=int, default=40, help="table: QAT steps per strategy (0 = none)")
     ap.add_argument("--table-sequences", type=int, default=16, help="table: calibration sequences for auto")
@@ -193,7 +241,7 @@ def main():
                               "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}}
     if not args.skip_analysis:
         log("analysis benchmark ...")
-        result["analysis"] = bench_analysis(args.sequences, args.seq_len)
+        result["analysis"] = bench_analysis(args.sequences, args.seq_len, args.analysis_model, args.reference)
         log(json.dumps(result["analysis"]))
     if args.table and args.steps == 0:
         result["table"] = tie_only_rows(args.table, args.table_sequences, args.seq_len,

@@ -62,6 +62,8 @@ class RunState:
     loaded: "LoadedModel | None" = None    # the ingested checkpoint; its model is the original and teacher
     vocab: "TokenVocab | None" = None      # --vocab, read right after ingest (a bad file fails before compute)
     start: nn.Module | None = None         # the model to quantize: the original, or its tied copy
+    original_params: int = 0              # the original's unique parameters, counted before anything changes it
+    reference: tuple | str | None = None   # (example inputs, the original's output) for the check, or why not
     model: nn.Module | None = None         # the ternary model: converted, then packed
     train_data: tuple | None = None        # (training data, held-out data, where that comes from), read once:
                                            # LM token blocks, or a task model's examples (TaskExamples)
@@ -94,11 +96,14 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
     check_writable(run.out, "--out")
     run.loaded, run.vocab = timed(run, "ingest", ingest)
     run.start = run.loaded.model  # the original stays untouched: it is the teacher
+    run.original_params = sum(p.numel() for p in run.start.parameters())  # unique: parameters() dedups ties
     if cfg.sharing.active:
         refuse_sharing_with_fsdp(run)
         run.start, run.sharing = timed(run, "share", share)
     if cfg.trim_vocab:  # after the tie (which reads the original), before QAT: the trained model is trimmed
         run.start, run.trimmed = timed(run, "trim", trim)
+    if cfg.check:  # before the model stage: post-training may convert the original itself
+        run.reference = timed(run, "reference", reference_output)
     if cfg.train.steps > 0:
         run.model, run.training = timed(run, "train", fine_tune)
         if not run.ctx.is_main:
@@ -244,8 +249,13 @@ def corpus_ids(run: RunState) -> tuple[set[int], str]:
 
 
 def quantize(run: RunState) -> nn.Module:
-    """Post-training quantization: the ternary model, no training."""
-    return convert(copy.deepcopy(run.start), run.cfg.quant)
+    """Post-training quantization: the ternary model, no training. Converted in place unless a
+    later stage reads the float original: a tied or trimmed copy always is, and so is the original
+    of a transformers checkpoint (the check's reference output is taken before, the evaluation
+    reloads the original from disk): one model in memory, not two. A custom module's original stays,
+    the reload check needs it as skeleton."""
+    keep = run.start is run.loaded.model and not run.loaded.source.is_transformers
+    return convert(copy.deepcopy(run.start) if keep else run.start, run.cfg.quant)
 
 
 def fine_tune(run: RunState) -> tuple[nn.Module | None, dict]:
@@ -277,28 +287,40 @@ def fine_tune(run: RunState) -> tuple[nn.Module | None, dict]:
     return model, result.findings
 
 
-def check(run: RunState) -> tuple[dict, tuple | None]:
-    """Original vs ternary outputs on an example input. -> (checks, (inputs, ternary output) for
-    verify, or None when the model could not be run)."""
+def reference_output(run: RunState) -> tuple | str:
+    """The original's output on an example input, for the check. -> (inputs, output), or why the
+    model could not be run (a custom forward we cannot call: reported, not failed)."""
     from tritpress.compressor import modelio
 
     original = run.loaded.model
     try:
         inputs = modelio.example_inputs(original, run.loaded.tokenizer)
-        ref = modelio.run_model(original, inputs)
+        return inputs, modelio.run_model(original, inputs)
+    except Exception as e:
+        return f"could not run the model on an example input: {type(e).__name__}: {e}"
+
+
+def check(run: RunState) -> tuple[dict, tuple | None]:
+    """Original vs ternary outputs on the example input. -> (checks, (inputs, ternary output) for
+    verify, or None when the model could not be run)."""
+    from tritpress.compressor import modelio
+
+    if isinstance(run.reference, str):
+        return {"skipped": run.reference}, None
+    inputs, ref = run.reference
+    try:
         ternary_out = modelio.run_model(run.model, inputs)
-        checks = {"ternary_vs_original": {**modelio.compare_outputs(ref, ternary_out),
-                                          "fine_tuned": run.training is not None}}
-    except Exception as e:  # a custom forward we cannot call: report, do not fail
-        return {"skipped": f"could not run the model on an example input: {type(e).__name__}: {e}"}, None
+    except Exception as e:
+        return {"skipped": f"could not run the ternary model on the example input: {type(e).__name__}: {e}"}, None
+    compared = modelio.compare_outputs(ref, ternary_out)
+    checks = {"ternary_vs_original": {**compared, "fine_tuned": run.training is not None}}
     return checks, (inputs, ternary_out)
 
 
 def pack(run: RunState) -> None:
     from tritpress.exporters.packed import save_packed
 
-    original_params = sum(p.numel() for p in run.loaded.model.parameters())  # unique: parameters() dedups ties
-    extra = {"original_params": original_params, "tritpress_version": _version()}
+    extra = {"original_params": run.original_params, "tritpress_version": _version()}
     save_packed(run.model, run.packed_path, run.loaded.source, extra)
 
 

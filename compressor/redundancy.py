@@ -14,6 +14,7 @@ MSE of the output against the original model's output (0 for the original itself
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -41,16 +42,24 @@ class Calibration:
     reference: list[torch.Tensor]   # the original's main output per batch (encoders)
     base_loss: float
     batch: int = 8
+    replay: "BlockReplay | None" = None   # the original's block outputs (ties measured from their first block)
 
     @classmethod
     def build(cls, model: nn.Module, ids: torch.Tensor, structure: ModelStructure | None = None,
               batch: int = 8) -> "Calibration":
-        io = ModelIO.discover(model, structure or discover(model))
+        structure = structure or discover(model)
+        io = ModelIO.discover(model, structure)
         model.eval()
-        with torch.no_grad():
-            reference = [] if io.causal else [out for _, out in batched_forward(io, model, ids, batch)]
-        cal = cls(io, ids, reference, 0.0, batch)
-        cal.base_loss = cal.loss(model)
+        cal = cls(io, ids, [], 0.0, batch)
+        stack = structure.blocks
+        if stack is not None and stack.kind == "modulelist" and not io.next_token_only:
+            cal.replay = BlockReplay(model, stack.path, stack.num_blocks)
+        # one pass: an encoder's reference outputs (its loss against them is 0 by definition), or an LM's NLL
+        with torch.no_grad(), cal.replay.recording() if cal.replay else contextlib.nullcontext():
+            if io.causal:
+                cal.base_loss = cal.loss(model)
+            else:
+                cal.reference = [out for _, out in batched_forward(io, model, ids, batch)]
         return cal
 
     def loss(self, model: nn.Module) -> float:
@@ -59,6 +68,68 @@ class Calibration:
     @property
     def metric(self) -> str:
         return "nll" if self.io.causal else "nmse_to_original"
+
+
+class BlockReplay:
+    """The original model's output of every block on each calibration batch. Tying blocks
+    changes nothing before the first tied block k, so a tie is measured by replaying the
+    recorded outputs of blocks 0..k-1 and running blocks k..n-1 only: a pair (i, j) costs
+    (n-i)/n of a forward, and only the tied blocks are copied, never the model. The numbers are
+    the same as a full forward of a tied copy (test_share.py)."""
+
+    def __init__(self, model: nn.Module, path: str, num_blocks: int):
+        self.model, self.path = model, path
+        self.outputs: list[list] = [[] for _ in range(num_blocks)]   # [block][batch], as the block returned it
+
+    def blocks(self) -> nn.Module:
+        return self.model.get_submodule(self.path)
+
+    @contextlib.contextmanager
+    def recording(self):
+        def keep(k):
+            return lambda module, args, output: self.outputs[k].append(output)
+        handles = [b.register_forward_hook(keep(k)) for k, b in enumerate(self.blocks())]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def skipping(self, start: int):
+        """Blocks before `start` return their recorded outputs, batch after batch."""
+        skipped = list(self.blocks())[:start]
+        saved = [b.__dict__.get("forward") for b in skipped]
+        for b, outs in zip(skipped, self.outputs):
+            b.forward = _replayer(outs)
+        try:
+            yield
+        finally:
+            for b, f in zip(skipped, saved):
+                del b.forward
+                if f is not None:
+                    b.forward = f
+
+    def tied_loss(self, plan: SharingPlan, cfg: SharingConfig, cal: "Calibration",
+                  structure: ModelStructure) -> float:
+        """Calibration loss with `plan` tied on copies of its tied blocks, put in place and taken out."""
+        blocks = self.blocks()
+        members = sorted(b for g in plan.tied for b in g)
+        originals = {b: blocks[b] for b in members}
+        try:
+            for b in members:
+                blocks[b] = copy.deepcopy(originals[b])
+            apply_sharing(self.model, plan, cfg, structure, tied_only=True)
+            with self.skipping(members[0]):
+                return cal.loss(self.model)
+        finally:
+            for b, original in originals.items():
+                blocks[b] = original
+
+
+def _replayer(outputs: list):
+    batches = iter(outputs)
+    return lambda *args, **kwargs: next(batches)
 
 
 CALIBRATION_POOL_TOKENS = 1 << 20
@@ -103,8 +174,14 @@ def spread_blocks(pool: torch.Tensor, sequences: int) -> torch.Tensor:
 
 
 def tied_loss(model: nn.Module, plan: SharingPlan, cfg: SharingConfig, cal: Calibration,
-              structure: ModelStructure | None = None) -> float:
-    """Calibration loss of a copy of `model` with `plan` really tied."""
+              structure: ModelStructure | None = None, replay: bool = True) -> float:
+    """Calibration loss of `model` with `plan` really tied; `model` is left as it was. With the
+    calibration's recorded block outputs of this model, only the tied blocks are copied and the
+    blocks before the first one are replayed (`replay=False`: a tied copy of the whole model)."""
+    if not plan.tied:
+        return cal.loss(model)
+    if replay and cal.replay is not None and cal.replay.model is model:
+        return cal.replay.tied_loss(plan, cfg, cal, structure or discover(model))
     tied, _ = apply_sharing(copy.deepcopy(model), plan, cfg, structure)
     return cal.loss(tied)
 
@@ -118,6 +195,21 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     y = y - y.mean(0, keepdim=True)
     xty = (x.t() @ y).pow(2).sum()
     return float(xty / ((x.t() @ x).pow(2).sum().sqrt() * (y.t() @ y).pow(2).sum().sqrt()).clamp(min=1e-12))
+
+
+def cka_matrix(reps: list[torch.Tensor]) -> list[list[float]]:
+    """linear_cka of every pair of [tokens, features] representations, rounded to 5 digits: each
+    centred once, its self-term computed once, each cross term once (CKA is symmetric)."""
+    centered = [x - x.mean(0, keepdim=True) for x in reps]
+    self_norm = [(x.t() @ x).pow(2).sum().sqrt() for x in centered]
+    n = len(reps)
+    out = [[round(float(self_norm[i] ** 2 / (self_norm[i] ** 2).clamp(min=1e-12)), 5) if i == j else 0.0
+            for j in range(n)] for i in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            cross = (centered[i].t() @ centered[j]).pow(2).sum()
+            out[i][j] = out[j][i] = round(float(cross / (self_norm[i] * self_norm[j]).clamp(min=1e-12)), 5)
+    return out
 
 
 def angular_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -147,8 +239,7 @@ def activation_metrics(model: nn.Module, cal: Calibration, paths: list[str]) -> 
     g = torch.Generator().manual_seed(0)
     flat = [o.flatten(0, -2) for o in outs]
     take = torch.randperm(flat[0].shape[0], generator=g)[:MAX_CKA_TOKENS]
-    flat = [f[take] for f in flat]
-    cka = [[round(linear_cka(flat[i], flat[j]), 5) for j in range(n)] for i in range(n)]
+    cka = cka_matrix([f[take] for f in flat])
     ang = [[round(angular_distance(outs[i], outs[j]), 5) for j in range(n)] for i in range(n)]
     influence = [round(block_influence(ins[i], outs[i]), 5) for i in range(n)]
     return {"block_influence": influence, "cka": cka, "angular_distance": ang}

@@ -279,10 +279,12 @@ def _stepwise_positions(groups: list[list[int]], n: int) -> dict[int, float]:
 
 @torch.no_grad()
 def apply_sharing(model: nn.Module, plan: SharingPlan, cfg: SharingConfig | None = None,
-                  structure: ModelStructure | None = None) -> tuple[nn.Module, dict]:
+                  structure: ModelStructure | None = None, tied_only: bool = False) -> tuple[nn.Module, dict]:
     """Tie the plan's groups in place: one nn.Parameter per group and matrix, initialized by
     cfg.init; per-occurrence gain (and low-rank correction with cfg.relax_rank). Returns
-    (model, findings: unique parameters before/after, per-group init error)."""
+    (model, findings: unique parameters before/after, per-group init error). `tied_only`
+    leaves the blocks of one-member groups untouched (not wrapped; a wrapper there computes the
+    same numbers): the analysis ties copies of just the tied blocks inside the original model."""
     cfg = cfg or SharingConfig()
     structure = structure or discover(model)
     check_plan(model, plan, structure)
@@ -299,7 +301,7 @@ def apply_sharing(model: nn.Module, plan: SharingPlan, cfg: SharingConfig | None
     mats = block_matrices(model, structure, plan.share)
     positions = _stepwise_positions(plan.groups, plan.num_blocks)
     report = []
-    for g in plan.groups:
+    for g in (plan.tied if tied_only else plan.groups):
         for name in mats[g[0]]:
             owners = [mats[b][name] for b in g]
             ws = [_as_matrix(o, a) for o, a in owners]

@@ -172,6 +172,7 @@ def convert(model: nn.Module, config: TernaryConfig | None = None) -> nn.Module:
             new = QRNN(rnn, {n: qt(getattr(rnn, n), fmt) for n in rnn_weight_names(rnn)})
         set_submodule(model, name, new)
     record.converted = True
+    hold_ties(model)
     # round every remaining float tensor to its storage dtype, so that the packed
     # checkpoint reloads to exactly this model
     dtypes = storage_dtypes(model)
@@ -179,6 +180,19 @@ def convert(model: nn.Module, config: TernaryConfig | None = None) -> nn.Module:
         if key in dtypes:
             t.data = t.data.to(dtypes[key]).to(t.dtype)
     return model
+
+
+def hold_ties(model: nn.Module) -> None:
+    """transformers' tie_weights() re-ties an output head to its input embedding through their
+    float `.weight` parameters, which quantized layers no longer have (lm-eval's HFLM calls it
+    on any model it is given, and failed). A converted model already holds one QTensor for both,
+    so on it tie_weights does nothing."""
+    if callable(getattr(model, "tie_weights", None)):
+        model.tie_weights = _ties_already_held
+
+
+def _ties_already_held(*args, **kwargs) -> None:
+    return None
 
 
 def build_empty(model: nn.Module, module_map: dict) -> None:

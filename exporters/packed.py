@@ -40,8 +40,8 @@ from tritpress.compressor.layers import QTensor, WeightFormat
 from tritpress.compressor.share import rebuild_wrappers, sharing_meta
 from tritpress.compressor.structure import BlockStack, LayerInfo, ModelStructure, set_submodule
 from tritpress.compressor.vocab import rebuild_trimmed, vocab_meta
-from tritpress.compressor.transform import (QuantRecord, _set_record, build_empty, get_record, qtensor_formats,
-                                  storage_dtypes, tie_groups)
+from tritpress.compressor.transform import (QuantRecord, _set_record, build_empty, get_record, hold_ties,
+                                            qtensor_formats, storage_dtypes, tie_groups)
 
 from .settings import (SKELETON_FLAG, PackedLoadConfig, _first_line,  # re-exported: torch-free home
                        skeleton_from_spec)
@@ -344,6 +344,7 @@ def load_packed(path, skeleton: nn.Module | None = None) -> nn.Module:
                              f"line: {SKELETON_FLAG}): {_first_line(e)}") from e
     retie(model, meta["tie_map"])
     retie_qtensors(model)
+    hold_ties(model)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise CorruptCheckpointError(f"{path}: no stored value for {left[0]} (and {len(left) - 1} more)")

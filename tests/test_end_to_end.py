@@ -68,3 +68,32 @@ def test_every_stage_runs_on_each_tiny_family(name, files, tmp_path, capsys):
     assert evaluation["passed"], evaluation
     metrics = next(iter(evaluation["tasks"].values()))["compressed"]["metrics"]
     assert math.isfinite(metrics["perplexity"])
+
+
+@pytest.mark.parametrize("name", ["llama_untied", "lstm"])
+def test_post_training_copies_the_model_only_where_a_later_stage_reads_the_original(name, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Post-training: a transformers checkpoint is converted in place (the check's reference output
+    is taken first; evaluation reloads the original from disk): no model copy, one model in memory.
+    A pickled module keeps its original as the reload skeleton: one copy. Both checks still hold."""
+    import copy
+
+    from tritpress.cli import pipeline
+
+    copies = []
+    real = copy.deepcopy
+
+    def counting(x, *a, **k):
+        if isinstance(x, torch.nn.Module) and not a and "memo" not in k:   # a top-level copy, not its recursion
+            copies.append(type(x).__name__)
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(pipeline.copy, "deepcopy", counting)
+    code, stdout, err = run_cli([*checkpoint(name, tmp_path), "--out", tmp_path / "o", "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(stdout)
+    whole = [c for c in copies if c == type(build(name)).__name__]   # (a QRNN copies its inner nn.LSTM)
+    assert len(whole) == (0 if name == "llama_untied" else 2), copies   # lstm: quantize + verify skeleton
+    assert report["checks"]["ternary_vs_original"]["max_abs_diff"] > 0
+    assert report["checks"]["reload_vs_converted"]["max_abs_diff"] == 0.0
+    assert report["size"]["original"]["params"] == sum(p.numel() for p in build(name).parameters())

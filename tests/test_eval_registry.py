@@ -107,17 +107,22 @@ def test_registry_refuses_a_second_task_of_a_name_and_tasks_without_metrics():
 
 
 def test_builtin_tasks_declare_metrics_keys_and_defaults():
-    assert list(TASKS) == ["lm", "cls", "tok", "qa"]
+    assert list(TASKS) == ["lm", "cls", "tok", "qa", "lmeval"]
     assert {n: [m.name for m in t.metrics] for n, t in TASKS.items()} == {
         "lm": ["perplexity", "bits_per_byte"], "cls": ["accuracy", "macro_f1", "f1"],
-        "tok": ["f1_lenient", "f1_strict", "token_accuracy"], "qa": ["exact_match", "f1"]}
+        "tok": ["f1_lenient", "f1_strict", "token_accuracy"], "qa": ["exact_match", "f1"],
+        "lmeval": ["word_perplexity", "byte_perplexity", "bits_per_byte", "accuracy", "accuracy_norm",
+                   "exact_match"]}
     for name, task in TASKS.items():
+        for metric in task.metrics:
+            assert metric.lower_is_better == (name == "lm" or "perplexity" in metric.name or "byte" in metric.name)
+            Tolerance.parse(metric.max_drop)  # every default is valid --max-drop syntax
+        if name == "lmeval":   # lm-eval's tasks name their own data; no probe
+            assert (task.data_key, task.train_key) == ("lmeval_tasks", None)
+            continue
         assert (task.data_key, task.train_key) == (f"{name}_data", f"{name}_train")
         assert task.train_flag == f"--{name}-train"
-        for metric in task.metrics:
-            assert metric.lower_is_better == (name == "lm")
-            Tolerance.parse(metric.max_drop)  # every default is valid --max-drop syntax
-    assert {n: t.probe_epochs for n, t in TASKS.items()} == {"lm": 5, "cls": 20, "tok": 10, "qa": 10}
+    assert {n: t.probe_epochs for n, t in TASKS.items() if n != "lmeval"} == {"lm": 5, "cls": 20, "tok": 10, "qa": 10}
     cfg = EvalConfig()
     assert cfg.lm_data == [TASKS["lm"].default_data] and cfg.qa_data == TASKS["qa"].default_data == "squad"
 

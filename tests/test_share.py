@@ -313,6 +313,45 @@ def test_analysis_metrics_and_outputs(tmp_path):
     assert pngs and all(open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for f in pngs)
 
 
+@pytest.mark.parametrize("make", [_llama, _bert, _gpt2], ids=["llama", "bert", "gpt2"])
+def test_replayed_ties_equal_tied_copies_and_leave_the_model(make):
+    """The analysis measures a tie on copies of the tied blocks with the blocks before them
+    replayed from the recorded outputs: the same loss as a full forward of a tied copy of the
+    whole model, again and again, and the model itself untouched."""
+    from tritpress.compressor.redundancy import Calibration, pair_plan, tied_loss
+    from tritpress.compressor.share import SharingPlan
+
+    model = make(4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [type(m) for m in model.modules()]
+    cal = Calibration.build(model, torch.randint(0, 100, (5, 12), generator=torch.Generator().manual_seed(0)),
+                            batch=2)
+    assert cal.replay is not None and all(len(o) == 3 for o in cal.replay.outputs)
+    cases = [(pair_plan(4, 2, 3, "all"), SharingConfig()), (pair_plan(4, 0, 3, "ffn"), SharingConfig(share="ffn")),
+             (SharingPlan(4, [[0, 2], [1, 3]], "all", "x"), SharingConfig(init="stepwise")),
+             (pair_plan(4, 1, 2, "all"), SharingConfig(relax_rank=2)), (pair_plan(4, 2, 3, "all"), SharingConfig())]
+    for plan, cfg in cases:
+        fast = tied_loss(model, plan, cfg, cal)
+        slow = tied_loss(model, plan, cfg, cal, replay=False)
+        assert fast == pytest.approx(slow, rel=1e-6, abs=1e-9) and fast != cal.base_loss
+    assert [type(m) for m in model.modules()] == modules and "forward" not in vars(model.get_submodule(
+        cal.replay.path)[0])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert cal.loss(model) == cal.base_loss
+
+
+def test_cka_matrix_is_linear_cka_of_every_pair():
+    from tritpress.compressor.redundancy import cka_matrix, linear_cka
+
+    g = torch.Generator().manual_seed(3)
+    reps = [torch.randn(300, 16, generator=g) for _ in range(3)]
+    reps.append(reps[0] @ torch.randn(16, 16, generator=g) + 0.1 * reps[1])
+    m = cka_matrix(reps)
+    for i in range(4):
+        for j in range(4):
+            assert m[i][j] == m[j][i] == pytest.approx(round(linear_cka(reps[i], reps[j]), 5), abs=2e-5)
+
+
 def test_calibration_sequences_are_spread_over_the_text(tmp_path):
     from tritpress.compressor.redundancy import calibration_ids
     from tritpress.compressor.data import lm_blocks, read_texts, tokenizer_fn

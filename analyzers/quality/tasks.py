@@ -11,6 +11,7 @@ from __future__ import annotations
 from . import metrics as m
 from .cls_task import check_cls, read_cls, run_cls
 from .lm_task import check_lm, needs_lm_probe, read_lm, run_lm
+from .lmeval_task import METRICS as LMEVAL_METRICS, check_lmeval, no_probe, read_lmeval, run_lmeval
 from .qa_task import read_qa, run_qa
 from tritpress.analyzers.defaults import DEFAULT_DATA
 
@@ -37,3 +38,7 @@ QA = register(Task(
     "qa", "extractive QA", (m.EXACT_MATCH, m.F1), read_qa, run_qa,
     data_key="qa_data", train_key="qa_train", default_data=DEFAULT_DATA["qa"],
     head_classes=("ForQuestionAnswering",), probe_epochs=10))
+
+LMEVAL = register(Task(
+    "lmeval", "lm-evaluation-harness", LMEVAL_METRICS, read_lmeval, run_lmeval, data_key="lmeval_tasks",
+    needs_probe=no_probe, check=check_lmeval))
