@@ -35,6 +35,9 @@ class CompressConfig:
     trim_vocab: str | None = None                # keep only the token ids this corpus uses (+ the tokenizer's
                                                  # special and unknown tokens; other ids read as the unknown
                                                  # token): "data" = the --data training data, or a text file
+    trim_dropped: str = "unk"                    # --trim-vocab: a dropped id reads the unknown token (unk) or the
+                                                 # kept token nearest to it in the original embedding (nearest;
+                                                 # stored as one more row index per dropped id)
     tasks: str | None = None                     # after packing, evaluate and gate on these tasks (lm,cls,tok,qa;
                                                  # data and tolerances from the recipe's [eval] table)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -5,7 +5,8 @@ import typer
 from tritpress.analyzers.defaults import PROBE_CHOICES, TAG_SCHEMES
 from tritpress.cli.config import ORDERS
 from tritpress.compressor.settings import (ACT_BITS, FLOAT_FORMATS, GRANULARITY_CHOICES, INITS, PARALLEL, QUANT_SCHEDULES,
-                                           SCHEDULES, SHARE_KINDS, TASKS, TERNARY_METHODS, WEIGHT_FORMATS)
+                                           SCHEDULES, SHARE_KINDS, TASKS, TERNARY_METHODS, TRIM_DROPPED,
+                                           WEIGHT_FORMATS)
 from tritpress.exporters.settings import GGUF_TERNARY_TYPES, HF_LINEAR_CLASSES, ONNX_FORMATS
 
 # read by cli.main.main before typer parses (it decides how errors are shown); declared on each
@@ -35,4 +36,5 @@ CHOICES = {
     ("EvalConfig", "probe"): PROBE_CHOICES,
     ("EvalConfig", "tag_scheme"): TAG_SCHEMES,
     ("SearchConfig", "order"): ORDERS,
+    ("CompressConfig", "trim_dropped"): TRIM_DROPPED,
 }

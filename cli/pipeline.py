@@ -220,7 +220,7 @@ def trim(run: RunState) -> tuple[nn.Module, dict]:
     used, source = corpus_ids(run)
     model = copy.deepcopy(run.start) if run.start is run.loaded.model else run.start
     try:
-        findings = trim_model(model, used | set(tok.all_special_ids), tok.unk_token_id)
+        findings = trim_model(model, used | set(tok.all_special_ids), tok.unk_token_id, run.cfg.trim_dropped)
     except ValueError as e:
         raise TritpressError(f"--trim-vocab: {e}") from e
     return model, {"source": source, "corpus_ids": len(used), **findings}

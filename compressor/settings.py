@@ -71,6 +71,7 @@ class TernaryConfig:
 STRATEGIES = ("none", "alternate", "sequential", "cycle", "sequence", "middle-cycle", "groups", "auto")
 SHARE_KINDS = ("all", "attention", "ffn")
 INITS = ("average", "stepwise", "closest")
+TRIM_DROPPED = ("unk", "nearest")   # what a dropped id reads after --trim-vocab (compressor/vocab)
 
 
 @dataclass

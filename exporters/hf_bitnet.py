@@ -214,7 +214,7 @@ def hf_state(model: nn.Module, linear_class: str, aliases: set[str]) -> tuple[di
             tensors[f"{hf}.bias"] = m.bias.detach().float().clone()
     for key, t in model.state_dict(keep_vars=True).items():
         leaf = key.rpartition(".")[2]
-        if key in done or leaf in ("gain", "kept_ids"):  # a gain is folded into the scale; kept ids into the table
+        if key in done or leaf in ("gain", "kept_ids", "dropped_rows"):  # a gain is folded into the scale; kept ids into the table
             continue
         owner = key.rpartition(".")[0]
         hf_key = hf_name(owner, modules) + "." + leaf if owner else leaf

@@ -67,7 +67,7 @@ def component_of(key: str, record: QuantRecord, code_formats: dict) -> str:
     owner = max((layer for layer in record.structure.layers
                  if key.startswith(layer.name + ".")), key=lambda layer: len(layer.name), default=None)
     leaf = key.rsplit(".", 1)[-1]
-    if leaf == "kept_ids":  # a trimmed vocabulary's table of kept token ids (compressor/vocab)
+    if leaf in ("kept_ids", "dropped_rows"):  # a trimmed vocabulary's kept ids and dropped-id map (compressor/vocab)
         return "vocabulary map"
     if owner is None or leaf.startswith("bias"):
         return "norms/biases"

@@ -97,9 +97,41 @@ def test_a_tied_head_stays_tied_to_the_trimmed_embedding(name):
     assert head.proj.qweight is emb.table.qweight
 
 
+@pytest.mark.parametrize("name", ["bert", "llama_tied", "lstm_tied"])
+def test_a_dropped_id_can_read_its_nearest_kept_token(name, tmp_path):
+    """--trim-dropped nearest: a dropped id computes what its nearest kept id (cosine of the original
+    embedding rows) computes, before and after convert -> pack -> reload; the map is one int16 tensor
+    of a row per dropped id, counted as vocabulary map."""
+    import torch.nn.functional as F
+
+    model = build(name)
+    t = copy.deepcopy(model)
+    f = trim_model(t, KEEP, UNK, "nearest")
+    emb = t.get_submodule(f["embedding"])
+    assert f["dropped_read_as"] == "nearest" and emb.dropped_rows.dtype == torch.int16
+    assert emb.dropped_rows.numel() == VOCAB - len(KEPT)
+    original = model.get_submodule(f["embedding"]).weight.detach()
+    unit = F.normalize(original, dim=1)
+    nearest = KEPT[int((unit[DROPPED] @ unit[KEPT].t()).argmax())]
+    assert nearest != UNK  # the tiny models' random rows: the point is that it is not the unknown token
+    with_dropped, with_nearest = KEPT_IDS.clone(), KEPT_IDS.clone()
+    with_dropped[0, 2], with_nearest[0, 2] = DROPPED, nearest
+    assert torch.equal(out(t, with_dropped), out(t, with_nearest))
+    q = convert(t, TernaryConfig(embedding="int2"))
+    r = pack_and_load(name, q, tmp_path / "m.safetensors")
+    assert torch.equal(out(r, with_dropped), out(r, with_nearest)) and torch.equal(out(r, with_dropped),
+                                                                                 out(q, with_dropped))
+    assert torch.equal(r.get_submodule(f["embedding"]).dropped_rows, emb.dropped_rows)
+    report = size_report(tmp_path / "m.safetensors")
+    vocab_row = next(c for c in report["components"] if c["component"] == "vocabulary map")
+    assert vocab_row["unique_params"] == len(KEPT) + VOCAB - len(KEPT)
+
+
 def test_trim_refuses_bad_input():
     with pytest.raises(ValueError, match="kept token ids"):
         trim_model(build("gpt2"), [5, VOCAB + 3], UNK)
+    with pytest.raises(ValueError, match="unk or nearest"):
+        trim_model(build("gpt2"), KEEP, UNK, "closest")
     q = convert(build("gpt2"))
     with pytest.raises(ValueError, match="before quantizing"):
         trim_model(q, KEEP, UNK)
@@ -260,6 +292,7 @@ def corpus(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name,extra", [("gpt2", ["--onnx"]), ("bert", []),
+                                        ("bert", ["--trim-dropped", "nearest", "--onnx"]),
                                         ("llama_tied", ["--steps", "2", "--batch-size", "2", "--seq-len", "16"])])
 def test_pipeline_trims_before_quantizing_and_reports(name, extra, corpus, tmp_path, capsys):
     d = tmp_path / name
@@ -273,6 +306,7 @@ def test_pipeline_trims_before_quantizing_and_reports(name, extra, corpus, tmp_p
     assert v["corpus_ids"] == 21  # 20 words; each document ends with EOS ([SEP]), as the LM data does
     assert v["kept"] == 25 and v["vocab_size"] == VOCAB and v["bytes_saved"] > 0
     assert v["embedding"] and "trim" in report["timings_s"]
+    assert v["dropped_read_as"] == ("nearest" if "--trim-dropped" in extra else "unk")
     assert report["checks"]["reload_vs_converted"]["max_abs_diff"] == 0.0
     assert "vocabulary: kept 25 of 100 token ids" in out_text
     if "--onnx" in extra:
