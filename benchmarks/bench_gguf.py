@@ -67,11 +67,11 @@ def export(packed: str, gguf: Path, ternary_type: str) -> dict:
 def token_windows(packed: str, text: str, windows: int, window: int) -> np.ndarray:
     """[windows, window] token ids: BOS, then the next window - 1 tokens of the text."""
     from tritpress.compressor.data import read_texts, tokenizer_fn
-    from tritpress.exporters.hf_bitnet import _tokenizer
+    from tritpress.exporters.converted import source_tokenizer
     from tritpress.exporters.packed import read_metadata
     from tritpress.exporters.settings import HfExportConfig
 
-    tok = _tokenizer(read_metadata(packed)["source"], HfExportConfig())
+    tok = source_tokenizer(read_metadata(packed)["source"], HfExportConfig())
     ids = tokenizer_fn(tok)("\n".join(read_texts(text)))
     body = window - 1
     if len(ids) < windows * body:

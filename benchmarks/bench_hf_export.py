@@ -94,10 +94,10 @@ def reference(packed: str, folder: Path, text: str | None, lines: int, seq_len: 
 
 
 def fp32_bytes(packed: str) -> int:
-    from tritpress.exporters.hf_bitnet import _skeleton
+    from tritpress.exporters.converted import meta_skeleton
     from tritpress.exporters.packed import read_metadata
 
-    return 4 * sum(p.numel() for p in _skeleton(read_metadata(packed)["source"]).parameters())
+    return 4 * sum(p.numel() for p in meta_skeleton(read_metadata(packed)["source"]).parameters())
 
 
 def one(packed: str, python: Path, a, out: Path) -> dict:

@@ -42,6 +42,7 @@ from tritpress.compressor.share import SharedLinear
 from tritpress.compressor.transform import get_record
 from tritpress.compressor.vocab import TrimmedEmbedding, TrimmedHead
 
+from .converted import exportable_source, hf_name, meta_skeleton, occurrence_gain, source_tokenizer, state_keys_of
 from .settings import HfExportConfig  # re-exported: torch-free home
 
 HF_WEIGHTS = "model.safetensors"
@@ -73,17 +74,6 @@ def unpack_rows_2bit(packed: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------ what can be written
 
-def hf_name(name: str, modules: dict[str, nn.Module]) -> str:
-    """A module path of the converted model -> the path transformers builds: the wrappers tritpress
-    adds (a shared occurrence's `inner`, a trimmed embedding's `table`) are dropped."""
-    parts, kept = name.split("."), []
-    for i, part in enumerate(parts):
-        parent = modules.get(".".join(parts[:i]))
-        if (isinstance(parent, SharedLinear) and part == "inner") or \
-                (isinstance(parent, TrimmedEmbedding) and part == "table"):
-            continue
-        kept.append(part)
-    return ".".join(kept)
 
 
 def refusals(model: nn.Module, source: dict) -> list[str]:
@@ -121,10 +111,6 @@ def _ternary_refusals(name: str, m: QLinear, in_blocks: bool) -> list[str]:
     return why
 
 
-def occurrence_gain(name: str, modules: dict[str, nn.Module]) -> float:
-    """A shared occurrence's gain (SharedLinear, folded into the scale by the exporters); 1 elsewhere."""
-    parent = modules.get(name.rpartition(".")[0]) if name.endswith(".inner") else None
-    return float(parent.gain.detach()) if isinstance(parent, SharedLinear) else 1.0
 
 
 def _ternary_tensors(m: QLinear, gain: float, linear_class: str) -> dict[str, torch.Tensor]:
@@ -149,32 +135,10 @@ def _float_weight(m: nn.Module, name: str, modules: dict[str, nn.Module]) -> tor
     return w.contiguous()
 
 
-def state_keys_of(name: str, m: nn.Module) -> set[str]:
-    """The state-dict keys module `name` holds (its parameters and buffers, tied ones included): what an
-    exporter has written once it wrote the module, so the walk over the remaining state skips them."""
-    return {f"{name}.{k}" for k, _ in [*m.named_parameters(remove_duplicate=False),
-                                       *m.named_buffers(remove_duplicate=False)]}
 
 
-def exportable_source(model: nn.Module, source, why_not, error: type, what: str) -> dict:
-    """The source as a dict, once `model` is checked to be converted and `why_not(model, source)` finds
-    nothing it cannot express (else `error` with the first reason, in one line)."""
-    record = get_record(model)
-    if record is None or not record.converted:
-        raise error(f"writing {what} needs a converted model (compressor.convert or load_packed)")
-    source = source.to_dict() if hasattr(source, "to_dict") else (source or {})
-    why = why_not(model, source)
-    if why:
-        raise error(f"cannot write {what}: {why[0]}" + (f" (and {len(why) - 1} more)" if len(why) > 1 else ""))
-    return source
 
 
-def _skeleton(source: dict) -> nn.Module:
-    """The transformers model of the source config, on the meta device (no memory, no init)."""
-    from tritpress.compressor.ingest import build_from_config
-
-    with torch.device("meta"):
-        return build_from_config(source["hf_config"], source["model_class"])
 
 
 def _refuse_conv1d(ternary: list[str], skeleton: nn.Module) -> None:
@@ -214,7 +178,8 @@ def hf_state(model: nn.Module, linear_class: str, aliases: set[str]) -> tuple[di
             tensors[f"{hf}.bias"] = m.bias.detach().float().clone()
     for key, t in model.state_dict(keep_vars=True).items():
         leaf = key.rpartition(".")[2]
-        if key in done or leaf in ("gain", "kept_ids", "dropped_rows"):  # a gain is folded into the scale; kept ids into the table
+        # a gain is folded into the scale; the kept ids and the dropped-id map into the expanded table
+        if key in done or leaf in ("gain", "kept_ids", "dropped_rows"):
             continue
         owner = key.rpartition(".")[0]
         hf_key = hf_name(owner, modules) + "." + leaf if owner else leaf
@@ -252,17 +217,6 @@ def hf_config(source: dict, cfg: HfExportConfig, kept_float: list[str]) -> dict:
     return config
 
 
-def _tokenizer(source: dict, cfg: HfExportConfig):
-    """The tokenizer to copy in: --hf-tokenizer, else the source model's (None when it has none)."""
-    from tritpress.compressor.ingest import _tokenizer as load_tokenizer
-
-    if cfg.tokenizer:
-        tok = load_tokenizer(cfg.tokenizer)
-        if tok is None:
-            raise HfExportError(f"--hf-tokenizer {cfg.tokenizer}: no tokenizer could be loaded from it")
-        return tok
-    kw = {"gguf_file": source["gguf_file"]} if source.get("gguf_file") else {}
-    return load_tokenizer(source["path"], **kw) if source.get("path") else None
 
 
 def load_hf_bitnet(folder, model_class: str) -> nn.Module:
@@ -325,12 +279,12 @@ def export_hf_bitnet(model: nn.Module, out, cfg: HfExportConfig | None = None, s
     source = exportable_source(model, source, refusals, HfExportError, "a transformers BitNet model")
     if cfg.validate:
         _check_loadable()
-    skeleton = _skeleton(source)
+    skeleton = meta_skeleton(source)
     aliases = tied_aliases(skeleton)
     tensors, ternary = hf_state(model, cfg.linear_class, aliases)
     _refuse_conv1d(ternary, skeleton)
     check_names(tensors, skeleton, aliases)
-    tokenizer = _tokenizer(source, cfg)
+    tokenizer = source_tokenizer(source, cfg, HfExportError)
     with atomic_dir(out) as tmp:
         result = _write(tmp, tensors, hf_config(source, cfg, float_linears(skeleton, ternary)), tokenizer)
         result.update(ternary_linears=len(ternary), linear_class=cfg.linear_class,

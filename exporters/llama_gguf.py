@@ -39,7 +39,7 @@ from tritpress.compressor.layers import QEmbedding, QLinear, QRNN
 from tritpress.compressor.share import SharedLinear
 from tritpress.compressor.vocab import TrimmedEmbedding, TrimmedHead
 
-from .hf_bitnet import exportable_source, hf_name, occurrence_gain, state_keys_of
+from .converted import exportable_source, hf_name, occurrence_gain, state_keys_of
 from .settings import GgufExportConfig  # re-exported: torch-free home
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}   # transformers model_type -> llama.cpp architecture
