@@ -69,20 +69,21 @@ def test_transformers_loads_the_folder_and_matches(name, linear_class, tmp_path)
             assert "lm_head.weight" not in f.keys()
 
 
-def test_classifier_with_shared_blocks_and_trimmed_embedding(tmp_path):
+@pytest.mark.parametrize("dropped", ["unk", "nearest"])
+def test_classifier_with_shared_blocks_and_trimmed_embedding(dropped, tmp_path):
     from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(bert_config(num_labels=3, num_hidden_layers=4)).eval()
     student, _ = apply_sharing(copy.deepcopy(model), plan_groups(4, SharingConfig("alternate")))
-    trim_model(student, list(range(0, 100, 2)), 1)
+    trim_model(student, list(range(0, 100, 2)), 1, dropped)
     q, result = export(student, tmp_path, TernaryConfig(granularity="tensor", act_bits=8, outside_blocks="int8"))
     assert result["validation"]["passed"] and result["validation"]["max_rel_diff"] < 1e-5
     assert result["tied_across_layers"] == 12   # 6 matrices of blocks 2 and 3 repeat those of blocks 0 and 1
     assert any("pooler" in m for m in result["modules_to_not_convert"])
     hf = load_hf_bitnet(tmp_path / "hf", "BertForSequenceClassification")
     assert hf.bert.embeddings.word_embeddings.weight.shape[0] == 100   # the full vocabulary again
-    ids = torch.tensor([[2, 3, 4, 5, 7]])                               # 3, 5, 7 were dropped: they read as id 1
+    ids = torch.tensor([[2, 3, 4, 5, 7]])       # 3, 5, 7 were dropped: they read as id 1, or their nearest kept id
     with torch.no_grad(), torch._dynamo.config.patch(disable=True):
         assert torch.allclose(hf(ids).logits, q(ids).logits, atol=1e-5)
 
