@@ -112,7 +112,10 @@ def test_the_smallest_passing_candidate_wins_and_nothing_bigger_trains(sizes, cl
     status = {c["name"]: c for c in record["candidates"]}
     assert record["winner"] == order[1] and status[order[0]]["status"] == "FAIL"
     assert status[order[1]]["status"] == "PASS"
-    assert status[order[1]]["bytes"] == status[order[1]]["estimated_bytes"] == sizes[order[1]]  # sized = trained
+    assert status[order[1]]["estimated_bytes"] == sizes[order[1]]
+    # sized = trained, up to the compressed metadata: it holds the file's SHA-256, and zlib's output length
+    # varies by a few bytes with those digits (a 17,222-byte file came back as 17,230)
+    assert abs(status[order[1]]["bytes"] - sizes[order[1]]) <= 32
     for name in order[2:]:
         assert status[name]["status"] == "skipped" and f"bigger than {order[1]}" in status[name]["why"]
         assert not (out / "candidates" / name / "report.json").exists()
