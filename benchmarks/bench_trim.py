@@ -1,8 +1,8 @@
 """What vocabulary trimming alone costs a float token-classification model, no quantization: the
-model's own head on the dev set, (1) as it is, (2) trimmed to the ids its training sentences use
-with every other id read as the unknown token (what `--trim-vocab data` does), (3) trimmed the same
-way but each dropped id read as the kept id nearest to it in the original embedding (cosine), a
-diagnostic for a mapping tritpress does not build yet. Prints one JSON object:
+model's own head on the dev set, (1) as it is, (2) trimmed to the ids its training examples use
+(the ids `compress --trim-vocab data` keeps) with every other id read as the unknown token, (3)
+trimmed the same way with each dropped id read as the kept id nearest to it in the original
+embedding (`--trim-dropped nearest`). Prints one JSON object:
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_trim.py --model runs/minilm-conll \\
         --train ../shared/data/conll2003/train.txt --dev ../shared/data/conll2003/valid.txt
@@ -13,31 +13,15 @@ import argparse
 import copy
 import json
 
-import torch
-import torch.nn.functional as F
 
+def train_ids(model, tokenizer, train: str, dev: str, seq_len: int) -> set[int]:
+    """The ids `compress --trim-vocab data` keeps from a task model's training examples (the same reader
+    and encoding QAT trains on, each cut to --seq-len tokens)."""
+    from tritpress.analyzers.quality.examples import task_examples
+    from tritpress.compressor.train import TrainConfig
 
-def train_ids(tokenizer, path: str) -> set[int]:
-    """The ids the CoNLL training sentences use, tokenized as the task encodes them (words pre-split)."""
-    used: set[int] = set()
-    with open(path, encoding="utf-8") as f:
-        for sentence in f.read().split("\n\n"):
-            words = [line.split()[0] for line in sentence.splitlines() if line.strip() and
-                     not line.startswith("-DOCSTART-")]
-            if words:
-                used.update(tokenizer(words, is_split_into_words=True, add_special_tokens=False)["input_ids"])
-    return used
-
-
-def nearest_kept(embedding: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """[vocab] row of each id in the kept table: its own when kept, else its nearest kept id's (cosine)."""
-    rows = torch.full((embedding.shape[0],), -1, dtype=torch.long)
-    rows[kept] = torch.arange(len(kept))
-    dropped = (rows < 0).nonzero().flatten()
-    unit = F.normalize(embedding, dim=1)
-    rows[dropped] = torch.cat([(unit[dropped[i:i + 2048]] @ unit[kept].t()).argmax(1)
-                               for i in range(0, len(dropped), 2048)])
-    return rows
+    examples = task_examples(model, tokenizer, "tok", TrainConfig(data=train, eval_data=dev, seq_len=seq_len))[0]
+    return {i for f in examples.features for i in f["input_ids"]}
 
 
 def main(argv=None) -> None:
@@ -45,11 +29,13 @@ def main(argv=None) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--train", required=True)
     p.add_argument("--dev", required=True)
+    p.add_argument("--seq-len", type=int, default=128, help="the --seq-len the compress run trims with")
     args = p.parse_args(argv)
     from tritpress.analyzers.quality import EvalConfig
     from tritpress.analyzers.quality.evaluate import read_jobs
     from tritpress.compressor import load_model
-    from tritpress.compressor.vocab import TrimmedEmbedding, trim_model
+    from tritpress.compressor.settings import TRIM_DROPPED
+    from tritpress.compressor.vocab import trim_model
 
     loaded = load_model(args.model)
     tok = loaded.tokenizer
@@ -57,13 +43,11 @@ def main(argv=None) -> None:
     (task, data), = read_jobs(cfg, loaded.model, tok)
     score = lambda model, name: task.run(task, model, tok, data, cfg, name)["metrics"]  # noqa: E731
     result = {"model": args.model, "dev": args.dev, "baseline": score(loaded.model, "baseline")}
-    used = train_ids(tok, args.train)
-    model = copy.deepcopy(loaded.model)
-    result["trim"] = trim_model(model, used | set(tok.all_special_ids), tok.unk_token_id)
-    result["trimmed_unknown"] = score(model, "trimmed, dropped ids as [UNK]")
-    table = next(m for m in model.modules() if isinstance(m, TrimmedEmbedding))
-    table.index = nearest_kept(loaded.model.get_input_embeddings().weight.detach(), table.kept_ids.long())
-    result["trimmed_nearest"] = score(model, "trimmed, dropped ids as the nearest kept id")
+    used = train_ids(loaded.model, tok, args.train, args.dev, args.seq_len) | set(tok.all_special_ids)
+    for dropped in TRIM_DROPPED:  # unk: what --trim-vocab does by default; nearest: --trim-dropped nearest
+        model = copy.deepcopy(loaded.model)
+        result[f"trim_{dropped}"] = trim_model(model, used, tok.unk_token_id, dropped)
+        result[f"trimmed_{dropped}"] = score(model, f"trimmed, dropped ids as {dropped}")
     print(json.dumps(result, indent=2))
 
 

@@ -12,15 +12,6 @@ import argparse
 import sys
 
 
-def cut_at_tokens(text: str, encode, tokens: int) -> str:
-    """The longest prefix of `text` that encodes to at most `tokens` ids (binary search on its length)."""
-    lo, hi = 0, len(text) + 1
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if len(encode(text[:mid])) <= tokens else (lo, mid)
-    return text[:lo]
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("text")
@@ -28,13 +19,14 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, required=True)
     p.add_argument("--model", required=True, help="any compress MODEL spec: its tokenizer counts the tokens")
     args = p.parse_args(argv)
+    from tritpress.analyzers.quality.lm import prefix_with_tokens
     from tritpress.compressor import load_model
 
     tokenizer = load_model(args.model).tokenizer
     encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
     with open(args.text, encoding="utf-8") as f:
         lines = [line.rstrip("\n") for line in f if line.strip()][: args.lines]
-    cut = cut_at_tokens("\n".join(lines), encode, args.tokens)
+    cut = prefix_with_tokens("\n".join(lines), encode, args.tokens)  # the LM task's own cut
     if len(encode(cut)) != args.tokens:
         raise SystemExit(f"the first {args.lines} lines hold fewer than {args.tokens} tokens")
     sys.stdout.write(cut)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .settings import TRIM_DROPPED
 from .structure import discover, set_submodule
 
 
@@ -149,8 +150,8 @@ def trim_vocab(model: nn.Module, embedding: str, head: str | None, keep_ids, unk
     kept = torch.tensor(sorted({int(i) for i in keep_ids} | {int(unk_id)}), dtype=torch.int64)
     if kept[0] < 0 or kept[-1] >= vocab:
         raise ValueError(f"kept token ids must be in [0, {vocab}); got {int(kept[0])}..{int(kept[-1])}")
-    if dropped not in ("unk", "nearest"):
-        raise ValueError(f"a dropped id reads unk or nearest, not {dropped!r}")
+    if dropped not in TRIM_DROPPED:
+        raise ValueError(f"a dropped id reads {' or '.join(TRIM_DROPPED)}, not {dropped!r}")
     rows = nearest_kept_rows(emb.weight, kept) if dropped == "nearest" else None
     new_emb = TrimmedEmbedding(_embedding_rows(emb, kept), kept, vocab, int(unk_id), rows)
     set_submodule(model, embedding, new_emb)

@@ -50,14 +50,14 @@ def build_stream(texts: list[str], encode: Callable[[str], list[int]], max_token
             break
     text = "\n".join(lines)
     if max_tokens:  # the first token is context only, unless a BOS is prepended
-        text = _prefix_with_tokens(text, encode, max_tokens + (0 if bos is not None else 1))
+        text = prefix_with_tokens(text, encode, max_tokens + (0 if bos is not None else 1))
     ids = ([bos] if bos is not None else []) + encode(text)
     if len(ids) < 2:
         raise TritpressError("the language-modeling text has fewer than two tokens")
     return LMText(torch.tensor(ids, dtype=torch.long), len(text.encode("utf-8")), text.count("\n") + 1)
 
 
-def _prefix_with_tokens(text: str, encode: Callable[[str], list[int]], tokens: int) -> str:
+def prefix_with_tokens(text: str, encode: Callable[[str], list[int]], tokens: int) -> str:
     """The longest prefix of `text` that encodes to at most `tokens` ids (binary search on its length:
     a longer prefix never encodes to fewer tokens, give or take a merge at the cut)."""
     if len(encode(text)) <= tokens:
