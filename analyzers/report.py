@@ -85,13 +85,16 @@ def training_lines(training: dict) -> list[str]:
 
 
 def sharing_lines(sharing: dict) -> list[str]:
-    plan = sharing["plan"]
-    lines = [f"sharing: {plan['strategy']} ({sharing['config']['share']} matrices, init {sharing['config']['init']}, "
-             f"relax rank {sharing['config']['relax_rank']}): {len(plan['groups'])} unique of {plan['num_blocks']} "
-             f"blocks, groups {';'.join(','.join(map(str, g)) for g in plan['groups'])}",
-             f"unique parameters: {sharing['unique_params_before']:,} -> {sharing['unique_params_after']:,} "
-             f"(block stack {sharing['block_params_before']:,} -> {sharing['block_params_after']:,}, "
-             f"{sharing['unique_block_fraction']:.3f})"]
+    lines = []
+    plan = sharing.get("plan")
+    if plan:
+        lines += [f"sharing: {plan['strategy']} ({sharing['config']['share']} matrices, init {sharing['config']['init']}, "
+                  f"relax rank {sharing['config']['relax_rank']}): {len(plan['groups'])} unique of {plan['num_blocks']} "
+                  f"blocks, groups {';'.join(','.join(map(str, g)) for g in plan['groups'])}",
+                  f"unique parameters: {sharing['unique_params_before']:,} -> {sharing['unique_params_after']:,} "
+                  f"(block stack {sharing['block_params_before']:,} -> {sharing['block_params_after']:,}, "
+                  f"{sharing['unique_block_fraction']:.3f})"]
+    lines += cross_tie_lines(sharing)
     if "calibration_loss" in sharing:
         c = sharing["calibration_loss"]
         lines.append(f"calibration {c['metric']}: original {c['original']:.4f}, right after tying {c['after_tying']:.4f}")
@@ -107,12 +110,41 @@ def sharing_lines(sharing: dict) -> list[str]:
     return lines
 
 
+def cross_tie_lines(sharing: dict) -> list[str]:
+    """The decoder-to-encoder and head-to-embedding ties (compressor/cross_ties)."""
+    lines = []
+    dec = sharing.get("decoder_ties")
+    if dec:
+        errors = [e for t in dec["ties"] for e in t["relative_error"]]
+        lines.append(f"decoder tied to encoder ({dec['decoder']} -> {dec['encoder']}, decoder:encoder "
+                     f"{','.join(f'{d}:{e}' for d, e in dec['pairs'])}): {len(dec['ties'])} matrices shared, "
+                     f"relative error up to {max(errors, default=0):.3f}; kept per decoder block: "
+                     f"{', '.join(dec['decoder_only']) or 'none'}; unique parameters "
+                     f"{dec['unique_params_before']:,} -> {dec['unique_params_after']:,}" + _after(dec))
+    tie = sharing.get("embedding_tie")
+    if tie and tie.get("already_tied"):
+        lines.append(f"embedding tie: {tie['head']} already reads {tie['embedding']}'s weight")
+    elif tie:
+        err = tie["relative_error"]
+        lines.append(f"embedding tie: {tie['head']} := {tie['embedding']} (init {tie['init']}; relative change head "
+                     f"{err['head']:.3f}, embedding {err['embedding']:.3f}); unique parameters "
+                     f"{tie['unique_params_before']:,} -> {tie['unique_params_after']:,}" + _after(tie))
+    return lines
+
+
+def _after(tie: dict) -> str:
+    loss = tie.get("calibration_loss_after")
+    return f"; calibration loss after it {loss:.4f}" if loss is not None else ""
+
+
 def render(report: dict) -> str:
     model = report["model"]
     blocks = report["structure"]["blocks"]
     head = f"model: {model['path']} ({model['model_class']}, {model['kind']})"
-    if blocks:
-        head += f"; block stack {blocks['path']}: {blocks['num_blocks']} x {blocks['block_type']}"
+    stacks = report["structure"].get("stacks") or ([blocks] if blocks else [])
+    if stacks:
+        head += "; block stack" + ("s " if len(stacks) > 1 else " ") + ", ".join(
+            f"{s['path']}: {s['num_blocks']} x {s['block_type']}" for s in stacks)
     parts = [head, "", size_table(report["size"]), "", *summary_lines(report)]
     if report.get("sharing"):
         parts += ["", *sharing_lines(report["sharing"])]

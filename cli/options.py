@@ -5,8 +5,8 @@ import typer
 from tritpress.analyzers.defaults import PROBE_CHOICES, TAG_SCHEMES
 from tritpress.cli.config import ORDERS
 from tritpress.compressor.settings import (ACT_BITS, FLOAT_FORMATS, GRANULARITY_CHOICES, INITS, PARALLEL, QUANT_SCHEDULES,
-                                           SCHEDULES, SHARE_KINDS, TASKS, TERNARY_METHODS, TRIM_DROPPED,
-                                           WEIGHT_FORMATS)
+                                           SCHEDULES, SHARE_KINDS, TASKS, TERNARY_METHODS, TIE_EMBEDDINGS,
+                                           TRIM_DROPPED, WEIGHT_FORMATS)
 from tritpress.exporters.settings import GGUF_TERNARY_TYPES, HF_LINEAR_CLASSES, ONNX_FORMATS
 
 # read by cli.main.main before typer parses (it decides how errors are shown); declared on each
@@ -30,6 +30,7 @@ CHOICES = {
     ("TrainConfig", "task"): TASKS,
     ("SharingConfig", "share"): SHARE_KINDS,
     ("SharingConfig", "init"): INITS,
+    ("SharingConfig", "tie_embeddings"): TIE_EMBEDDINGS,
     ("OnnxConfig", "format"): ONNX_FORMATS,
     ("HfExportConfig", "linear_class"): HF_LINEAR_CLASSES,
     ("GgufExportConfig", "ternary_type"): GGUF_TERNARY_TYPES,

@@ -519,7 +519,8 @@ def _structure_summary(structure) -> dict:
         r["layers"] += 1
         r["params"] += layer.params
     blocks = dataclasses.asdict(structure.blocks) if structure.blocks else None
-    return {"blocks": blocks, "head": structure.head, "head_tied_to": structure.head_tied_to, "roles": roles}
+    return {"blocks": blocks, "stacks": [dataclasses.asdict(s) for s in structure.stacks],
+            "head": structure.head, "head_tied_to": structure.head_tied_to, "roles": roles}
 
 
 def _version() -> str:

@@ -25,7 +25,8 @@ SHARING = FlagSection("sharing", SharingConfig, prefix="share-", names={
     "strategy": "sharing", "share": "share", "relax_rank": "relax-rank", "target_params": "target-params",
     "max_loss_increase": "max-loss-increase", "calib_sequences": "share-sequences",
     "calib_seq_len": "share-seq-len", "auto_pairs": "share-pairs", "auto_refine": "share-refine",
-    "auto_probe_steps": "share-probe-steps", "auto_probe_top": "share-probe-top"})
+    "auto_probe_steps": "share-probe-steps", "auto_probe_top": "share-probe-top",
+    "tie_embeddings": "tie-embeddings", "tie_decoder": "tie-decoder"})
 # `compress run --onnx --onnx-format int2 ...`: the export after packing
 PIPELINE_ONNX = FlagSection("onnx", OnnxConfig, prefix="onnx-", names={"enabled": "onnx"})
 RUN = (PIPELINE, QUANT, TRAIN, SHARING, PIPELINE_ONNX)

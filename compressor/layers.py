@@ -116,12 +116,16 @@ class FakeQuantLinear(nn.Module):
 
 
 class FakeQuantEmbedding(nn.Module):
-    def __init__(self, emb: nn.Embedding, fmt: WeightFormat):
+    """`multiplier`: the constant a scaled embedding's own forward multiplies its rows by
+    (structure.lookup_multiplier; BART's sqrt(d_model)), kept so that the swap changes nothing else."""
+
+    def __init__(self, emb: nn.Embedding, fmt: WeightFormat, multiplier: float = 1.0):
         super().__init__()
         self.weight = emb.weight
         self.fmt = fmt
         self.lam = 1.0
         self.padding_idx = emb.padding_idx
+        self.multiplier = multiplier
         self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
 
     def forward(self, ids):
@@ -130,8 +134,10 @@ class FakeQuantEmbedding(nn.Module):
             # same values and gradients as quantizing the table, at a fraction of the cost
             # (a 49k-row vocabulary vs a batch of a few thousand tokens)
             rows = F.embedding(ids, self.weight, self.padding_idx)
-            return self.fmt.fake(rows.reshape(-1, rows.shape[-1]), self.lam).reshape(rows.shape)
-        return F.embedding(ids, self.fmt.fake(self.weight, self.lam), self.padding_idx)
+            rows = self.fmt.fake(rows.reshape(-1, rows.shape[-1]), self.lam).reshape(rows.shape)
+        else:
+            rows = F.embedding(ids, self.fmt.fake(self.weight, self.lam), self.padding_idx)
+        return rows * self.multiplier if self.multiplier != 1.0 else rows
 
 
 class FakeQuantRNN(nn.Module):
@@ -174,19 +180,28 @@ class QLinear(nn.Module):
         x = layer_input(x, self.act_bits)
         return F.linear(x, self.qweight.dequantize(x.dtype), self.bias)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight this layer applies, dequantized on each read (not stored): model code
+        that reads a Linear's `.weight` (T5's feed-forward casts its input to `wo.weight.dtype`)
+        works on a converted model too."""
+        return self.qweight.dequantize(self.qweight.scale.dtype)
+
 
 class QEmbedding(nn.Module):
-    def __init__(self, qweight: QTensor, padding_idx=None):
+    def __init__(self, qweight: QTensor, padding_idx=None, multiplier: float = 1.0):
         super().__init__()
         self.qweight = qweight
         self.padding_idx = padding_idx
+        self.multiplier = multiplier   # as FakeQuantEmbedding's
         self.num_embeddings, self.embedding_dim = qweight.codes.shape
 
     def forward(self, ids):
         # gather rows first: never materialize the whole float table
         rows = self.qweight.codes[ids].float()
         scale = self.qweight.scale
-        return rows * (scale[ids].unsqueeze(-1) if scale.numel() > 1 else scale)
+        rows = rows * (scale[ids].unsqueeze(-1) if scale.numel() > 1 else scale)
+        return rows * self.multiplier if self.multiplier != 1.0 else rows
 
 
 class QRNN(nn.Module):

@@ -88,6 +88,34 @@ def device_of(model: nn.Module) -> torch.device:
 
 # ---------------------------------------------------------------- inputs and outputs
 
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """A transformers seq2seq model (T5, BART, Marian...): its forward also reads decoder inputs."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
+
+
+def with_decoder_inputs(model: nn.Module, inputs: dict) -> dict:
+    """`inputs` with the decoder reading the same tokens shifted right (teacher forcing on the
+    source itself), when the model is encoder-decoder and no decoder input is given: the one input
+    every seq2seq model accepts, so that checks, calibration and distillation can run it."""
+    if not is_encoder_decoder(model) or any(k in inputs for k in DECODER_INPUTS) or "input_ids" not in inputs:
+        return inputs
+    ids = inputs["input_ids"]
+    shift = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    try:
+        decoder = shift(labels=ids) if callable(shift) else None
+    except (ValueError, TypeError, AttributeError):  # e.g. no decoder start token configured
+        decoder = None
+    if decoder is None:
+        config = model.config
+        start = next((t for t in (config.decoder_start_token_id, getattr(config, "bos_token_id", None),
+                                  getattr(config, "pad_token_id", None)) if t is not None), 0)
+        decoder = torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], 1)
+    return {**inputs, "decoder_input_ids": decoder}
+
+
 def random_ids(vocab: int, batch: int, seq: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=generator)
 
@@ -101,12 +129,12 @@ def example_inputs(model: nn.Module, tokenizer=None, seq_len: int = 16, seed: in
             tokenizer.pad_token = tokenizer.eos_token
         enc = tokenizer(EXAMPLE_TEXT, return_tensors="pt", padding=True, truncation=True, max_length=seq_len * 4)
         if vocab is None or int(enc["input_ids"].max()) < vocab:
-            return {k: v for k, v in enc.items() if k in TOKEN_INPUTS}
+            return with_decoder_inputs(model, {k: v for k, v in enc.items() if k in TOKEN_INPUTS})
     g = torch.Generator().manual_seed(seed)
     if vocab is None:
         raise ValueError("cannot build an example input: the model has no embedding and no tokenizer")
     ids = random_ids(vocab, 2, seq_len, g)
-    return {"input_ids": ids} if hasattr(model, "config") else (ids,)
+    return with_decoder_inputs(model, {"input_ids": ids}) if hasattr(model, "config") else (ids,)
 
 
 def keyword_inputs(model: nn.Module, enc: dict) -> dict:
@@ -196,9 +224,8 @@ class ModelIO:
         has_head = structure.head is not None or next_only
         causal = (not hf and bool(rnns)) or next_only or type(model).__name__.endswith(CAUSAL_SUFFIXES) \
             or bool(getattr(getattr(model, "config", None), "is_decoder", False))
-        blocks = []
-        if structure.blocks is not None and structure.blocks.kind == "modulelist":
-            blocks = [f"{structure.blocks.path}.{i}" for i in range(structure.blocks.num_blocks)]
+        # every stack's blocks (an encoder's, then a decoder's), in the order a forward runs them
+        blocks = [f"{s.path}.{i}" for s in structure.all_stacks if s.kind == "modulelist" for i in range(s.num_blocks)]
         params = forward_params(model) if hf else {}
         takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
         return cls(hf, seq_first, has_head, causal and has_head, blocks,
@@ -224,7 +251,7 @@ class ModelIO:
             return model(inputs["input_ids"] if isinstance(inputs, dict) else inputs, **kwargs)
         if not isinstance(inputs, dict):
             inputs = {"input_ids": inputs}
-        inputs = {k: v for k, v in inputs.items() if self.takes(k)}
+        inputs = {k: v for k, v in with_decoder_inputs(model, inputs).items() if self.takes(k)}
         if self.no_cache:
             kwargs = {"use_cache": False, **kwargs}
         return model(**inputs, **kwargs)

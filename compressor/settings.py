@@ -72,6 +72,7 @@ STRATEGIES = ("none", "alternate", "sequential", "cycle", "sequence", "middle-cy
 SHARE_KINDS = ("all", "attention", "ffn")
 INITS = ("average", "stepwise", "closest")
 TRIM_DROPPED = ("unk", "nearest")   # what a dropped id reads after --trim-vocab (compressor/vocab)
+TIE_EMBEDDINGS = ("off", "embedding", "average")   # --tie-embeddings: the tied head's initial value (compressor/cross_ties)
 
 
 @dataclass
@@ -100,6 +101,10 @@ class SharingConfig:
     auto_probe_top: int = 0         # auto with --share-probe-steps: fine-tune at most this many candidates,
                                     # best after tying first (0 = all)
     analyze: bool = True            # compress: write the redundancy analysis first (needs calibration text)
+    tie_embeddings: str = "off"     # tie an untied output head to the input embedding, starting from the
+                                    # embedding's values or the average of both: off | embedding | average
+    tie_decoder: str = "none"       # encoder-decoder: tie each decoder block's self-attention and feed-forward
+                                    # to an encoder block: none | same-depth | pairs "DEC:ENC,..." ("0:0,1:0,2:1")
 
     def __post_init__(self):
         s = str(self.strategy)
@@ -118,6 +123,13 @@ class SharingConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"sharing {name}={getattr(self, name)!r} is not one of {', '.join(allowed)} "
                                  "(or explicit groups like \"0,2,4;1,3,5\" / a .json file)")
+        if self.tie_embeddings not in TIE_EMBEDDINGS:
+            raise ValueError(f"tie_embeddings={self.tie_embeddings!r} is not one of {', '.join(TIE_EMBEDDINGS)}")
+        if self.tie_decoder not in ("none", "same-depth") and not re.fullmatch(r"\s*\d+\s*:\s*\d+\s*(,\s*\d+\s*:\s*\d+\s*)*",
+                                                                          self.tie_decoder):
+            raise ValueError(f"tie_decoder={self.tie_decoder!r}: none, same-depth or DEC:ENC pairs like \"0:0,1:0,2:1\"")
+        if self.tie_decoder != "none" and self.strategy != "none":
+            raise ValueError("tie_decoder ties decoder blocks to encoder blocks: use it without a --sharing strategy")
         if self.strategy == "groups" and not self.groups:
             raise ValueError("sharing strategy 'groups' needs groups, e.g. \"0,2,4;1,3,5\"")
         if self.relax_rank < 0 or self.every < 1 or self.unique < 0 or self.auto_probe_steps < 0 \
@@ -131,7 +143,7 @@ class SharingConfig:
 
     @property
     def active(self) -> bool:
-        return self.strategy != "none"
+        return self.strategy != "none" or self.tie_embeddings != "off" or self.tie_decoder != "none"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -248,6 +248,12 @@ class SharedLinear(nn.Module):
             y = y + F.linear(F.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
         return y
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The shared matrix this occurrence scales (`inner.weight`, not a copy): model code that
+        reads a Linear's `.weight` (T5's feed-forward casts its input to `wo.weight.dtype`) runs."""
+        return self.inner.weight
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}"
 
@@ -303,23 +309,8 @@ def apply_sharing(model: nn.Module, plan: SharingPlan, cfg: SharingConfig | None
     report = []
     for g in (plan.tied if tied_only else plan.groups):
         for name in mats[g[0]]:
-            owners = [mats[b][name] for b in g]
-            ws = [_as_matrix(o, a) for o, a in owners]
-            shared, copied = _initial(ws, cfg.init, positions.get(id(g), 0.0))
-            if len(g) > 1:
-                native = shared.t() if is_conv1d(owners[0][0]) else shared
-                first = getattr(owners[0][0], owners[0][1])
-                param = nn.Parameter(native.to(first.dtype).contiguous(), requires_grad=first.requires_grad)
-                for owner, attr in owners:
-                    setattr(owner, attr, param)
-            errors = []
-            for b, w in zip(g, ws):
-                gain = float((w * shared).sum() / (shared * shared).sum().clamp(min=1e-12)) if len(g) > 1 else 1.0
-                residual = w - gain * shared
-                if not rnn:
-                    _wrap_occurrence(model, stack.path, b, name, gain, residual, cfg.relax_rank)
-                if len(g) > 1:
-                    errors.append(float(residual.norm() / w.norm().clamp(min=1e-12)))
+            paths = None if rnn else [f"{stack.path}.{b}.{name}" for b in g]
+            errors, copied = tie_occurrences(model, [mats[b][name] for b in g], paths, cfg, positions.get(id(g), 0.0))
             if len(g) > 1:
                 report.append({"group": g, "matrix": name, "copied_member": None if copied is None else g[copied],
                                "relative_error": [round(e, 5) for e in errors]})
@@ -331,12 +322,36 @@ def apply_sharing(model: nn.Module, plan: SharingPlan, cfg: SharingConfig | None
                    "unique_block_fraction": round(block_after / block_before, 5), "groups": report}
 
 
-def _wrap_occurrence(model, stack_path, block, name, gain, residual, rank):
-    """Put a SharedLinear around block.<name> (name of the Linear inside the block)."""
-    if name.endswith(".inner"):  # already wrapped by an earlier call: update in place
-        wrapper = model.get_submodule(f"{stack_path}.{block}.{name[:-len('.inner')]}")
+def tie_occurrences(model: nn.Module, owners: list[tuple], paths: list[str] | None, cfg: SharingConfig,
+                    position: float = 0.0) -> tuple[list[float], int | None]:
+    """Tie the matrices `owners` ((module, attribute) each) to one new Parameter initialized by
+    cfg.init; each occurrence at `paths` (module paths of the Linears; None: RNN weights, no
+    wrapper) gets its SharedLinear gain (and low-rank correction). One owner: wrapped only.
+    -> (relative error of each occurrence after its gain, index of the member copied or None)."""
+    ws = [_as_matrix(o, a) for o, a in owners]
+    shared, copied = _initial(ws, cfg.init, position)
+    if len(owners) > 1:
+        native = shared.t() if is_conv1d(owners[0][0]) else shared
+        first = getattr(owners[0][0], owners[0][1])
+        param = nn.Parameter(native.to(first.dtype).contiguous(), requires_grad=first.requires_grad)
+        for owner, attr in owners:
+            setattr(owner, attr, param)
+    errors = []
+    for i, w in enumerate(ws):
+        gain = float((w * shared).sum() / (shared * shared).sum().clamp(min=1e-12)) if len(owners) > 1 else 1.0
+        residual = w - gain * shared
+        if paths is not None:
+            _wrap_occurrence(model, paths[i], gain, residual, cfg.relax_rank)
+        if len(owners) > 1:
+            errors.append(float(residual.norm() / w.norm().clamp(min=1e-12)))
+    return errors, copied
+
+
+def _wrap_occurrence(model, path, gain, residual, rank):
+    """Put a SharedLinear around the Linear at `path`."""
+    if path.endswith(".inner"):  # already wrapped by an earlier call: update in place
+        wrapper = model.get_submodule(path[:-len(".inner")])
     else:
-        path = f"{stack_path}.{block}.{name}"
         inner = model.get_submodule(path)
         out_f, in_f = residual.shape
         wrapper = SharedLinear(inner, rank, in_f, out_f)

@@ -9,6 +9,7 @@ from typing import Callable
 from torch import nn
 
 from .errors import TritpressError
+from .cross_ties import tie_decoder, tie_embeddings
 from .redundancy import Calibration, analyze, calibration_ids
 from .redundancy_auto import auto_plan
 from .share import SharingConfig, apply_sharing, plan_groups
@@ -33,29 +34,49 @@ def share_stage(model: nn.Module, tokenizer, scfg: SharingConfig, data: str | No
     `probe` (auto only): fine-tunes a tied candidate, see redundancy_auto.auto_plan.
     `calibration_ids` ([N, T] token ids) replace DATA: a task model's blocks of its own examples."""
     structure = discover(model, exclude)
-    if structure.blocks is None:
+    blocks = scfg.strategy != "none"
+    if blocks and structure.blocks is None:
         raise TritpressError("--sharing: no stack of repeated blocks (or stacked LSTM/GRU layers) found in the model")
     auto = scfg.strategy == "auto"
     if auto and not data and calibration_ids is None:
         raise TritpressError("--sharing auto measures the loss of candidate ties: pass calibration text "
                              "with --data or --share-data")
-    plan = None if auto else plan_groups(structure.blocks.num_blocks, scfg)  # refuse a bad plan early
+    plan = plan_groups(structure.blocks.num_blocks, scfg) if blocks and not auto else None  # refuse a bad plan early
     findings: dict = {"config": scfg.to_dict()}
-    cal = calibration_for(model, tokenizer, scfg, data, structure, calibration_ids) if (scfg.analyze or auto) else None
+    analyze_blocks = bool(scfg.analyze) and blocks
+    cal = calibration_for(model, tokenizer, scfg, data, structure, calibration_ids) \
+        if (analyze_blocks or auto or not blocks) else None
     analysis = None
-    if cal is not None:
+    if cal is not None and (analyze_blocks or auto):
         analysis = analyze(model, cal, scfg, structure, strategies=scfg.analyze)
         files = write_analysis(analysis) if write_analysis is not None else []
         findings["analysis"] = {"files": files, "wall_s": analysis["timings"]["total_s"],
                                 "calibration": analysis["calibration"],
                                 "strategies": analysis.get("strategies")}
     else:
-        findings["analysis"] = "skipped: no calibration text (--data or --share-data)" if scfg.analyze else "off"
+        findings["analysis"] = "skipped: no calibration text (--data or --share-data)" if analyze_blocks else "off"
     if auto:
         plan, findings["auto"] = auto_plan(model, cal, scfg, structure, analysis, probe)
-    tied, tie = apply_sharing(copy.deepcopy(model), plan, scfg, structure)
-    findings.update(tie)
+    tied = copy.deepcopy(model)
+    if plan is not None:
+        tied, tie = apply_sharing(tied, plan, scfg, structure)
+        findings.update(tie)
+    findings.update(cross_ties(tied, scfg, cal))
     if cal is not None:
         findings["calibration_loss"] = {"metric": cal.metric, "original": round(cal.base_loss, 6),
                                         "after_tying": round(cal.loss(tied), 6)}
     return tied, findings
+
+
+def cross_ties(tied: nn.Module, scfg: SharingConfig, cal=None) -> dict:
+    """The decoder-to-encoder and head-to-embedding ties on the tied copy, each with the calibration
+    loss right after it (with calibration data)."""
+    out = {}
+    for key, on, tie in (("decoder_ties", scfg.tie_decoder != "none", lambda m: tie_decoder(m, scfg)),
+                         ("embedding_tie", scfg.tie_embeddings != "off",
+                          lambda m: tie_embeddings(m, scfg.tie_embeddings))):
+        if on:
+            out[key] = tie(tied)
+            if cal is not None:
+                out[key]["calibration_loss_after"] = round(cal.loss(tied), 6)
+    return out

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 RNN_TYPES = (nn.LSTM, nn.GRU, nn.RNN)
@@ -59,10 +61,16 @@ class LayerInfo:
 
 @dataclass
 class ModelStructure:
-    blocks: BlockStack | None
+    blocks: BlockStack | None          # the largest stack: the one sharing plans tie within
     layers: list[LayerInfo] = field(default_factory=list)
     head: str | None = None
     head_tied_to: str | None = None   # embedding module whose weight the head shares
+    stacks: list[BlockStack] = field(default_factory=list)   # every stack (encoder and decoder...), in model order
+
+    @property
+    def all_stacks(self) -> list[BlockStack]:
+        """Every stack; a structure read from a file that lists none has its largest one."""
+        return self.stacks or ([self.blocks] if self.blocks is not None else [])
 
     def by_role(self, role: str) -> list[LayerInfo]:
         return [layer for layer in self.layers if layer.role == role]
@@ -85,28 +93,60 @@ def _n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
+def _repeated(children: list[nn.Module]) -> bool:
+    """Blocks of one stack: the same type and parameters, except that the first block may hold
+    extra parameters of its own (T5's first block carries the relative-position bias every block
+    reads)."""
+    first, rest = _signature(children[0]), [_signature(c) for c in children[1:]]
+    if not first[1] or any(sig != rest[0] for sig in rest):
+        return False
+    return first == rest[0] or (first[0] == rest[0][0] and set(rest[0][1]) < set(first[1]))
+
+
+def find_block_stacks(model: nn.Module) -> list[BlockStack]:
+    """Every ModuleList/Sequential of >= 2 repeated blocks (`_repeated`) that is not inside another
+    one, in model order (an encoder's stack, then a decoder's); failing any, the multi-layer
+    LSTM/GRUs (their layers are the blocks)."""
+    found: list[BlockStack] = []
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.ModuleList, nn.Sequential)) or len(m) < 2 or not _repeated(list(m)):
+            continue
+        if any(s.contains(name) for s in found):
+            continue  # a list inside a block of a stack already found
+        found.append(BlockStack(name, "modulelist", len(m), type(m[-1]).__name__, _n_params(m[-1])))
+    if found:
+        return found
+    return [BlockStack(name, "rnn-layers", m.num_layers, type(m).__name__, _n_params(m) // m.num_layers)
+            for name, m in model.named_modules() if isinstance(m, RNN_TYPES) and m.num_layers >= 2]
+
+
 def find_block_stack(model: nn.Module) -> BlockStack | None:
-    """The largest ModuleList/Sequential of >= 2 structurally identical modules;
-    failing that, the largest multi-layer LSTM/GRU (its layers are the blocks)."""
-    best = None
-    for name, m in model.named_modules():
-        if not isinstance(m, (nn.ModuleList, nn.Sequential)) or len(m) < 2:
-            continue
-        children = list(m)
-        sig = _signature(children[0])
-        if not sig[1] or any(_signature(c) != sig for c in children[1:]):
-            continue
-        per_block = _n_params(children[0])
-        if best is None or per_block * len(children) > best.params_per_block * best.num_blocks:
-            best = BlockStack(name, "modulelist", len(children), sig[0], per_block)
-    if best is not None:
-        return best
-    for name, m in model.named_modules():
-        if isinstance(m, RNN_TYPES) and m.num_layers >= 2:
-            per_layer = _n_params(m) // m.num_layers
-            if best is None or _n_params(m) > best.params_per_block * best.num_blocks:
-                best = BlockStack(name, "rnn-layers", m.num_layers, type(m).__name__, per_layer)
-    return best
+    """The largest stack of `find_block_stacks` (by parameters; the first of equal ones)."""
+    stacks = find_block_stacks(model)
+    return max(stacks, key=lambda s: s.params_per_block * s.num_blocks) if stacks else None
+
+
+def lookup_multiplier(emb: nn.Embedding) -> float | None:
+    """What an embedding's forward does to the rows it looks up: 1.0 for nn.Embedding's own lookup,
+    the constant factor of a scaled lookup (BART's and Marian's word embeddings multiply by
+    sqrt(d_model)), None when its forward is no lookup of the ids it is given (BART's learned
+    positions read positions from the input's shape): such a table is left as it is."""
+    if type(emb).forward is nn.Embedding.forward:
+        return 1.0
+    ids = torch.arange(min(emb.num_embeddings, 8), device=emb.weight.device).view(1, -1)
+    try:
+        with torch.no_grad():
+            out = emb(ids)
+    except Exception:  # noqa: BLE001 - a forward that needs more than ids is no plain lookup
+        return None
+    rows = F.embedding(ids, emb.weight.detach())
+    if not isinstance(out, torch.Tensor) or out.shape != rows.shape:
+        return None
+    nonzero = rows.abs() > 1e-12
+    if not bool(nonzero.any()):
+        return None
+    factor = float((out[nonzero] / rows[nonzero]).median())
+    return factor if torch.allclose(out.float(), rows.float() * factor, rtol=1e-4, atol=1e-6) else None
 
 
 def _find_head(model: nn.Module, linears: dict[str, nn.Module], embeddings: dict[str, nn.Embedding], stack=None):
@@ -147,14 +187,17 @@ def _linear_shape(m: nn.Module) -> list[int]:
 
 
 def discover(model: nn.Module, exclude: list[str] | tuple = ()) -> ModelStructure:
-    stack = find_block_stack(model)
+    stacks = find_block_stacks(model)
+    stack = max(stacks, key=lambda s: s.params_per_block * s.num_blocks) if stacks else None
     patterns = [re.compile(p) for p in exclude]
     skip = lambda name: any(p.search(name) for p in patterns)  # noqa: E731
     linears = {n: m for n, m in model.named_modules() if is_linear(m) and not skip(n)}
-    embeddings = {n: m for n, m in model.named_modules() if isinstance(m, nn.Embedding) and not skip(n)}
+    embeddings = {n: m for n, m in model.named_modules() if isinstance(m, nn.Embedding) and not skip(n)
+                  and lookup_multiplier(m) is not None}
     rnns = {n: m for n, m in model.named_modules() if isinstance(m, RNN_TYPES) and not skip(n)}
     head, tied = _find_head(model, linears, embeddings, stack)
-    in_blocks = (lambda n: stack.contains(n)) if stack is not None and stack.kind == "modulelist" else None
+    lists = [s for s in stacks if s.kind == "modulelist"]
+    in_blocks = (lambda n: any(s.contains(n) for s in lists)) if lists else None
 
     layers = []
     for n, e in embeddings.items():
@@ -171,4 +214,4 @@ def discover(model: nn.Module, exclude: list[str] | tuple = ()) -> ModelStructur
             role = "outside"
         kind = "conv1d" if is_conv1d(m) else "linear"
         layers.append(LayerInfo(n, kind, role, _linear_shape(m), m.weight.numel()))
-    return ModelStructure(stack, layers, head, tied)
+    return ModelStructure(stack, layers, head, tied, stacks)

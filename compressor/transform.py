@@ -18,7 +18,8 @@ from torch import nn
 from .config import FLOAT_DTYPES, TernaryConfig
 from .layers import (FakeQuantEmbedding, FakeQuantLinear, FakeQuantRNN, QEmbedding, QLinear, QRNN,
                      QTensor, WeightFormat)
-from .structure import ModelStructure, default_granularity, discover, is_conv1d, rnn_weight_names, set_submodule
+from .structure import (ModelStructure, default_granularity, discover, is_conv1d, lookup_multiplier, rnn_weight_names,
+                        set_submodule)
 
 RECORD_ATTR = "tritpress"
 
@@ -42,7 +43,7 @@ class QuantRecord:
             if isinstance(m, QLinear):
                 entry.update(shape=list(m.qweight.codes.shape), bias=m.bias is not None, act_bits=m.act_bits)
             elif isinstance(m, QEmbedding):
-                entry.update(shape=list(m.qweight.codes.shape), padding_idx=m.padding_idx)
+                entry.update(shape=list(m.qweight.codes.shape), padding_idx=m.padding_idx, multiplier=m.multiplier)
             elif isinstance(m, QRNN):
                 entry.update(weights={n: list(q.codes.shape) for n, q in m.qweights.items()})
             elif not fmt.is_float:
@@ -105,7 +106,7 @@ def prepare(model: nn.Module, config: TernaryConfig | None = None) -> nn.Module:
             bias = m.bias
             new = FakeQuantLinear(linear_weight(m), bias, fmt, cfg.act_bits if layer.role == "block" else None)
         elif layer.kind == "embedding":
-            new = FakeQuantEmbedding(m, fmt)
+            new = FakeQuantEmbedding(m, fmt, lookup_multiplier(m))
         else:
             new = FakeQuantRNN(m, fmt)
         set_submodule(model, layer.name, new)
@@ -166,7 +167,7 @@ def convert(model: nn.Module, config: TernaryConfig | None = None) -> nn.Module:
             bias = nn.Parameter(m.bias.detach().clone()) if m.bias is not None else None
             new = QLinear(qt(m.weight, fmt), bias, m.act_bits)
         elif isinstance(m, FakeQuantEmbedding):
-            new = QEmbedding(qt(m.weight, fmt), m.padding_idx)
+            new = QEmbedding(qt(m.weight, fmt), m.padding_idx, m.multiplier)
         else:
             rnn = m.rnn
             new = QRNN(rnn, {n: qt(getattr(rnn, n), fmt) for n in rnn_weight_names(rnn)})
@@ -206,7 +207,7 @@ def build_empty(model: nn.Module, module_map: dict) -> None:
             bias = nn.Parameter(torch.zeros(entry["shape"][0])) if entry["bias"] else None
             new = QLinear(QTensor.empty(entry["shape"], fmt), bias, entry["act_bits"])
         elif entry["type"] == "QEmbedding":
-            new = QEmbedding(QTensor.empty(entry["shape"], fmt), entry["padding_idx"])
+            new = QEmbedding(QTensor.empty(entry["shape"], fmt), entry["padding_idx"], entry.get("multiplier", 1.0))
         elif entry["type"] == "QRNN":
             rnn = model.get_submodule(name)
             new = QRNN(rnn, {n: QTensor.empty(s, fmt) for n, s in entry["weights"].items()})

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .settings import TRIM_DROPPED
-from .structure import discover, set_submodule
+from .structure import discover, lookup_multiplier, set_submodule
 
 
 def _rows_dtype(kept: int) -> torch.dtype:
@@ -144,8 +144,10 @@ def trim_vocab(model: nn.Module, embedding: str, head: str | None, keep_ids, unk
     prepare/convert, so that quantization and training see the trimmed tables."""
     emb = model.get_submodule(embedding)
     out = model.get_submodule(head) if head else None
-    if type(emb) is not nn.Embedding or (out is not None and type(out) is not nn.Linear):
+    if not isinstance(emb, nn.Embedding) or (out is not None and type(out) is not nn.Linear):
         raise ValueError("trim_vocab needs a float nn.Embedding (and nn.Linear head): trim before quantizing")
+    if lookup_multiplier(emb) != 1.0:
+        raise ValueError(f"cannot trim the vocabulary of {type(emb).__name__}: its forward does more than look rows up")
     vocab = emb.num_embeddings
     kept = torch.tensor(sorted({int(i) for i in keep_ids} | {int(unk_id)}), dtype=torch.int64)
     if kept[0] < 0 or kept[-1] >= vocab:

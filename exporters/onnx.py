@@ -96,6 +96,17 @@ class U8Embedding(nn.Module):
         return rows * (self.scale[ids].unsqueeze(-1) if self.scale.numel() > 1 else self.scale)
 
 
+class Multiplied(nn.Module):
+    """An exported embedding whose rows a scaled embedding multiplies (QEmbedding.multiplier)."""
+
+    def __init__(self, inner: nn.Module, multiplier: float):
+        super().__init__()
+        self.inner, self.multiplier = inner, multiplier
+
+    def forward(self, ids):
+        return self.inner(ids) * self.multiplier
+
+
 def _float_rnn(q: QRNN, param: Callable) -> nn.Module:
     rnn = copy.deepcopy(q._template).to_empty(device="cpu")
     for n, _ in list(rnn.named_parameters()):
@@ -152,6 +163,8 @@ def float_twin(model: nn.Module, fmt: str = "float") -> tuple[nn.Module, dict[in
                 new.weight = param(m.qweight, "rows")  # from_pretrained wraps a new Parameter
             else:
                 new = _float_rnn(m, param)
+            if isinstance(m, QEmbedding) and m.multiplier != 1.0 and new is not m:
+                new = Multiplied(new, m.multiplier)
             replaced[id(m)] = new
         set_submodule(twin, name, replaced[id(m)])
     return twin.eval(), origin

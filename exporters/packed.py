@@ -284,7 +284,8 @@ def read_packed_state(path) -> tuple[dict[str, torch.Tensor], dict]:
 def _record_from_meta(meta: dict) -> QuantRecord:
     s = meta["structure"]
     structure = ModelStructure(BlockStack(**s["blocks"]) if s["blocks"] else None,
-                               [LayerInfo(**layer) for layer in s["layers"]], s["head"], s["head_tied_to"])
+                               [LayerInfo(**layer) for layer in s["layers"]], s["head"], s["head_tied_to"],
+                               [BlockStack(**b) for b in s.get("stacks", [])])   # older files list none
     record = QuantRecord(TernaryConfig.from_dict(meta["quant_config"]), structure, converted=True)
     for name, entry in meta["module_map"].items():
         record.formats[name] = WeightFormat(**entry["format"])

@@ -26,6 +26,7 @@ from tests.test_train import _one_thread  # noqa: F401  (autouse fixture: one in
 from tests.test_train import cli
 
 FOUR = ["--try-sharing", "none", "--try-bits", "int8,int4,int2,ternary"]  # 4 candidates of 4 different sizes
+SIZE_SLACK = 32  # bytes a trained file may differ from its sized estimate (format 3: zlib metadata holding the SHA-256)
 
 
 
@@ -52,9 +53,10 @@ def runs(monkeypatch):
 
 def gate_passing_from(monkeypatch, min_bytes: int) -> None:
     """The evaluate stage replaced: a packed file of at least `min_bytes` passes (drop 0.5 of 1 allowed),
-    a smaller one fails (drop 3)."""
+    a smaller one fails (drop 3). A trained file may be up to SIZE_SLACK bytes off its sized estimate
+    (its zlib-compressed metadata holds its SHA-256), so the line is drawn that much lower."""
     def evaluate(run):
-        big = run.packed_path.stat().st_size >= min_bytes
+        big = run.packed_path.stat().st_size >= min_bytes - SIZE_SLACK
         row = gate_row("cls", "cls", "accuracy", 90.0, 89.5 if big else 87.0, "own", Tolerance(1.0, False),
                        ci=(-1.5, 0.5), n=24)
         return {"passed": row["status"] == "PASS", "rows": [row], "tasks": {}, "files": {}}
@@ -74,6 +76,8 @@ def sizes(cls_work, files, tmp_path_factory):  # noqa: F811
 def test_sizes_are_known_before_training_and_differ(sizes):
     assert list(sizes) == ["none-int8", "none-int4", "none-int2", "none-ternary"]
     assert sizes["none-int8"] > sizes["none-int4"] > sizes["none-int2"] > sizes["none-ternary"]
+    ordered = sorted(sizes.values())
+    assert min(b - a for a, b in zip(ordered, ordered[1:])) > 2 * SIZE_SLACK   # gate_passing_from's line is clear
 
 
 def test_unreachable_target_trains_nothing_and_names_the_closest(cls_work, files, tmp_path, runs):  # noqa: F811
@@ -115,7 +119,7 @@ def test_the_smallest_passing_candidate_wins_and_nothing_bigger_trains(sizes, cl
     assert status[order[1]]["estimated_bytes"] == sizes[order[1]]
     # sized = trained, up to the compressed metadata: it holds the file's SHA-256, and zlib's output length
     # varies by a few bytes with those digits (a 17,222-byte file came back as 17,230)
-    assert abs(status[order[1]]["bytes"] - sizes[order[1]]) <= 32
+    assert abs(status[order[1]]["bytes"] - sizes[order[1]]) <= SIZE_SLACK
     for name in order[2:]:
         assert status[name]["status"] == "skipped" and f"bigger than {order[1]}" in status[name]["why"]
         assert not (out / "candidates" / name / "report.json").exists()

@@ -150,7 +150,7 @@ def test_single_layer_lstm_has_no_stack_but_is_still_quantized():
     assert set(q.rnn.qweights) == {"weight_ih_l0", "weight_hh_l0"}
 
 
-def test_largest_repeated_stack_wins_and_mixed_lists_are_not_stacks():
+def test_largest_repeated_stack_is_the_primary_one_every_stack_is_listed_and_mixed_lists_are_not_stacks():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -162,8 +162,9 @@ def test_largest_repeated_stack_wins_and_mixed_lists_are_not_stacks():
     assert (stack.path, stack.num_blocks, stack.block_type, stack.params_per_block) == ("big", 2, "Linear", 1056)
     s = discover(Net())
     roles = {layer.name: layer.role for layer in s.layers}
-    assert roles["big.0"] == roles["big.1"] == "block"
-    assert roles["small.0"] == "outside" and roles["mixed.0"] == "outside"
+    assert [(b.path, b.num_blocks) for b in s.stacks] == [("small", 5), ("big", 2)] and s.blocks.path == "big"
+    assert roles["big.0"] == roles["big.1"] == roles["small.0"] == "block"
+    assert roles["mixed.0"] == "outside"
 
 
 def test_exclude_regex_leaves_layers_untouched():

@@ -97,6 +97,31 @@ def make_large_logit_decoder(seed: int = 0):
     return model
 
 
+def make_t5(untied_head: bool = False, seed: int = 0):
+    """(Not in FACTORIES: seq2seq models go through the pipeline in tests/test_seq2seq.py.) A 3 + 3
+    block T5; its encoder's and decoder's first blocks carry the relative-position bias."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=HIDDEN, d_kv=16, d_ff=64, num_layers=3,
+                                                num_decoder_layers=3, num_heads=2, decoder_start_token_id=0,
+                                                pad_token_id=0, eos_token_id=1)).eval()
+    if untied_head:  # T5 v1.1 style: a head of its own
+        model.lm_head.weight = nn.Parameter(model.shared.weight.detach() + 0.1 * torch.randn(VOCAB, HIDDEN))
+    return model
+
+
+def make_bart(scale_embedding: bool = True, seed: int = 0):
+    """A 2 + 2 block BART whose word embeddings multiply their rows by sqrt(d_model) and whose
+    positions are a learned table read by the input's shape (both nn.Embedding subclasses)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+    torch.manual_seed(seed)
+    return BartForConditionalGeneration(BartConfig(
+        vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        scale_embedding=scale_embedding, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2)).eval()
+
+
 def make_lstm(**kw):
     return LSTMLM(**kw).eval()
 

@@ -1,0 +1,211 @@
+"""Encoder-decoder models (tiny random T5 and BART) and the ties across stacks: every stack found,
+the checks run with decoder inputs, scaled and positional embeddings kept exact, the output head
+tied to the input embedding, decoder blocks tied to encoder blocks; through train, convert, pack
+and reload."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from tests.cli_helpers import run_cli
+from tritpress.analyzers.report import render
+from tests.tiny_models import HIDDEN, VOCAB, make_bart, make_llama, make_t5
+from tritpress.compressor.cross_ties import decoder_pairs, matrix_keys, tie_decoder, tie_embeddings
+from tritpress.compressor.errors import TritpressError
+from tritpress.compressor.ingest import SourceInfo
+from tritpress.compressor.layers import QEmbedding
+from tritpress.compressor.modelio import ModelIO, example_inputs, run_model
+from tritpress.compressor.share import SharedLinear, SharingConfig
+from tritpress.compressor.structure import discover, lookup_multiplier
+from tritpress.compressor.transform import convert, prepare
+from tritpress.exporters.packed import load_packed, read_metadata, save_packed
+
+
+def _ids(seed=1, batch=2, length=9):
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _pack_reload(model, path):
+    save_packed(model, path, SourceInfo("hf", "x", type(model).__name__, model.config.to_dict()))
+    return load_packed(path)
+
+
+# ------------------------------------------------------------------ structure and inputs
+
+
+def test_t5_has_two_stacks_whose_first_blocks_carry_the_position_bias():
+    model = make_t5()
+    s = discover(model)
+    assert [(b.path, b.num_blocks, b.block_type) for b in s.stacks] == [("encoder.block", 3, "T5Block"),
+                                                                       ("decoder.block", 3, "T5Block")]
+    first, second = model.encoder.block[0], model.encoder.block[1]
+    assert sum(p.numel() for p in first.parameters()) > sum(p.numel() for p in second.parameters())
+    roles = {layer.name: layer.role for layer in s.layers if layer.kind == "linear"}
+    assert roles.pop("lm_head") == "head" and set(roles.values()) == {"block"}   # both stacks' Linears
+    assert len(roles) == 3 * 6 + 3 * 10                                           # q k v o wi wo (+ cross q k v o)
+    io = ModelIO.discover(model, s)
+    assert io.block_paths == [f"encoder.block.{i}" for i in range(3)] + [f"decoder.block.{i}" for i in range(3)]
+
+
+def test_encoder_decoder_inputs_teacher_force_the_shifted_source():
+    model = make_t5()
+    inputs = example_inputs(model)
+    ids = inputs["input_ids"]
+    assert torch.equal(inputs["decoder_input_ids"][:, 1:], ids[:, :-1])
+    assert (inputs["decoder_input_ids"][:, 0] == model.config.decoder_start_token_id).all()
+    out = ModelIO.of(model).forward(model, ids)   # ids alone: the decoder inputs are added
+    assert out.shape == (*ids.shape, VOCAB)
+    torch.testing.assert_close(out, run_model(model, inputs))
+
+
+def test_scaled_word_embedding_keeps_its_factor_and_positions_stay_float(tmp_path):
+    model = make_bart(scale_embedding=True)
+    enc = model.model.encoder
+    assert lookup_multiplier(model.model.shared) == pytest.approx(math.sqrt(HIDDEN))
+    assert lookup_multiplier(enc.embed_positions) is None          # reads positions from the input's shape
+    assert lookup_multiplier(nn.Embedding(5, 3)) == 1.0
+    names = {layer.name for layer in discover(model).layers if layer.kind == "embedding"}
+    assert "model.encoder.embed_positions" not in names and "model.shared" in names
+    ids = _ids()
+    ref = enc.embed_tokens(ids)
+    q = convert(prepare(copy.deepcopy(model)))
+    assert isinstance(q.model.encoder.embed_tokens, QEmbedding)
+    got = q.model.encoder.embed_tokens(ids)
+    assert (got - ref).norm() / ref.norm() < 0.02                  # int8 rows, same factor
+    assert isinstance(q.model.encoder.embed_positions, nn.Embedding)   # untouched (class and forward)
+    inputs = example_inputs(model)
+    out = run_model(q, inputs)
+    loaded = _pack_reload(q, tmp_path / "bart.safetensors")
+    assert loaded.model.encoder.embed_tokens.multiplier == pytest.approx(math.sqrt(HIDDEN))
+    torch.testing.assert_close(run_model(loaded, inputs), out, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(60)]
+    f = tmp_path_factory.mktemp("text") / "text.txt"
+    f.write_text("\n".join(" ".join(rng.choice(words) for _ in range(40)) for _ in range(40)))
+    return f
+
+
+@pytest.mark.parametrize("make", [lambda: make_t5(untied_head=True), make_bart], ids=["t5", "bart"])
+def test_pipeline_runs_both_stacks_with_ties_and_checks(make, text, tmp_path, capsys):
+    d = tmp_path / "model"
+    make().save_pretrained(d)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli([d, "--tie-decoder", "same-depth", "--tie-embeddings", "embedding", "--data", text,
+                                 "--steps", 2, "--seq-len", 16, "--batch-size", 2, "--eval-tokens", 64,
+                                 "--share-sequences", 4, "--share-seq-len", 16, "--out", out, "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert len(report["structure"]["stacks"]) == 2
+    checks = report["checks"]
+    assert "skipped" not in checks and checks["reload_vs_converted"]["codes_bit_identical"], checks
+    assert checks["reload_vs_converted"]["max_abs_diff"] == 0.0
+    ties = report["sharing"]["decoder_ties"]
+    assert len(ties["ties"]) == 6 * len(ties["pairs"]) and ties["decoder_only"]   # cross-attention kept
+    assert "calibration_loss_after" in ties
+    assert report["training"]["steps"] == 2
+    rendered = render(report)
+    assert "block stacks" in rendered and "decoder tied to encoder" in rendered and "embedding tie:" in rendered
+
+
+# ------------------------------------------------------------------ the embedding tie
+
+
+def test_tie_embeddings_makes_one_tensor_through_convert_pack_reload(tmp_path):
+    model = make_llama(False)
+    before = sum(p.numel() for p in model.parameters())
+    findings = tie_embeddings(model, "average")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert findings["unique_params_before"] - findings["unique_params_after"] == VOCAB * HIDDEN
+    assert before - sum(p.numel() for p in model.parameters()) == VOCAB * HIDDEN
+    assert 0 < findings["relative_error"]["head"] and 0 < findings["relative_error"]["embedding"]
+    q = convert(prepare(model))
+    assert q.lm_head.qweight is q.model.embed_tokens.qweight
+    f = tmp_path / "m.safetensors"
+    ids = _ids()
+    ref = q(ids).logits
+    loaded = _pack_reload(q, f)
+    assert loaded.lm_head.qweight.codes is loaded.model.embed_tokens.qweight.codes
+    torch.testing.assert_close(loaded(ids).logits, ref, rtol=0, atol=0)
+    stored = [k for k in read_metadata(f)["tensors"] if k.endswith("qweight.codes") and "layers" not in k]
+    assert len(stored) == 1
+
+
+def test_tie_embeddings_on_a_tied_model_changes_nothing_and_shapes_must_agree():
+    model = make_llama(True)
+    assert tie_embeddings(model)["already_tied"]
+
+    class Wide(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(VOCAB, HIDDEN)
+            self.out = nn.Linear(2 * HIDDEN, VOCAB)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            return self.out(torch.cat([h, h], -1))
+
+    with pytest.raises(TritpressError, match="different shapes"):
+        tie_embeddings(Wide())
+
+
+# ------------------------------------------------------------------ the decoder tie
+
+
+@pytest.mark.parametrize("make, kept", [(make_t5, "EncDecAttention"), (make_bart, "encoder_attn")],
+                         ids=["t5", "bart"])
+def test_decoder_self_attention_and_ffn_tied_to_the_encoder_cross_attention_kept(make, kept, tmp_path):
+    model = make()
+    s = discover(model)
+    enc, dec = (model.get_submodule(b.path) for b in s.stacks)
+    before = sum(p.numel() for p in model.parameters())
+    findings = tie_decoder(model, SharingConfig(tie_decoder="same-depth"))
+    n = len(enc)
+    assert findings["pairs"] == [[i, i] for i in range(n)]
+    enc_keys = matrix_keys(enc[0])
+    tied = 0
+    for key, name in matrix_keys(dec[0]).items():
+        d = dec[0].get_submodule(name.removesuffix(".inner"))
+        if kept in name:
+            assert not isinstance(d, SharedLinear) and key not in enc_keys
+            continue
+        e = enc[0].get_submodule(enc_keys[key].removesuffix(".inner"))
+        assert isinstance(d, SharedLinear) and d.inner.weight is e.inner.weight and d.gain is not e.gain
+        tied += d.inner.weight.numel()
+    assert tied and before - sum(p.numel() for p in model.parameters()) == n * tied - 2 * n * len(enc_keys)
+    q = convert(prepare(model))
+    inputs = example_inputs(q)
+    ref = run_model(q, inputs)
+    loaded = _pack_reload(q, tmp_path / "m.safetensors")
+    torch.testing.assert_close(run_model(loaded, inputs), ref, rtol=0, atol=0)
+
+
+def test_decoder_pairs_and_refusals():
+    assert decoder_pairs("same-depth", 3, 2) == [(0, 0), (1, 1)]
+    assert decoder_pairs("0:0, 1:0,2:1", 2, 3) == [(0, 0), (1, 0), (2, 1)]
+    for spec, message in (("5:0", "the decoder has blocks"), ("0:0,0:1", "named twice"), ("a:b", "DEC:ENC")):
+        with pytest.raises(TritpressError, match=message):
+            decoder_pairs(spec, 2, 3)
+    with pytest.raises(ValueError, match="without a --sharing strategy"):
+        SharingConfig("alternate", tie_decoder="same-depth")
+    with pytest.raises(TritpressError, match="two block stacks"):
+        tie_decoder(make_llama(True), SharingConfig(tie_decoder="same-depth"))
+
+
+def test_bad_tie_flags_are_one_line(tmp_path, capsys):
+    d = tmp_path / "llama"
+    make_llama(True).save_pretrained(d)
+    code, _, err = run_cli([d, "--tie-decoder", "same-depth", "--out", tmp_path / "o"], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("compress: error:")]
+    assert code != 0 and len(errors) == 1 and "two block stacks" in errors[0] and "Traceback" not in err
+    code, _, err = run_cli([d, "--tie-decoder", "x", "--out", tmp_path / "o2"], capsys)
+    assert code != 0 and "DEC:ENC" in err and "Traceback" not in err
