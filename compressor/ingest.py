@@ -90,8 +90,13 @@ def _tokenizer(path: str, **kw):
         tok = _transformers().AutoTokenizer.from_pretrained(path, **kw)
     except Exception:  # a model without a tokenizer is still compressible
         return None
-    # transformers may build an empty tokenizer for a folder that has no tokenizer files
-    return tok if len(tok) > 1 else None
+    # transformers may build an empty tokenizer for a folder that has no tokenizer files (for BART: a
+    # RobertaTokenizer holding only its special tokens, which encodes any text to nothing)
+    try:
+        empty = len(tok) <= 1 or not tok("hello world", add_special_tokens=False)["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot encode is no tokenizer
+        empty = True
+    return None if empty else tok
 
 
 def _from_pretrained(path: str, gguf_file: str | None = None) -> LoadedModel:

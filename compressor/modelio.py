@@ -96,24 +96,25 @@ def is_encoder_decoder(model: nn.Module) -> bool:
 DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
 
 
+def decoder_start_id(model: nn.Module) -> int:
+    """The token a seq2seq decoder starts from (its config's, else BOS, else PAD, else 0)."""
+    config = model.config
+    return next((t for t in (getattr(config, "decoder_start_token_id", None), getattr(config, "bos_token_id", None),
+                             getattr(config, "pad_token_id", None)) if t is not None), 0)
+
+
+def shift_right(ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Teacher forcing: the decoder reads the start token, then every target token but the last."""
+    return torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], 1)
+
+
 def with_decoder_inputs(model: nn.Module, inputs: dict) -> dict:
     """`inputs` with the decoder reading the same tokens shifted right (teacher forcing on the
     source itself), when the model is encoder-decoder and no decoder input is given: the one input
     every seq2seq model accepts, so that checks, calibration and distillation can run it."""
     if not is_encoder_decoder(model) or any(k in inputs for k in DECODER_INPUTS) or "input_ids" not in inputs:
         return inputs
-    ids = inputs["input_ids"]
-    shift = getattr(model, "prepare_decoder_input_ids_from_labels", None)
-    try:
-        decoder = shift(labels=ids) if callable(shift) else None
-    except (ValueError, TypeError, AttributeError):  # e.g. no decoder start token configured
-        decoder = None
-    if decoder is None:
-        config = model.config
-        start = next((t for t in (config.decoder_start_token_id, getattr(config, "bos_token_id", None),
-                                  getattr(config, "pad_token_id", None)) if t is not None), 0)
-        decoder = torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], 1)
-    return {**inputs, "decoder_input_ids": decoder}
+    return {**inputs, "decoder_input_ids": shift_right(inputs["input_ids"], decoder_start_id(model))}
 
 
 def random_ids(vocab: int, batch: int, seq: int, generator: torch.Generator) -> torch.Tensor:
@@ -211,6 +212,7 @@ class ModelIO:
     no_cache: bool = False   # HF forward takes use_cache: pass False (one full-sequence forward, no KV cache)
     keywords: frozenset | None = None   # HF forward's keyword names; None: it takes any (**kwargs)
     next_token_only: bool = False   # the output is the next token's logits [batch, vocab], not one per position
+    decoder_start: int | None = None   # an encoder-decoder LM: its decoder's start token (see lm_inputs)
 
     @classmethod
     def discover(cls, model: nn.Module, structure: ModelStructure | None = None) -> "ModelIO":
@@ -221,15 +223,17 @@ class ModelIO:
         # transformers LMs return logits per position; a custom module's output shape tells (also
         # once converted, when its head is a quantized layer that structure discovery does not list)
         next_only = not hf and returns_next_token_only(model, seq_first)
-        has_head = structure.head is not None or next_only
+        seq2seq = is_encoder_decoder(model) and (structure.head is not None or _output_embeddings(model) is not None)
+        has_head = structure.head is not None or next_only or seq2seq   # (a converted head is a QLinear)
         causal = (not hf and bool(rnns)) or next_only or type(model).__name__.endswith(CAUSAL_SUFFIXES) \
-            or bool(getattr(getattr(model, "config", None), "is_decoder", False))
+            or bool(getattr(getattr(model, "config", None), "is_decoder", False)) or seq2seq
         # every stack's blocks (an encoder's, then a decoder's), in the order a forward runs them
         blocks = [f"{s.path}.{i}" for s in structure.all_stacks if s.kind == "modulelist" for i in range(s.num_blocks)]
         params = forward_params(model) if hf else {}
         takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
         return cls(hf, seq_first, has_head, causal and has_head, blocks,
-                   "use_cache" in params, None if takes_any or not hf else frozenset(params), next_only)
+                   "use_cache" in params, None if takes_any or not hf else frozenset(params), next_only,
+                   decoder_start_id(model) if seq2seq else None)
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelIO":
@@ -265,19 +269,35 @@ class ModelIO:
         out = first_float_output(self.call(model, ids.t())).float()
         return out if self.next_token_only else out.transpose(0, 1)
 
-    def lm_inputs(self, ids: torch.Tensor) -> torch.Tensor:
-        """What a language-model forward reads of token blocks [batch, L]: all of them, or for a
-        next-token-only model the first L-1 tokens of each (the last one is its target)."""
+    def lm_inputs(self, ids: torch.Tensor):
+        """What a language-model forward reads of token blocks [batch, L]: all of them; for a
+        next-token-only model the first L-1 tokens of each (the last one is its target); for an
+        encoder-decoder LM the first half as the source and the second half, shifted right, as the
+        decoder's input (a prefix LM: each target token is read after the whole source and the
+        targets before it)."""
+        if self.decoder_start is not None:
+            half = ids.shape[1] // 2
+            return {"input_ids": ids[:, :half], "decoder_input_ids": shift_right(ids[:, half:], self.decoder_start)}
         return ids[:, :-1] if self.next_token_only else ids
 
     def next_token_pairs(self, out: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [n, vocab], target ids [n]) of the forward `out` on `lm_inputs(ids)`: every
-        position's prediction of the token after it, or the next-token-only model's one prediction
-        of each block's last token."""
+        position's prediction of the token after it, the next-token-only model's one prediction
+        of each block's last token, or an encoder-decoder's prediction of each target token."""
         ids = ids.to(out.device)
         if self.next_token_only:
             return out, ids[:, -1]
+        if self.decoder_start is not None:
+            return out.flatten(0, 1), ids[:, ids.shape[1] // 2:].flatten()
         return out[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
+
+
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
 
 
 @torch.no_grad()
@@ -468,7 +488,7 @@ def batched_forward(io: ModelIO, model: nn.Module, ids: torch.Tensor, batch: int
     """Yield (ids of the batch, main output) over `ids` in batches of `batch` sequences."""
     for i in range(0, len(ids), batch):
         chunk = ids[i: i + batch]
-        yield chunk, io.forward(model, chunk)
+        yield chunk, io.forward(model, chunk if io.decoder_start is None else io.lm_inputs(chunk))
 
 
 @torch.no_grad()
@@ -484,7 +504,8 @@ def held_out_sums(io: ModelIO, model: nn.Module, ids: torch.Tensor, reference: l
         return sum(loss for loss, _ in sums), sum(n for _, n in sums)
     for k, (chunk, out) in enumerate(batched_forward(io, model, ids, batch)):
         if io.causal:
-            loss, n = next_token_nll(out, chunk)
+            logits, target = io.next_token_pairs(out, chunk)
+            loss, n = float(F.cross_entropy(logits, target, reduction="sum")), target.numel()
         else:
             loss, n = float(nmse_per_sequence(out, reference[k]).sum()), len(chunk)
         total += loss

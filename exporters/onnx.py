@@ -34,7 +34,8 @@ from torch import nn
 from tritpress.compressor.errors import TritpressError
 from tritpress.compressor.fileio import atomic_path
 from tritpress.compressor.layers import QEmbedding, QLinear, QRNN, QTensor, layer_input
-from tritpress.compressor.modelio import ModelIO, embedding_rows, forward_params, output_tensors, random_ids
+from tritpress.compressor.modelio import (ModelIO, embedding_rows, forward_params, is_encoder_decoder, output_tensors,
+                                          random_ids)
 from tritpress.compressor.structure import set_submodule
 from tritpress.compressor.transform import get_record
 
@@ -68,6 +69,11 @@ class MatMulLinear(nn.Module):
     def forward(self, x):
         y = torch.matmul(layer_input(x, self.act_bits), self.wt)
         return y if self.bias is None else y + self.bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """[out, in], a view: model code that reads a Linear's `.weight` (T5 reads its dtype) traces."""
+        return self.wt.t()
 
 
 class TiedLinear(nn.Module):
@@ -219,7 +225,9 @@ class Signature:
             mask = torch.ones(batch, self.past + seq, dtype=torch.long)
             past = [torch.randn(batch, heads, self.past, dim, generator=g) for _ in range(2 * layers)]
             return (ids, mask, *past)
-        return tuple(ids if n == "input_ids" else torch.ones_like(ids) for n in self.input_names)
+        decoder = random_ids(self.vocab, batch, seq, g)   # a seq2seq graph's teacher-forced target
+        return tuple(ids if n == "input_ids" else decoder if n == "decoder_input_ids" else torch.ones_like(ids)
+                     for n in self.input_names)
 
 
 class Exportable(nn.Module):
@@ -276,6 +284,8 @@ def signature(model: nn.Module, kv_cache: bool = False) -> Signature:
     if kv_cache:
         return _cached_signature(model, io, vocab, params)
     names = ["input_ids"] + (["attention_mask"] if "attention_mask" in params else [])
+    if is_encoder_decoder(model):  # one graph: the encoder, and the decoder on a whole target (no cache)
+        names.append("decoder_input_ids")
     sig = Signature(io, vocab, names, [])
     out = io.call(model, dict(zip(names, sig.inputs(*EXPORT_SHAPE))), return_dict=True)
     sig.output_names = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
@@ -321,6 +331,8 @@ def _dynamic_axes(model: nn.Module, sig: Signature) -> dict:
         return axes
     ab = {0: "sequence", 1: "batch"} if sig.seq_first else {0: "batch", 1: "sequence"}
     axes = {n: dict(ab) for n in sig.input_names}
+    if "decoder_input_ids" in axes:
+        axes["decoder_input_ids"] = {0: "batch", 1: "decoder_sequence"}
     first = _call(model, sig, b, s)
     by_batch = _call(model, sig, b + 1, s)
     by_seq = _call(model, sig, b, s + 1)

@@ -64,6 +64,20 @@ def test_encoder_decoder_inputs_teacher_force_the_shifted_source():
     torch.testing.assert_close(out, run_model(model, inputs))
 
 
+def test_seq2seq_lm_reads_the_first_half_and_predicts_the_second():
+    model = make_t5()
+    io = ModelIO.of(model)
+    assert io.causal and io.decoder_start == model.config.decoder_start_token_id
+    ids = _ids(length=10)
+    inputs = io.lm_inputs(ids)
+    assert torch.equal(inputs["input_ids"], ids[:, :5])
+    assert torch.equal(inputs["decoder_input_ids"][:, 1:], ids[:, 5:9])
+    logits, target = io.next_token_pairs(io.forward(model, inputs), ids)
+    assert logits.shape == (2 * 5, VOCAB) and torch.equal(target, ids[:, 5:].flatten())
+    direct = model(input_ids=ids[:, :5], labels=ids[:, 5:].contiguous()).loss   # transformers' own teacher-forced loss
+    torch.testing.assert_close(torch.nn.functional.cross_entropy(logits, target), direct)
+
+
 def test_scaled_word_embedding_keeps_its_factor_and_positions_stay_float(tmp_path):
     model = make_bart(scale_embedding=True)
     enc = model.model.encoder
@@ -89,7 +103,7 @@ def test_scaled_word_embedding_keeps_its_factor_and_positions_stay_float(tmp_pat
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
     rng = random.Random(0)
-    words = [f"w{i}" for i in range(60)]
+    words = "the a cat dog sat ran on far mat away near big small red old new".split()
     f = tmp_path_factory.mktemp("text") / "text.txt"
     f.write_text("\n".join(" ".join(rng.choice(words) for _ in range(40)) for _ in range(40)))
     return f
@@ -102,19 +116,28 @@ def test_pipeline_runs_both_stacks_with_ties_and_checks(make, text, tmp_path, ca
     out = tmp_path / "out"
     code, stdout, err = run_cli([d, "--tie-decoder", "same-depth", "--tie-embeddings", "embedding", "--data", text,
                                  "--steps", 2, "--seq-len", 16, "--batch-size", 2, "--eval-tokens", 64,
-                                 "--share-sequences", 4, "--share-seq-len", 16, "--out", out, "--json"], capsys)
+                                 "--share-sequences", 4, "--share-seq-len", 16, "--onnx", "--out", out, "--json"], capsys)
     assert code == 0, err
     report = json.loads(stdout)
     assert len(report["structure"]["stacks"]) == 2
+    onnx = report["onnx"]
+    assert onnx["validation"]["passed"] and "decoder_input_ids" in onnx["inputs"]
     checks = report["checks"]
     assert "skipped" not in checks and checks["reload_vs_converted"]["codes_bit_identical"], checks
     assert checks["reload_vs_converted"]["max_abs_diff"] == 0.0
     ties = report["sharing"]["decoder_ties"]
     assert len(ties["ties"]) == 6 * len(ties["pairs"]) and ties["decoder_only"]   # cross-attention kept
     assert "calibration_loss_after" in ties
-    assert report["training"]["steps"] == 2
+    training = report["training"]
+    assert training["steps"] == 2 and {"task", "kd", "hidden"} <= set(training["final"])   # decoder logits + blocks
+    assert training["quality"]["original"]["ppl"] > 1                                        # target-side perplexity
     rendered = render(report)
     assert "block stacks" in rendered and "decoder tied to encoder" in rendered and "embedding tie:" in rendered
+    # target-side perplexity, original vs packed, through the evaluation gate
+    code, stdout, err = run_cli(["evaluate", out / "model.tritpress.safetensors", "--baseline", d, "--tasks", "lm",
+                                 "--lm-data", text, "--context", 32, "--bootstrap", 0, "--json"], capsys)
+    rows = json.loads(stdout)["rows"]
+    assert [r["metric"] for r in rows] == ["perplexity"] and rows[0]["baseline"] > 1 and rows[0]["compressed"] > 1
 
 
 # ------------------------------------------------------------------ the embedding tie

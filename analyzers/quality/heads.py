@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from tritpress.compressor.modelio import CAUSAL_SUFFIXES, ModelIO, is_hf, recurrent_modules
+from tritpress.compressor.modelio import CAUSAL_SUFFIXES, ModelIO, is_encoder_decoder, is_hf, recurrent_modules
 
 # the LM heads; a task's own head classes are declared with the task (registry.Task.head_classes)
 HEAD_SUFFIXES = {
@@ -18,8 +18,10 @@ def has_head(model: nn.Module, task: str) -> bool:
 
 
 def lm_kind(model: nn.Module) -> str | None:
-    """causal | masked | next (a custom module whose output is only the next token's logits, RNN or
-    not) | rnn | None (no language-model head)."""
+    """causal | seq2seq (an encoder-decoder with an LM head) | masked | next (a custom module whose
+    output is only the next token's logits, RNN or not) | rnn | None (no language-model head)."""
+    if is_encoder_decoder(model) and ModelIO.of(model).decoder_start is not None:
+        return "seq2seq"
     if has_head(model, "causal") or (is_hf(model) and getattr(model.config, "is_decoder", False)
                                      and hasattr(model, "lm_head")):
         return "causal"

@@ -116,6 +116,33 @@ def causal_perplexity(model: nn.Module, stream: LMText, context: int, stride: in
 
 
 @torch.no_grad()
+def seq2seq_perplexity(model: nn.Module, stream: LMText, context: int, batch_size: int = 4, progress=None) -> dict:
+    """Target-side perplexity of an encoder-decoder LM: the stream cut into windows of `context`
+    tokens; each window's first half is the source, its second half the target, every target token
+    scored after the whole source and the target tokens before it (teacher forcing:
+    `ModelIO.lm_inputs`). Half of the tokens are scored, so no bits per byte."""
+    io = modelio.ModelIO.of(model)
+    starts = list(range(0, len(stream.ids) - 1, context))
+    windows = [(b, min(b + context, len(stream.ids))) for b in starts if min(b + context, len(stream.ids)) - b >= 2]
+    groups: dict[int, list] = {}
+    for w in windows:
+        groups.setdefault(w[1] - w[0], []).append(w)
+    batches = [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    results = {}
+    for i in distributed.my_batches(len(batches)):
+        ids = torch.stack([stream.ids[b:e] for b, e in batches[i]]).to(modelio.device_of(model))
+        logits, target = io.next_token_pairs(io.forward(model, io.lm_inputs(ids)), ids)
+        nll = F.cross_entropy(logits.double(), target, reduction="none").view(len(ids), -1)
+        results[i] = [(float(row.sum()), row.numel()) for row in nll]
+        if progress:
+            progress(int(ids.numel()))
+    items = distributed.gather_by_batch(results)
+    out = _summary(sum(x for x, _ in items), sum(n for _, n in items), None, len(windows))
+    out["per_window"] = items
+    return out
+
+
+@torch.no_grad()
 def rnn_perplexity(model: nn.Module, stream: LMText, context: int, progress=None) -> dict:
     """One stream, chunk by chunk, state carried (sequential: every rank computes it whole)."""
     nll_sum, n, per_chunk = 0.0, 0, []

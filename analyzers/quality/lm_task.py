@@ -72,7 +72,7 @@ def _window(model, kind: str, cfg) -> tuple[int, int]:
     """(context, stride) in tokens: the flags, else what suits the model (a next-token-only model
     runs one forward per token: 128)."""
     limit = heads.max_positions(model)
-    context = cfg.context or (128 if kind in ("masked", "next") else min(1024, limit or 1024))
+    context = cfg.context or (128 if kind in ("masked", "next") else min(256 if kind == "seq2seq" else 1024, limit or 1024))
     if limit and context > limit:
         raise TritpressError(f"--context {context} exceeds the model's {limit} positions")
     return context, cfg.stride or (context // 2 if kind == "causal" else context)
@@ -94,6 +94,9 @@ def run_lm(task, model, tokenizer, data: TaskData, cfg, desc: str) -> dict:
             protocol["stride"] = stride
             m = lm.causal_perplexity(model, stream, context, stride, cfg.batch_size,
                                      lambda n: update(min(stride, unit_total) * n))
+        elif kind == "seq2seq":
+            protocol["metric"] = "target-side perplexity (each window: first half source, second half target)"
+            m = lm.seq2seq_perplexity(model, stream, context, cfg.batch_size, update)
         elif kind == "rnn":
             m = lm.rnn_perplexity(model, stream, context, update)
         elif kind == "next":
