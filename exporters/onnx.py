@@ -208,6 +208,8 @@ class Signature:
     output_names: list
     cache: tuple | None = None   # KV-cache graph: (layers, kv heads, head dim, cache kwarg name)
     past: int = 0                # cached tokens in the example inputs
+    part: str | None = None      # a seq2seq model's "encoder" or "decoder" graph (None: the whole model)
+    hidden: int = 0              # the decoder graph: width of the encoder_hidden_states it reads
 
     @property
     def seq_first(self) -> bool:
@@ -220,6 +222,9 @@ class Signature:
             ids = ids.t().contiguous()
         if not self.io.hf:
             return (ids,)
+        if self.part == "decoder":  # the encoder's output for a source 2 tokens longer than the target
+            hidden = torch.randn(batch, seq + 2, self.hidden, generator=g)
+            return (ids, hidden, torch.ones(batch, seq + 2, dtype=torch.long))
         if self.cache:
             layers, heads, dim, _ = self.cache
             mask = torch.ones(batch, self.past + seq, dtype=torch.long)
@@ -240,6 +245,14 @@ class Exportable(nn.Module):
     def forward(self, *inputs):
         if self.sig.cache:
             return self._forward_cached(*inputs)
+        if self.sig.part == "encoder":
+            ids, mask = inputs
+            return (self.model.get_encoder()(input_ids=ids, attention_mask=mask, return_dict=True).last_hidden_state,)
+        if self.sig.part == "decoder":
+            ids, hidden, mask = inputs
+            out = self.model(decoder_input_ids=ids, encoder_outputs=(hidden,), attention_mask=mask, use_cache=False,
+                             return_dict=True)
+            return (out.logits,)
         if self.sig.io.hf:
             out = self.sig.io.call(self.model, dict(zip(self.sig.input_names, inputs)), return_dict=True)
             return tuple(out[k] for k in self.sig.output_names)
@@ -284,11 +297,25 @@ def signature(model: nn.Module, kv_cache: bool = False) -> Signature:
     if kv_cache:
         return _cached_signature(model, io, vocab, params)
     names = ["input_ids"] + (["attention_mask"] if "attention_mask" in params else [])
-    if is_encoder_decoder(model):  # one graph: the encoder, and the decoder on a whole target (no cache)
-        names.append("decoder_input_ids")
     sig = Signature(io, vocab, names, [])
     out = io.call(model, dict(zip(names, sig.inputs(*EXPORT_SHAPE))), return_dict=True)
     sig.output_names = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
+    return sig
+
+
+SEQ2SEQ_PARTS = {"encoder": (["input_ids", "attention_mask"], ["last_hidden_state"]),
+                 "decoder": (["decoder_input_ids", "encoder_hidden_states", "encoder_attention_mask"], ["logits"])}
+
+
+@torch.no_grad()
+def seq2seq_signature(model: nn.Module, part: str) -> Signature:
+    """The encoder graph (source ids and mask -> its hidden states) or the decoder graph (target ids,
+    the encoder's hidden states and the source mask -> logits) of an encoder-decoder model, the pair
+    a generation loop runs (optimum's encoder_model / decoder_model, without a cache)."""
+    names, outputs = SEQ2SEQ_PARTS[part]
+    sig = Signature(ModelIO.discover(model), embedding_rows(model), list(names), list(outputs), part=part)
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    sig.hidden = model.get_encoder()(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.shape[-1]
     return sig
 
 
@@ -331,8 +358,10 @@ def _dynamic_axes(model: nn.Module, sig: Signature) -> dict:
         return axes
     ab = {0: "sequence", 1: "batch"} if sig.seq_first else {0: "batch", 1: "sequence"}
     axes = {n: dict(ab) for n in sig.input_names}
-    if "decoder_input_ids" in axes:
-        axes["decoder_input_ids"] = {0: "batch", 1: "decoder_sequence"}
+    if sig.part == "decoder":
+        axes.update({"decoder_input_ids": {0: "batch", 1: "decoder_sequence"},
+                     "encoder_hidden_states": {0: "batch", 1: "encoder_sequence"},
+                     "encoder_attention_mask": {0: "batch", 1: "encoder_sequence"}})
     first = _call(model, sig, b, s)
     by_batch = _call(model, sig, b + 1, s)
     by_seq = _call(model, sig, b, s + 1)
@@ -347,14 +376,42 @@ def _dynamic_axes(model: nn.Module, sig: Signature) -> dict:
 def export_onnx(model: nn.Module, path, cfg: OnnxConfig | None = None, packed_path=None,
                 log: Callable[[str], None] | None = None, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict:
     """Export a converted model to ONNX (atomically) and validate it. Returns the result dict;
-    raises OnnxValidationError (file kept) when an output differs by more than atol."""
-    from .onnx_quant import dedup_initializers, float16_weights, quantize_graph
-
+    raises OnnxValidationError (file kept) when an output differs by more than atol. An
+    encoder-decoder model becomes two graphs, `<stem>.encoder.onnx` and `<stem>.decoder.onnx`
+    (`seq2seq_signature`); the result sums and lists both."""
     cfg = cfg or OnnxConfig()
     log = log or (lambda line: None)
     path = Path(path)
     model = model.eval()
-    sig = signature(model, cfg.kv_cache)
+    if not is_encoder_decoder(model) or cfg.kv_cache:
+        return _export_graph(model, path, signature(model, cfg.kv_cache), cfg, packed_path, log, external_data_bytes)
+    parts = {part: _export_graph(model, path.with_name(f"{path.stem}.{part}{path.suffix}"),
+                                 seq2seq_signature(model, part), cfg, None, log, external_data_bytes)
+             for part in SEQ2SEQ_PARTS}
+    return _joined(parts, packed_path)
+
+
+def _joined(parts: dict, packed_path) -> dict:
+    """One result for a seq2seq model's graphs: paths and bytes summed, every output validated."""
+    first = parts["encoder"]
+    result = {**first, "path": " + ".join(r["path"] for r in parts.values()), "parts": parts,
+              "file_bytes": sum(r["file_bytes"] for r in parts.values()),
+              "inputs": [f"{p}:{n}" for p, r in parts.items() for n in r["inputs"]],
+              "outputs": [f"{p}:{n}" for p, r in parts.items() for n in r["outputs"]]}
+    if all("validation" in r for r in parts.values()):
+        result["validation"] = {**first["validation"], "passed": all(r["validation"]["passed"] for r in parts.values()),
+                                "outputs": [{**o, "name": f"{p}:{o['name']}"} for p, r in parts.items()
+                                            for o in r["validation"]["outputs"]]}
+    if packed_path is not None:
+        packed = Path(packed_path).stat().st_size
+        result.update(packed_bytes=packed, size_ratio_vs_packed=round(result["file_bytes"] / packed, 4))
+    return result
+
+
+def _export_graph(model: nn.Module, path: Path, sig: Signature, cfg: OnnxConfig, packed_path, log,
+                  external_data_bytes: int) -> dict:
+    from .onnx_quant import dedup_initializers, float16_weights, quantize_graph
+
     twin, origin = float_twin(model, cfg.format)
     proto = trace_to_onnx(twin, sig, min(cfg.opset, TORCHSCRIPT_MAX_OPSET))
     stats = {"matmulnbits": 0, "dequantize_linear": 0, "min_opset": 0}

@@ -121,7 +121,8 @@ def test_pipeline_runs_both_stacks_with_ties_and_checks(make, text, tmp_path, ca
     report = json.loads(stdout)
     assert len(report["structure"]["stacks"]) == 2
     onnx = report["onnx"]
-    assert onnx["validation"]["passed"] and "decoder_input_ids" in onnx["inputs"]
+    assert onnx["validation"]["passed"] and set(onnx["parts"]) == {"encoder", "decoder"}
+    assert "decoder:encoder_hidden_states" in onnx["inputs"] and (out / "model.decoder.onnx").is_file()
     checks = report["checks"]
     assert "skipped" not in checks and checks["reload_vs_converted"]["codes_bit_identical"], checks
     assert checks["reload_vs_converted"]["max_abs_diff"] == 0.0
@@ -210,6 +211,28 @@ def test_decoder_self_attention_and_ffn_tied_to_the_encoder_cross_attention_kept
     ref = run_model(q, inputs)
     loaded = _pack_reload(q, tmp_path / "m.safetensors")
     torch.testing.assert_close(run_model(loaded, inputs), ref, rtol=0, atol=0)
+
+
+def test_onnx_encoder_and_decoder_graphs_chain_to_the_model_s_logits(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+    from tritpress.exporters.onnx import OnnxConfig, export_onnx
+
+    model = make_t5(untied_head=True)
+    tie_decoder(model, SharingConfig(tie_decoder="same-depth"))
+    q = convert(prepare(model))
+    result = export_onnx(q, tmp_path / "t5.onnx", OnnxConfig(format="float"))
+    assert result["validation"]["passed"] and len(result["validation"]["outputs"]) == 2
+    src, tgt = _ids(length=7), _ids(seed=2, length=4)
+    mask = torch.ones_like(src)
+    enc = ort.InferenceSession(str(tmp_path / "t5.encoder.onnx"))
+    dec = ort.InferenceSession(str(tmp_path / "t5.decoder.onnx"))
+    hidden = enc.run(None, {"input_ids": src.numpy(), "attention_mask": mask.numpy()})[0]
+    logits = dec.run(None, {"decoder_input_ids": tgt.numpy(), "encoder_hidden_states": hidden,
+                            "encoder_attention_mask": mask.numpy()})[0]
+    with torch.no_grad():
+        ref = q(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits.numpy()
+    assert logits.shape == ref.shape and np.abs(logits - ref).max() < 1e-4
 
 
 def test_decoder_pairs_and_refusals():
