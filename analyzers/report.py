@@ -110,6 +110,17 @@ def sharing_lines(sharing: dict) -> list[str]:
     return lines
 
 
+def stack_table(size: dict) -> list[str]:
+    """A row per block stack (several: an encoder's and a decoder's), after the size table."""
+    stacks = size.get("stacks") or []
+    if len(stacks) < 2:
+        return []
+    rows = [[s["stack"], f"{s['blocks']} x {s['block_type']}", f"{s['params']:,}", f"{s['stored_params']:,}",
+             f"{s['bytes']:,}"] for s in stacks]
+    return ["", tabulate(rows, headers=["block stack", "blocks", "params", "stored here", "bytes"],
+                         disable_numparse=True)]
+
+
 def cross_tie_lines(sharing: dict) -> list[str]:
     """The decoder-to-encoder and head-to-embedding ties (compressor/cross_ties)."""
     lines = []
@@ -145,7 +156,7 @@ def render(report: dict) -> str:
     if stacks:
         head += "; block stack" + ("s " if len(stacks) > 1 else " ") + ", ".join(
             f"{s['path']}: {s['num_blocks']} x {s['block_type']}" for s in stacks)
-    parts = [head, "", size_table(report["size"]), "", *summary_lines(report)]
+    parts = [head, "", size_table(report["size"]), *stack_table(report["size"]), "", *summary_lines(report)]
     if report.get("sharing"):
         parts += ["", *sharing_lines(report["sharing"])]
     if report.get("vocabulary"):

@@ -62,6 +62,7 @@ def size_report(packed_path) -> dict:
             "information_limit": round(math.log2(3), 4),
         },
     }
+    report["stacks"] = stack_rows(meta, header)
     if meta.get("vocab"):
         report["vocabulary"] = vocabulary_savings(meta, rows["vocabulary map"]["bytes"])
     if original:
@@ -69,6 +70,28 @@ def size_report(packed_path) -> dict:
         report["ratio_vs_fp32"] = round(4 * original / file_bytes, 2)
         report["ratio_vs_fp16"] = round(2 * original / file_bytes, 2)
     return report
+
+
+def stack_rows(meta: dict, header: dict) -> list[dict]:
+    """One row per block stack: the parameters its blocks use, those stored under its path, and their
+    bytes. A tensor tied across stacks (a decoder block reading an encoder block's matrix) is stored
+    once, under the first path, so the other stack uses it without storing it."""
+    structure = meta["structure"]
+    stacks = structure.get("stacks") or ([structure["blocks"]] if structure.get("blocks") else [])
+    out = []
+    for stack in stacks:
+        prefix = stack["path"] + "."
+        used = stored = size = 0
+        for key, entry in meta["tensors"].items():
+            n = math.prod(entry["shape"])
+            if key.startswith(prefix):
+                stored += n
+                start, end = header[key]["data_offsets"]
+                size += end - start
+            used += n * sum(1 for k in [key, *entry["aliases"]] if k.startswith(prefix))
+        out.append({"stack": stack["path"], "blocks": stack["num_blocks"], "block_type": stack["block_type"],
+                    "params": used, "stored_params": stored, "bytes": size})
+    return out
 
 
 def _table_bytes(fmt: dict, rows: int, dim: int) -> int:

@@ -15,6 +15,7 @@ from torch import nn
 
 from tests.cli_helpers import run_cli
 from tritpress.analyzers.report import render
+from tritpress.analyzers.size import size_report
 from tests.tiny_models import HIDDEN, VOCAB, make_bart, make_llama, make_t5
 from tritpress.compressor.cross_ties import decoder_pairs, matrix_keys, tie_decoder, tie_embeddings
 from tritpress.compressor.errors import TritpressError
@@ -211,6 +212,15 @@ def test_decoder_self_attention_and_ffn_tied_to_the_encoder_cross_attention_kept
     ref = run_model(q, inputs)
     loaded = _pack_reload(q, tmp_path / "m.safetensors")
     torch.testing.assert_close(run_model(loaded, inputs), ref, rtol=0, atol=0)
+    # stored once: the tied trits leave the file, and the decoder's row uses what it does not store
+    _pack_reload(convert(prepare(make())), tmp_path / "untied.safetensors")
+    tied_size, untied_size = size_report(tmp_path / "m.safetensors"), size_report(tmp_path / "untied.safetensors")
+    ternary = [{c["component"]: c for c in r["components"]}["ternary layers"] for r in (tied_size, untied_size)]
+    assert ternary[1]["unique_params"] - ternary[0]["unique_params"] == n * tied
+    assert ternary[0]["params"] == ternary[1]["params"]
+    assert ternary[1]["bytes"] - ternary[0]["bytes"] >= n * tied // 5        # 5 trits per byte
+    enc_row, dec_row = tied_size["stacks"]
+    assert enc_row["params"] == enc_row["stored_params"] and dec_row["params"] - dec_row["stored_params"] >= n * tied
 
 
 def test_onnx_encoder_and_decoder_graphs_chain_to_the_model_s_logits(tmp_path):
