@@ -132,6 +132,12 @@ def cross_tie_lines(sharing: dict) -> list[str]:
                      f"relative error up to {max(errors, default=0):.3f}; kept per decoder block: "
                      f"{', '.join(dec['decoder_only']) or 'none'}; unique parameters "
                      f"{dec['unique_params_before']:,} -> {dec['unique_params_after']:,}" + _after(dec))
+        ranked = dec.get("candidates")
+        if ranked:
+            lines.append(f"  decoder/encoder block pairs measured one at a time: {len(ranked['pairs'])}; calibration "
+                         f"{ranked['metric']} {ranked['base_loss']:.4f} untied; cheapest per decoder block: "
+                         + ", ".join(f"{r['decoder']}:{r['encoder']} ({r['loss_after_tying']:.4f})"
+                                     for r in ranked["cheapest"]))
     tie = sharing.get("embedding_tie")
     if tie and tie.get("already_tied"):
         lines.append(f"embedding tie: {tie['head']} already reads {tie['embedding']}'s weight")

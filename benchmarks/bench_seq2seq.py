@@ -1,6 +1,6 @@
 """Encoder-decoder models through `compress`, with and without the cross-stack ties: a tiny random
 T5 (3 + 3 blocks, its own untied output head, like T5 v1.1) and a tiny random BART (2 + 2 blocks,
-scaled word embeddings), each compressed as it is, with `--tie-decoder same-depth`, and (T5) with
+scaled word embeddings), each compressed as it is, with `--tie-decoder same-depth` and `auto`, and (T5) with
 `--tie-embeddings embedding` too; every run QAT-trains a few steps on the text, packs, reloads and
 exports ONNX validated by ONNX Runtime. No real seq2seq checkpoint ships in a package here, so
 these are random weights: the tie losses are those of unrelated matrices, not of a trained model.
@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-CONFIGS = {"as-is": [], "tie-decoder": ["--tie-decoder", "same-depth"],
+CONFIGS = {"as-is": [], "tie-decoder": ["--tie-decoder", "same-depth"], "tie-decoder-auto": ["--tie-decoder", "auto"],
            "tie-decoder+embeddings": ["--tie-decoder", "same-depth", "--tie-embeddings", "embedding"]}
 
 
@@ -51,7 +51,10 @@ def summary(report: dict) -> dict:
            "onnx_validated": report["onnx"]["validation"]["passed"]}
     dec = sharing.get("decoder_ties")
     if dec:
-        out["decoder_ties"] = {"matrices": len(dec["ties"]), "kept_per_decoder_block": dec["decoder_only"],
+        out["decoder_ties"] = {"pairs": dec["pairs"], "matrices": len(dec["ties"]),
+                               "kept_per_decoder_block": dec["decoder_only"],
+                               "pair_losses": {f"{r['decoder']}:{r['encoder']}": r["loss_after_tying"]
+                                               for r in dec.get("candidates", {}).get("pairs", [])},
                                "relative_error_max": max(e for t in dec["ties"] for e in t["relative_error"]),
                                "calibration_loss_after": dec.get("calibration_loss_after")}
     tie = sharing.get("embedding_tie")

@@ -7,7 +7,8 @@
   Parameter (ALBERT/T5-style tying), initialized from the embedding or from the average of the two;
   the head keeps its bias. One tensor in memory, in training, in the packed file.
 - `tie_decoder`: in an encoder-decoder model, each decoder block's self-attention and feed-forward
-  matrices are tied to those of an encoder block (the same depth, or a plan "DEC:ENC,..."), through
+  matrices are tied to those of an encoder block (the same depth, a plan "DEC:ENC,...", or "auto":
+  per decoder block the encoder block whose tie costs least on calibration data, `rank_decoder_pairs`), through
   `share.tie_occurrences` (per-occurrence gain, optional low-rank correction). The decoder's
   cross-attention has no encoder counterpart and stays its own.
 
@@ -18,6 +19,9 @@ replaced by the type of the module there (T5's `layer.2.DenseReluDense.wi` and t
 `self_attn.q_proj` is itself), and the shapes must agree.
 """
 from __future__ import annotations
+
+import copy
+import dataclasses
 
 import torch
 from torch import nn
@@ -87,7 +91,11 @@ def decoder_stacks(structure: ModelStructure) -> tuple:
 
 
 def decoder_pairs(spec: str, n_encoder: int, n_decoder: int) -> list[tuple[int, int]]:
-    """"same-depth" or "DEC:ENC,DEC:ENC..." -> [(decoder block, encoder block)], validated."""
+    """"same-depth" or "DEC:ENC,DEC:ENC..." -> [(decoder block, encoder block)], validated
+    ("auto" is chosen by `rank_decoder_pairs`, on calibration data)."""
+    if spec == "auto":
+        raise TritpressError("--tie-decoder auto measures every decoder/encoder block pair: pass calibration text "
+                             "with --data or --share-data")
     if spec == "same-depth":
         return [(d, d) for d in range(min(n_encoder, n_decoder))]
     pairs = []
@@ -121,6 +129,31 @@ def matrix_keys(block: nn.Module) -> dict[str, str]:
         key = "/".join(p for p in parts if p != "inner")
         out.setdefault(key, name)
     return out
+
+
+@torch.no_grad()
+def rank_decoder_pairs(model: nn.Module, cal, cfg: SharingConfig, structure: ModelStructure | None = None) -> dict:
+    """The calibration loss of the model with one decoder block tied to one encoder block, for every
+    pair (at most cfg.auto_pairs, nearest depths first), each on a copy; and per decoder block the
+    encoder block whose tie costs least ("auto" ties those). -> {"pairs": [...], "best": "DEC:ENC,..."}."""
+    structure = structure or discover(model)
+    enc, dec = decoder_stacks(structure)
+    grid = sorted(((d, e) for d in range(dec.num_blocks) for e in range(enc.num_blocks)),
+                  key=lambda p: (abs(p[0] - p[1]), p))[:cfg.auto_pairs or None]
+    rows = []
+    for d, e in grid:
+        tied = copy.deepcopy(model)
+        tie_decoder(tied, dataclasses.replace(cfg, tie_decoder=f"{d}:{e}"), structure)
+        loss = cal.loss(tied)
+        rows.append({"decoder": d, "encoder": e, "loss_after_tying": round(loss, 6),
+                     "loss_increase": round(loss - cal.base_loss, 6)})
+    best = {}
+    for r in rows:
+        if r["decoder"] not in best or r["loss_after_tying"] < best[r["decoder"]]["loss_after_tying"]:
+            best[r["decoder"]] = r
+    cheapest = [best[d] for d in sorted(best)]
+    return {"metric": cal.metric, "base_loss": round(cal.base_loss, 6), "pairs": rows, "cheapest": cheapest,
+            "best": ",".join(f"{r['decoder']}:{r['encoder']}" for r in cheapest)}
 
 
 @torch.no_grad()

@@ -104,7 +104,8 @@ class SharingConfig:
     tie_embeddings: str = "off"     # tie an untied output head to the input embedding, starting from the
                                     # embedding's values or the average of both: off | embedding | average
     tie_decoder: str = "none"       # encoder-decoder: tie each decoder block's self-attention and feed-forward
-                                    # to an encoder block: none | same-depth | pairs "DEC:ENC,..." ("0:0,1:0,2:1")
+                                    # to an encoder block: none | same-depth | auto (the pair that costs least
+                                    # on calibration text) | pairs "DEC:ENC,..." ("0:0,1:0,2:1")
 
     def __post_init__(self):
         s = str(self.strategy)
@@ -125,9 +126,9 @@ class SharingConfig:
                                  "(or explicit groups like \"0,2,4;1,3,5\" / a .json file)")
         if self.tie_embeddings not in TIE_EMBEDDINGS:
             raise ValueError(f"tie_embeddings={self.tie_embeddings!r} is not one of {', '.join(TIE_EMBEDDINGS)}")
-        if self.tie_decoder not in ("none", "same-depth") and not re.fullmatch(r"\s*\d+\s*:\s*\d+\s*(,\s*\d+\s*:\s*\d+\s*)*",
+        if self.tie_decoder not in ("none", "same-depth", "auto") and not re.fullmatch(r"\s*\d+\s*:\s*\d+\s*(,\s*\d+\s*:\s*\d+\s*)*",
                                                                           self.tie_decoder):
-            raise ValueError(f"tie_decoder={self.tie_decoder!r}: none, same-depth or DEC:ENC pairs like \"0:0,1:0,2:1\"")
+            raise ValueError(f"tie_decoder={self.tie_decoder!r}: none, same-depth, auto or DEC:ENC pairs like \"0:0,1:0,2:1\"")
         if self.tie_decoder != "none" and self.strategy != "none":
             raise ValueError("tie_decoder ties decoder blocks to encoder blocks: use it without a --sharing strategy")
         if self.strategy == "groups" and not self.groups:

@@ -4,12 +4,13 @@ pattern, explicit groups or `auto`), and the tie itself, on a copy of the ingest
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Callable
 
 from torch import nn
 
 from .errors import TritpressError
-from .cross_ties import tie_decoder, tie_embeddings
+from .cross_ties import rank_decoder_pairs, tie_decoder, tie_embeddings
 from .redundancy import Calibration, analyze, calibration_ids
 from .redundancy_auto import auto_plan
 from .share import SharingConfig, apply_sharing, plan_groups
@@ -70,8 +71,13 @@ def share_stage(model: nn.Module, tokenizer, scfg: SharingConfig, data: str | No
 
 def cross_ties(tied: nn.Module, scfg: SharingConfig, cal=None) -> dict:
     """The decoder-to-encoder and head-to-embedding ties on the tied copy, each with the calibration
-    loss right after it (with calibration data)."""
-    out = {}
+    loss right after it (with calibration data). With calibration data every decoder/encoder block
+    pair is measured first (`rank_decoder_pairs`); `--tie-decoder auto` ties the best ones."""
+    out, ranking = {}, None
+    if scfg.tie_decoder != "none" and cal is not None and (scfg.analyze or scfg.tie_decoder == "auto"):
+        ranking = rank_decoder_pairs(tied, cal, scfg)
+        if scfg.tie_decoder == "auto":
+            scfg = dataclasses.replace(scfg, tie_decoder=ranking["best"])
     for key, on, tie in (("decoder_ties", scfg.tie_decoder != "none", lambda m: tie_decoder(m, scfg)),
                          ("embedding_tie", scfg.tie_embeddings != "off",
                           lambda m: tie_embeddings(m, scfg.tie_embeddings))):
@@ -79,4 +85,6 @@ def cross_ties(tied: nn.Module, scfg: SharingConfig, cal=None) -> dict:
             out[key] = tie(tied)
             if cal is not None:
                 out[key]["calibration_loss_after"] = round(cal.loss(tied), 6)
+    if ranking is not None:
+        out["decoder_ties"]["candidates"] = ranking
     return out

@@ -245,6 +245,27 @@ def test_onnx_encoder_and_decoder_graphs_chain_to_the_model_s_logits(tmp_path):
     assert logits.shape == ref.shape and np.abs(logits - ref).max() < 1e-4
 
 
+def test_auto_ties_each_decoder_block_to_the_encoder_block_whose_tie_costs_least(text, tmp_path):
+    from tritpress.compressor.redundancy import Calibration
+    from tritpress.compressor.sharing_stage import share_stage
+
+    model = make_bart()
+    ids = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    cal = Calibration.build(model, ids)
+    tied, findings = share_stage(model, None, SharingConfig(tie_decoder="auto"), None, calibration_ids=ids)
+    ranked = findings["decoder_ties"]["candidates"]
+    assert len(ranked["pairs"]) == 2 * 2
+    for d in range(2):   # each measured pair really is the loss of that tie alone
+        row = min((r for r in ranked["pairs"] if r["decoder"] == d), key=lambda r: r["loss_after_tying"])
+        alone = copy.deepcopy(model)
+        tie_decoder(alone, SharingConfig(tie_decoder=f"{d}:{row['encoder']}"))
+        assert cal.loss(alone) == pytest.approx(row["loss_after_tying"], abs=1e-6)
+    assert findings["decoder_ties"]["pairs"] == [[r["decoder"], r["encoder"]] for r in ranked["cheapest"]]
+    assert tied is not model and not any(isinstance(m, SharedLinear) for m in model.modules())  # the original untied
+    with pytest.raises(TritpressError, match="calibration text"):
+        share_stage(make_bart(), None, SharingConfig(tie_decoder="auto"), None)
+
+
 def test_decoder_pairs_and_refusals():
     assert decoder_pairs("same-depth", 3, 2) == [(0, 0), (1, 1)]
     assert decoder_pairs("0:0, 1:0,2:1", 2, 3) == [(0, 0), (1, 0), (2, 1)]
