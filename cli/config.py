@@ -78,12 +78,18 @@ class SearchConfig:
                                          # (the smallest that passes); bisect: log2(n) runs, assuming quality
                                          # falls with size
     max_minutes: float = 0.0             # stop between candidates after this many minutes (0 = no limit)
+    probe_steps: int = 0                 # train each candidate this many steps of its --steps schedule first and
+                                         # gate it; only a promising one trains on to --steps (0 = no probe)
+    probe_max_drop: str | None = None    # a probe dropping more than this (points, or N% of the baseline) on any
+                                         # gated score ends its candidate untrained further [default: 3x --max-drop]
 
     def __post_init__(self):
         if self.order not in ORDERS:
             raise ValueError(f"--order {self.order!r} is not one of {', '.join(ORDERS)}")
-        if self.target_ratio < 0 or self.max_minutes < 0:
-            raise ValueError("--target-ratio and --max-minutes must be >= 0")
+        if self.target_ratio < 0 or self.max_minutes < 0 or self.probe_steps < 0:
+            raise ValueError("--target-ratio, --max-minutes and --probe-steps must be >= 0")
+        if self.probe_max_drop is not None and not re.fullmatch(r"\s*\d+(\.\d+)?%?\s*", self.probe_max_drop):
+            raise ValueError(f"--probe-max-drop {self.probe_max_drop!r}: a number of points or a percentage like 5%")
         bad = [b for b in split_list(self.try_bits) if b not in WEIGHT_FORMATS]
         if bad or not split_list(self.try_bits):
             raise ValueError(f"--try-bits {self.try_bits!r}: each one of {', '.join(WEIGHT_FORMATS)}")

@@ -57,6 +57,7 @@ class Candidate:
     rows: list = field(default_factory=list)  # the gate rows, compact
     wall_s: float | None = None
     outside: str | None = None           # --outside-blocks of this candidate (None: the run's, not searched)
+    probe: dict | None = None            # --probe-steps: the probe's steps, gate rows and verdict
 
     @property
     def folder(self) -> Path:
@@ -67,7 +68,7 @@ class Candidate:
 
     def to_dict(self) -> dict:
         keep = ("name", "sharing", "relax_rank", "bits", "trim_vocab", "outside", "estimated_bytes", "bytes", "ratio",
-                "status", "why", "rows", "wall_s")
+                "status", "why", "rows", "wall_s", "probe")
         return {**{k: getattr(self, k) for k in keep}, "folder": str(self.folder)}
 
 
@@ -99,7 +100,7 @@ def search(cfg: CompressConfig, scfg: SearchConfig, listener: Listener | None = 
         queue = eligible(candidates, scfg)
         if stopped is None and queue:
             walk = bisect if scfg.order == "bisect" else smallest_first
-            stopped = walk(queue, lambda c: run_candidate(c, cfg.train.resume, listener), clock)
+            stopped = walk(queue, lambda c: run_probed(c, scfg, cfg.train.resume, listener), clock)
     except KeyboardInterrupt:  # Ctrl-C (TrainingInterrupted too): what was found is kept, then stop
         finish(cfg, scfg, candidates, "interrupted", out, clock)
         raise
@@ -181,8 +182,10 @@ def max_drop_entries(tasks: str, max_drop: str | None) -> list[str]:
 
 
 def settings_key(cfg: CompressConfig) -> dict:
-    """What decides a candidate's result: its settings, less --resume (how, not what, it runs)."""
-    d = dataclasses.asdict(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=False)))
+    """What decides a candidate's result: its settings, less --resume (how, not what, it runs) and
+    --stop-after (how far it has run: a probe is the first steps of the same run)."""
+    d = dataclasses.asdict(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=False,
+                                                                               stop_after=0)))
     return json.loads(json.dumps(d, default=str))
 
 
@@ -304,20 +307,57 @@ def _not_tried(candidates: list[Candidate], why: str) -> None:
             c.skip(f"not tried: {why}")
 
 
-def run_candidate(c: Candidate, resume: bool, listener: Listener) -> None:
-    """One ordinary pipeline run in NAME/, or, with --resume, its finished report read back."""
-    key = settings_key(c.cfg)
+def run_probed(c: Candidate, scfg: SearchConfig, resume: bool, listener: Listener) -> None:
+    """--probe-steps N: the candidate's first N steps (its own schedule, `TrainConfig.stop_after`), gated.
+    A probe that passes the gate is the candidate's result; one whose drop stays within
+    --probe-max-drop trains on, from the probe's checkpoint, to --steps; any other fails there."""
+    steps = c.cfg.train.steps
+    if not scfg.probe_steps or scfg.probe_steps >= steps or finished_report(c, c.cfg, resume) is not None:
+        return run_candidate(c, c.cfg, resume, listener)   # (a finished run is read back, probe and all)
+    train = dataclasses.replace(c.cfg.train, stop_after=scfg.probe_steps,
+                                checkpoint_every=c.cfg.train.checkpoint_every or scfg.probe_steps)
+    run_candidate(c, dataclasses.replace(c.cfg, train=train), resume, listener)
+    c.probe = {"steps": scfg.probe_steps, "status": c.status, "rows": c.rows, "why": c.why}
+    if c.status == "PASS":
+        c.why = f"passes after the probe's {scfg.probe_steps} of {steps} steps"
+    elif c.status == "FAIL" and not within_probe(c.rows, scfg.probe_max_drop):
+        c.why = f"probe ({scfg.probe_steps} of {steps} steps) beyond --probe-max-drop: {c.why}"
+    elif c.status == "FAIL":  # promising: the same run continues from the probe's last step
+        cfg = dataclasses.replace(c.cfg, train=dataclasses.replace(train, stop_after=0, resume=True))
+        run_candidate(c, cfg, resume, listener, continuing=True)
+
+
+def within_probe(rows: list[dict], probe_max_drop: str | None) -> bool:
+    """Every gate row's drop within --probe-max-drop (default: 3x the drop its gate allows)."""
+    from tritpress.analyzers.quality.gate import Tolerance
+
+    for r in rows:
+        if r["margin"] is None:
+            return False
+        drop = r["allowed"] - r["margin"]
+        limit = Tolerance.parse(probe_max_drop).allowed(r["baseline"]) if probe_max_drop else 3 * r["allowed"]
+        if drop > limit:
+            return False
+    return bool(rows)
+
+
+def run_candidate(c: Candidate, cfg: CompressConfig, resume: bool, listener: Listener,
+                  continuing: bool = False) -> None:
+    """One ordinary pipeline run of `cfg` (the candidate's settings, maybe stopped early) in NAME/,
+    or, with --resume, its finished report read back (one that trained as far as `cfg` asks).
+    `continuing`: the run goes on from the probe's checkpoint."""
+    key = settings_key(cfg)
     started = c.folder / CANDIDATE_NAME
     same = started.is_file() and read_json_file(started, "candidate record").get("config") == key
-    report_path = c.folder / REPORT_NAME
-    report = read_json_file(report_path, "report") if resume and same and report_path.is_file() else None
-    if report is not None and "evaluation" in report:
-        listener.note(f"search: {c.name}: finished before, read from {report_path}")
+    report = finished_report(c, cfg, resume)
+    if report is not None:
+        listener.note(f"search: {c.name}: finished before, read from {c.folder / REPORT_NAME}")
     else:
-        listener.note(f"search: {c.name}: training ({c.estimated_bytes / 1e6:.3f} MB, {c.ratio:g}x)")
+        listener.note(f"search: {c.name}: training to step {cfg.train.last_step} ({c.estimated_bytes / 1e6:.3f} MB, "
+                      f"{c.ratio:g}x)")
         write_json(started, {"name": c.name, "config": key})
         # a checkpoint of other settings is not continued: the run starts over
-        run_cfg = dataclasses.replace(c.cfg, train=dataclasses.replace(c.cfg.train, resume=resume and same))
+        run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=continuing or (resume and same)))
         t0 = time.monotonic()
         try:
             report = compress(run_cfg, listener)
@@ -325,9 +365,22 @@ def run_candidate(c: Candidate, resume: bool, listener: Listener) -> None:
             c.status, c.why = "error", str(e)
             listener.note(f"search: {c.name}: error: {e}")
             return
-        c.wall_s = round(time.monotonic() - t0, 1)
+        c.wall_s = round((c.wall_s or 0.0) * continuing + time.monotonic() - t0, 1)
     take_report(c, report)
     listener.note(f"search: {c.name}: {c.status}{f' ({c.why})' if c.why else ''}")
+
+
+def finished_report(c: Candidate, cfg: CompressConfig, resume: bool) -> dict | None:
+    """With --resume, the candidate's report.json when it holds a verdict for these settings, trained
+    as far as `cfg` asks (a probe's report is not the finished run's)."""
+    started, path = c.folder / CANDIDATE_NAME, c.folder / REPORT_NAME
+    if not (resume and started.is_file() and path.is_file()):
+        return None
+    if read_json_file(started, "candidate record").get("config") != settings_key(cfg):
+        return None
+    report = read_json_file(path, "report")
+    trained = (report.get("training") or {}).get("steps", 0)
+    return report if "evaluation" in report and trained == cfg.train.last_step else None
 
 
 def take_report(c: Candidate, report: dict) -> None:

@@ -192,6 +192,8 @@ class TrainConfig:
     seed: int = 0                  # seed for data order and init
     checkpoint_every: int = 50     # save training state every N steps; 0 = never
     resume: bool = False           # continue from the last training checkpoint in --out
+    stop_after: int = 0            # stop (checkpointed) after this many steps of the --steps schedule, as if
+                                   # interrupted there: a --resume continues the same run; 0 = all --steps
     parallel: str = "ddp"          # with several processes: ddp | fsdp
 
     def __post_init__(self):
@@ -199,8 +201,13 @@ class TrainConfig:
                               ("parallel", PARALLEL), ("task", TASKS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        if self.steps < 0 or self.seq_len < 2 or self.batch_size < 1:
-            raise ValueError("steps >= 0, seq_len >= 2 and batch_size >= 1 are required")
+        if self.steps < 0 or self.seq_len < 2 or self.batch_size < 1 or self.stop_after < 0:
+            raise ValueError("steps >= 0, seq_len >= 2, batch_size >= 1 and stop_after >= 0 are required")
+
+    @property
+    def last_step(self) -> int:
+        """The step this run stops after: --stop-after within the --steps schedule, else --steps."""
+        return min(self.steps, self.stop_after) if self.stop_after else self.steps
 
     def resolved(self, n_params: int, task_examples: bool = False) -> "TrainConfig":
         """Concrete values for the derived defaults. `task_examples`: QAT trains on a task model's

@@ -421,7 +421,7 @@ def _log(run: _Run, entry: dict) -> None:
 def _checkpoint(run: _Run, done: int, curve: list) -> None:
     """Every `checkpoint_every` steps and at the last: the full training state, atomically."""
     cfg = run.cfg
-    if not cfg.checkpoint_every or not (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+    if not cfg.checkpoint_every or not (done % cfg.checkpoint_every == 0 or done in (cfg.steps, cfg.last_step)):
         return
     model_state, optim_state = _full_state(run.wrapped, run.student, run.optimizer, run.ctx, cfg)
     if run.ctx.is_main:
@@ -433,10 +433,10 @@ def _checkpoint(run: _Run, done: int, curve: list) -> None:
 
 
 def _train_steps(run: _Run, data, start: int, curve: list, on_step: Callable[[dict], None] | None) -> float:
-    """Steps `start`..cfg.steps, each logged and checkpointed when due. -> start time."""
+    """Steps `start`..cfg.last_step, each logged and checkpointed when due. -> start time."""
     t0 = time.perf_counter()
     task_tokens = 0
-    for step in range(start, run.cfg.steps):
+    for step in range(start, run.cfg.last_step):
         entry = _step(run, step, data)
         elapsed = time.perf_counter() - t0
         if run.task == "lm":
@@ -505,15 +505,17 @@ def _interrupted(run: _Run, done: int, start: int) -> TrainingInterrupted:
 
 def _findings(run: _Run, curve: list, start: int, t0: float, n_train: int) -> dict:
     cfg, ctx = run.cfg, run.ctx
-    tokens = (cfg.steps * cfg.batch_size * cfg.seq_len if run.task == "lm"
+    tokens = (cfg.last_step * cfg.batch_size * cfg.seq_len if run.task == "lm"
               else sum(e.get("tokens", 0) for e in curve))
-    findings = {"task": run.task, "steps": cfg.steps, "resumed_from": start, "tokens": tokens,
+    findings = {"task": run.task, "steps": cfg.last_step, "resumed_from": start, "tokens": tokens,
                 "wall_s": round(time.perf_counter() - t0, 2), "final": curve[-1] if curve else None,
                 "world_size": ctx.world, "parallel": cfg.parallel if ctx.enabled else "none",
                 "device": str(ctx.device), "bf16_autocast": ctx.device.type == "cuda",
                 "curve": curve}
+    if cfg.last_step < cfg.steps:  # --stop-after: the first steps of a longer schedule
+        findings["schedule_steps"] = cfg.steps
     if run.task != "lm":
-        findings.update(train_examples=n_train, examples_seen=cfg.steps * cfg.batch_size)
+        findings.update(train_examples=n_train, examples_seen=cfg.last_step * cfg.batch_size)
     if ctx.is_main and curve:
         write_json(run.state_dir / "train_curve.json", curve)
     return findings

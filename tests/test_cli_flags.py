@@ -38,7 +38,7 @@ VALUES = {
     ("FinetuneConfig", "task"): "qa",
     ("SearchConfig", "max_drop"): "2%", ("SearchConfig", "try_sharing"): "none,cycle:2",
     ("SearchConfig", "try_bits"): "int4,ternary", ("SearchConfig", "try_relax_rank"): "0,8",
-    ("SearchConfig", "try_outside"): "int8,int4",
+    ("SearchConfig", "try_outside"): "int8,int4", ("SearchConfig", "probe_max_drop"): "2.5",
 }
 POSITIONAL = {"CompressConfig": "model", "EvalConfig": "compressed", "FinetuneConfig": "model"}
 

@@ -80,6 +80,37 @@ def test_sizes_are_known_before_training_and_differ(sizes):
     assert min(b - a for a, b in zip(ordered, ordered[1:])) > 2 * SIZE_SLACK   # gate_passing_from's line is clear
 
 
+def test_probes_stop_hopeless_candidates_and_a_promising_one_trains_on_from_its_probe(sizes, cls_work, files,
+                                                                                       tmp_path, monkeypatch, runs):  # noqa: F811
+    """--probe-steps 1 of --steps 2: the two smallest drop 5 points at their probe (beyond --probe-max-drop
+    2.5): no further training; the third drops 2 (fails the 1-point gate, within 2.5): it continues
+    from its probe's checkpoint to step 2, where it drops 0.5 and passes; the biggest is never trained."""
+    order = sorted(sizes, key=sizes.get)
+
+    def evaluate(run):
+        steps = run.training["steps"]
+        big = run.packed_path.stat().st_size >= sizes[order[2]] - SIZE_SLACK
+        drop = (2.0 if steps == 1 else 0.5) if big else 5.0
+        row = gate_row("cls", "cls", "accuracy", 90.0, 90.0 - drop, "own", Tolerance(1.0, False),
+                       ci=(-drop - 1, -drop + 1), n=24)
+        return {"passed": row["status"] == "PASS", "rows": [row], "tasks": {}, "files": {}}
+    monkeypatch.setattr(pipeline, "evaluate", evaluate)
+    out = tmp_path / "s"
+    code, _, err = cli(["search", *_args(cls_work, files, out, *FOUR, "--probe-steps", 1, "--probe-max-drop", 2.5)])
+    assert code == 0, err
+    assert [r for r in runs if r[0] == "train"] == [("train", order[0]), ("train", order[1]), ("train", order[2]),
+                                                     ("train", order[2])]
+    status = {c["name"]: c for c in json.loads((out / "search.json").read_text())["candidates"]}
+    for name in order[:2]:
+        assert status[name]["status"] == "FAIL" and "beyond --probe-max-drop" in status[name]["why"]
+        assert status[name]["probe"]["steps"] == 1
+    winner = status[order[2]]
+    assert winner["status"] == "PASS" and winner["probe"]["status"] == "FAIL"
+    training = json.loads((out / "candidates" / order[2] / "report.json").read_text())["training"]
+    assert training["steps"] == 2 and training["resumed_from"] == 1          # continued, not retrained
+    assert status[order[3]]["status"] == "skipped"
+
+
 def test_unreachable_target_trains_nothing_and_names_the_closest(cls_work, files, tmp_path, runs):  # noqa: F811
     """Sharing strategies are sized too; one that ties the same blocks as another is skipped as a duplicate
     (alternate on 2 blocks ties nothing: the model of none)."""

@@ -364,6 +364,26 @@ def test_kill_then_resume_matches_an_uninterrupted_run(work):
     assert report(out)["training"]["resumed_from"] == 3
 
 
+def test_stop_after_is_a_prefix_of_the_same_run_that_resume_continues(work):
+    """--stop-after N: the first N steps of the --steps schedule, packed and reported; --resume then
+    ends exactly where an uninterrupted run does (search's probes rely on it)."""
+    args = [*_base(work), "--steps", 4, "--seq-len", 32, "--batch-size", 4, "--checkpoint-every", 50]
+    out = work / "stopped"
+    code, _, err = cli([*args, "--stop-after", 2, "--out", out])
+    assert code == 0, err
+    training = report(out)["training"]
+    assert training["steps"] == 2 and training["schedule_steps"] == 4 and train_state(out)["step"] == 2
+    assert (out / "model.tritpress.safetensors").is_file()
+    code, _, err = cli([*args, "--out", out, "--resume"])
+    assert code == 0, err
+    code, _, err = cli([*args, "--out", work / "whole"])
+    assert code == 0, err
+    resumed, ref = train_state(out), train_state(work / "whole")
+    assert resumed["step"] == ref["step"] == 4 and report(out)["training"]["resumed_from"] == 2
+    assert [e["loss"] for e in resumed["curve"]] == [e["loss"] for e in ref["curve"]]
+    assert all(torch.equal(resumed["model"][k], ref["model"][k]) for k in ref["model"])
+
+
 def test_ctrl_c_says_the_step_and_resume_says_where_it_continues(work, monkeypatch):
     from tritpress.compressor import train
 
