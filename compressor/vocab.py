@@ -44,10 +44,12 @@ class _Remapped(nn.Module):
     """Holds the kept ids and rebuilds the derived map (`index`, the subclass's `_index()`) whenever
     they are loaded."""
 
-    def __init__(self, kept_ids: torch.Tensor, vocab_size: int):
+    def __init__(self, kept_ids: torch.Tensor, vocab_size: int, buffers: dict | None = None):
         super().__init__()
         self.vocab_size = vocab_size
         self.register_buffer("kept_ids", kept_ids.to(torch.int32))
+        for name, t in (buffers or {}).items():  # what `_index` reads besides the kept ids
+            self.register_buffer(name, t)
         self.register_buffer("index", self._index(), persistent=False)
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -64,12 +66,10 @@ class TrimmedEmbedding(_Remapped):
     def __init__(self, table: nn.Module, kept_ids: torch.Tensor, vocab_size: int, unk_id: int,
                  dropped_rows: torch.Tensor | None = None):
         self.unk_id = unk_id
-        super().__init__(kept_ids, vocab_size)
+        rows = {} if dropped_rows is None else {"dropped_rows": dropped_rows.to(_rows_dtype(len(kept_ids)))}
+        super().__init__(kept_ids, vocab_size, rows)
         self.table = table
         self.num_embeddings, self.embedding_dim = vocab_size, table.embedding_dim
-        if dropped_rows is not None:
-            self.register_buffer("dropped_rows", dropped_rows.to(_rows_dtype(len(kept_ids))))
-            self.index = self._index()
 
     def _index(self) -> torch.Tensor:
         rows = _row_map(self.kept_ids, self.vocab_size, -1)
@@ -210,13 +210,13 @@ def rebuild_trimmed(model: nn.Module, meta: dict) -> None:
     """Empty trimmed wrappers of the stored shapes (load_packed fills them). The unknown token's
     id stands in for the kept ids until the state dict is loaded."""
     for name, e in meta.items():
-        placeholder = torch.full((e["rows"],), e.get("unk_id", 0), dtype=torch.int32)
+        placeholder = torch.arange(e["rows"], dtype=torch.int32)   # distinct ids, the unknown token's among them
+        placeholder[-1] = max(e.get("unk_id", 0), e["rows"] - 1)
         if e["kind"] == "embedding":
             table = nn.Embedding(e["rows"], e["dim"], padding_idx=e["padding_idx"])
-            new = TrimmedEmbedding(table, placeholder, e["vocab_size"], e["unk_id"])
-            if e.get("dropped_rows"):  # filled with the kept ids, and the index rebuilt, when the state is loaded
-                new.register_buffer("dropped_rows", torch.zeros(e["vocab_size"] - e["rows"],
-                                                                dtype=_rows_dtype(e["rows"])))
+            # filled, with the kept ids, and the index rebuilt, when the state is loaded
+            rows = torch.zeros(e["vocab_size"] - e["rows"], dtype=torch.long) if e.get("dropped_rows") else None
+            new = TrimmedEmbedding(table, placeholder, e["vocab_size"], e["unk_id"], rows)
         else:
             new = TrimmedHead(nn.Linear(e["dim"], e["rows"], bias=e["bias"]), placeholder, e["vocab_size"])
         set_submodule(model, name, new)
