@@ -107,18 +107,8 @@ def bench_pack(rows: int, cols: int, repeats: int) -> tuple[dict, dict, list[str
     # per-tensor path of save_packed/load_packed: QTensor int8 codes -> uint8 bytes (tensor) and back
     fmt = WeightFormat("ternary")
     qt = QTensor(torch.from_numpy(codes.copy()).reshape(rows, cols), torch.ones(1), fmt)
-    encode = getattr(packed_mod, "_encode", None)
-    decode = getattr(packed_mod, "_decode", None)
+    encode, decode = packed_mod.encode_tensor, packed_mod.decode_tensor
     notes = []
-    if encode is None or decode is None:  # private helpers renamed: same operations by hand
-        notes.append("exporters.packed._encode/_decode not found; per-tensor path timed by hand")
-
-        def encode(key, t, code_formats, dtypes):
-            return torch.from_numpy(pack_trits(t.detach().cpu().numpy())), "trits5"
-
-        def decode(key, stored, entry):
-            return torch.from_numpy(unpack_trits(stored.numpy(), math.prod(entry["shape"])).copy()
-                                    ).reshape(entry["shape"])
     key = "layer.qweight.codes"
     enc_t, (stored, encoding, *_) = timed(lambda: encode(key, qt.codes, {key: fmt}, {}), repeats)
     entry = {"encoding": encoding, "shape": [rows, cols]}
@@ -169,11 +159,11 @@ def bench_pack(rows: int, cols: int, repeats: int) -> tuple[dict, dict, list[str
         "unpack_trits": {"median_s": round(unpack_t["median_s"], 5), "min_s": round(unpack_t["min_s"], 5),
                          "MB_per_s": throughput(n, unpack_t["median_s"]),
                          "time_ratio_vs_copy": round(unpack_t["median_s"] / copy_s, 2)},
-        "per_tensor_encode": {"path": "QTensor.codes (torch int8) -> exporters.packed._encode -> uint8 tensor",
+        "per_tensor_encode": {"path": "QTensor.codes (torch int8) -> exporters.packed.encode_tensor -> uint8 tensor",
                               "median_s": round(enc_t["median_s"], 5), "min_s": round(enc_t["min_s"], 5),
                               "MB_per_s": throughput(n, enc_t["median_s"]),
                               "time_ratio_vs_copy": round(enc_t["median_s"] / copy_s, 2)},
-        "per_tensor_decode": {"path": "uint8 tensor -> exporters.packed._decode -> int8 codes tensor",
+        "per_tensor_decode": {"path": "uint8 tensor -> exporters.packed.decode_tensor -> int8 codes tensor",
                               "median_s": round(dec_t["median_s"], 5), "min_s": round(dec_t["min_s"], 5),
                               "MB_per_s": throughput(n, dec_t["median_s"]),
                               "time_ratio_vs_copy": round(dec_t["median_s"] / copy_s, 2)},
@@ -291,9 +281,8 @@ def run_row(letter: str, model: nn.Module, source: SourceInfo, cfg: TernaryConfi
     # pure packing share of save_packed: the same encode calls, without hashing and I/O
     codes = unique_code_keys(model)
     state = model.state_dict(keep_vars=True)
-    encode = getattr(packed_mod, "_encode", None)
-    if encode is not None:
-        _, row["pack_codes_only_s"] = stage(lambda: [encode(k, state[k], codes, {}) for k in codes])
+    encode = packed_mod.encode_tensor
+    _, row["pack_codes_only_s"] = stage(lambda: [encode(k, state[k], codes, {}) for k in codes])
     row["code_tensors"] = {kind: sum(1 for f in codes.values() if f.kind == kind)
                            for kind in sorted({f.kind for f in codes.values()})}
 

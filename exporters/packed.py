@@ -77,8 +77,10 @@ def component_of(key: str, record: QuantRecord, code_formats: dict) -> str:
             "outside": "other layers"}[owner.role]
 
 
-def _encode(key, t, code_formats, dtypes) -> tuple[torch.Tensor, str, dict]:
-    """-> (stored tensor, encoding, extra entry fields)."""
+def encode_tensor(key, t, code_formats, dtypes) -> tuple[torch.Tensor, str, dict]:
+    """One state-dict tensor as the packed file stores it: codes packed (5 trits per byte, int4/int2
+    nibbles), id sets as bitmaps, floats in their storage dtype. -> (stored tensor, encoding, extra
+    entry fields)."""
     stored, encoding = _encode_codes(key, t, code_formats, dtypes)
     if encoding == "raw" and not t.dtype.is_floating_point and t.dim() == 1 and is_idset(stored.numpy()):
         bitmap, universe = pack_idset(stored.numpy())
@@ -130,7 +132,7 @@ def save_packed(model: nn.Module, path, source: SourceInfo, extra: dict | None =
     for keys in groups:
         key = keys[0]
         t = state[key]
-        stored, encoding, fields = _encode(key, t.detach().cpu(), code_formats, dtypes)
+        stored, encoding, fields = encode_tensor(key, t.detach().cpu(), code_formats, dtypes)
         tensors[key] = stored
         entries[key] = {"encoding": encoding, "shape": list(t.shape), "dtype": _dtype_name(t.dtype),
                         "stored_dtype": _dtype_name(stored.dtype), **fields,
@@ -229,7 +231,8 @@ def _expected_stored(entry: dict) -> tuple[list[int], str | None]:
     return entry["shape"], None
 
 
-def _decode(key, stored: torch.Tensor, entry: dict) -> torch.Tensor:
+def decode_tensor(key, stored: torch.Tensor, entry: dict) -> torch.Tensor:
+    """The inverse of `encode_tensor` for one stored tensor and its metadata entry."""
     n = int(np.prod(entry["shape"])) if entry["shape"] else 1
     try:
         if entry["encoding"] == "trits5":
@@ -276,7 +279,7 @@ def read_packed_state(path) -> tuple[dict[str, torch.Tensor], dict]:
             if list(t.shape) != list(shape) or _dtype_name(t.dtype) != entry["stored_dtype"]:
                 raise CorruptCheckpointError(f"{path}: tensor {key} is {_dtype_name(t.dtype)}{list(t.shape)}, "
                                              f"metadata expects {entry['stored_dtype']}{list(shape)}")
-        return {k: _decode(k, t, meta["tensors"][k]) for k, t in stored.items()}, meta
+        return {k: decode_tensor(k, t, meta["tensors"][k]) for k, t in stored.items()}, meta
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise CorruptCheckpointError(f"{path}: malformed header or metadata ({type(e).__name__}: {e})") from e
 
