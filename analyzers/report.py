@@ -168,8 +168,10 @@ def render(report: dict) -> str:
     if report.get("vocabulary"):
         v = report["vocabulary"]
         scored = ", the head scores them -inf" if v.get("head") else ""
+        read_as = ("the row of the kept id nearest to them (cosine)" if v.get("dropped_read_as") == "nearest"
+                   else "the unknown token")
         parts += ["", f"vocabulary: kept {v['kept']:,} of {v['vocab_size']:,} token ids ({v['corpus_ids']:,} used by "
-                      f"{v['source']}, + special and unknown tokens); other ids read as the unknown token{scored}; "
+                      f"{v['source']}, + special and unknown tokens); other ids read as {read_as}{scored}; "
                       f"{v['bytes_saved']:,} bytes saved"]
     if report.get("training"):
         parts += ["", *training_lines(report["training"])]

@@ -309,6 +309,8 @@ def test_pipeline_trims_before_quantizing_and_reports(name, extra, corpus, tmp_p
     assert v["dropped_read_as"] == ("nearest" if "--trim-dropped" in extra else "unk")
     assert report["checks"]["reload_vs_converted"]["max_abs_diff"] == 0.0
     assert "vocabulary: kept 25 of 100 token ids" in out_text
+    read_as = "nearest to them" if "--trim-dropped" in extra else "read as the unknown token"
+    assert read_as in out_text
     if "--onnx" in extra:
         assert report["onnx"]["validation"]["passed"]
     if "--steps" in extra:
