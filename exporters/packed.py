@@ -159,8 +159,12 @@ def save_packed(model: nn.Module, path, source: SourceInfo, extra: dict | None =
 def _header_metadata(meta: dict) -> dict[str, str]:
     """The safetensors `__metadata__` strings: a readable stub (an older tritpress reads the version
     from it and asks for an upgrade) and the whole metadata compressed."""
-    stub = {"format": FORMAT, "format_version": meta["format_version"], "tensors": {}, "metadata": ZMETA_KEY}
-    packed = base64.b64encode(zlib.compress(json.dumps(meta, separators=(",", ":")).encode(), 9)).decode()
+    # the digest stays out of the compressed part (in the stub, at a fixed length): otherwise zlib's output
+    # length moves with its digits, and two files of the same formats, ties and vocabulary differ by a few bytes
+    stub = {"format": FORMAT, "format_version": meta["format_version"], "tensors": {}, "metadata": ZMETA_KEY,
+            "sha256": meta["sha256"]}
+    body = {k: v for k, v in meta.items() if k != "sha256"}
+    packed = base64.b64encode(zlib.compress(json.dumps(body, separators=(",", ":")).encode(), 9)).decode()
     return {META_KEY: json.dumps(stub), ZMETA_KEY: packed}
 
 
@@ -205,7 +209,9 @@ def read_metadata(path) -> dict:
         meta = json.loads(raw)
         if isinstance(meta, dict) and meta.get("metadata") == ZMETA_KEY and meta.get("format") == FORMAT \
                 and meta.get("format_version", 0) <= FORMAT_VERSION:
-            meta = json.loads(_unpack_metadata(path, extra))
+            stub, meta = meta, json.loads(_unpack_metadata(path, extra))
+            if isinstance(meta, dict) and "sha256" in stub:  # files before it moved there hold it inside
+                meta.setdefault("sha256", stub["sha256"])
     except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
         raise CorruptCheckpointError(f"{path}: metadata is not valid JSON") from e
     if not isinstance(meta, dict) or not isinstance(meta.get("tensors"), dict):

@@ -386,14 +386,28 @@ def test_metadata_is_compressed_and_an_uncompressed_one_still_reads(packed_gpt2,
     path, q = packed_gpt2
     header, data = split(path)
     stub = json.loads(header["__metadata__"]["tritpress"])
+    digest = stub.pop("sha256")
     assert stub == {"format": "tritpress.packed", "format_version": 3, "tensors": {}, "metadata": "tritpress.zlib"}
+    assert len(digest) == 64
     blob = header["__metadata__"].pop("tritpress.zlib")
     plain = zlib.decompress(base64.b64decode(blob)).decode()
-    assert len(blob) < len(plain) / 4
-    header["__metadata__"]["tritpress"] = plain
+    assert len(blob) < len(plain) / 4 and "sha256" not in json.loads(plain)
+    header["__metadata__"]["tritpress"] = json.dumps({**json.loads(plain), "sha256": digest})  # as formats 1-2 held it
     write(tmp_path / "plain.safetensors", header, data)
     ids = sample_ids()
     assert torch.equal(run(load_packed(tmp_path / "plain.safetensors"), ids), run(q, ids))
+
+
+def test_the_file_size_depends_on_formats_not_on_weight_values(tmp_path):
+    """The digest sits outside the compressed metadata: models that differ only in their weights' values
+    pack to files of exactly the same size (compress search sizes a candidate before training it)."""
+    sizes = []
+    for seed in (0, 1):
+        q = convert(build("gpt2", seed=seed), TernaryConfig())
+        f = tmp_path / f"s{seed}.safetensors"
+        save_packed(q, f, SourceInfo("hf", "x", type(q).__name__, q.config.to_dict()))
+        sizes.append((f.stat().st_size, read_metadata(f)["sha256"]))
+    assert sizes[0][0] == sizes[1][0] and sizes[0][1] != sizes[1][1]
 
 
 def test_compressed_metadata_that_is_damaged_or_newer_is_refused(packed_gpt2, tmp_path):

@@ -26,7 +26,6 @@ from tests.test_train import _one_thread  # noqa: F401  (autouse fixture: one in
 from tests.test_train import cli
 
 FOUR = ["--try-sharing", "none", "--try-bits", "int8,int4,int2,ternary"]  # 4 candidates of 4 different sizes
-SIZE_SLACK = 32  # bytes a trained file may differ from its sized estimate (format 3: zlib metadata holding the SHA-256)
 
 
 
@@ -53,10 +52,9 @@ def runs(monkeypatch):
 
 def gate_passing_from(monkeypatch, min_bytes: int) -> None:
     """The evaluate stage replaced: a packed file of at least `min_bytes` passes (drop 0.5 of 1 allowed),
-    a smaller one fails (drop 3). A trained file may be up to SIZE_SLACK bytes off its sized estimate
-    (its zlib-compressed metadata holds its SHA-256), so the line is drawn that much lower."""
+    a smaller one fails (drop 3). A trained file is exactly as big as its sized estimate."""
     def evaluate(run):
-        big = run.packed_path.stat().st_size >= min_bytes - SIZE_SLACK
+        big = run.packed_path.stat().st_size >= min_bytes
         row = gate_row("cls", "cls", "accuracy", 90.0, 89.5 if big else 87.0, "own", Tolerance(1.0, False),
                        ci=(-1.5, 0.5), n=24)
         return {"passed": row["status"] == "PASS", "rows": [row], "tasks": {}, "files": {}}
@@ -76,8 +74,6 @@ def sizes(cls_work, files, tmp_path_factory):  # noqa: F811
 def test_sizes_are_known_before_training_and_differ(sizes):
     assert list(sizes) == ["none-int8", "none-int4", "none-int2", "none-ternary"]
     assert sizes["none-int8"] > sizes["none-int4"] > sizes["none-int2"] > sizes["none-ternary"]
-    ordered = sorted(sizes.values())
-    assert min(b - a for a, b in zip(ordered, ordered[1:])) > 2 * SIZE_SLACK   # gate_passing_from's line is clear
 
 
 def test_probes_stop_hopeless_candidates_and_a_promising_one_trains_on_from_its_probe(sizes, cls_work, files,
@@ -89,7 +85,7 @@ def test_probes_stop_hopeless_candidates_and_a_promising_one_trains_on_from_its_
 
     def evaluate(run):
         steps = run.training["steps"]
-        big = run.packed_path.stat().st_size >= sizes[order[2]] - SIZE_SLACK
+        big = run.packed_path.stat().st_size >= sizes[order[2]]
         drop = (2.0 if steps == 1 else 0.5) if big else 5.0
         row = gate_row("cls", "cls", "accuracy", 90.0, 90.0 - drop, "own", Tolerance(1.0, False),
                        ci=(-drop - 1, -drop + 1), n=24)
@@ -148,9 +144,8 @@ def test_the_smallest_passing_candidate_wins_and_nothing_bigger_trains(sizes, cl
     assert record["winner"] == order[1] and status[order[0]]["status"] == "FAIL"
     assert status[order[1]]["status"] == "PASS"
     assert status[order[1]]["estimated_bytes"] == sizes[order[1]]
-    # sized = trained, up to the compressed metadata: it holds the file's SHA-256, and zlib's output length
-    # varies by a few bytes with those digits (a 17,222-byte file came back as 17,230)
-    assert abs(status[order[1]]["bytes"] - sizes[order[1]]) <= SIZE_SLACK
+    # sized = trained, to the byte (the SHA-256 sits outside the compressed metadata)
+    assert status[order[1]]["bytes"] == sizes[order[1]]
     for name in order[2:]:
         assert status[name]["status"] == "skipped" and f"bigger than {order[1]}" in status[name]["why"]
         assert not (out / "candidates" / name / "report.json").exists()
