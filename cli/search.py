@@ -91,7 +91,7 @@ def search(cfg: CompressConfig, scfg: SearchConfig, listener: Listener | None = 
     search.json, frontier.md/.png and the winner's files into cfg.out_dir()."""
     listener = listener or Listener()
     out = cfg.out_dir()
-    _refuse_bad_input(cfg, out)
+    _refuse_bad_input(cfg, scfg, out)
     clock = Budget(scfg.max_minutes)
     candidates = plan_candidates(cfg, scfg, out)
     stopped = None
@@ -107,9 +107,16 @@ def search(cfg: CompressConfig, scfg: SearchConfig, listener: Listener | None = 
     return finish(cfg, scfg, candidates, stopped, out, clock)
 
 
-def _refuse_bad_input(cfg: CompressConfig, out: Path) -> None:
+def _refuse_bad_input(cfg: CompressConfig, scfg: SearchConfig, out: Path) -> None:
     if not cfg.tasks:
         raise TritpressError("search gates every candidate on its task quality: pass --tasks (e.g. cls, tok, qa, lm)")
+    train = cfg.train
+    warmup = train.quant_warmup if train.quant_warmup >= 0 else max(1, train.steps // 2)  # TrainConfig.resolved's
+    if scfg.probe_steps and scfg.probe_steps < min(warmup, train.steps) and train.quant_schedule != "none":
+        # the probe's converted model is fully ternary, but it trained with part of each weight still float
+        raise TritpressError(f"--probe-steps {scfg.probe_steps} ends before quantization is fully on (--quant-warmup "
+                             f"{warmup} of --steps {train.steps}): the probe would judge a model trained partly "
+                             f"float; use --probe-steps >= {warmup} or a shorter --quant-warmup")
     refuse_overwrite_input([out / PACKED_NAME, out / REPORT_NAME, out / SEARCH_NAME], [cfg.model, cfg.config])
     check_writable(out, "--out")
 

@@ -92,6 +92,9 @@ def test_probes_stop_hopeless_candidates_and_a_promising_one_trains_on_from_its_
         return {"passed": row["status"] == "PASS", "rows": [row], "tasks": {}, "files": {}}
     monkeypatch.setattr(pipeline, "evaluate", evaluate)
     out = tmp_path / "s"
+    code, _, err = cli(["search", *_args(cls_work, files, tmp_path / "early", *FOUR, "--steps", 4, "--probe-steps", 1)])
+    assert code != 0 and "--probe-steps 1 ends before quantization is fully on (--quant-warmup 2 of --steps 4)" in err
+    runs.clear()
     code, _, err = cli(["search", *_args(cls_work, files, out, *FOUR, "--probe-steps", 1, "--probe-max-drop", 2.5)])
     assert code == 0, err
     assert [r for r in runs if r[0] == "train"] == [("train", order[0]), ("train", order[1]), ("train", order[2]),
