@@ -81,7 +81,7 @@ def refusals(model: nn.Module, source: dict) -> list[str]:
     if not source.get("hf_config"):
         return [f"{source.get('model_class')} is not a transformers model: only transformers models have a "
                 "BitNet form (export --onnx instead)"]
-    blocks = get_record(model).structure.blocks
+    stacks = [s for s in get_record(model).structure.all_stacks if s.kind == "modulelist"]
     why = []
     for name, m in model.named_modules():
         if isinstance(m, QRNN):
@@ -92,7 +92,7 @@ def refusals(model: nn.Module, source: dict) -> list[str]:
         elif isinstance(m, SharedLinear) and m.rank:
             why.append(f"{name}: a low-rank relaxation (--relax-rank {m.rank}) has no BitNet form; use --relax-rank 0")
         elif isinstance(m, QLinear) and m.qweight.fmt.kind == "ternary":
-            why += _ternary_refusals(name, m, in_blocks=blocks is not None and blocks.contains(name))
+            why += _ternary_refusals(name, m, in_blocks=any(s.contains(name) for s in stacks))
     return why
 
 
@@ -149,6 +149,15 @@ def _refuse_conv1d(ternary: list[str], skeleton: nn.Module) -> None:
                             "transformers' BitNet replaces nn.Linear layers only (export --onnx instead)")
 
 
+def _refuse_kept_float(ternary: list[str], skeleton: nn.Module) -> None:
+    names = sorted(set(ternary) & kept_in_fp32(skeleton))
+    if names:
+        leaf = names[0].rpartition(".")[2]
+        raise HfExportError(f"{names[0]} (and {len(names) - 1} more) is ternary, but {type(skeleton).__name__} keeps "
+                            f"'{leaf}' layers float (_keep_in_fp32_modules), so transformers' BitNet would not run it "
+                            f"as tritpress does; compress with --exclude '\\.{leaf}\\b' to leave them float")
+
+
 def tied_aliases(skeleton: nn.Module) -> set[str]:
     """Names transformers ties to an earlier tensor (e.g. lm_head.weight = the embedding): its own
     save_pretrained writes only the first, and from_pretrained ties the others again."""
@@ -157,6 +166,14 @@ def tied_aliases(skeleton: nn.Module) -> set[str]:
     for key, t in state.items():
         first.setdefault(id(t), key)
     return {key for key, t in state.items() if first[id(t)] != key}
+
+
+def kept_in_fp32(skeleton: nn.Module) -> set[str]:
+    """The Linears the model class keeps float whatever the quantization (`_keep_in_fp32_modules`: T5's
+    `wo`): transformers makes no BitNet layer of them."""
+    names = set(getattr(skeleton, "_keep_in_fp32_modules", None) or []) | \
+        set(getattr(skeleton, "_keep_in_fp32_modules_strict", None) or [])
+    return {n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and names & set(n.split("."))}
 
 
 def hf_state(model: nn.Module, linear_class: str, aliases: set[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -185,6 +202,8 @@ def hf_state(model: nn.Module, linear_class: str, aliases: set[str]) -> tuple[di
         hf_key = hf_name(owner, modules) + "." + leaf if owner else leaf
         if hf_key not in aliases:
             tensors[hf_key] = t.detach().float().clone() if t.is_floating_point() else t.detach().clone()
+            if leaf == "weight" and isinstance(modules.get(owner), nn.Linear):  # a shared float Linear: its gain
+                tensors[hf_key] *= occurrence_gain(owner, modules)
     return tensors, ternary
 
 
@@ -283,6 +302,7 @@ def export_hf_bitnet(model: nn.Module, out, cfg: HfExportConfig | None = None, s
     aliases = tied_aliases(skeleton)
     tensors, ternary = hf_state(model, cfg.linear_class, aliases)
     _refuse_conv1d(ternary, skeleton)
+    _refuse_kept_float(ternary, skeleton)
     check_names(tensors, skeleton, aliases)
     tokenizer = source_tokenizer(source, cfg, HfExportError)
     with atomic_dir(out) as tmp:

@@ -25,6 +25,7 @@ from tritpress.compressor.modelio import ModelIO, example_inputs, run_model
 from tritpress.compressor.share import SharedLinear, SharingConfig
 from tritpress.compressor.structure import discover, lookup_multiplier
 from tritpress.compressor.transform import convert, prepare
+from tritpress.compressor.config import TernaryConfig
 from tritpress.exporters.packed import load_packed, read_metadata, save_packed
 
 
@@ -288,3 +289,28 @@ def test_bad_tie_flags_are_one_line(tmp_path, capsys):
     assert code != 0 and len(errors) == 1 and "two block stacks" in errors[0] and "Traceback" not in err
     code, _, err = run_cli([d, "--tie-decoder", "x", "--out", tmp_path / "o2"], capsys)
     assert code != 0 and "DEC:ENC" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ transformers BitNet export
+
+
+def test_hf_bitnet_export_of_tied_encoder_decoders(tmp_path):
+    """BART and T5 with decoders tied to their encoders load in transformers as BitNet models computing what
+    tritpress computes (gains folded, float shared Linears included); T5's `wo` layers, which
+    transformers keeps float, are refused as ternary in one line naming the --exclude that fixes it."""
+    from tritpress.exporters.hf_bitnet import HfExportConfig, HfExportError, export_hf_bitnet
+
+    def exported(model, cfg, name):
+        # init closest: one occurrence copies its block, the other gets a gain far from 1 (folded on export)
+        tie_decoder(model, SharingConfig(tie_decoder="same-depth", init="closest"))
+        q = convert(prepare(model, cfg))
+        return export_hf_bitnet(q, tmp_path / name, HfExportConfig(),
+                                SourceInfo("hf", "", type(model).__name__, model.config.to_dict()))
+
+    expressible = TernaryConfig(granularity="tensor", act_bits=8)
+    assert exported(make_bart(), expressible, "bart")["validation"]["passed"]
+    with pytest.raises(HfExportError, match=r"keeps 'wo' layers float .* --exclude '\\\.wo\\b'"):
+        exported(make_t5(), expressible, "t5-refused")
+    result = exported(make_t5(), TernaryConfig(granularity="tensor", act_bits=8, exclude=[r"\.wo\b"]), "t5")
+    assert result["validation"]["passed"] and result["tied_across_layers"] > 0
+    assert not (tmp_path / "t5-refused").exists()
