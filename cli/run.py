@@ -90,11 +90,11 @@ def info(packed: str = typer.Argument(..., help="A packed checkpoint (.safetenso
          flags: dict = None):
     """Size report of a packed checkpoint (verifies its checksum); with --skeleton, also loads it
     into that class."""
-    from tritpress.analyzers.report import size_table
+    from tritpress.analyzers.report import size_table, stack_table
     from tritpress.exporters.packed import PackedLoadConfig
 
     size = packed_info(packed, PackedLoadConfig(**flags["load"]))
-    typer.echo(json.dumps(size, indent=2) if json_out else size_table(size))
+    typer.echo(json.dumps(size, indent=2) if json_out else "\n".join([size_table(size), *stack_table(size)]))
     if size.get("loads_into") and not json_out:
         typer.echo(f"loads into {size['loads_into']}: ok")
 

@@ -138,6 +138,8 @@ def test_pipeline_runs_both_stacks_with_ties_and_checks(make, text, tmp_path, ca
     assert training["quality"]["original"]["ppl"] > 1                                        # target-side perplexity
     rendered = render(report)
     assert "block stacks" in rendered and "decoder tied to encoder" in rendered and "embedding tie:" in rendered
+    code, info, err = run_cli(["info", out / "model.tritpress.safetensors"], capsys)   # one row per stack there too
+    assert code == 0 and "block stack" in info and all(st["path"] in info for st in report["structure"]["stacks"])
     # target-side perplexity, original vs packed, through the evaluation gate
     code, stdout, err = run_cli(["evaluate", out / "model.tritpress.safetensors", "--baseline", d, "--tasks", "lm",
                                  "--lm-data", text, "--context", 32, "--bootstrap", 0, "--json"], capsys)
