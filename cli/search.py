@@ -393,6 +393,7 @@ def finished_report(c: Candidate, cfg: CompressConfig, resume: bool) -> dict | N
 def take_report(c: Candidate, report: dict) -> None:
     """The verdict, the bytes and the gate rows of a finished candidate run."""
     evaluation = report.get("evaluation") or {}
+    c.why = ""   # (a probe's reasons do not carry over to the run it continued into)
     c.bytes = report["size"]["file_bytes"]
     c.ratio = report["size"].get("ratio_vs_fp32", c.ratio)
     c.wall_s = c.wall_s if c.wall_s is not None else sum((report.get("timings_s") or {}).values())
