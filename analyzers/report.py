@@ -156,9 +156,8 @@ def _after(tie: dict) -> str:
 
 def render(report: dict) -> str:
     model = report["model"]
-    blocks = report["structure"]["blocks"]
     head = f"model: {model['path']} ({model['model_class']}, {model['kind']})"
-    stacks = report["structure"].get("stacks") or ([blocks] if blocks else [])
+    stacks = report["structure"]["stacks"]
     if stacks:
         head += "; block stack" + ("s " if len(stacks) > 1 else " ") + ", ".join(
             f"{s['path']}: {s['num_blocks']} x {s['block_type']}" for s in stacks)

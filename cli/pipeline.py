@@ -519,7 +519,7 @@ def _structure_summary(structure) -> dict:
         r["layers"] += 1
         r["params"] += layer.params
     blocks = dataclasses.asdict(structure.blocks) if structure.blocks else None
-    return {"blocks": blocks, "stacks": [dataclasses.asdict(s) for s in structure.stacks],
+    return {"blocks": blocks, "stacks": [dataclasses.asdict(s) for s in structure.all_stacks],
             "head": structure.head, "head_tied_to": structure.head_tied_to, "roles": roles}
 
 

@@ -111,7 +111,7 @@ def _refuse_bad_input(cfg: CompressConfig, scfg: SearchConfig, out: Path) -> Non
     if not cfg.tasks:
         raise TritpressError("search gates every candidate on its task quality: pass --tasks (e.g. cls, tok, qa, lm)")
     train = cfg.train
-    warmup = train.quant_warmup if train.quant_warmup >= 0 else max(1, train.steps // 2)  # TrainConfig.resolved's
+    warmup = train.resolved(0).quant_warmup   # (the default does not depend on the model's size)
     if scfg.probe_steps and scfg.probe_steps < min(warmup, train.steps) and train.quant_schedule != "none":
         # the probe's converted model is fully ternary, but it trained with part of each weight still float
         raise TritpressError(f"--probe-steps {scfg.probe_steps} ends before quantization is fully on (--quant-warmup "

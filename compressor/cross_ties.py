@@ -30,18 +30,7 @@ from .errors import TritpressError
 from .settings import SharingConfig
 from .share import SharedLinear, _as_matrix, tie_occurrences, unique_params
 from .structure import ModelStructure, discover, is_linear
-
-
-def _input_embedding(model: nn.Module) -> tuple[str, nn.Module] | None:
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        emb = get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        emb = None
-    for name, m in model.named_modules():
-        if (m is emb) if emb is not None else isinstance(m, nn.Embedding):
-            return name, m
-    return None
+from .vocab import token_embedding
 
 
 @torch.no_grad()
@@ -50,10 +39,10 @@ def tie_embeddings(model: nn.Module, init: str = "embedding", structure: ModelSt
     head takes the embedding's values) or "average". -> findings: relative change of each matrix,
     unique parameters before/after. A head already tied is left as it is."""
     structure = structure or discover(model)
-    found = _input_embedding(model)
-    if structure.head is None or found is None:
+    emb_name = token_embedding(model)
+    if structure.head is None or emb_name is None:
         raise TritpressError("--tie-embeddings: the model has no output head and input embedding to tie")
-    emb_name, emb = found
+    emb = model.get_submodule(emb_name)
     head = model.get_submodule(structure.head)
     if isinstance(head, SharedLinear):
         head = head.inner
@@ -166,15 +155,16 @@ def tie_decoder(model: nn.Module, cfg: SharingConfig, structure: ModelStructure 
     pairs = decoder_pairs(cfg.tie_decoder, enc.num_blocks, dec.num_blocks)
     before = unique_params(model)
     report, kept = [], set()
+    dec_keys = {d: matrix_keys(model.get_submodule(f"{dec.path}.{d}")) for d, _ in pairs}
     for e in sorted({e for _, e in pairs}):
         decs = [d for d, e2 in pairs if e2 == e]
         enc_keys = matrix_keys(model.get_submodule(f"{enc.path}.{e}"))
         for d in decs:
-            kept |= {k for k in matrix_keys(model.get_submodule(f"{dec.path}.{d}")) if k not in enc_keys}
+            kept |= {k for k in dec_keys[d] if k not in enc_keys}
         for key, enc_name in enc_keys.items():
             paths = [f"{enc.path}.{e}.{enc_name}"]
             for d in decs:
-                dec_name = matrix_keys(model.get_submodule(f"{dec.path}.{d}")).get(key)
+                dec_name = dec_keys[d].get(key)
                 if dec_name is not None and _shape(model, paths[0]) == _shape(model, f"{dec.path}.{d}.{dec_name}"):
                     paths.append(f"{dec.path}.{d}.{dec_name}")
             if len(paths) == 1:

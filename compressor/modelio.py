@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import TritpressError
 from .layers import FakeQuantEmbedding, FakeQuantRNN, QEmbedding, QRNN
-from .structure import ModelStructure, discover
+from .structure import ModelStructure, discover, output_embeddings
 from .vocab import TrimmedEmbedding
 
 EXAMPLE_TEXT = [
@@ -223,7 +223,7 @@ class ModelIO:
         # transformers LMs return logits per position; a custom module's output shape tells (also
         # once converted, when its head is a quantized layer that structure discovery does not list)
         next_only = not hf and returns_next_token_only(model, seq_first)
-        seq2seq = is_encoder_decoder(model) and (structure.head is not None or _output_embeddings(model) is not None)
+        seq2seq = is_encoder_decoder(model) and (structure.head is not None or output_embeddings(model) is not None)
         has_head = structure.head is not None or next_only or seq2seq   # (a converted head is a QLinear)
         causal = (not hf and bool(rnns)) or next_only or type(model).__name__.endswith(CAUSAL_SUFFIXES) \
             or bool(getattr(getattr(model, "config", None), "is_decoder", False)) or seq2seq
@@ -290,14 +290,6 @@ class ModelIO:
         if self.decoder_start is not None:
             return out.flatten(0, 1), ids[:, ids.shape[1] // 2:].flatten()
         return out[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
-
-
-def _output_embeddings(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_output_embeddings", None)
-    try:
-        return get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        return None
 
 
 @torch.no_grad()

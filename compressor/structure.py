@@ -120,10 +120,28 @@ def find_block_stacks(model: nn.Module) -> list[BlockStack]:
             for name, m in model.named_modules() if isinstance(m, RNN_TYPES) and m.num_layers >= 2]
 
 
-def find_block_stack(model: nn.Module) -> BlockStack | None:
-    """The largest stack of `find_block_stacks` (by parameters; the first of equal ones)."""
-    stacks = find_block_stacks(model)
+def largest_stack(stacks: list[BlockStack]) -> BlockStack | None:
+    """The stack with the most parameters (the first of equal ones)."""
     return max(stacks, key=lambda s: s.params_per_block * s.num_blocks) if stacks else None
+
+
+def find_block_stack(model: nn.Module) -> BlockStack | None:
+    """The largest stack of `find_block_stacks`."""
+    return largest_stack(find_block_stacks(model))
+
+
+def in_stacks(stacks: list[BlockStack], name: str) -> bool:
+    """Whether module `name` lies inside a block of one of the ModuleList stacks."""
+    return any(s.kind == "modulelist" and s.contains(name) for s in stacks)
+
+
+def output_embeddings(model: nn.Module) -> nn.Module | None:
+    """transformers' get_output_embeddings(), or None (none, or a custom model implementing it partially)."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except Exception:  # noqa: BLE001 - custom models may implement it partially
+        return None
 
 
 def lookup_multiplier(emb: nn.Embedding) -> float | None:
@@ -154,14 +172,9 @@ def _find_head(model: nn.Module, linears: dict[str, nn.Module], embeddings: dict
     # a wrapper around the head (a trimmed vocabulary, compressor/vocab) names its Linear
     head = next((f"{n}.{m.vocab_head}" for n, m in model.named_modules()
                  if isinstance(getattr(m, "vocab_head", None), str) and f"{n}.{m.vocab_head}" in linears), None)
-    get_out = getattr(model, "get_output_embeddings", None)
-    if head is None and callable(get_out):
-        try:
-            out = get_out()
-        except Exception:  # custom models may implement it partially
-            out = None
-        if out is not None:
-            head = next((n for n, m in linears.items() if m is out), None)
+    out = output_embeddings(model) if head is None else None
+    if out is not None:
+        head = next((n for n, m in linears.items() if m is out), None)
     emb_by_weight = {id(e.weight): n for n, e in embeddings.items()}
     if head is None:
         # a Linear sharing an embedding's weight is a tied output head
@@ -188,7 +201,7 @@ def _linear_shape(m: nn.Module) -> list[int]:
 
 def discover(model: nn.Module, exclude: list[str] | tuple = ()) -> ModelStructure:
     stacks = find_block_stacks(model)
-    stack = max(stacks, key=lambda s: s.params_per_block * s.num_blocks) if stacks else None
+    stack = largest_stack(stacks)
     patterns = [re.compile(p) for p in exclude]
     skip = lambda name: any(p.search(name) for p in patterns)  # noqa: E731
     linears = {n: m for n, m in model.named_modules() if is_linear(m) and not skip(n)}
@@ -196,8 +209,7 @@ def discover(model: nn.Module, exclude: list[str] | tuple = ()) -> ModelStructur
                   and lookup_multiplier(m) is not None}
     rnns = {n: m for n, m in model.named_modules() if isinstance(m, RNN_TYPES) and not skip(n)}
     head, tied = _find_head(model, linears, embeddings, stack)
-    lists = [s for s in stacks if s.kind == "modulelist"]
-    in_blocks = (lambda n: any(s.contains(n) for s in lists)) if lists else None
+    in_blocks = (lambda n: in_stacks(stacks, n)) if any(s.kind == "modulelist" for s in stacks) else None
 
     layers = []
     for n, e in embeddings.items():

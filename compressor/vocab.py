@@ -207,8 +207,8 @@ def vocab_meta(model: nn.Module) -> dict:
 
 
 def rebuild_trimmed(model: nn.Module, meta: dict) -> None:
-    """Empty trimmed wrappers of the stored shapes (load_packed fills them). The unknown token's
-    id stands in for the kept ids until the state dict is loaded."""
+    """Empty trimmed wrappers of the stored shapes (load_packed fills them). Distinct placeholder ids,
+    the unknown token's among them, stand in for the kept ids until the state dict is loaded."""
     for name, e in meta.items():
         placeholder = torch.arange(e["rows"], dtype=torch.int32)   # distinct ids, the unknown token's among them
         placeholder[-1] = max(e.get("unk_id", 0), e["rows"] - 1)

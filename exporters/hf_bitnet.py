@@ -39,6 +39,7 @@ from tritpress.compressor.fileio import atomic_dir
 from tritpress.compressor.layers import QEmbedding, QLinear, QRNN
 from tritpress.compressor.modelio import compare_outputs, example_inputs, run_model
 from tritpress.compressor.share import SharedLinear
+from tritpress.compressor.structure import in_stacks
 from tritpress.compressor.transform import get_record
 from tritpress.compressor.vocab import TrimmedEmbedding, TrimmedHead
 
@@ -75,13 +76,12 @@ def unpack_rows_2bit(packed: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------ what can be written
 
 
-
 def refusals(model: nn.Module, source: dict) -> list[str]:
     """Why the model cannot be written as a transformers BitNet folder (empty: it can)."""
     if not source.get("hf_config"):
         return [f"{source.get('model_class')} is not a transformers model: only transformers models have a "
                 "BitNet form (export --onnx instead)"]
-    stacks = [s for s in get_record(model).structure.all_stacks if s.kind == "modulelist"]
+    stacks = get_record(model).structure.all_stacks
     why = []
     for name, m in model.named_modules():
         if isinstance(m, QRNN):
@@ -92,7 +92,7 @@ def refusals(model: nn.Module, source: dict) -> list[str]:
         elif isinstance(m, SharedLinear) and m.rank:
             why.append(f"{name}: a low-rank relaxation (--relax-rank {m.rank}) has no BitNet form; use --relax-rank 0")
         elif isinstance(m, QLinear) and m.qweight.fmt.kind == "ternary":
-            why += _ternary_refusals(name, m, in_blocks=any(s.contains(name) for s in stacks))
+            why += _ternary_refusals(name, m, in_blocks=in_stacks(stacks, name))
     return why
 
 
@@ -109,8 +109,6 @@ def _ternary_refusals(name: str, m: QLinear, in_blocks: bool) -> list[str]:
         why.append(f"{name}: float activations (transformers' BitNet layers quantize them to int8); "
                    "compress with --act-bits 8")
     return why
-
-
 
 
 def _ternary_tensors(m: QLinear, gain: float, linear_class: str) -> dict[str, torch.Tensor]:
@@ -133,12 +131,6 @@ def _float_weight(m: nn.Module, name: str, modules: dict[str, nn.Module]) -> tor
     if isinstance(parent, TrimmedEmbedding) and name.endswith(".table"):
         w = w[parent.index.long()]
     return w.contiguous()
-
-
-
-
-
-
 
 
 def _refuse_conv1d(ternary: list[str], skeleton: nn.Module) -> None:
@@ -234,8 +226,6 @@ def hf_config(source: dict, cfg: HfExportConfig, kept_float: list[str]) -> dict:
                                      "quantization_mode": "offline", "modules_to_not_convert": sorted(kept_float),
                                      "use_rms_norm": False}
     return config
-
-
 
 
 def load_hf_bitnet(folder, model_class: str) -> nn.Module:

@@ -230,9 +230,7 @@ class Signature:
             mask = torch.ones(batch, self.past + seq, dtype=torch.long)
             past = [torch.randn(batch, heads, self.past, dim, generator=g) for _ in range(2 * layers)]
             return (ids, mask, *past)
-        decoder = random_ids(self.vocab, batch, seq, g)   # a seq2seq graph's teacher-forced target
-        return tuple(ids if n == "input_ids" else decoder if n == "decoder_input_ids" else torch.ones_like(ids)
-                     for n in self.input_names)
+        return tuple(ids if n == "input_ids" else torch.ones_like(ids) for n in self.input_names)
 
 
 class Exportable(nn.Module):
@@ -402,6 +400,11 @@ def _joined(parts: dict, packed_path) -> dict:
         result["validation"] = {**first["validation"], "passed": all(r["validation"]["passed"] for r in parts.values()),
                                 "outputs": [{**o, "name": f"{p}:{o['name']}"} for p, r in parts.items()
                                             for o in r["validation"]["outputs"]]}
+    return _against_packed(result, packed_path)
+
+
+def _against_packed(result: dict, packed_path) -> dict:
+    """`result` with the packed checkpoint's bytes and the ONNX file's size ratio to them (given one)."""
     if packed_path is not None:
         packed = Path(packed_path).stat().st_size
         result.update(packed_bytes=packed, size_ratio_vs_packed=round(result["file_bytes"] / packed, 4))
@@ -428,9 +431,7 @@ def _export_graph(model: nn.Module, path: Path, sig: Signature, cfg: OnnxConfig,
               "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
               "rewrites": stats, "deduplicated_initializers": removed,
               "inputs": sig.input_names, "outputs": sig.output_names}
-    if packed_path is not None:
-        packed = Path(packed_path).stat().st_size
-        result.update(packed_bytes=packed, size_ratio_vs_packed=round(result["file_bytes"] / packed, 4))
+    _against_packed(result, packed_path)
     log(f"wrote {path} ({result['file_bytes'] / 1e6:.2f} MB, format {cfg.format}"
         + (f", {result['size_ratio_vs_packed']:.2f}x the packed checkpoint" if packed_path else "") + ")")
     if cfg.validate:

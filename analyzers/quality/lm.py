@@ -94,14 +94,19 @@ def _nll_sums(model, batch_ids: torch.Tensor, first: list[int], begin: list[int]
             enumerate(zip(first, begin))]
 
 
+def equal_length_batches(windows: list[tuple], batch_size: int) -> list[list[tuple]]:
+    """Windows (begin, end, ...) in batches of at most `batch_size` of one length: batched without padding."""
+    groups: dict[int, list] = {}
+    for w in windows:
+        groups.setdefault(w[1] - w[0], []).append(w)
+    return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+
 @torch.no_grad()
 def causal_perplexity(model: nn.Module, stream: LMText, context: int, stride: int, batch_size: int = 4,
                       progress=None) -> dict:
     windows = sliding_windows(len(stream.ids), context, stride)
-    groups: dict[int, list] = {}
-    for w in windows:  # equal lengths batch without padding
-        groups.setdefault(w[1] - w[0], []).append(w)
-    batches = [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    batches = equal_length_batches(windows, batch_size)
     results = {}
     for i in distributed.my_batches(len(batches)):
         batch = batches[i]
@@ -121,13 +126,10 @@ def seq2seq_perplexity(model: nn.Module, stream: LMText, context: int, batch_siz
     tokens; each window's first half is the source, its second half the target, every target token
     scored after the whole source and the target tokens before it (teacher forcing:
     `ModelIO.lm_inputs`). Half of the tokens are scored, so no bits per byte."""
-    io = modelio.ModelIO.of(model)
-    starts = list(range(0, len(stream.ids) - 1, context))
-    windows = [(b, min(b + context, len(stream.ids))) for b in starts if min(b + context, len(stream.ids)) - b >= 2]
-    groups: dict[int, list] = {}
-    for w in windows:
-        groups.setdefault(w[1] - w[0], []).append(w)
-    batches = [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    io, length = modelio.ModelIO.of(model), len(stream.ids)
+    windows = [(b, min(b + context, length)) for b in range(0, length - 1, context)]
+    windows = [w for w in windows if w[1] - w[0] >= 2]
+    batches = equal_length_batches(windows, batch_size)
     results = {}
     for i in distributed.my_batches(len(batches)):
         ids = torch.stack([stream.ids[b:e] for b, e in batches[i]]).to(modelio.device_of(model))
