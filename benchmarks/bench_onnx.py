@@ -1,18 +1,22 @@
-"""ONNX Runtime latency: ternary export (MatMulNBits bits=2) vs an fp32 ONNX export of the original model.
+"""ONNX Runtime latency of tritpress's ternary exports against what a user would run instead: an fp32
+ONNX export of the original model, ONNX Runtime's own int8 (`quant_pre_process` + `quantize_dynamic`,
+int8 weights) and ONNX Runtime's own 4-bit (`MatMulNBitsQuantizer`, block 32, symmetric, int8
+activations; needs `pip install tritpress[bench]` (onnx-ir), else that column is left out) of that fp32 export.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_onnx.py                   # MiniLM + SmolLM2 first 10 blocks
     python benchmarks/bench_onnx.py --models minilm --threads 1         # one model, one thread count
-    python benchmarks/bench_onnx.py --smollm-blocks 30                   # the whole SmolLM2 (slow)
+    python benchmarks/bench_onnx.py --formats qgemm,matmulnbits4        # which tritpress formats
 
-Prints ONE JSON object on stdout; progress goes to stderr. Both files of a model are made
-and timed in the same run, with the same ONNX Runtime settings (CPU provider, graph
-optimization ORT_ENABLE_ALL, fixed intra-op threads, one inter-op thread), on the same
-random token ids. Cases: batch 1 x 1 token (the length of one decode step, as a full-sequence
-forward), batch 1 x 128 tokens, batch 16 x 128 tokens; for SmolLM2 also the incremental-decoding
-(KV-cache) graphs: one new token after 128 cached ones, batch 1 and 16. Latency is
-the median of repeated runs after warm-up; `speedup` = fp32 median / ternary median.
-SmolLM2 is cut to its first blocks (--smollm-blocks) to keep the run short on a shared 2-core
-machine; its GGUF weights are Q4_1-rounded.
+Prints ONE JSON object on stdout; progress goes to stderr. Every file of a model is made and timed in
+the same run, with the same ONNX Runtime settings (CPU provider, ORT_ENABLE_ALL, fixed intra-op threads,
+one inter-op thread), on the same random token ids, interleaved: --rounds rounds, each timing every
+file once (the median of its runs within --budget-s after 2 warm-ups); a file's figure is the median
+of its rounds. Cases: batch 1 x 1 token (one decode step's length, as a full-sequence forward), batch
+1 x 128, batch 16 x 128; for SmolLM2 also the incremental-decoding (KV-cache) graphs: one new token
+after 128 cached ones, batch 1 and 16. Per case and tritpress format: `vs_best_ort` = the faster of
+ORT int8 / ORT 4-bit in ms / ours in ms (>= 1: ours at least as fast), `vs_fp32`; per file its bytes
+and `bytes_vs_ort_int8`. SmolLM2 is cut to its first blocks (--smollm-blocks); its GGUF weights are
+Q4_1-rounded.
 """
 from __future__ import annotations
 
@@ -81,69 +85,50 @@ def time_runs(sess, feeds, budget_s, min_runs=3, max_runs=50):
         t = time.perf_counter()
         sess.run(None, feeds)
         times.append(time.perf_counter() - t)
-    return {"median_ms": round(1e3 * statistics.median(times), 3), "runs": len(times)}
+    return 1e3 * statistics.median(times)
 
 
-def bench_model(key, blocks, threads_list, budget_s, tmp):
-    loaded = load_model(MODELS[key])
-    original = loaded.model.eval()
-    if key == "smollm2":
-        original = first_blocks(original, blocks)
-    n_blocks = discover(original).blocks.num_blocks
-    sig = signature(original)
-    fp32_path = os.path.join(tmp, f"{key}_fp32.onnx")
-    save_onnx(trace_to_onnx(original, sig), fp32_path)
-    cfg = OnnxConfig(format="matmulnbits", accuracy_level=4)
-    ternary = convert(copy.deepcopy(original))
-    result = export_onnx(ternary, os.path.join(tmp, f"{key}_ternary.onnx"), cfg)
-    log(f"{key}: fp32 {os.path.getsize(fp32_path) / 1e6:.1f} MB, ternary {result['file_bytes'] / 1e6:.1f} MB")
-    kv = _kv_files(original, ternary, tmp, key) if key == "smollm2" else None
-    out = {"model": MODELS[key], "blocks": n_blocks, "fp32_onnx_bytes": os.path.getsize(fp32_path),
-           "ternary_onnx_bytes": result["file_bytes"], "ternary_config": cfg.to_dict(),
-           "ternary_validation_passed": result["validation"]["passed"], "cases": []}
-    rng = np.random.default_rng(0)
-    for threads in threads_list:
-        fp32, tern = session(fp32_path, threads), session(result["path"], threads)
-        for name, batch, seq in CASES:
-            ids = rng.integers(0, sig.vocab, (batch, seq)).astype(np.int64)
-            feeds = {n: (ids if n == "input_ids" else np.ones_like(ids)) for n in sig.input_names}
-            a = time_runs(fp32, feeds, budget_s)
-            b = time_runs(tern, feeds, budget_s)
-            case = {"case": name, "batch": batch, "seq": seq, "threads": threads, "fp32": a, "ternary": b,
-                    "speedup": round(a["median_ms"] / b["median_ms"], 3)}
-            log(f"  {name} threads={threads}: fp32 {a['median_ms']} ms, ternary {b['median_ms']} ms, "
-                f"x{case['speedup']}")
-            out["cases"].append(case)
-        if kv:
-            fp32, tern = session(kv["fp32"], threads), session(kv["ternary"], threads)
-            for name, batch, past in KV_CASES:
-                feeds = kv_feeds(kv["sig"], batch, past, rng)
-                a = time_runs(fp32, feeds, budget_s)
-                b = time_runs(tern, feeds, budget_s)
-                case = {"case": name, "batch": batch, "seq": 1, "past": past, "threads": threads, "fp32": a,
-                        "ternary": b, "speedup": round(a["median_ms"] / b["median_ms"], 3)}
-                log(f"  {name} threads={threads}: fp32 {a['median_ms']} ms, ternary {b['median_ms']} ms, "
-                    f"x{case['speedup']}")
-                out["cases"].append(case)
-    if kv:
-        out["kv_cache_graph"] = {"fp32_onnx_bytes": os.path.getsize(kv["fp32"]),
-                                 "ternary_onnx_bytes": kv["ternary_bytes"],
-                                 "ternary_validation_passed": kv["passed"]}
+def ort_baselines(fp32_path, tmp, stem):
+    """ONNX Runtime's own tools on the fp32 export: {"ort_int8": path, "ort_4bit": path (if onnx_ir)}."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    pre = os.path.join(tmp, f"{stem}_pre.onnx")
+    # without the pre-processing no MatMul of the TorchScript export is quantized (its weight
+    # transposes stay nodes)
+    quant_pre_process(fp32_path, pre, skip_symbolic_shape=True)
+    out = {"ort_int8": os.path.join(tmp, f"{stem}_ort_int8.onnx")}
+    quantize_dynamic(pre, out["ort_int8"], weight_type=QuantType.QInt8)
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as e:  # ORT's 4-bit quantizer imports onnx_ir
+        log(f"ORT 4-bit baseline left out: {e}")
+        return out
+    q = MatMulNBitsQuantizer(onnx.load(pre), block_size=32, is_symmetric=True, accuracy_level=4)
+    q.process()
+    out["ort_4bit"] = os.path.join(tmp, f"{stem}_ort_4bit.onnx")
+    q.model.save_model_to_file(out["ort_4bit"], use_external_data_format=False)
     return out
 
 
-def _kv_files(original, ternary, tmp, key):
-    """Incremental-decoding graphs (KV cache) of the original (fp32) and of the ternary model."""
-    sig = signature(original, kv_cache=True)
-    fp32 = os.path.join(tmp, f"{key}_kv_fp32.onnx")
-    save_onnx(trace_to_onnx(original, sig), fp32)
-    result = export_onnx(ternary, os.path.join(tmp, f"{key}_kv_ternary.onnx"),
-                         OnnxConfig(format="matmulnbits", accuracy_level=4, kv_cache=True))
-    return {"sig": sig, "fp32": fp32, "ternary": result["path"], "ternary_bytes": result["file_bytes"],
-            "passed": result["validation"]["passed"]}
+def model_files(original, ternary, formats, tmp, key, kv):
+    """fp32, ORT's int8 / 4-bit, and tritpress's formats of one graph kind -> ({name: path}, validation)."""
+    stem = f"{key}{'_kv' if kv else ''}"
+    sig = signature(original, kv_cache=kv)
+    files = {"fp32": os.path.join(tmp, f"{stem}_fp32.onnx")}
+    save_onnx(trace_to_onnx(original, sig), files["fp32"])
+    files.update(ort_baselines(files["fp32"], tmp, stem))
+    passed = {}
+    for fmt in formats:
+        result = export_onnx(ternary, os.path.join(tmp, f"{stem}_{fmt}.onnx"), OnnxConfig(format=fmt, kv_cache=kv))
+        files[fmt], passed[fmt] = result["path"], result["validation"]["passed"]
+    return sig, files, passed
 
 
-def kv_feeds(sig, batch, past, rng):
+def feeds_for(sig, batch, seq, past, rng):
+    if not sig.cache:
+        ids = rng.integers(0, sig.vocab, (batch, seq)).astype(np.int64)
+        return {n: (ids if n == "input_ids" else np.ones_like(ids)) for n in sig.input_names}
     layers, heads, dim, _ = sig.cache
     feeds = {"input_ids": rng.integers(0, sig.vocab, (batch, 1)).astype(np.int64),
              "attention_mask": np.ones((batch, past + 1), np.int64)}
@@ -152,28 +137,77 @@ def kv_feeds(sig, batch, past, rng):
     return feeds
 
 
+def time_case(sessions, feeds, rounds, budget_s):
+    """Interleaved: each round times every file once; a file's figure is the median of its rounds."""
+    per = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, sess in sessions.items():
+            per[name].append(time_runs(sess, feeds, budget_s))
+    return {name: round(statistics.median(v), 4) for name, v in per.items()}
+
+
+def ratios(ms, formats):
+    ort = [ms[k] for k in ("ort_int8", "ort_4bit") if k in ms]
+    return {fmt: {"vs_best_ort": round(min(ort) / ms[fmt], 3), "vs_fp32": round(ms["fp32"] / ms[fmt], 3)}
+            for fmt in formats}
+
+
+def bench_model(key, blocks, threads_list, formats, rounds, budget_s, tmp):
+    original = load_model(MODELS[key]).model.eval()
+    if key == "smollm2":
+        original = first_blocks(original, blocks)
+    ternary = convert(copy.deepcopy(original))
+    graphs = [(False, CASES)] + ([(True, KV_CASES)] if key == "smollm2" else [])
+    out = {"model": MODELS[key], "blocks": discover(original).blocks.num_blocks, "graphs": [], "cases": []}
+    rng = np.random.default_rng(0)
+    for kv, cases in graphs:
+        sig, files, passed = model_files(original, ternary, formats, tmp, key, kv)
+        sizes = {k: os.path.getsize(v) for k, v in files.items()}
+        out["graphs"].append({"kv_cache": kv, "bytes": sizes, "validation_passed": passed,
+                              "bytes_vs_ort_int8": {k: round(v / sizes["ort_int8"], 3) for k, v in sizes.items()}})
+        log(f"{key}{' KV' if kv else ''}: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
+        for threads in threads_list:
+            sessions = {name: session(path, threads) for name, path in files.items()}
+            for name, batch, n in cases:
+                ms = time_case(sessions, feeds_for(sig, batch, 1 if kv else n, n if kv else 0, rng), rounds, budget_s)
+                case = {"case": name, "batch": batch, "seq": 1 if kv else n, "past": n if kv else 0,
+                        "threads": threads, "median_ms": ms, "ours": ratios(ms, formats)}
+                log(f"  {name} threads={threads}: " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()) + " ms; "
+                    + ", ".join(f"{f} x{r['vs_best_ort']} vs best ORT" for f, r in case["ours"].items()))
+                out["cases"].append(case)
+    return out
+
+
 def main():
     import onnxruntime as ort
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="minilm,smollm2")
     ap.add_argument("--smollm-blocks", type=int, default=10)
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--budget-s", type=float, default=2.0, help="time per case and file (after 2 warm-ups)")
+    ap.add_argument("--formats", default="matmulnbits,matmulnbits4,qgemm", help="tritpress ONNX formats to time")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per case")
+    ap.add_argument("--budget-s", type=float, default=0.5, help="time per file, case and round (after 2 warm-ups)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     threads = [int(t) for t in args.threads.split(",")]
+    formats = args.formats.split(",")
     report = {"benchmark": "onnx_latency", "onnxruntime": ort.__version__, "torch": torch.__version__,
               "platform": platform.platform(), "cpu_count": os.cpu_count(),
               "settings": {"provider": "CPUExecutionProvider", "graph_optimization_level": "ORT_ENABLE_ALL",
                            "intra_op_threads": threads, "inter_op_threads": 1, "warmup_runs": 2,
-                           "budget_s_per_case": args.budget_s, "statistic": "median",
+                           "rounds": args.rounds, "budget_s_per_round": args.budget_s,
+                           "statistic": "median of interleaved rounds (each the median of its runs)",
                            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
               "models": []}
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models.split(","):
-            report["models"].append(bench_model(key, args.smollm_blocks, threads, args.budget_s, tmp))
-    b1 = [c["speedup"] for m in report["models"] for c in m["cases"] if c["batch"] == 1]
-    report["summary"] = {"batch1_speedup_min": min(b1), "batch1_speedup_max": max(b1), "target_batch1": 2.0}
+            report["models"].append(bench_model(key, args.smollm_blocks, threads, formats, args.rounds,
+                                                args.budget_s, tmp))
+    report["summary"] = {fmt: {"min_vs_best_ort": min(c["ours"][fmt]["vs_best_ort"] for m in report["models"]
+                                                      for c in m["cases"]),
+                               "max_bytes_vs_ort_int8": max(g["bytes_vs_ort_int8"][fmt] for m in report["models"]
+                                                            for g in m["graphs"])}
+                         for fmt in formats}
     print(json.dumps(report, indent=2))
 
 

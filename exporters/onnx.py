@@ -39,7 +39,7 @@ from tritpress.compressor.modelio import (ModelIO, embedding_rows, forward_param
 from tritpress.compressor.structure import set_submodule
 from tritpress.compressor.transform import get_record
 
-from .settings import (ACCURACY_LEVELS, FP16_RTOL, FP32_RTOL, INT8_ACT_MARGIN, INT8_ACT_RTOL,  # re-exported:
+from .settings import (ACCURACY_LEVELS, FP16_RTOL, FP32_RTOL, INT8_ACT_MARGIN, INT8_ACT_RTOL, NBITS_FORMATS,  # re-exported:
                        ONNX_FORMATS, OnnxConfig, finite_absmax, fp32_atol)  # torch-free home of the settings
 
 TORCHSCRIPT_MAX_OPSET = 20
@@ -146,7 +146,7 @@ def float_twin(model: nn.Module, fmt: str = "float") -> tuple[nn.Module, dict[in
     # int8 tables shared with a head: under matmulnbits the head is an 8-bit MatMulNBits and the
     # embedding gathers from the same uint8 bytes
     heads = {id(m.qweight) for m in modules.values() if isinstance(m, QLinear)}
-    u8_tables = {q for q in rows & heads if fmt == "matmulnbits"} - {
+    u8_tables = {q for q in rows & heads if fmt in NBITS_FORMATS} - {
         id(m.qweight) for m in modules.values() if isinstance(m, QEmbedding) and m.qweight.fmt.kind != "int8"}
     replaced: dict[int, nn.Module] = {}  # a module placed at several paths is replaced by one twin
     for name, m in modules.items():
@@ -154,7 +154,8 @@ def float_twin(model: nn.Module, fmt: str = "float") -> tuple[nn.Module, dict[in
             continue
         if id(m) not in replaced:
             tied = id(m.qweight) in rows if not isinstance(m, QRNN) else False
-            if isinstance(m, QLinear) and (not tied or id(m.qweight) in u8_tables):
+            if isinstance(m, QLinear) and (not tied or id(m.qweight) in u8_tables or fmt == "qgemm"):
+                # qgemm: a head tied to an int8 table multiplies that table's codes, transposed at session load
                 new = MatMulLinear(param(m.qweight, "t"), m.bias, m.act_bits)
             elif isinstance(m, QLinear):  # a QLinear reads the embedding's codes as they are
                 new = TiedLinear(param(m.qweight, "rows"), m.bias, m.act_bits) if fmt == "float" else m
@@ -163,6 +164,7 @@ def float_twin(model: nn.Module, fmt: str = "float") -> tuple[nn.Module, dict[in
                 origin[id(new.table_u8)] = (m.qweight, "table")
             elif isinstance(m, QEmbedding) and fmt != "float":
                 new = m
+                origin[id(m.qweight.codes)] = (m.qweight, "codes")  # what a qgemm head tied to it reads
             elif isinstance(m, QEmbedding):
                 new = nn.Embedding.from_pretrained(param(m.qweight, "rows"), freeze=True,
                                                    padding_idx=m.padding_idx)
@@ -178,7 +180,7 @@ def float_twin(model: nn.Module, fmt: str = "float") -> tuple[nn.Module, dict[in
 
 def quant_weights(twin: nn.Module, origin: dict[int, tuple], prefix: str = "") -> dict:
     """Initializer name (every alias) -> QuantWeight, in the layout the twin exports."""
-    from .onnx_quant import QuantWeight, TableOf
+    from .onnx_quant import CodesOf, QuantWeight, TableOf
 
     out = {}
     tensors = [*twin.named_parameters(remove_duplicate=False), *twin.named_buffers(remove_duplicate=False)]
@@ -186,8 +188,8 @@ def quant_weights(twin: nn.Module, origin: dict[int, tuple], prefix: str = "") -
         if id(p) not in origin:
             continue
         qt, layout = origin[id(p)]
-        if layout == "table":
-            out[prefix + name] = TableOf(id(qt))
+        if layout in ("table", "codes"):
+            out[prefix + name] = (TableOf if layout == "table" else CodesOf)(id(qt))
             continue
         codes = qt.codes.numpy()
         out[prefix + name] = QuantWeight(codes=codes.T.copy() if layout == "t" else codes.copy(),
@@ -539,10 +541,12 @@ def ort_session(path_or_bytes, threads: int | None = None, config: dict | None =
 
 
 def _run_fp32_compute(path: Path, feeds: dict) -> list:
-    """The same graph with its quantized MatMuls computed in fp32 (accuracy_level 0)."""
+    """The same graph with its quantized MatMuls computed in fp32 (accuracy_level 0; qgemm: the folded
+    int8 weight times its scale, by a float MatMul of the unquantized input)."""
     import onnx
 
     proto = onnx.load(str(path))
+    _fp32_qgemm(proto.graph)
     for node in proto.graph.node:
         for attr in node.attribute:
             if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
@@ -555,6 +559,26 @@ def _run_fp32_compute(path: Path, feeds: dict) -> list:
         return ort_session(Path(tmp) / "exact.onnx", config=config).run(None, feeds)
 
 
+def _fp32_qgemm(graph) -> None:
+    """Rewrite qgemm's `MatMulInteger(quantized a, W8)` as `MatMul(a, float(W8))` and its activation
+    scale as 1 (the weight scale stays): the graph then computes x @ (W8 * scale) in fp32."""
+    from onnx import TensorProto, helper
+
+    quantized_from = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DynamicQuantizeLinear"}
+    act_scales = {n.output[1] for n in graph.node if n.op_type == "DynamicQuantizeLinear"}
+    nodes = []
+    for n in graph.node:
+        if n.op_type == "MatMulInteger" and n.input[0] in quantized_from:
+            nodes += [helper.make_node("Cast", [n.input[1]], [f"{n.output[0]}_wf"], to=TensorProto.FLOAT),
+                      helper.make_node("MatMul", [quantized_from[n.input[0]], f"{n.output[0]}_wf"], [n.output[0]])]
+        elif n.op_type == "Mul" and n.input[0] in act_scales:
+            nodes.append(helper.make_node("Identity", [n.input[1]], [n.output[0]]))
+        else:
+            nodes.append(n)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 @torch.no_grad()
 def validate(path, model: nn.Module, sig: Signature, cfg: OnnxConfig, log: Callable[[str], None]) -> dict:
     """ONNX Runtime vs the converted PyTorch model at VALIDATE_SHAPE, output by output."""
@@ -565,7 +589,7 @@ def validate(path, model: nn.Module, sig: Signature, cfg: OnnxConfig, log: Calla
     inputs = sig.inputs(*VALIDATE_SHAPE, seed=1)
     feeds = {n: t.numpy() for n, t in zip(sig.input_names, inputs)}
     ref = [t.float().numpy() for t in _call_with(model, sig, inputs)]
-    deviation = _int8_deviation(model, sig, inputs, ref, cfg.block_size) if cfg.int8_activations else None
+    deviation = _int8_deviation(model, sig, inputs, ref, cfg) if cfg.int8_activations else None
     sess = ort_session(path)
     got = sess.run(None, feeds)
     exact = _run_fp32_compute(Path(path), feeds) if cfg.int8_activations else None
@@ -607,14 +631,24 @@ def _atol_origin(cfg: OnnxConfig, reference: np.ndarray, deviation: float) -> st
     return f" = {INT8_ACT_RTOL:g} x max |PyTorch|, int8 activations"
 
 
+def dynamic_uint8(x: torch.Tensor) -> torch.Tensor:
+    """x through ONNX DynamicQuantizeLinear and back: one uint8 step (max(x, 0) - min(x, 0)) / 255 and zero
+    point over the whole tensor (what ORT's int8 GEMM path does to a MatMul input)."""
+    low, high = x.min().clamp(max=0), x.max().clamp(min=0)
+    step = ((high - low) / 255.0).clamp(min=1e-30)
+    zero = torch.round(-low / step).clamp(0, 255)
+    return (torch.clamp(torch.round(x / step) + zero, 0, 255) - zero) * step
+
+
 @contextlib.contextmanager
-def int8_block_inputs(model: nn.Module, block_size: int):
+def int8_block_inputs(model: nn.Module, block_size: int, per_tensor_uint8: bool = False):
     """Within: every quantized Linear rounds its input as ORT's int8-activation MatMulNBits does (symmetric
-    int8, one step max|x|/127 per block of `choose_block(K, block_size)` along K), an emulation of that
-    kernel's error; the validation's tolerance is derived from it."""
+    int8, one step max|x|/127 per block of `choose_block(K, block_size)` along K) or, `per_tensor_uint8`,
+    as its DynamicQuantizeLinear does (`dynamic_uint8`): an emulation of that kernel's error; the
+    validation's tolerance is derived from it."""
     from .onnx_quant import choose_block
 
-    def rounded(x: torch.Tensor) -> torch.Tensor:
+    def per_block(x: torch.Tensor) -> torch.Tensor:
         k = x.shape[-1]
         block = choose_block(k, block_size)
         pad = -k % block
@@ -622,6 +656,7 @@ def int8_block_inputs(model: nn.Module, block_size: int):
         step = xb.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / 127.0
         return (torch.round(xb / step).clamp(-127, 127) * step).reshape(*x.shape[:-1], k + pad)[..., :k]
 
+    rounded = dynamic_uint8 if per_tensor_uint8 else per_block
     handles = [m.register_forward_pre_hook(lambda _, args: (rounded(args[0]), *args[1:]))
                for m in model.modules() if isinstance(m, QLinear)]
     try:
@@ -631,9 +666,9 @@ def int8_block_inputs(model: nn.Module, block_size: int):
             h.remove()
 
 
-def _int8_deviation(model: nn.Module, sig: Signature, inputs: tuple, ref: list, block_size: int) -> list[float]:
+def _int8_deviation(model: nn.Module, sig: Signature, inputs: tuple, ref: list, cfg: OnnxConfig) -> list[float]:
     """Per output: max |PyTorch with int8-rounded MatMul inputs - PyTorch| (see int8_block_inputs)."""
-    with int8_block_inputs(model, block_size):
+    with int8_block_inputs(model, cfg.block_size, per_tensor_uint8=cfg.format == "qgemm"):
         emulated = [t.float().numpy() for t in _call_with(model, sig, inputs)]
     return [_finite_deviation(e, r) if e.shape == r.shape else 0.0 for e, r in zip(emulated, ref)]
 

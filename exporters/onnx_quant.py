@@ -7,6 +7,13 @@ initializers:
 - `matmulnbits`: a weight used only as the B input of MatMul nodes becomes
   `com.microsoft::MatMulNBits` (codes + zero point 2^(bits-1) packed LSB first into
   uint8 `[N, K/block, block*bits/8]`, one float scale per block);
+- `matmulnbits4`: the same 2-bit bytes in the file, widened to MatMulNBits' 4-bit container by
+  a few integer nodes over initializers only, which ONNX Runtime folds once at session load (its
+  4-bit kernels are faster than its 2-bit ones: issue #14);
+- `qgemm`: the 2-bit (int4: 4-bit) codes in the file, widened by folded nodes to an int8 [K, N]
+  weight that `DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul` reads: the pattern ORT's own
+  `quantize_dynamic` writes, which ORT fuses into its int8 GEMM (DynamicQuantizeMatMul), so long
+  sequences run at ORT int8 speed from a 2-bit file (activations: ORT's per-tensor uint8);
 - otherwise (and for every weight in the `int2` format): `DequantizeLinear` over an
   INT2 / INT4 / INT8 initializer, whose output keeps the float tensor's name, so the
   consumer (MatMul, Gather, LSTM, Transpose of a tied head...) is unchanged.
@@ -24,10 +31,13 @@ import onnx
 import onnx.numpy_helper
 from onnx import TensorProto, helper
 
+from .settings import NBITS_FORMATS
+
 MS_DOMAIN = "com.microsoft"
 BITS = {"ternary": 2, "int2": 2, "int4": 4, "int8": 8}
 DQ_TYPES = {"ternary": TensorProto.INT2, "int2": TensorProto.INT2, "int4": TensorProto.INT4, "int8": TensorProto.INT8}
 DQ_MIN_OPSET = {"ternary": 25, "int2": 25, "int4": 21, "int8": 13}
+FOLD_MIN_OPSET = 18                                # BitwiseAnd (the folded unpacking nodes)
 
 
 @dataclass
@@ -52,6 +62,14 @@ class QuantWeight:
 class TableOf:
     """A uint8 embedding table (codes + 128) holding the same bytes as the 8-bit MatMulNBits
     weight of the head made from QTensor `source`: replaced by a Reshape of that weight."""
+
+    source: int
+
+
+@dataclass
+class CodesOf:
+    """An embedding's int8 codes [V, D] as the graph gathers them (QTensor `source`): a qgemm head tied to
+    that embedding multiplies them, transposed at session load, instead of a second copy."""
 
     source: int
 
@@ -98,6 +116,86 @@ def matmulnbits_tensors(w: QuantWeight, block_size: int, prefix: str) -> tuple[l
     return [b, s], {"K": k, "N": n, "bits": bits, "block_size": block_size}
 
 
+def _const(name: str, dtype: int, values, dims=None) -> onnx.TensorProto:
+    """A small constant initializer: `values` a list (1-D), or a scalar with dims=[]. Raw bytes, so that
+    dedup_initializers keeps one of the equal constants every folded weight makes."""
+    vals = np.asarray([values] if dims == [] else list(values), dtype=helper.tensor_dtype_to_np_dtype(dtype))
+    return helper.make_tensor(name, dtype, list(vals.shape) if dims is None else dims, vals.tobytes(), raw=True)
+
+
+def unpack_nodes(packed: str, bits: int, count: int, shape: list[int], out: str) -> tuple[list, list]:
+    """Nodes turning initializer `packed` (pack_bits of codes + 2^(bits-1), uint8) into the int32 codes
+    `out` of `shape`. Every input is an initializer, so ONNX Runtime computes them once, at session load
+    (constant folding), and keeps the result: the file holds `bits` per weight, the kernel its own container."""
+    t = f"{out}_"   # the intermediate values' prefix
+    c = [_const(f"fold_shifts{bits}", TensorProto.UINT8, list(range(0, 8, bits))),
+         _const(f"fold_mask{bits}", TensorProto.UINT8, (1 << bits) - 1, dims=[]),
+         _const("fold_last", TensorProto.INT64, [-1]), _const("fold_start", TensorProto.INT64, [0]),
+         _const(f"{t}end", TensorProto.INT64, [count]),
+         _const(f"fold_zero{bits}", TensorProto.INT32, 1 << (bits - 1), dims=[]),
+         _const(f"{t}shape", TensorProto.INT64, list(shape))]
+    n = [helper.make_node("Unsqueeze", [packed, c[2].name], [f"{t}b"]),
+         helper.make_node("BitShift", [f"{t}b", c[0].name], [f"{t}s"], direction="RIGHT"),
+         helper.make_node("BitwiseAnd", [f"{t}s", c[1].name], [f"{t}u"]),
+         helper.make_node("Reshape", [f"{t}u", c[2].name], [f"{t}f"]),
+         helper.make_node("Slice", [f"{t}f", c[3].name, c[4].name], [f"{t}k"]),  # drop the last byte's padding
+         helper.make_node("Cast", [f"{t}k"], [f"{t}i"], to=TensorProto.INT32),
+         helper.make_node("Sub", [f"{t}i", c[5].name], [f"{t}c"]),
+         helper.make_node("Reshape", [f"{t}c", c[6].name], [out])]
+    return c, n
+
+
+def qgemm_tensors(w: QuantWeight, name: str, table: onnx.TensorProto | None = None) -> tuple[list, list, dict]:
+    """Initializers and folded nodes giving `x @ W` its int8 GEMM inputs: W's codes [K, N] as int8
+    (from 2 or 4 bits per weight in the file; int8 stored as is, or the transpose of `table`, the int8
+    [N, K] codes of the embedding this weight is tied to), its scale(s) and zero point."""
+    bits = BITS[w.kind]
+    inits = [_const(f"{name}_wzp", TensorProto.INT8, 0, dims=[]),
+             helper.make_tensor(f"{name}_wscale", TensorProto.FLOAT, [w.scale.size] if w.scale.size > 1 else [],
+                                w.scale.astype(np.float32).tobytes(), raw=True)]
+    weight = {"w": f"{name}_int8", "scale": inits[1].name, "zero": inits[0].name}
+    if bits == 8 and table is not None and list(table.dims) == list(w.codes.shape)[::-1]:
+        return inits, [helper.make_node("Transpose", [table.name], [weight["w"]], perm=[1, 0])], weight
+    if bits == 8:
+        inits.append(helper.make_tensor(f"{name}_int8", TensorProto.INT8, list(w.codes.shape),
+                                        w.codes.astype(np.int8).tobytes(), raw=True))
+        return inits, [], {"w": f"{name}_int8", "scale": inits[1].name, "zero": inits[0].name}
+    packed = helper.make_tensor(f"{name}_codes", TensorProto.UINT8, [-(-w.codes.size * bits // 8)],
+                                pack_bits(w.codes.astype(np.int16) + (1 << (bits - 1)), bits), raw=True)
+    consts, nodes = unpack_nodes(packed.name, bits, w.codes.size, list(w.codes.shape), f"{name}_i32")
+    nodes.append(helper.make_node("Cast", [f"{name}_i32"], [f"{name}_int8"], to=TensorProto.INT8))
+    return inits + [packed] + consts, nodes, {"w": f"{name}_int8", "scale": inits[1].name, "zero": inits[0].name}
+
+
+def qgemm_nodes(a: str, out: str, weight: dict) -> list:
+    """`out = a @ W` as ORT's dynamic int8 quantization writes it (fused by ORT into DynamicQuantizeMatMul)."""
+    return [helper.make_node("DynamicQuantizeLinear", [a], [f"{out}_aq", f"{out}_as", f"{out}_az"]),
+            helper.make_node("MatMulInteger", [f"{out}_aq", weight["w"], f"{out}_az", weight["zero"]], [f"{out}_acc"]),
+            helper.make_node("Cast", [f"{out}_acc"], [f"{out}_accf"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{out}_as", weight["scale"]], [f"{out}_scale"]),
+            helper.make_node("Mul", [f"{out}_accf", f"{out}_scale"], [out])]
+
+
+def widen_to_4bit(b: onnx.TensorProto, count: int) -> tuple[list, list]:
+    """Folded nodes turning a 2-bit MatMulNBits B (zero point 2) into the 4-bit B (zero point 8) of the
+    same codes: B keeps its name, the 2-bit bytes are stored as `<name>_2bit`."""
+    n, blocks, per_block = b.dims
+    packed = onnx.TensorProto()
+    packed.CopyFrom(b)
+    packed.name = f"{b.name}_2bit"
+    consts, nodes = unpack_nodes(packed.name, 2, count, [-1, 2], f"{b.name}_pairs")
+    t = f"{b.name}_"
+    consts += [_const("fold_nibble_zero", TensorProto.INT32, [8, 8 * 16]),   # + zero point 8, then << 4
+               _const("fold_nibble_shift", TensorProto.INT32, [1, 16]),
+               _const(f"{t}shape4", TensorProto.INT64, [n, blocks, per_block * 2])]
+    nodes += [helper.make_node("Mul", [f"{t}pairs", "fold_nibble_shift"], [f"{t}h"]),
+              helper.make_node("Add", [f"{t}h", "fold_nibble_zero"], [f"{t}z"]),
+              helper.make_node("ReduceSum", [f"{t}z", "fold_last"], [f"{t}y"], keepdims=0),
+              helper.make_node("Cast", [f"{t}y"], [f"{t}u8"], to=TensorProto.UINT8),
+              helper.make_node("Reshape", [f"{t}u8", f"{t}shape4"], [b.name])]
+    return [packed] + consts, nodes
+
+
 def dequantize_linear(w: QuantWeight, name: str) -> tuple[list, onnx.NodeProto]:
     """Initializers and a DequantizeLinear node whose output is `name` (the float weight)."""
     bits = BITS[w.kind]
@@ -126,25 +224,44 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, QuantWeight], fmt:
     graph = model.graph
     uses = _consumers(graph)
     inits = {t.name: t for t in graph.initializer}
-    stats = {"matmulnbits": 0, "dequantize_linear": 0, "shared_tables": 0, "min_opset": 0}
+    stats = {"matmulnbits": 0, "qgemm": 0, "dequantize_linear": 0, "shared_tables": 0, "folded_weights": 0,
+             "min_opset": 0}
     new_inits, new_nodes, drop = [], [], set()
+    expand: dict[int, list] = {}                 # id(MatMul node) -> the nodes replacing it
     nbits_of: dict[int, onnx.TensorProto] = {}   # QTensor id -> its MatMulNBits B
+    tables = {w.source: inits[name] for name, w in weights.items() if isinstance(w, CodesOf) and name in inits
+              and inits[name].data_type == TensorProto.INT8}
     for name, w in weights.items():
-        if name not in inits or isinstance(w, TableOf):
+        if name not in inits or isinstance(w, (TableOf, CodesOf)):
             continue
         users = uses.get(name, [])
         as_matmul_b = users and all(n.op_type == "MatMul" and i == 1 for n, i in users) and w.codes.ndim == 2
-        if fmt == "matmulnbits" and as_matmul_b:
+        if fmt in NBITS_FORMATS and as_matmul_b:
             tensors, attrs = matmulnbits_tensors(w, block_size, name)
-            new_inits += tensors
             nbits_of[w.source] = tensors[0]
+            if fmt == "matmulnbits4" and attrs["bits"] == 2:
+                widened, nodes = widen_to_4bit(tensors[0], int(np.prod(tensors[0].dims)) * 4)
+                tensors = widened + tensors[1:]
+                new_nodes += nodes
+                attrs["bits"] = 4
+                stats["folded_weights"] += 1
+                stats["min_opset"] = max(stats["min_opset"], FOLD_MIN_OPSET)
+            new_inits += tensors
+            b_name, s_name = f"{name}_nbits", f"{name}_nbits_scales"
             for node, _ in users:
-                a, out = node.input[0], node.output[0]
-                node.Clear()
-                node.CopyFrom(helper.make_node("MatMulNBits", [a, tensors[0].name, tensors[1].name], [out],
-                                               name=f"{out}_nbits", domain=MS_DOMAIN,
-                                               accuracy_level=accuracy_level, **attrs))
+                expand[id(node)] = [helper.make_node("MatMulNBits", [node.input[0], b_name, s_name], [node.output[0]],
+                                                     name=f"{node.output[0]}_nbits", domain=MS_DOMAIN,
+                                                     accuracy_level=accuracy_level, **attrs)]
                 stats["matmulnbits"] += 1
+        elif fmt == "qgemm" and as_matmul_b:
+            tensors, nodes, weight = qgemm_tensors(w, name, tables.get(w.source))
+            new_inits += tensors
+            new_nodes += nodes
+            stats["folded_weights"] += bool(nodes)
+            stats["min_opset"] = max(stats["min_opset"], FOLD_MIN_OPSET if nodes else 0)
+            for node, _ in users:
+                expand[id(node)] = qgemm_nodes(node.input[0], node.output[0], weight)
+                stats["qgemm"] += 1
         else:
             tensors, node = dequantize_linear(w, name)
             new_inits += tensors
@@ -152,6 +269,21 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, QuantWeight], fmt:
             stats["dequantize_linear"] += 1
             stats["min_opset"] = max(stats["min_opset"], DQ_MIN_OPSET[w.kind])
         drop.add(name)
+    new_inits, new_nodes = _shared_tables(weights, inits, nbits_of, new_inits, new_nodes, drop, stats)
+    kept = [t for t in graph.initializer if t.name not in drop]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + list({t.name: t for t in reversed(new_inits)}.values())[::-1])  # fold_*: once
+    # dequantize / unpack nodes first: a topological order ONNX checkers and runtimes accept
+    nodes = new_nodes + [m for n in graph.node for m in expand.get(id(n), [n])]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if stats["matmulnbits"] and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return stats
+
+
+def _shared_tables(weights, inits, nbits_of, new_inits, new_nodes, drop, stats) -> tuple[list, list]:
+    """A uint8 table holding the bytes of an 8-bit MatMulNBits B becomes a Reshape of that B."""
     for name, w in weights.items():
         b = nbits_of.get(w.source) if isinstance(w, TableOf) and name in inits else None
         table = inits.get(name)
@@ -162,16 +294,7 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, QuantWeight], fmt:
         new_nodes.append(helper.make_node("Reshape", [b.name, shape.name], [name], name=f"{name}_from_head"))
         drop.add(name)
         stats["shared_tables"] += 1
-    kept = [t for t in graph.initializer if t.name not in drop]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
-    # dequantize nodes first: a topological order ONNX checkers and runtimes accept
-    nodes = new_nodes + list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    if stats["matmulnbits"] and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return stats
+    return new_inits, new_nodes
 
 
 def dedup_initializers(model: onnx.ModelProto) -> int:

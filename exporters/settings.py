@@ -20,13 +20,15 @@ from tritpress.compressor.errors import TritpressError
 if TYPE_CHECKING:
     from torch import nn
 
-ONNX_FORMATS = ("matmulnbits", "int2", "float")
+ONNX_FORMATS = ("matmulnbits", "matmulnbits4", "qgemm", "int2", "float")
+NBITS_FORMATS = ("matmulnbits", "matmulnbits4")   # the formats whose quantized MatMuls are MatMulNBits
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # Default tolerances, relative to the output's own scale (a decoder's logits reach +-50, a hidden state ~1).
 # A graph computing in fp32 matches PyTorch to rounding, which grows with the values summed:
 # FP32_RTOL * max(1, max|output|). ORT's int8-activation kernels (MatMulNBits accuracy_level 4; the int2 format
 # too, since ORT fuses DequantizeLinear+MatMul into MatMulNBits with session.qdq_matmulnbits_accuracy_level,
-# default 4) round every MatMul input to an int8 step of max|block|/127 per block of K; what that does to the
+# default 4) round every MatMul input to an int8 step of max|block|/127 per block of K (qgemm: ORT's
+# DynamicQuantizeLinear, one uint8 step (max - min)/255 per whole input tensor); what that does to the
 # outputs depends on the model (outlier activations, depth), so validation measures it: the PyTorch model is run
 # again with its quantized layers' inputs rounded the same way (`int8_block_inputs`), and the atol is
 # INT8_ACT_MARGIN x that emulated deviation (ORT lands within a few % of it; the margin covers rounding that
@@ -54,10 +56,14 @@ class OnnxConfig:
     """How `export_onnx` writes and checks the ONNX file."""
 
     enabled: bool = False           # pipeline only: also export <out>/model.onnx (validated with ONNX Runtime)
-    format: str = "matmulnbits"     # matmulnbits: ORT com.microsoft::MatMulNBits (2-bit); int2: standard
+    format: str = "qgemm"           # qgemm: 2-bit file, int8 weights made at session load for ONNX Runtime's
+                                    # int8 GEMM (DynamicQuantizeMatMul, per-tensor uint8 activations; ORT
+                                    # int8 speed, benchmarks/bench_onnx.py); matmulnbits: ORT
+                                    # com.microsoft::MatMulNBits (2-bit); matmulnbits4: the same 2-bit file
+                                    # widened to ORT's 4-bit kernel at session load; int2: standard
                                     # DequantizeLinear on INT2 (opset 25); float: dequantized fp32 weights
-    accuracy_level: int = 4         # MatMulNBits compute type, 4 = int8 activations (fast CPU path)
-    block_size: int = 128           # MatMulNBits block size along the input dimension (power of two >= 16)
+    accuracy_level: int = 4         # matmulnbits*: compute type, 4 = int8 activations (fast CPU path)
+    block_size: int = 128           # matmulnbits*: block size along the input dimension (power of two >= 16)
     atol: float | None = None       # max |ONNX - PyTorch| per output [default: relative to the output:
                                     # 1e-4 x max(1, max |PyTorch output|) with fp32 compute; with int8
                                     # activations (matmulnbits at accuracy level 4, int2) 2 x what rounding
@@ -86,7 +92,7 @@ class OnnxConfig:
     @property
     def int8_activations(self) -> bool:
         """ONNX Runtime computes this graph's quantized MatMuls with int8 activations."""
-        return self.format == "int2" or (self.format == "matmulnbits" and self.accuracy_level == 4)
+        return self.format in ("int2", "qgemm") or (self.format.startswith("matmulnbits") and self.accuracy_level == 4)
 
     def atol_for(self, reference: np.ndarray, int8_deviation: float = 0.0) -> float:
         """The default atol of an output (see FP32_RTOL); `int8_deviation`: max |PyTorch with int8-rounded

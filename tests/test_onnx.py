@@ -6,6 +6,8 @@ import json
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from onnx import TensorProto
 
@@ -18,7 +20,7 @@ from tritpress.exporters.packed import load_packed, save_packed
 from tests.tiny_models import build, gpt2_config, make_large_logit_decoder
 
 MODELS = ["bert", "gpt2", "llama_tied", "llama_untied", "lstm", "gru"]
-FORMATS = ["matmulnbits", "int2", "float"]
+FORMATS = ["matmulnbits", "matmulnbits4", "qgemm", "int2", "float"]
 
 
 def ops(path):
@@ -42,8 +44,15 @@ def test_export_runs_and_matches_pytorch(name, fmt, tmp_path):
     assert list(v["input_shapes"].values())[0] != [2, 5]
     assert any("all values close" in line for line in lines)
     found = ops(path)
-    if fmt == "matmulnbits":
+    if fmt.startswith("matmulnbits"):
         assert "MatMulNBits" in found
+        bits = {a.i for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits"
+                for a in n.attribute if a.name == "bits"}
+        assert bits - {8} == ({4} if fmt == "matmulnbits4" else {2}) or name in ("lstm", "gru")  # 8: a tied int8 head
+    elif fmt == "qgemm":
+        assert "MatMulInteger" in found and "DynamicQuantizeLinear" in found or name in ("lstm", "gru")
+        assert TensorProto.FLOAT not in {t.data_type for t in onnx.load(str(path)).graph.initializer
+                                         if t.name.endswith("_codes")}
     elif fmt == "int2":
         assert "MatMulNBits" not in found and TensorProto.INT2 in initializer_types(path)
         assert result["opset"] >= 25
@@ -78,6 +87,87 @@ def test_matmulnbits_values_against_numpy(kind, low, high, tmp_path):
     np.testing.assert_allclose(y, x @ w.dequantize(), rtol=1e-5, atol=1e-5)
 
 
+def _graph_of(nodes, inits, k, opset=21):
+    g = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                               [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", opset),
+                                                    onnx.helper.make_opsetid("com.microsoft", 1)])
+
+
+def _folded_ops(path):
+    """Op types left after ONNX Runtime's session-load optimizations (constant folding included)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(path) + ".opt.onnx"
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return {n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node}
+
+
+@settings(max_examples=12, deadline=None)
+@given(kind=st.sampled_from(["ternary", "int2", "int4", "int8"]), k=st.integers(1, 40), n=st.integers(1, 12),
+       per_channel=st.booleans(), seed=st.integers(0, 2**16))
+def test_qgemm_weight_unpacks_to_the_codes(kind, k, n, per_channel, seed, tmp_path_factory):
+    """qgemm's folded nodes give back exactly the int8 codes (any K x N, padding in the last byte), and the
+    fp32-compute rewrite of the validation computes x @ dequantized W."""
+    from tritpress.exporters.onnx import _fp32_qgemm
+    from tritpress.exporters.onnx_quant import QuantWeight, qgemm_nodes, qgemm_tensors
+    low, high = {"ternary": (-1, 1), "int2": (-2, 1), "int4": (-8, 7), "int8": (-127, 127)}[kind]
+    rng = np.random.default_rng(seed)
+    w = QuantWeight(rng.integers(low, high + 1, (k, n)).astype(np.int8),
+                    (rng.random(n if per_channel else 1) + 0.1).astype(np.float32), axis=1, kind=kind)
+    inits, unpack, weight = qgemm_tensors(w, "w")
+    tmp = tmp_path_factory.mktemp("qgemm")
+    codes = _graph_of(unpack + [onnx.helper.make_node("Cast", [weight["w"]], ["y"], to=TensorProto.FLOAT)], inits, k)
+    codes.graph.input.pop()
+    onnx.save(codes, tmp / "codes.onnx")
+    np.testing.assert_array_equal(ort_session(tmp / "codes.onnx").run(None, {})[0], w.codes)
+    model = _graph_of(unpack + qgemm_nodes("x", "y", weight), inits, k)
+    _fp32_qgemm(model.graph)
+    onnx.save(model, tmp / "exact.onnx")
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    np.testing.assert_allclose(ort_session(tmp / "exact.onnx").run(None, {"x": x})[0], x @ w.dequantize(),
+                               rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=3), shift=st.floats(-3, 3), spread=st.floats(0.01, 50),
+       seed=st.integers(0, 2**16))
+def test_dynamic_uint8_emulates_onnx_dynamic_quantize_linear(shape, shift, spread, seed, tmp_path_factory):
+    """The validation's emulation of qgemm's activation rounding is ONNX DynamicQuantizeLinear, dequantized."""
+    from tritpress.exporters.onnx import dynamic_uint8
+    x = (np.random.default_rng(seed).standard_normal(shape) * spread + shift).astype(np.float32)
+    nodes = [onnx.helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
+             onnx.helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    g = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                               [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    path = tmp_path_factory.mktemp("dql") / "dql.onnx"
+    onnx.save(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 21)]), path)
+    want = ort_session(path).run(None, {"x": x})[0]
+    got = dynamic_uint8(torch.from_numpy(x)).numpy()
+    step = (max(x.max(), 0) - min(x.min(), 0)) / 255
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * step + 1e-7)
+
+
+def test_folded_weights_leave_no_unpacking_at_run_time(tmp_path):
+    """ORT computes the unpacking once at session load: the optimized graphs hold no bit operation, qgemm
+    runs as ORT's fused int8 GEMM and matmulnbits4 as 4-bit MatMulNBits, from a 2-bit file."""
+    model = convert(build("bert"))
+    sizes = {}
+    for fmt in ("matmulnbits", "matmulnbits4", "qgemm"):
+        result = export_onnx(model, tmp_path / f"{fmt}.onnx", OnnxConfig(format=fmt))
+        sizes[fmt] = sum(len(t.raw_data) for t in onnx.load(str(tmp_path / f"{fmt}.onnx")).graph.initializer)
+        folded = result["rewrites"]["folded_weights"]
+        assert folded == (0 if fmt == "matmulnbits" else 18), result["rewrites"]   # 3 blocks x 6 Linears
+        left = _folded_ops(tmp_path / f"{fmt}.onnx")
+        assert not left & {"BitShift", "BitwiseAnd"}, left
+        if fmt == "qgemm":
+            assert "DynamicQuantizeMatMul" in left or "MatMulIntegerToFloat" in left, left
+    # the same 2-bit bytes in all three files, + a few unpacking constants per weight (qgemm: one scale per
+    # output channel instead of one per block)
+    assert sizes["matmulnbits"] <= sizes["matmulnbits4"] <= sizes["matmulnbits"] + 18 * 64
+    assert sizes["qgemm"] <= sizes["matmulnbits"] + 18 * 64
+
+
 def test_pack_bits_order():
     assert pack_bits(np.array([1, 2, 3, 0]), 2) == bytes([1 | 2 << 2 | 3 << 4])
     assert pack_bits(np.array([5, 9]), 4) == bytes([5 | 9 << 4])
@@ -104,7 +194,8 @@ def test_shared_weights_are_one_initializer(fmt, tmp_path):
     # c_fc is 64 x 256: one copy is 16384 weights at 2 bits (quantized) or 32 bits (float)
     one_copy = 64 * 256 * (32 if fmt == "float" else 2) // 8
     saved = a["file_bytes"] - b["file_bytes"]
-    assert 0.95 * one_copy <= saved <= 1.2 * one_copy, (saved, one_copy)
+    unpacking = 2048 if fmt in ("matmulnbits4", "qgemm") else 0   # one weight's folded nodes go with it
+    assert 0.95 * one_copy <= saved <= 1.2 * one_copy + unpacking, (saved, one_copy)
     if fmt == "matmulnbits":
         uses = [n.input[1] for n in onnx.load(str(tmp_path / "shared.onnx")).graph.node
                 if n.op_type == "MatMulNBits"]
@@ -128,11 +219,18 @@ def test_int2_embedding_and_head_export_and_validate(name, fmt, tmp_path):
         assert head and {a.name: a.i for a in head[0].attribute}["bits"] == 2
 
 
-def test_tied_embedding_and_head_stored_once(tmp_path):
-    tied = export_onnx(convert(build("llama_tied")), tmp_path / "t.onnx", OnnxConfig())
-    untied = export_onnx(convert(build("llama_untied")), tmp_path / "u.onnx", OnnxConfig())
+@pytest.mark.parametrize("fmt", ["matmulnbits", "qgemm"])
+def test_tied_embedding_and_head_stored_once(fmt, tmp_path):
+    tied = export_onnx(convert(build("llama_tied")), tmp_path / "t.onnx", OnnxConfig(format=fmt))
+    untied = export_onnx(convert(build("llama_untied")), tmp_path / "u.onnx", OnnxConfig(format=fmt))
     vocab_table = 100 * 32  # int8 codes
+    assert tied["validation"]["passed"]
     assert untied["file_bytes"] - tied["file_bytes"] >= 0.9 * vocab_table
+    if fmt == "qgemm":  # the head is an int8 GEMM over the table's codes, not a float MatMul
+        graph = onnx.load(str(tmp_path / "t.onnx")).graph
+        assert "Transpose" in {n.op_type for n in graph.node if n.input and n.input[0] in
+                               {t.name for t in graph.initializer if t.data_type == TensorProto.INT8}}
+        assert tied["rewrites"]["qgemm"] == 1 + 4 * 2 + 3 * 2   # head + 2 blocks x (q k v o, gate up down)
 
 
 @pytest.mark.parametrize("level", [4, 0])
@@ -261,7 +359,7 @@ def test_cli_export_of_a_tied_model_stores_the_table_once(tmp_path, capsys):
     assert reloaded.lm_head.qweight is reloaded.model.embed_tokens.qweight
 
 
-def test_minilm_matmulnbits_within_1_3x_of_packed(tmp_path):
+def test_minilm_default_onnx_within_1_3x_of_packed(tmp_path):
     from tritpress.compressor.ingest import load_model
     loaded = load_model("pkg:all-MiniLM-L6-v2")
     model = convert(loaded.model)
@@ -281,7 +379,7 @@ def test_float_format_fp16_storage(tmp_path):
     assert b["file_bytes"] < 0.8 * a["file_bytes"]
 
 
-@pytest.mark.parametrize("name,fmt", [("llama_tied", "matmulnbits"), ("gpt2", "float")])
+@pytest.mark.parametrize("name,fmt", [("llama_tied", "matmulnbits"), ("llama_tied", "qgemm"), ("gpt2", "float")])
 def test_kv_cache_graph_decodes_like_the_full_sequence(name, fmt, tmp_path):
     path = tmp_path / "kv.onnx"
     result = export_onnx(convert(build(name)), path, OnnxConfig(format=fmt, kv_cache=True))
