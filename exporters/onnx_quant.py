@@ -237,22 +237,10 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, QuantWeight], fmt:
         users = uses.get(name, [])
         as_matmul_b = users and all(n.op_type == "MatMul" and i == 1 for n, i in users) and w.codes.ndim == 2
         if fmt in NBITS_FORMATS and as_matmul_b:
-            tensors, attrs = matmulnbits_tensors(w, block_size, name)
-            nbits_of[w.source] = tensors[0]
-            if fmt == "matmulnbits4" and attrs["bits"] == 2:
-                widened, nodes = widen_to_4bit(tensors[0], int(np.prod(tensors[0].dims)) * 4)
-                tensors = widened + tensors[1:]
-                new_nodes += nodes
-                attrs["bits"] = 4
-                stats["folded_weights"] += 1
-                stats["min_opset"] = max(stats["min_opset"], FOLD_MIN_OPSET)
+            tensors, nodes, b = _nbits_rewrite(w, name, fmt, block_size, accuracy_level, users, expand, stats)
             new_inits += tensors
-            b_name, s_name = f"{name}_nbits", f"{name}_nbits_scales"
-            for node, _ in users:
-                expand[id(node)] = [helper.make_node("MatMulNBits", [node.input[0], b_name, s_name], [node.output[0]],
-                                                     name=f"{node.output[0]}_nbits", domain=MS_DOMAIN,
-                                                     accuracy_level=accuracy_level, **attrs)]
-                stats["matmulnbits"] += 1
+            new_nodes += nodes
+            nbits_of[w.source] = b
         elif fmt == "qgemm" and as_matmul_b:
             tensors, nodes, weight = qgemm_tensors(w, name, tables.get(w.source))
             new_inits += tensors
@@ -280,6 +268,27 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, QuantWeight], fmt:
     if stats["matmulnbits"] and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return stats
+
+
+def _nbits_rewrite(w: QuantWeight, name: str, fmt: str, block_size: int, accuracy_level: int, users, expand: dict,
+                   stats: dict) -> tuple[list, list, onnx.TensorProto]:
+    """MatMulNBits for every MatMul reading `name` (into `expand`); matmulnbits4 widens the 2-bit B at load.
+    -> initializers, folded nodes, the B as stored."""
+    tensors, attrs = matmulnbits_tensors(w, block_size, name)
+    stored, nodes = tensors[0], []
+    if fmt == "matmulnbits4" and attrs["bits"] == 2:
+        widened, nodes = widen_to_4bit(stored, int(np.prod(stored.dims)) * 4)
+        tensors = widened + tensors[1:]
+        attrs["bits"] = 4
+        stats["folded_weights"] += 1
+        stats["min_opset"] = max(stats["min_opset"], FOLD_MIN_OPSET)
+    b_name, s_name = f"{name}_nbits", f"{name}_nbits_scales"
+    for node, _ in users:
+        expand[id(node)] = [helper.make_node("MatMulNBits", [node.input[0], b_name, s_name], [node.output[0]],
+                                             name=f"{node.output[0]}_nbits", domain=MS_DOMAIN,
+                                             accuracy_level=accuracy_level, **attrs)]
+        stats["matmulnbits"] += 1
+    return tensors, nodes, stored
 
 
 def _shared_tables(weights, inits, nbits_of, new_inits, new_nodes, drop, stats) -> tuple[list, list]:
