@@ -612,7 +612,8 @@ def validate(path, model: nn.Module, sig: Signature, cfg: OnnxConfig, log: Calla
         if exact is not None:
             e = _compare(name, r, exact[i], fp32_atol(r))
             o.update(exact_max_abs_diff=e["max_abs_diff"], exact_atol=e["atol"], ok=o["ok"] and e["ok"])
-            log(f"\t\t-[{'✓' if e['ok'] else 'x'}] same graph with fp32 compute (accuracy_level 0): "
+            exact_how = "int8 weights as float" if cfg.format == "qgemm" else "accuracy_level 0"
+            log(f"\t\t-[{'✓' if e['ok'] else 'x'}] same graph with fp32 compute ({exact_how}): "
                 f"max |ONNX - PyTorch| = {e['max_abs_diff']:.3g} (atol: {e['atol']:.3g})")
         outputs.append(o)
     passed = names_ok and len(outputs) == len(names) and all(o["ok"] for o in outputs)
