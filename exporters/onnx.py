@@ -164,7 +164,8 @@ def float_twin(model: nn.Module, fmt: str = "float") -> tuple[nn.Module, dict[in
                 origin[id(new.table_u8)] = (m.qweight, "table")
             elif isinstance(m, QEmbedding) and fmt != "float":
                 new = m
-                origin[id(m.qweight.codes)] = (m.qweight, "codes")  # what a qgemm head tied to it reads
+                if fmt == "qgemm":  # what a head tied to it reads
+                    origin[id(m.qweight.codes)] = (m.qweight, "codes")
             elif isinstance(m, QEmbedding):
                 new = nn.Embedding.from_pretrained(param(m.qweight, "rows"), freeze=True,
                                                    padding_idx=m.padding_idx)
@@ -545,8 +546,10 @@ def _run_fp32_compute(path: Path, feeds: dict) -> list:
     int8 weight times its scale, by a float MatMul of the unquantized input)."""
     import onnx
 
+    from .onnx_quant import qgemm_as_fp32
+
     proto = onnx.load(str(path))
-    _fp32_qgemm(proto.graph)
+    qgemm_as_fp32(proto.graph)
     for node in proto.graph.node:
         for attr in node.attribute:
             if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
@@ -557,26 +560,6 @@ def _run_fp32_compute(path: Path, feeds: dict) -> list:
     with tempfile.TemporaryDirectory() as tmp:
         _save(proto, Path(tmp) / "exact.onnx", 0)
         return ort_session(Path(tmp) / "exact.onnx", config=config).run(None, feeds)
-
-
-def _fp32_qgemm(graph) -> None:
-    """Rewrite qgemm's `MatMulInteger(quantized a, W8)` as `MatMul(a, float(W8))` and its activation
-    scale as 1 (the weight scale stays): the graph then computes x @ (W8 * scale) in fp32."""
-    from onnx import TensorProto, helper
-
-    quantized_from = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DynamicQuantizeLinear"}
-    act_scales = {n.output[1] for n in graph.node if n.op_type == "DynamicQuantizeLinear"}
-    nodes = []
-    for n in graph.node:
-        if n.op_type == "MatMulInteger" and n.input[0] in quantized_from:
-            nodes += [helper.make_node("Cast", [n.input[1]], [f"{n.output[0]}_wf"], to=TensorProto.FLOAT),
-                      helper.make_node("MatMul", [quantized_from[n.input[0]], f"{n.output[0]}_wf"], [n.output[0]])]
-        elif n.op_type == "Mul" and n.input[0] in act_scales:
-            nodes.append(helper.make_node("Identity", [n.input[1]], [n.output[0]]))
-        else:
-            nodes.append(n)
-    del graph.node[:]
-    graph.node.extend(nodes)
 
 
 @torch.no_grad()

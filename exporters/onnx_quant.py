@@ -159,12 +159,12 @@ def qgemm_tensors(w: QuantWeight, name: str, table: onnx.TensorProto | None = No
     if bits == 8:
         inits.append(helper.make_tensor(f"{name}_int8", TensorProto.INT8, list(w.codes.shape),
                                         w.codes.astype(np.int8).tobytes(), raw=True))
-        return inits, [], {"w": f"{name}_int8", "scale": inits[1].name, "zero": inits[0].name}
+        return inits, [], weight
     packed = helper.make_tensor(f"{name}_codes", TensorProto.UINT8, [-(-w.codes.size * bits // 8)],
                                 pack_bits(w.codes.astype(np.int16) + (1 << (bits - 1)), bits), raw=True)
     consts, nodes = unpack_nodes(packed.name, bits, w.codes.size, list(w.codes.shape), f"{name}_i32")
     nodes.append(helper.make_node("Cast", [f"{name}_i32"], [f"{name}_int8"], to=TensorProto.INT8))
-    return inits + [packed] + consts, nodes, {"w": f"{name}_int8", "scale": inits[1].name, "zero": inits[0].name}
+    return inits + [packed] + consts, nodes, weight
 
 
 def qgemm_nodes(a: str, out: str, weight: dict) -> list:
@@ -174,6 +174,25 @@ def qgemm_nodes(a: str, out: str, weight: dict) -> list:
             helper.make_node("Cast", [f"{out}_acc"], [f"{out}_accf"], to=TensorProto.FLOAT),
             helper.make_node("Mul", [f"{out}_as", weight["scale"]], [f"{out}_scale"]),
             helper.make_node("Mul", [f"{out}_accf", f"{out}_scale"], [out])]
+
+
+def qgemm_as_fp32(graph) -> None:
+    """The inverse of qgemm_nodes for the validation's fp32-compute run: `MatMulInteger(quantized a, W8)`
+    becomes `MatMul(a, float(W8))` and the activation scale 1 (the weight scale stays), so the graph
+    computes a @ (W8 * scale) in fp32."""
+    quantized_from = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DynamicQuantizeLinear"}
+    act_scales = {n.output[1] for n in graph.node if n.op_type == "DynamicQuantizeLinear"}
+    nodes = []
+    for n in graph.node:
+        if n.op_type == "MatMulInteger" and n.input[0] in quantized_from:
+            nodes += [helper.make_node("Cast", [n.input[1]], [f"{n.output[0]}_wf"], to=TensorProto.FLOAT),
+                      helper.make_node("MatMul", [quantized_from[n.input[0]], f"{n.output[0]}_wf"], [n.output[0]])]
+        elif n.op_type == "Mul" and n.input[0] in act_scales:
+            nodes.append(helper.make_node("Identity", [n.input[1]], [n.output[0]]))
+        else:
+            nodes.append(n)
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def widen_to_4bit(b: onnx.TensorProto, count: int) -> tuple[list, list]:

@@ -109,8 +109,7 @@ def _folded_ops(path):
 def test_qgemm_weight_unpacks_to_the_codes(kind, k, n, per_channel, seed, tmp_path_factory):
     """qgemm's folded nodes give back exactly the int8 codes (any K x N, padding in the last byte), and the
     fp32-compute rewrite of the validation computes x @ dequantized W."""
-    from tritpress.exporters.onnx import _fp32_qgemm
-    from tritpress.exporters.onnx_quant import QuantWeight, qgemm_nodes, qgemm_tensors
+    from tritpress.exporters.onnx_quant import QuantWeight, qgemm_as_fp32, qgemm_nodes, qgemm_tensors
     low, high = {"ternary": (-1, 1), "int2": (-2, 1), "int4": (-8, 7), "int8": (-127, 127)}[kind]
     rng = np.random.default_rng(seed)
     w = QuantWeight(rng.integers(low, high + 1, (k, n)).astype(np.int8),
@@ -122,7 +121,7 @@ def test_qgemm_weight_unpacks_to_the_codes(kind, k, n, per_channel, seed, tmp_pa
     onnx.save(codes, tmp / "codes.onnx")
     np.testing.assert_array_equal(ort_session(tmp / "codes.onnx").run(None, {})[0], w.codes)
     model = _graph_of(unpack + qgemm_nodes("x", "y", weight), inits, k)
-    _fp32_qgemm(model.graph)
+    qgemm_as_fp32(model.graph)
     onnx.save(model, tmp / "exact.onnx")
     x = rng.standard_normal((3, k)).astype(np.float32)
     np.testing.assert_allclose(ort_session(tmp / "exact.onnx").run(None, {"x": x})[0], x @ w.dequantize(),
@@ -388,9 +387,9 @@ def test_kv_cache_graph_decodes_like_the_full_sequence(name, fmt, tmp_path):
         # ORT's int8 GEMM quantizes each MatMul input with one scale for the whole tensor, so a token's
         # output moves a little with the other tokens in the call: the cache wiring is checked exactly
         # on the same graph with fp32 compute (the validation's rewrite)
-        from tritpress.exporters.onnx import _fp32_qgemm
+        from tritpress.exporters.onnx_quant import qgemm_as_fp32
         proto = onnx.load(str(path))
-        _fp32_qgemm(proto.graph)
+        qgemm_as_fp32(proto.graph)
         path = tmp_path / "kv_fp32_compute.onnx"
         onnx.save(proto, path)
     sess = ort_session(path)
