@@ -61,16 +61,26 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from tritpress.compressor import TernaryConfig, discover, load_model, prepare, set_lambda  # noqa: E402
+from tritpress.compressor.fused import fused_kernels  # noqa: E402
 from tritpress.compressor.modelio import BlockOutputs, ModelIO  # noqa: E402
 from tritpress.compressor.train import (TrainConfig, batch_indices, distill_losses,  # noqa: E402
                               lr_factor, train_qat)
 
 SEED = 0
 CONFIGS = {
-    "A": "qat_distill: prepare()d student, lambda=1, distill_losses vs frozen teacher (as train_qat)",
+    "A": "qat_distill: prepare()d student, lambda=1, distill_losses vs frozen teacher, as train_qat runs a run of "
+         "200+ steps (fused kernels: fused='auto'), teacher fp32 (the default)",
+    "A16": "A with teacher_dtype='bf16' (the teacher's forward under bf16 autocast)",
+    "A0": "A with eager kernels (fused='off': what runs under 200 steps, and what every run ran before)",
     "B": "fp32_finetune: original float model, task loss only, no teacher, no quantization",
-    "C": "qat_no_teacher: prepare()d student, lambda=1, task loss only (B's loss), no teacher",
+    "C": "qat_no_teacher: prepare()d student (fused kernels), lambda=1, task loss only (B's loss), no teacher",
+    "W": "W1.58A8 student, no teacher: prepare(TernaryConfig(act_bits=8, granularity='tensor', embedding/head fp32)), "
+         "fused kernels, B's loss",
+    "H": "HF AutoBitLinear(online_quant=True) in place of the same Linears (transformers' W1.58A8 QAT layer: "
+         "torch.compile'd weight and activation quantizers), B's loss",
 }
+RATIOS = {"A_over_B": ("A", "B"), "A16_over_B": ("A16", "B"), "A0_over_B": ("A0", "B"), "C_over_B": ("C", "B"),
+          "A_over_C": ("A", "C"), "W_over_H": ("W", "H")}
 MODEL_KEYS = ("minilm", "llama", "smollm2-arch")
 # SmolLM2-135M's architecture with random weights: GPU timing needs no weight file
 SMOLLM2_ARCH = dict(hidden_size=576, num_hidden_layers=30, vocab_size=49152, intermediate_size=1536,
@@ -158,10 +168,30 @@ def make_batch(model, io: ModelIO, batch: int, seq_len: int):
     return ids.to(DEVICE), target
 
 
-def train_config(n_params: int, steps: int, batch: int, seq_len: int) -> TrainConfig:
+def train_config(n_params: int, steps: int, batch: int, seq_len: int, **fields) -> TrainConfig:
     # lambda = 1 from the first step; no checkpoints
     return TrainConfig(steps=steps, seq_len=seq_len, batch_size=batch, quant_schedule="none",
-                       checkpoint_every=0).resolved(n_params)
+                       checkpoint_every=0, **fields).resolved(n_params)
+
+
+# what each configuration changes in the TrainConfig (A's fused='on' is what 'auto' picks for 200+ steps)
+TRAIN_FIELDS = {"A": {"fused": "on"}, "A16": {"fused": "on", "teacher_dtype": "bf16"}, "A0": {"fused": "off"},
+                "B": {"fused": "off"}, "C": {"fused": "on"}, "W": {"fused": "on"}, "H": {"fused": "off"}}
+W158A8 = TernaryConfig(act_bits=8, granularity="tensor", embedding="fp32", head="fp32")
+
+
+def hf_bitlinear(model):
+    """The same model with every Linear inside its block stack an HF AutoBitLinear (online quant)."""
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    stack = discover(model).blocks.path
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and name.startswith(stack + "."):
+            new = AutoBitLinear(mod.in_features, mod.out_features, bias=mod.bias is not None, online_quant=True)
+            new.weight, new.bias = mod.weight, mod.bias
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, new)
+    return model
 
 
 # ------------------------------------------------------------------ steps
@@ -171,12 +201,15 @@ class Stepper:
 
     def __init__(self, kind: str, model, io: ModelIO, tcfg: TrainConfig, teacher=None, target=None):
         self.kind, self.io, self.tcfg, self.target = kind, io, tcfg, target
-        if kind in ("A", "C"):
-            model = prepare(model, TernaryConfig())
+        self.distills = kind in ("A", "A16", "A0")
+        if self.distills or kind in ("C", "W"):
+            model = prepare(model, W158A8 if kind == "W" else TernaryConfig())
             set_lambda(model, 1.0)  # quant_lambda(step) with quant_schedule="none"
+        if kind == "H":
+            model = hf_bitlinear(model)
         self.model = model.eval()
         self.teacher = teacher
-        if kind == "A":
+        if self.distills:
             teacher.eval().requires_grad_(False)  # as train_qat
             self.s_blocks = BlockOutputs(model, io.block_paths)
             self.t_blocks = BlockOutputs(teacher, io.block_paths)
@@ -196,11 +229,11 @@ class Stepper:
 
     def step(self, ids) -> None:
         # the body of train_qat's loop for one process, no micro-batching, CPU (no autocast)
-        if self.kind != "B":
+        if self.kind not in ("B", "H"):
             set_lambda(self.model, 1.0)
         local = len(ids)
-        with autocast():
-            if self.kind == "A":
+        with autocast(), fused_kernels(self.tcfg.fuses):
+            if self.distills:
                 losses = distill_losses(self.io, self.model, self.teacher, ids, self.s_blocks, self.t_blocks,
                                         self.tcfg)
             else:
@@ -215,7 +248,7 @@ class Stepper:
         self.step_no += 1
 
     def close(self):
-        if self.kind == "A":
+        if self.distills:
             self.s_blocks.remove()
             self.t_blocks.remove()
 
@@ -231,7 +264,7 @@ def check_replica(model, structure, io, ids, n_params: int) -> dict:
     (on a small slice of the batch: it checks the computation, not the speed)."""
     batch, seq_len = ids.shape
     steps = 2
-    tcfg = train_config(n_params, steps, batch, seq_len)
+    tcfg = train_config(n_params, steps, batch, seq_len, **TRAIN_FIELDS["A"])
     ref_student = prepare(fresh_copy(model), TernaryConfig())
     rep = Stepper("A", fresh_copy(model), io, tcfg, teacher=model)
     t = time.perf_counter()
@@ -297,12 +330,15 @@ def bench_timing(key: str, args) -> dict:
         res["replica_check"] = check_replica(model, structure, io, ids[:2, :32], n_params)
         log(f"[{key}]   replica ok={res['replica_check']['ok']} "
             f"max weight diff={res['replica_check']['max_abs_weight_diff_vs_train_qat']}")
-    tcfg = train_config(n_params, args.warmup + args.repeats, args.batch, args.seq_len)
-    # copies first: Stepper('A') makes the teacher non-trainable, as train_qat does
-    steppers = {"B": Stepper("B", fresh_copy(model), io, tcfg, target=target),
-                "C": Stepper("C", fresh_copy(model), io, tcfg, target=target)}
-    steppers["A"] = Stepper("A", fresh_copy(model), io, tcfg, teacher=model)
-    order = ["A", "B", "C"]
+    order = [k for k in CONFIGS if k in args.configs.split(",")]
+    # copies first: a distilling Stepper makes the teacher non-trainable, as train_qat does
+    steppers = {k: Stepper(k, fresh_copy(model), io,
+                           train_config(n_params, args.warmup + args.repeats, args.batch, args.seq_len,
+                                        **TRAIN_FIELDS[k]), target=target)
+                for k in order if k not in ("A", "A16", "A0")}
+    steppers.update({k: Stepper(k, fresh_copy(model), io, train_config(
+        n_params, args.warmup + args.repeats, args.batch, args.seq_len, **TRAIN_FIELDS[k]), teacher=model)
+        for k in order if k in ("A", "A16", "A0")})
     times = {k: [] for k in order}
     cpu = {k: [] for k in order}
     log(f"[{key}] {n_params / 1e6:.1f}M params, batch {args.batch}x{args.seq_len}: "
@@ -325,10 +361,13 @@ def bench_timing(key: str, args) -> dict:
                         "cpu_median_s": round(statistics.median(cpu[k]), 4),
                         "final_losses": {n: round(v, 5) for n, v in steppers[k].last_losses.items()}}
                     for k in order}
-    res["ratios"] = {"A_over_B": ratio(times["A"], times["B"]), "C_over_B": ratio(times["C"], times["B"]),
-                     "A_over_C": ratio(times["A"], times["C"]),
-                     "cpu_time_A_over_B": ratio(cpu["A"], cpu["B"]), "cpu_time_C_over_B": ratio(cpu["C"], cpu["B"])}
-    res["meets_target_A_over_B_le_1.3"] = res["ratios"]["A_over_B"]["of_medians"] <= 1.3
+    res["ratios"] = {name: ratio(times[a], times[b]) for name, (a, b) in RATIOS.items() if a in times and b in times}
+    res["ratios"].update({f"cpu_time_{name}": ratio(cpu[a], cpu[b]) for name, (a, b) in RATIOS.items()
+                          if a in cpu and b in cpu})
+    if "A_over_B" in res["ratios"]:
+        res["meets_target_A_over_B_le_1.3"] = res["ratios"]["A_over_B"]["of_medians"] <= 1.3
+    if "W_over_H" in res["ratios"]:
+        res["meets_target_W_over_H_le_1"] = res["ratios"]["W_over_H"]["of_medians"] <= 1.0
     for s in steppers.values():
         s.close()
     del steppers, model
@@ -347,7 +386,7 @@ def child_main(args, json_out) -> int:
     structure = discover(model, TernaryConfig().exclude)
     io = ModelIO.discover(model, structure)
     ids, target = make_batch(model, io, args.batch, args.seq_len)
-    tcfg = train_config(n_params, args.mem_steps, args.batch, args.seq_len)
+    tcfg = train_config(n_params, args.mem_steps, args.batch, args.seq_len, **TRAIN_FIELDS[kind])
     if kind == "A":  # teacher + student, as in the pipeline
         stepper = Stepper("A", fresh_copy(model), io, tcfg, teacher=model)
     else:  # the one model being trained, nothing else (C: prepared in place, no float copy kept)
@@ -420,8 +459,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast, as train_qat on a GPU)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds of A B C")
-    ap.add_argument("--repeats", type=int, default=7, help="timed rounds of A B C")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma list of: " + ", ".join(CONFIGS))
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds of every configuration")
+    ap.add_argument("--repeats", type=int, default=7, help="timed rounds of every configuration")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch.set_num_threads (0 = torch's default); 1 is steadier on an oversubscribed machine")
     ap.add_argument("--mem-steps", type=int, default=2, help="steps per memory subprocess")
@@ -458,7 +498,7 @@ def main(argv=None) -> int:
         "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
         "mode": "full (SmolLM2-135M)" if args.full else "default (random tiny LLaMA; --full for SmolLM2-135M)",
         "configs": CONFIGS,
-        "method": {"interleaving": "rounds of A B C in one process; gc.collect() before each step, outside the timer",
+        "method": {"interleaving": "rounds of every configuration in one process; gc.collect() before each step, outside the timer",
                    "warmup_rounds": args.warmup, "timed_rounds": args.repeats,
                    "ratio_of_medians": "median(A)/median(B)",
                    "ratio_of_mins": "min(A)/min(B): least disturbed by other load on the machine",
@@ -501,12 +541,10 @@ def main(argv=None) -> int:
     except OSError:
         pass
     result["summary"] = {
-        key: {"A_s": m["steps"]["A"]["median_s"], "B_s": m["steps"]["B"]["median_s"],
-              "C_s": m["steps"]["C"]["median_s"],
-              "A_over_B": m["ratios"]["A_over_B"]["of_medians"], "C_over_B": m["ratios"]["C_over_B"]["of_medians"],
-              "A_over_B_paired": m["ratios"]["A_over_B"]["paired_median"],
-              "meets_target_A_over_B_le_1.3": m["meets_target_A_over_B_le_1.3"],
-              "tokens_per_s": {k: m["steps"][k]["tokens_per_s"] for k in ("A", "B", "C")},
+        key: {"median_s": {k: v["median_s"] for k, v in m["steps"].items()},
+              **{name: r["of_medians"] for name, r in m["ratios"].items() if not name.startswith("cpu_time")},
+              **{k: v for k, v in m.items() if k.startswith("meets_target")},
+              "tokens_per_s": {k: v["tokens_per_s"] for k, v in m["steps"].items()},
               "peak_rss_mb": {k: m.get("memory", {}).get(k, {}).get("peak_rss_mb") for k in ("A", "B", "C")},
               "peak_gpu_mb": {k: m.get("memory", {}).get(k, {}).get("peak_gpu_mb") for k in ("A", "B", "C")}}
         for key, m in result["models"].items() if "steps" in m}

@@ -69,18 +69,19 @@ def analysis_model(shape: str, seq_len: int):
     return LlamaForCausalLM(cfg).eval()
 
 
-def bench_analysis(sequences: int, seq_len: int, shape: str = "llama-small", reference: bool = False) -> dict:
+def bench_analysis(sequences: int, seq_len: int, shape: str = "llama-small", reference: bool = False,
+                   dtype: str = "fp32", model=None) -> dict:
     """The full analysis (66 pairs, 4 strategies) timed; with `reference`, also the way it was
     measured before replay (every tie on a deep copy of the whole model, full forwards), in the
-    same run, and the largest difference between the two results."""
+    same run, and the largest difference between the two results. `dtype`: the calibration's."""
     from tritpress.compressor.redundancy import Calibration, analyze
     from tritpress.compressor.share import SharingConfig
 
-    model = analysis_model(shape, seq_len)
+    model = model if model is not None else analysis_model(shape, seq_len)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (sequences, seq_len), generator=torch.Generator().manual_seed(1))
     t = time.perf_counter()
-    cal = Calibration.build(model, ids)  # reference outputs (encoders) and the base loss, blocks recorded
+    cal = Calibration.build(model, ids, dtype=dtype)  # reference outputs (encoders), base loss, blocks recorded
     build_s = time.perf_counter() - t
     t = time.perf_counter()
     cal.loss(model)  # one plain pass over the calibration set: the unit the analysis is counted in
@@ -94,7 +95,8 @@ def bench_analysis(sequences: int, seq_len: int, shape: str = "llama-small", ref
            "pairs_measured": measured, "strategies_measured": len(result["strategies"]),
            "calibration_build_s": round(build_s, 3), "forward_s": round(forward_s, 3),
            "analysis_s": round(analysis_s, 3), "analysis_over_forward": round(analysis_s / forward_s, 2),
-           "total_s": round(build_s + analysis_s, 3), "breakdown_s": result["timings"]}
+           "total_s": round(build_s + analysis_s, 3), "breakdown_s": result["timings"], "calib_dtype": dtype,
+           "result": {k: result[k] for k in ("loss_increase", "strategies", "cka")}}
     if reference:
         log("reference: ties on whole-model copies, full forwards ...")
         cal.replay = None
@@ -105,6 +107,43 @@ def bench_analysis(sequences: int, seq_len: int, shape: str = "llama-small", ref
         out["reference_over_forward"] = round(out["reference_analysis_s"] / forward_s, 2)
         out["max_abs_difference"] = max_difference(result, before)
     return out
+
+
+def compare_dtypes(sequences: int, seq_len: int, shape: str) -> dict:
+    """The analysis in fp32 and under bf16 autocast on the same model and tokens, one after the
+    other, and how far the bf16 one moves the results: the largest change of a pair's loss
+    increase (absolute, and relative to the largest increase), the rank correlation of the pairs,
+    whether the cheapest pairs and the strategies' order stay."""
+    model = analysis_model(shape, seq_len)
+    runs = {dt: bench_analysis(sequences, seq_len, shape, dtype=dt, model=model) for dt in ("fp32", "bf16")}
+    a, b = runs["fp32"]["result"], runs["bf16"]["result"]
+    pairs = [(i, j) for i in range(len(a["loss_increase"])) for j in range(i + 1, len(a["loss_increase"]))]
+    x = [a["loss_increase"][i][j] for i, j in pairs]
+    y = [b["loss_increase"][i][j] for i, j in pairs]
+    cheapest = lambda v: {pairs[k] for k in sorted(range(len(v)), key=v.__getitem__)[:5]}  # noqa: E731
+    order = lambda r: [s["strategy"] for s in sorted(r["strategies"], key=lambda s: s["loss_increase"])]  # noqa: E731
+    return {"fp32": {k: v for k, v in runs["fp32"].items() if k != "result"},
+            "bf16": {k: v for k, v in runs["bf16"].items() if k != "result"},
+            "bf16_speedup": round(runs["fp32"]["total_s"] / runs["bf16"]["total_s"], 2),
+            "agreement": {"max_abs_pair_difference": round(max(abs(u - v) for u, v in zip(x, y)), 6),
+                          "max_pair_difference_over_largest_increase": round(
+                              max(abs(u - v) for u, v in zip(x, y)) / max(map(abs, x)), 5),
+                          "pair_rank_correlation_spearman": round(spearman(x, y), 5),
+                          "same_5_cheapest_pairs": cheapest(x) == cheapest(y),
+                          "strategy_order_fp32": order(a), "strategy_order_bf16": order(b),
+                          "same_strategy_order": order(a) == order(b),
+                          "max_cka_difference": max_difference(a, b)["cka"]}}
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    def ranks(v):
+        r = [0] * len(v)
+        for rank, k in enumerate(sorted(range(len(v)), key=v.__getitem__)):
+            r[k] = rank
+        return r
+    rx, ry = ranks(x), ranks(y)
+    n = len(x)
+    return 1 - 6 * sum((p - q) ** 2 for p, q in zip(rx, ry)) / (n * (n * n - 1))
 
 
 def max_difference(a: dict, b: dict) -> dict:
@@ -220,6 +259,9 @@ def main():
                     help="analysis benchmark: the model's shape (random weights)")
     ap.add_argument("--reference", action="store_true",
                     help="analysis benchmark: also time the analysis without replay (whole-model copies)")
+    ap.add_argument("--calib-dtype", choices=("fp32", "bf16", "both"), default="fp32",
+                    help="analysis benchmark: the calibration forwards' precision; both: fp32 then bf16 on the "
+                         "same model and tokens, and how far bf16 moves the results")
     ap.add_argument("--table", choices=sorted(MODELS), help="also run the strategy table on this real model")
     ap.add_argument("--steps", type=int, default=40, help="table: QAT steps per strategy (0 = none)")
     ap.add_argument("--table-sequences", type=int, default=16, help="table: calibration sequences for auto")
@@ -241,7 +283,12 @@ def main():
                               "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}}
     if not args.skip_analysis:
         log("analysis benchmark ...")
-        result["analysis"] = bench_analysis(args.sequences, args.seq_len, args.analysis_model, args.reference)
+        if args.calib_dtype == "both":
+            result["analysis"] = compare_dtypes(args.sequences, args.seq_len, args.analysis_model)
+        else:
+            result["analysis"] = bench_analysis(args.sequences, args.seq_len, args.analysis_model, args.reference,
+                                                args.calib_dtype)
+            result["analysis"].pop("result")
         log(json.dumps(result["analysis"]))
     if args.table and args.steps == 0:
         result["table"] = tie_only_rows(args.table, args.table_sequences, args.seq_len,

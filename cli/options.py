@@ -4,9 +4,9 @@ import typer
 # from the torch-free settings modules: a command's --help imports no torch
 from tritpress.analyzers.defaults import PROBE_CHOICES, TAG_SCHEMES
 from tritpress.cli.config import ORDERS
-from tritpress.compressor.settings import (ACT_BITS, FLOAT_FORMATS, GRANULARITY_CHOICES, INITS, PARALLEL, QUANT_SCHEDULES,
-                                           SCHEDULES, SHARE_KINDS, TASKS, TERNARY_METHODS, TIE_EMBEDDINGS,
-                                           TRIM_DROPPED, WEIGHT_FORMATS)
+from tritpress.compressor.settings import (ACT_BITS, CALIB_DTYPES, FLOAT_FORMATS, FUSED, GRANULARITY_CHOICES, INITS, PARALLEL,
+                                           QUANT_SCHEDULES, SCHEDULES, SHARE_KINDS, TASKS, TEACHER_DTYPES,
+                                           TERNARY_METHODS, TIE_EMBEDDINGS, TRIM_DROPPED, WEIGHT_FORMATS)
 from tritpress.exporters.settings import GGUF_TERNARY_TYPES, HF_LINEAR_CLASSES, ONNX_FORMATS
 
 # read by cli.main.main before typer parses (it decides how errors are shown); declared on each
@@ -28,8 +28,11 @@ CHOICES = {
     ("TrainConfig", "quant_schedule"): QUANT_SCHEDULES,
     ("TrainConfig", "parallel"): PARALLEL,
     ("TrainConfig", "task"): TASKS,
+    ("TrainConfig", "fused"): FUSED,
+    ("TrainConfig", "teacher_dtype"): TEACHER_DTYPES,
     ("SharingConfig", "share"): SHARE_KINDS,
     ("SharingConfig", "init"): INITS,
+    ("SharingConfig", "calib_dtype"): CALIB_DTYPES,
     ("SharingConfig", "tie_embeddings"): TIE_EMBEDDINGS,
     ("OnnxConfig", "format"): ONNX_FORMATS,
     ("HfExportConfig", "linear_class"): HF_LINEAR_CLASSES,

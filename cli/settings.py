@@ -47,7 +47,8 @@ INFO = (PACKED_LOAD,)
 # `compress analyze`: the calibration settings of --sharing, under the same names; the
 # analyze command's older names stay accepted
 ANALYZE = (dataclasses.replace(
-    SHARING, only=("data", "share", "init", "relax_rank", "calib_sequences", "calib_seq_len", "auto_pairs"),
+    SHARING, only=("data", "share", "init", "relax_rank", "calib_sequences", "calib_seq_len", "calib_dtype",
+                   "auto_pairs"),
     hidden_aliases={"data": "data", "calib_sequences": "sequences", "calib_seq_len": "seq-len",
                     "auto_pairs": "pairs"}),)
 

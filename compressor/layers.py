@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .config import FLOAT_DTYPES
+from .fused import fusable
 from .quantize import (_expand, dequantize, quantize_activations_int8, quantize_int2_rows, quantize_rows,
                        quantize_ternary, ste)
 
@@ -36,23 +37,18 @@ class WeightFormat:
 
     def quantize(self, w: torch.Tensor, dtype=torch.int8):
         """-> (codes as `dtype`, float32 scales already rounded to scale_dtype)."""
-        if self.kind == "ternary":
-            codes, scale = quantize_ternary(w, self.method, self.granularity, dtype)
-        elif self.kind in ("int8", "int4"):
-            codes, scale = quantize_rows(w, int(self.kind[3:]), dtype)
-        elif self.kind == "int2":
-            codes, scale = quantize_int2_rows(w, dtype)
-        else:
+        if self.is_float:
             raise ValueError(f"{self.kind} is not an integer format")
-        return codes, scale.to(FLOAT_DTYPES[self.scale_dtype]).float()
+        return quantize_format(w, self.kind, self.method, self.granularity, self.scale_dtype, dtype)
 
     def fake(self, w: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
         """The weight the forward pass sees during QAT (straight-through gradient)."""
         if self.is_float:
+            if FLOAT_DTYPES[self.kind] == w.dtype:  # stored as it computes: nothing to round
+                return w
             return ste(w, w.detach().to(FLOAT_DTYPES[self.kind]).to(w.dtype), lam)
-        with torch.no_grad():  # float codes: the same values as convert() stores, two passes fewer
-            codes, scale = self.quantize(w, torch.float32)
-            q = codes.mul_(_expand(scale, codes)).to(w.dtype)
+        with torch.no_grad():
+            q = fake_values(w.detach(), self.kind, self.method, self.granularity, self.scale_dtype)
         return ste(w, q, lam)
 
     @property
@@ -62,6 +58,27 @@ class WeightFormat:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def quantize_format(w: torch.Tensor, kind: str, method: str, granularity: str, scale_dtype: str, dtype=torch.int8):
+    """WeightFormat.quantize over plain arguments (what a compiled kernel specializes on)."""
+    if kind == "ternary":
+        codes, scale = quantize_ternary(w, method, granularity, dtype)
+    elif kind in ("int8", "int4"):
+        codes, scale = quantize_rows(w, int(kind[3:]), dtype)
+    elif kind == "int2":
+        codes, scale = quantize_int2_rows(w, dtype)
+    else:
+        raise ValueError(f"{kind} is not an integer format")
+    return codes, scale.to(FLOAT_DTYPES[scale_dtype]).float()
+
+
+@fusable
+def fake_values(w: torch.Tensor, kind: str, method: str, granularity: str, scale_dtype: str) -> torch.Tensor:
+    """codes * scale of `w` in an integer format: the values convert() stores, computed with float
+    codes (two conversions fewer) and, under fused kernels, in one compiled loop."""
+    codes, scale = quantize_format(w, kind, method, granularity, scale_dtype, torch.float32)
+    return (codes * _expand(scale, codes)).to(w.dtype)
 
 
 class QTensor(nn.Module):
@@ -89,10 +106,24 @@ class QTensor(nn.Module):
         return f"{self.fmt.kind}, shape={tuple(self.codes.shape)}"
 
 
+_last_input: list = [None]  # (x, its version, lam, grad mode, quantized x) of the last int8 layer input
+
+
 def layer_input(x: torch.Tensor, act_bits: int | None, lam: float = 1.0) -> torch.Tensor:
     """The activations a linear layer multiplies: int8 fake-quantized per token when act_bits == 8
-    (blended in by `lam` during warm-up), as they are otherwise."""
-    return quantize_activations_int8(x, lam) if act_bits == 8 else x
+    (blended in by `lam` during warm-up), as they are otherwise. Attention's query/key/value
+    projections (a gated FFN's gate/up) read the very same tensor one after the other: it is
+    quantized once and the result reused while the tensor is unchanged (its version counter);
+    the gradients of the uses add up in the one straight-through node, as they would in three."""
+    if act_bits != 8:
+        return x
+    key = (x._version, lam, torch.is_grad_enabled())
+    last = _last_input[0]
+    if last is not None and last[0] is x and last[1] == key:
+        return last[2]
+    q = quantize_activations_int8(x, lam)
+    _last_input[0] = (x, key, q)
+    return q
 
 
 # ---------------------------------------------------------------- fake-quant forms

@@ -291,6 +291,14 @@ class ModelIO:
             return out.flatten(0, 1), ids[:, ids.shape[1] // 2:].flatten()
         return out[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
 
+    def next_token_targets(self, out: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """next_token_pairs' targets aligned with every row of `out` flattened to [rows, vocab]:
+        -100 where a row predicts nothing (each block's last position)."""
+        ids = ids.to(out.device)
+        if self.next_token_only or self.decoder_start is not None:
+            return self.next_token_pairs(out, ids)[1]
+        return torch.cat([ids[:, 1:], ids.new_full((len(ids), 1), -100)], 1).flatten()
+
 
 @torch.no_grad()
 def returns_next_token_only(model: nn.Module, seq_first: bool = False) -> bool:
@@ -497,7 +505,7 @@ def held_out_sums(io: ModelIO, model: nn.Module, ids: torch.Tensor, reference: l
     for k, (chunk, out) in enumerate(batched_forward(io, model, ids, batch)):
         if io.causal:
             logits, target = io.next_token_pairs(out, chunk)
-            loss, n = float(F.cross_entropy(logits, target, reduction="sum")), target.numel()
+            loss, n = float(F.cross_entropy(logits.float(), target, reduction="sum")), target.numel()
         else:
             loss, n = float(nmse_per_sequence(out, reference[k]).sum()), len(chunk)
         total += loss

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .fused import fusable
 from .settings import GRANULARITIES, TERNARY_METHODS  # declared with TernaryConfig, torch-free
 
 EPS = 1e-5
@@ -125,6 +126,11 @@ def ste(w: torch.Tensor, q: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
 def quantize_activations_int8(x: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
     """Per-token absmax int8 fake quantization (W1.58A8): s = 127 / max|x| over the last dim.
     `lam` blends it in during warm-up, like the weights."""
-    s = 127.0 / x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
-    q = torch.clamp(torch.round(x * s), -128, 127) / s
-    return ste(x, q, lam)
+    return ste(x, int8_token_values(x.detach()), lam)
+
+
+@fusable
+def int8_token_values(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to 255 levels per token (last dim): round(x * s) / s with s = 127 / max|x|."""
+    s = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    return torch.clamp(torch.round(x * s), -128, 127) / s

@@ -43,14 +43,15 @@ class Calibration:
     base_loss: float
     batch: int = 8
     replay: "BlockReplay | None" = None   # the original's block outputs (ties measured from their first block)
+    dtype: str = "fp32"             # every forward of the analysis: fp32, or bf16 autocast
 
     @classmethod
     def build(cls, model: nn.Module, ids: torch.Tensor, structure: ModelStructure | None = None,
-              batch: int = 8) -> "Calibration":
+              batch: int = 8, dtype: str = "fp32") -> "Calibration":
         structure = structure or discover(model)
         io = ModelIO.discover(model, structure)
         model.eval()
-        cal = cls(io, ids, [], 0.0, batch)
+        cal = cls(io, ids, [], 0.0, batch, dtype=dtype)
         stack = structure.blocks
         if stack is not None and stack.kind == "modulelist" and not io.next_token_only:
             cal.replay = BlockReplay(model, stack.path, stack.num_blocks)
@@ -59,11 +60,20 @@ class Calibration:
             if io.causal:
                 cal.base_loss = cal.loss(model)
             else:
-                cal.reference = [out for _, out in batched_forward(io, model, ids, batch)]
+                with cal.precision():
+                    cal.reference = [out.float() for _, out in batched_forward(io, model, ids, batch)]
         return cal
 
+    def precision(self):
+        """bf16 autocast for the forwards when asked for (the reference, the base and every tied
+        loss alike, so that an increase compares like with like)."""
+        if self.dtype == "bf16":
+            return torch.autocast(self.ids.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def loss(self, model: nn.Module) -> float:
-        return held_out_loss(self.io, model, self.ids, self.reference, self.batch)
+        with self.precision():
+            return held_out_loss(self.io, model, self.ids, self.reference, self.batch)
 
     @property
     def metric(self) -> str:
@@ -223,13 +233,18 @@ def block_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> float:
     return float(1 - F.cosine_similarity(x_in, x_out, dim=-1).mean())
 
 
+def _forwards(cal: Calibration, model: nn.Module):
+    with cal.precision():
+        yield from batched_forward(cal.io, model, cal.ids, cal.batch)
+
+
 @torch.no_grad()
 def activation_metrics(model: nn.Module, cal: Calibration, paths: list[str]) -> dict:
     n = len(paths)
     hooks = BlockOutputs(model, paths, inputs=True)
     per_batch_in, per_batch_out = [], []  # [batch][block]
     try:
-        for _ in batched_forward(cal.io, model, cal.ids, cal.batch):
+        for _ in _forwards(cal, model):
             per_batch_in.append(hooks.take_inputs())
             per_batch_out.append(hooks.take())
     finally:

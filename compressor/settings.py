@@ -71,6 +71,7 @@ class TernaryConfig:
 STRATEGIES = ("none", "alternate", "sequential", "cycle", "sequence", "middle-cycle", "groups", "auto")
 SHARE_KINDS = ("all", "attention", "ffn")
 INITS = ("average", "stepwise", "closest")
+CALIB_DTYPES = ("fp32", "bf16")
 TRIM_DROPPED = ("unk", "nearest")   # what a dropped id reads after --trim-vocab (compressor/vocab)
 TIE_EMBEDDINGS = ("off", "embedding", "average")   # --tie-embeddings: the tied head's initial value (compressor/cross_ties)
 
@@ -94,6 +95,8 @@ class SharingConfig:
     data: str | None = None         # calibration text for the analysis [default: the training --data]
     calib_sequences: int = 16       # calibration sequences
     calib_seq_len: int = 128        # calibration tokens per sequence
+    calib_dtype: str = "fp32"       # the analysis' forwards: fp32 | bf16 (autocast: ~3x faster on a CPU with
+                                    # bf16 instructions; losses move by ~1e-3, docs/sharing.md)
     auto_pairs: int = 66            # auto/analysis: block pairs tied and measured at most (0 = none)
     auto_refine: int = 12           # auto: block swaps tied and measured at most
     auto_probe_steps: int = 0       # auto: rank the candidates by their calibration loss after this many QAT
@@ -120,7 +123,8 @@ class SharingConfig:
         elif s not in STRATEGIES and (re.fullmatch(r"[\d,;\s]+", s) or s.endswith(".json")):
             self.groups, s = s, "groups"
         self.strategy = s
-        for name, allowed in (("strategy", STRATEGIES), ("share", SHARE_KINDS), ("init", INITS)):
+        for name, allowed in (("strategy", STRATEGIES), ("share", SHARE_KINDS), ("init", INITS),
+                              ("calib_dtype", CALIB_DTYPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"sharing {name}={getattr(self, name)!r} is not one of {', '.join(allowed)} "
                                  "(or explicit groups like \"0,2,4;1,3,5\" / a .json file)")
@@ -153,6 +157,9 @@ class SharingConfig:
 SCHEDULES = ("cosine", "linear", "constant")
 QUANT_SCHEDULES = ("linear", "sigmoid", "none")
 PARALLEL = ("ddp", "fsdp")
+FUSED = ("auto", "on", "off")
+TEACHER_DTYPES = ("fp32", "bf16")
+FUSED_AUTO_STEPS = 200  # fused="auto" compiles for runs at least this long
 TASKS = ("auto", "lm", "cls", "tok", "qa")
 
 
@@ -195,14 +202,24 @@ class TrainConfig:
     stop_after: int = 0            # stop (checkpointed) after this many steps of the --steps schedule, as if
                                    # interrupted there: a --resume continues the same run; 0 = all --steps
     parallel: str = "ddp"          # with several processes: ddp | fsdp
+    fused: str = "auto"            # torch.compile the fake-quantization and distillation kernels: on | off |
+                                   # auto (on for runs of 200+ steps: compiling costs seconds once)
+    teacher_dtype: str = "fp32"    # the teacher's forward: fp32 | bf16 (autocast; on a CPU with bf16
+                                   # instructions ~4x faster matmuls, logits distilled from bf16 values)
 
     def __post_init__(self):
         for name, allowed in (("schedule", SCHEDULES), ("quant_schedule", QUANT_SCHEDULES),
-                              ("parallel", PARALLEL), ("task", TASKS)):
+                              ("parallel", PARALLEL), ("task", TASKS), ("fused", FUSED),
+                              ("teacher_dtype", TEACHER_DTYPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.steps < 0 or self.seq_len < 2 or self.batch_size < 1 or self.stop_after < 0:
             raise ValueError("steps >= 0, seq_len >= 2, batch_size >= 1 and stop_after >= 0 are required")
+
+    @property
+    def fuses(self) -> bool:
+        """Whether QAT runs the compiled kernels (compressor/fused.py)."""
+        return self.fused == "on" or (self.fused == "auto" and self.last_step >= FUSED_AUTO_STEPS)
 
     @property
     def last_step(self) -> int:

@@ -23,7 +23,7 @@ def calibration_for(model: nn.Module, tokenizer, scfg: SharingConfig, data: str 
         return None
     if ids is None:
         ids = calibration_ids(data, tokenizer, model, scfg.calib_sequences, scfg.calib_seq_len)
-    return Calibration.build(model, ids, structure)
+    return Calibration.build(model, ids, structure, dtype=scfg.calib_dtype)
 
 
 def share_stage(model: nn.Module, tokenizer, scfg: SharingConfig, data: str | None, exclude=(),

@@ -49,6 +49,7 @@ from torch import nn
 from .distributed import DistContext
 from .errors import TrainingInterrupted, TritpressError
 from .fileio import atomic_path, write_json
+from .fused import fusable, fused_kernels, fusion_failure
 from .settings import PARALLEL, QUANT_SCHEDULES, SCHEDULES, TASKS, TrainConfig  # re-exported: torch-free home
 from .modelio import BlockOutputs, ModelIO, eager_attention, nmse, task_forward
 from .structure import ModelStructure
@@ -94,25 +95,28 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def teacher_precision(cfg: TrainConfig, device: torch.device):
+    """The teacher's forward under bf16 autocast with teacher_dtype bf16 (its outputs are read as
+    float32 by every loss), as it is otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.teacher_dtype == "bf16" else nullcontext()
+
+
 def distill_losses(io: ModelIO, student, teacher, ids, s_blocks: BlockOutputs, t_blocks: BlockOutputs,
                    cfg: TrainConfig) -> dict[str, torch.Tensor]:
     inputs = io.lm_inputs(ids)  # a next-token-only model reads each window but its last token, its target
-    with torch.no_grad():
-        t_out = io.forward(teacher, inputs)
+    with torch.no_grad(), teacher_precision(cfg, ids.device):
+        t_out = io.forward(teacher, inputs).float()
         t_hidden = t_blocks.take()
     s_out = io.forward(student, inputs)
     s_hidden = s_blocks.take()
     losses = {}
     if io.has_head:
-        T = cfg.kd_temperature
         s_kd, t_kd, produced = student_vocabulary(s_out, t_out)
-        losses["kd"] = F.kl_div(F.log_softmax(s_kd / T, -1).flatten(0, -2), F.log_softmax(t_kd / T, -1)
-                                .flatten(0, -2), log_target=True, reduction="batchmean") * T * T
-        if io.causal:
-            logits, target = io.next_token_pairs(s_out, ids)
-            if produced is not None:  # a trimmed vocabulary cannot produce dropped ids: not a target
-                target = target.masked_fill(~produced[target], -100)
-            losses["task"] = F.cross_entropy(logits, target)
+        target = distill_targets(io.next_token_targets(s_out, ids), produced) if io.causal else None
+        kd, task = logit_losses(s_kd.flatten(0, -2), t_kd.flatten(0, -2), target, cfg.kd_temperature)
+        losses["kd"] = kd
+        if task is not None:
+            losses["task"] = task
     else:
         losses["kd"] = nmse(s_out, t_out)
     if s_hidden:
@@ -120,6 +124,32 @@ def distill_losses(io: ModelIO, student, teacher, ids, s_blocks: BlockOutputs, t
     weights = {"task": cfg.task_weight, "kd": cfg.kd_weight, "hidden": cfg.hidden_weight}
     losses["loss"] = sum(weights[k] * v for k, v in losses.items())
     return losses
+
+
+@fusable
+def logit_losses(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor | None, T: float):
+    """Logit distillation and next-token loss on [rows, vocab] logits, from one log-softmax of the
+    student when T = 1 (fused into a few loops under fused kernels) -> (KL(teacher || student) at
+    temperature T times T^2, mean over rows; cross-entropy of the student on `target` (-100: no
+    target), mean over targeted rows, or None without targets)."""
+    log_s = F.log_softmax(student / T if T != 1 else student, -1)
+    log_t = F.log_softmax(teacher / T if T != 1 else teacher, -1)
+    kd = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * (T * T)
+    if target is None:
+        return kd, None
+    log_s1 = log_s if T == 1 else F.log_softmax(student, -1)
+    return kd, F.nll_loss(log_s1, target, ignore_index=-100)
+
+
+def distill_targets(target: torch.Tensor, produced: torch.Tensor | None) -> torch.Tensor:
+    """Next-token targets over the vocabulary the student produces: a trimmed vocabulary cannot
+    produce dropped ids (no target: -100), the others renumbered to their column among the
+    produced ids (the log-softmax over those equals the one over all: the rest score -inf)."""
+    if produced is None:
+        return target
+    column = produced.long().cumsum(0) - 1
+    known = target.clamp(min=0)
+    return torch.where((target >= 0) & produced[known], column[known], -100)
 
 
 def student_vocabulary(s_out: torch.Tensor, t_out: torch.Tensor):
@@ -190,8 +220,9 @@ def task_losses(io: ModelIO, student, teacher, batch: dict, s_blocks: BlockOutpu
                 cfg: TrainConfig, task: str) -> dict[str, torch.Tensor]:
     """The TernaryBERT losses on one padded batch of task examples (see the module docstring)."""
     attend = cfg.attention_weight > 0
-    with torch.no_grad():
+    with torch.no_grad(), teacher_precision(cfg, batch["input_ids"].device):
         t_logits, t_attn = task_forward(io, teacher, batch, attend)
+        t_logits = [t.float() for t in t_logits]
         t_hidden = t_blocks.take()
     s_logits, s_attn = task_forward(io, student, batch, attend)
     s_hidden = s_blocks.take()
@@ -477,7 +508,8 @@ def train_qat(student: nn.Module, teacher: nn.Module, structure: ModelStructure,
         if cfg.resume and on_resume and ctx.is_main:
             on_resume(start)
         try:
-            t0 = _train_steps(run, train_data, start, curve, on_step)
+            with fused_kernels(cfg.fuses):
+                t0 = _train_steps(run, train_data, start, curve, on_step)
         except KeyboardInterrupt:
             raise _interrupted(run, len(curve), start) from None
         set_lambda(student, 1.0)
@@ -511,6 +543,7 @@ def _findings(run: _Run, curve: list, start: int, t0: float, n_train: int) -> di
                 "wall_s": round(time.perf_counter() - t0, 2), "final": curve[-1] if curve else None,
                 "world_size": ctx.world, "parallel": cfg.parallel if ctx.enabled else "none",
                 "device": str(ctx.device), "bf16_autocast": ctx.device.type == "cuda",
+                "fused_kernels": cfg.fuses and fusion_failure() is None, "teacher_dtype": cfg.teacher_dtype,
                 "curve": curve}
     if cfg.last_step < cfg.steps:  # --stop-after: the first steps of a longer schedule
         findings["schedule_steps"] = cfg.steps

@@ -21,7 +21,7 @@ PACKAGES = {"compressor": "tritpress.compressor", "exporters": "tritpress.export
 # floor -> modules (relative to the repository root, without .py); the same table is in
 # docs/ARCHITECTURE.md. A package __init__ sits on the floor of what it re-exports.
 FLOORS = {
-    0: ["compressor/errors", "compressor/fileio", "compressor/settings", "compressor/config",
+    0: ["compressor/errors", "compressor/fileio", "compressor/settings", "compressor/config", "compressor/fused",
         "compressor/quantize",
         "compressor/layers", "compressor/structure", "compressor/vocab", "compressor/modelio", "compressor/distributed"],
     1: ["compressor/ingest", "compressor/bundled", "compressor/data"],

@@ -124,8 +124,9 @@ def test_qgemm_weight_unpacks_to_the_codes(kind, k, n, per_channel, seed, tmp_pa
     qgemm_as_fp32(model.graph)
     onnx.save(model, tmp / "exact.onnx")
     x = rng.standard_normal((3, k)).astype(np.float32)
-    np.testing.assert_allclose(ort_session(tmp / "exact.onnx").run(None, {"x": x})[0], x @ w.dequantize(),
-                               rtol=1e-5, atol=1e-5)
+    got, want = ort_session(tmp / "exact.onnx").run(None, {"x": x})[0], x @ w.dequantize()
+    # float32 rounding of a sum scales with its terms, not with its result (int8 codes cancel to ~0.5 of ~170)
+    assert (np.abs(got - want) <= 1e-5 * (np.abs(x) @ np.abs(w.dequantize())) + 1e-6).all(), (got, want)
 
 
 @settings(max_examples=20, deadline=None)

@@ -313,6 +313,33 @@ def test_analysis_metrics_and_outputs(tmp_path):
     assert pngs and all(open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for f in pngs)
 
 
+@pytest.mark.parametrize("make", [_llama, _bert], ids=["llama", "bert"])
+def test_bf16_calibration_moves_the_analysis_little(make):
+    """--share-calib-dtype bf16 runs every analysis forward under bf16 autocast: the base loss and
+    each pair's increase stay near the fp32 ones (relative to the largest increase), the model
+    comes back fp32 and unchanged."""
+    from tritpress.compressor.redundancy import Calibration, analyze
+
+    model = make(4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    runs = {dt: analyze(model, Calibration.build(model, ids, dtype=dt), SharingConfig(auto_pairs=6), strategies=False)
+            for dt in ("fp32", "bf16")}
+    a, b = (r["loss_increase"] for r in runs.values())
+    largest = max(abs(v) for row in a for v in row if v is not None)
+    assert largest > 0
+    for ra, rb in zip(a, b):
+        for x, y in zip(ra, rb):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert abs(x - y) <= 0.1 * largest, (x, y, largest)
+    base = [r["calibration"]["base_loss"] for r in runs.values()]
+    assert base[1] == pytest.approx(base[0], rel=0.02, abs=1e-6)
+    assert all(torch.equal(v, before[k]) and v.dtype == before[k].dtype for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="calib_dtype"):
+        SharingConfig(calib_dtype="fp8")
+
+
 @pytest.mark.parametrize("make", [_llama, _bert, _gpt2], ids=["llama", "bert", "gpt2"])
 def test_replayed_ties_equal_tied_copies_and_leave_the_model(make):
     """The analysis measures a tie on copies of the tied blocks with the blocks before them
