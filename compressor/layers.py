@@ -106,7 +106,7 @@ class QTensor(nn.Module):
         return f"{self.fmt.kind}, shape={tuple(self.codes.shape)}"
 
 
-_last_input: list = [None]  # (x, its version, lam, grad mode, quantized x) of the last int8 layer input
+_last_input: list = [None]  # (x, (its version, lam, grad mode), quantized x) of the last int8 layer input
 
 
 def layer_input(x: torch.Tensor, act_bits: int | None, lam: float = 1.0) -> torch.Tensor:
@@ -117,6 +117,8 @@ def layer_input(x: torch.Tensor, act_bits: int | None, lam: float = 1.0) -> torc
     the gradients of the uses add up in the one straight-through node, as they would in three."""
     if act_bits != 8:
         return x
+    if x.is_inference():  # under torch.inference_mode a tensor keeps no version counter: nothing to key on
+        return quantize_activations_int8(x, lam)
     key = (x._version, lam, torch.is_grad_enabled())
     last = _last_input[0]
     if last is not None and last[0] is x and last[1] == key:

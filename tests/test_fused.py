@@ -209,3 +209,7 @@ def test_one_input_read_by_several_layers_is_quantized_once_with_the_same_gradie
         after = layer_input(h, 8)
     assert after is not before
     torch.testing.assert_close(after, int8_token_values.eager(h))
+    with torch.inference_mode():  # inference tensors have no version counter: quantized every time
+        h = torch.randn(4, 8)
+        torch.testing.assert_close(layers[0](h), layers[0](h.clone()))
+        torch.testing.assert_close(layer_input(h, 8), int8_token_values.eager(h))
