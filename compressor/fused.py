@@ -40,10 +40,12 @@ def fusable(fn: Callable) -> Callable:
             compiled.append(torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True}))
         try:
             return compiled[0](*args, **kwargs)
-        except Exception as e:  # a compile failure, not the kernel's: the eager call below re-raises those
+        except Exception as e:
+            out = fn(*args, **kwargs)  # the kernel's own error (bad input) raises here, eagerly, as it would
+            # eager ran where compiled did not: compiling is what fails here (no compiler, a platform)
             _state["on"], _state["broken"] = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             warnings.warn(f"fused kernels unavailable, running eagerly ({_state['broken']})", stacklevel=2)
-            return fn(*args, **kwargs)
+            return out
 
     run.eager = fn
     return run

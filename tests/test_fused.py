@@ -185,6 +185,18 @@ def test_a_compile_failure_falls_back_to_eager_once(monkeypatch):
         assert not fused_active()  # given up for the process
 
 
+def test_a_kernel_error_is_raised_not_taken_for_a_compile_failure(monkeypatch):
+    monkeypatch.setattr(fused, "_state", {"on": False, "broken": None})
+
+    @fused.fusable
+    def add(x, y):
+        return x + y
+
+    with fused_kernels(True), pytest.raises(RuntimeError):
+        add(torch.ones(3), torch.ones(4))  # shapes that do not broadcast: an error in eager too
+    assert fused.fusion_failure() is None
+
+
 def test_one_input_read_by_several_layers_is_quantized_once_with_the_same_gradients():
     """q/k/v projections read one tensor: quantized once (the same tensor object back), gradients
     equal to quantizing it per layer; an in-place change or another tensor is quantized afresh."""
