@@ -5,23 +5,28 @@
     python benchmarks/bench_qat.py --models llama --batch 4 --seq-len 64 --repeats 5
 
 Prints ONE JSON object on stdout; progress goes to stderr. Per model, in the SAME process,
-the three step kinds are timed interleaved (A B C A B C ...), so that a noisy, shared machine
-skews all three alike:
+the step kinds (`--configs`, default all) are timed interleaved (A A16 A0 B C W H, again ...), so
+that a noisy, shared machine skews them alike:
 
-- A "qat_distill": one step exactly as compressor.train.train_qat takes it:
-  student = prepare(copy.deepcopy(model), TernaryConfig()), lambda = 1, teacher in eval mode
-  without gradients, distill_losses (teacher forward under no_grad + student forward; KD +
-  block hidden-state losses through BlockOutputs hooks; next-token CE for causal LMs),
-  backward, clip_grad_norm_, AdamW step, LR-scheduler step, zero_grad(set_to_none=True).
-  Per-step logging/checkpointing of train_qat is not included. Before timing, the replica is
-  checked against train_qat itself (2 steps on identical fresh students: weights must match).
+- A "qat_distill": one step exactly as compressor.train.train_qat takes it in a run of 200+
+  steps (fused kernels on, compressor/fused.py): student = prepare(copy.deepcopy(model),
+  TernaryConfig()), lambda = 1, teacher in eval mode without gradients, distill_losses (teacher
+  forward under no_grad + student forward; KD + block hidden-state losses through BlockOutputs
+  hooks; next-token CE for causal LMs), backward, clip_grad_norm_, AdamW step, LR-scheduler
+  step, zero_grad(set_to_none=True). Per-step logging/checkpointing of train_qat is not
+  included. Before timing, the replica is checked against train_qat itself (2 steps on
+  identical fresh students, both fused: weights must match).
+- A16: A with teacher_dtype="bf16"; A0: A with eager kernels (fused="off").
 - B "fp32_finetune": the original float model (a copy), no teacher, no quantization; loss =
   next-token CE for the LM, MSE of the last hidden state against a fixed random target for the
   encoder; same clipping / AdamW / scheduler.
 - C "qat_no_teacher": the prepared (fake-quant, lambda = 1) student with B's task loss only:
   C/B is the cost of fake quantization, A/C the cost of distillation.
+- W / H: a W1.58A8 student (ternary per-tensor weights, int8 per-token activations; fused) and
+  the same model with transformers' AutoBitLinear(online_quant=True) in place of the block
+  Linears, both with B's loss: W/H compares the two QAT layers.
 
-All three run in eval mode (dropout off), as train_qat runs its student.
+All run in eval mode (dropout off), as train_qat runs its student.
 
 Timing note: torch's default thread count is used unless --threads is given. On a machine that
 other torch jobs share, the default (one thread per core) suffers badly from oversubscription:
