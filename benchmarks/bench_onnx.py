@@ -40,7 +40,8 @@ import torch  # noqa: E402
 from tritpress.compressor.ingest import load_model  # noqa: E402
 from tritpress.compressor.structure import discover, set_submodule  # noqa: E402
 from tritpress.compressor.transform import convert  # noqa: E402
-from tritpress.exporters.onnx import OnnxConfig, export_onnx, save_onnx, signature, trace_to_onnx  # noqa: E402
+from tritpress.exporters.onnx import (OnnxConfig, export_onnx, ort_session, save_onnx, signature,  # noqa: E402
+                                     trace_to_onnx)
 
 MODELS = {"minilm": "pkg:all-MiniLM-L6-v2", "smollm2": "pkg:SmolLM2-135M"}
 CASES = [("decode_step_b1", 1, 1), ("seq128_b1", 1, 128), ("seq128_b16", 16, 128)]
@@ -64,16 +65,6 @@ def first_blocks(model, n):
     if hasattr(model.config, "layer_types") and model.config.layer_types:
         model.config.layer_types = model.config.layer_types[:n]
     return model
-
-
-def session(path, threads):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def time_runs(sess, feeds, budget_s, min_runs=3, max_runs=50):
@@ -160,7 +151,7 @@ def bench_model(key, blocks, threads_list, formats, rounds, budget_s, tmp):
                               "bytes_vs_ort_int8": {k: round(v / sizes["ort_int8"], 3) for k, v in sizes.items()}})
         log(f"{key}{' KV' if kv else ''}: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
         for threads in threads_list:
-            sessions = {name: session(path, threads) for name, path in files.items()}
+            sessions = {name: ort_session(path, threads) for name, path in files.items()}
             for name, batch, n in cases:
                 seq, past = (1, n) if kv else (n, 0)   # a KV case: one new token after n cached ones
                 ms = time_case(sessions, feeds_for(sig, batch, seq, past, seed=0), rounds, budget_s)

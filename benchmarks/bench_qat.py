@@ -84,6 +84,7 @@ CONFIGS = {
     "H": "HF AutoBitLinear(online_quant=True) in place of the same Linears (transformers' W1.58A8 QAT layer: "
          "torch.compile'd weight and activation quantizers), B's loss",
 }
+DISTILLING = ("A", "A16", "A0")  # the configurations with a teacher
 RATIOS = {"A_over_B": ("A", "B"), "A16_over_B": ("A16", "B"), "A0_over_B": ("A0", "B"), "C_over_B": ("C", "B"),
           "A_over_C": ("A", "C"), "W_over_H": ("W", "H")}
 MODEL_KEYS = ("minilm", "llama", "smollm2-arch")
@@ -206,7 +207,7 @@ class Stepper:
 
     def __init__(self, kind: str, model, io: ModelIO, tcfg: TrainConfig, teacher=None, target=None):
         self.kind, self.io, self.tcfg, self.target = kind, io, tcfg, target
-        self.distills = kind in ("A", "A16", "A0")
+        self.distills = kind in DISTILLING
         if self.distills or kind in ("C", "W"):
             model = prepare(model, W158A8 if kind == "W" else TernaryConfig())
             set_lambda(model, 1.0)  # quant_lambda(step) with quant_schedule="none"
@@ -336,14 +337,11 @@ def bench_timing(key: str, args) -> dict:
         log(f"[{key}]   replica ok={res['replica_check']['ok']} "
             f"max weight diff={res['replica_check']['max_abs_weight_diff_vs_train_qat']}")
     order = [k for k in CONFIGS if k in args.configs.split(",")]
-    # copies first: a distilling Stepper makes the teacher non-trainable, as train_qat does
-    steppers = {k: Stepper(k, fresh_copy(model), io,
-                           train_config(n_params, args.warmup + args.repeats, args.batch, args.seq_len,
-                                        **TRAIN_FIELDS[k]), target=target)
-                for k in order if k not in ("A", "A16", "A0")}
-    steppers.update({k: Stepper(k, fresh_copy(model), io, train_config(
-        n_params, args.warmup + args.repeats, args.batch, args.seq_len, **TRAIN_FIELDS[k]), teacher=model)
-        for k in order if k in ("A", "A16", "A0")})
+    # every student is a fresh_copy (trainable) whatever a distilling Stepper did to the teacher before
+    steppers = {k: Stepper(k, fresh_copy(model), io, train_config(n_params, args.warmup + args.repeats, args.batch,
+                                                                  args.seq_len, **TRAIN_FIELDS[k]),
+                           teacher=model if k in DISTILLING else None, target=target)
+                for k in order}
     times = {k: [] for k in order}
     cpu = {k: [] for k in order}
     log(f"[{key}] {n_params / 1e6:.1f}M params, batch {args.batch}x{args.seq_len}: "

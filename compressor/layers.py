@@ -37,8 +37,6 @@ class WeightFormat:
 
     def quantize(self, w: torch.Tensor, dtype=torch.int8):
         """-> (codes as `dtype`, float32 scales already rounded to scale_dtype)."""
-        if self.is_float:
-            raise ValueError(f"{self.kind} is not an integer format")
         return quantize_format(w, self.kind, self.method, self.granularity, self.scale_dtype, dtype)
 
     def fake(self, w: torch.Tensor, lam: float = 1.0) -> torch.Tensor:

@@ -99,6 +99,19 @@ def test_every_valid_byte_decodes_and_reencodes():
     assert np.array_equal(pack_trits(codes), allbytes)
 
 
+def test_unpacking_a_read_only_buffer_is_silent_and_exact():
+    """Bytes straight from a file (np.frombuffer: read-only) unpack without torch's non-writable warning."""
+    import warnings
+    codes = np.array([1, 0, -1, 1, 1, 0, 1, -1], np.int8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for pack, unpack, c in ((pack_trits, unpack_trits, codes), (pack_int4, unpack_int4, codes * 7),
+                                (pack_int2, unpack_int2, np.clip(codes, -2, 1))):
+            ro = np.frombuffer(pack(c).tobytes(), np.uint8)
+            assert not ro.flags.writeable
+            np.testing.assert_array_equal(unpack(ro, len(c)), c)
+
+
 @pytest.mark.parametrize("bad", [243, 244, 250, 255])
 def test_unpack_trits_rejects_invalid_bytes(bad):
     packed = np.array([75, bad, 0], np.uint8)
