@@ -1,11 +1,14 @@
 """Peak memory of `compress MODEL` (post-training, default settings) against what loading the fp32
 model costs by itself, each in a fresh process, median of --repeats:
 
-- `compress`: the whole pipeline (ingest, quantize, check, pack, reload check), run in-process;
-- `ingest`: tritpress's load_model of the same source alone (for a GGUF source this is transformers'
-  GGUF reader, which dequantizes to fp32);
+- `compress`: the whole pipeline (ingest, quantize, check, pack, reload check), run in-process (post-training
+  from a GGUF: its Linear weights are read one layer at a time, compressor/gguf_reader.LazyWeights);
+- `ingest`: tritpress's load_model of the same source alone, the whole fp32 model (a GGUF source is
+  dequantized tensor by tensor into a meta skeleton);
 - `from_pretrained`: transformers' from_pretrained of the model saved once as an fp32 safetensors
-  folder (what a user would otherwise load);
+  folder (what a user would otherwise load; its weights stay memory-mapped until touched);
+- `fp32_forward`: the same, then one forward pass on 16 tokens (every weight touched: the process
+  that runs the fp32 model);
 - `imports`: a process that only imported torch, transformers and tritpress (the floor under all three);
 - `fp32_bytes`: 4 bytes per parameter.
 
@@ -43,8 +46,11 @@ elif kind == "ingest":
     from tritpress.compressor import load_model
     model = load_model(source).model
 else:
-    import transformers
+    import torch, transformers
     model = getattr(transformers, cls).from_pretrained(source)
+    if kind == "fp32_forward":
+        with torch.no_grad():
+            model(input_ids=torch.arange(16).view(1, -1) + 100)
 print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 '''
 
@@ -69,18 +75,20 @@ def main(argv=None) -> None:
     for name in args.models:
         _, folder, cls = prepare(name, out)
         params = _params(folder)
-        runs = {"compress": [], "ingest": [], "from_pretrained": [], "imports": []}
+        runs = {"compress": [], "ingest": [], "from_pretrained": [], "fp32_forward": [], "imports": []}
         for _ in range(args.repeats):  # interleaved
             runs["imports"].append(peak("imports", MODELS[name], cls))
             runs["compress"].append(peak("compress", MODELS[name], cls))
             runs["ingest"].append(peak("ingest", MODELS[name], cls))
             runs["from_pretrained"].append(peak("hf", str(folder), cls))
+            runs["fp32_forward"].append(peak("fp32_forward", str(folder), cls))
         med = {k: statistics.median(v) for k, v in runs.items()}
         fp32_mb = params * 4 / 2 ** 20
         result["models"][name] = {
             "source": MODELS[name], "params": params, "fp32_mb": round(fp32_mb, 1),
             "median_peak_rss_mb": {k: round(v, 1) for k, v in med.items()},
             "compress_over_from_pretrained": round(med["compress"] / med["from_pretrained"], 3),
+            "compress_over_fp32_forward": round(med["compress"] / med["fp32_forward"], 3),
             "compress_over_fp32_bytes": round(med["compress"] / fp32_mb, 3),
             "compress_over_ingest": round(med["compress"] / med["ingest"], 3),
             # what the process holds beyond the libraries, against one fp32 copy of the weights

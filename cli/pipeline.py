@@ -10,8 +10,10 @@ layer over `compress()`.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import hashlib
 import platform
 import time
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from torch import nn
 from tritpress.compressor.errors import TritpressError
 from tritpress.compressor.fileio import check_writable, refuse_overwrite_input, write_json
 from tritpress.compressor.ingest import load_model
+from tritpress.compressor.memory import lean_heap, release_free_memory
 from tritpress.compressor.train import TrainConfig
 from tritpress.compressor.transform import convert, get_record, prepare
 
@@ -94,6 +97,26 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
     run = RunState(cfg, init_distributed(), listener or Listener(), cfg.out_dir())
     refuse_overwrite_input([run.packed_path, run.report_path, run.out / ONNX_NAME], [cfg.model, cfg.config])
     check_writable(run.out, "--out")
+    # post-training from a GGUF: no heap fragments under the one float copy (evaluation and ONNX use the heap)
+    with lean_heap() if _streams_original(cfg) else contextlib.nullcontext():
+        if not model_stages(run):
+            return None  # rank 0 packs and reports
+    if cfg.onnx.enabled:
+        run.onnx, run.onnx_error = timed(run, "onnx", export)
+    report = report_of(run)
+    write_json(run.report_path, report)
+    if cfg.tasks:
+        report["evaluation"] = timed(run, "evaluate", evaluate)  # report["timings_s"] is run.timings
+        write_json(run.report_path, report)
+    if run.onnx_error is not None:
+        raise run.onnx_error
+    return report
+
+
+def model_stages(run: RunState) -> bool:
+    """checkpoint -> [tied, trimmed] -> ternary model -> checked, packed, reloaded. False on the ranks
+    other than 0 of a distributed run once training ends (rank 0 packs)."""
+    cfg = run.cfg
     run.loaded, run.vocab = timed(run, "ingest", ingest)
     run.start = run.loaded.model  # the original stays untouched: it is the teacher
     run.original_params = sum(p.numel() for p in run.start.parameters())  # unique: parameters() dedups ties
@@ -107,7 +130,7 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
     if cfg.train.steps > 0:
         run.model, run.training = timed(run, "train", fine_tune)
         if not run.ctx.is_main:
-            return None  # rank 0 packs and reports
+            return False
     else:
         run.model = timed(run, "quantize", quantize)
     if cfg.check:
@@ -115,16 +138,7 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
     timed(run, "pack", pack)
     if run.example is not None:
         run.checks["reload_vs_converted"] = timed(run, "verify", verify)
-    if cfg.onnx.enabled:
-        run.onnx, run.onnx_error = timed(run, "onnx", export)
-    report = report_of(run)
-    write_json(run.report_path, report)
-    if cfg.tasks:
-        report["evaluation"] = timed(run, "evaluate", evaluate)  # report["timings_s"] is run.timings
-        write_json(run.report_path, report)
-    if run.onnx_error is not None:
-        raise run.onnx_error
-    return report
+    return True
 
 
 def timed(run: RunState, name: str, stage: Callable[[RunState], object]):
@@ -141,6 +155,7 @@ def timed(run: RunState, name: str, stage: Callable[[RunState], object]):
         raise TritpressError(f"stage {name} failed on {_stage_inputs(run.cfg, name)}: {type(e).__name__}: "
                              f"{first} (check that input; --debug shows the traceback)") from e
     run.timings[name] = round(time.perf_counter() - t0, 3)
+    release_free_memory()  # what the stage freed (a model converted in place, a reloaded copy) leaves the process
     return findings
 
 
@@ -159,9 +174,15 @@ def ingest(run: RunState) -> tuple["LoadedModel", "TokenVocab | None"]:
     """-> (the checkpoint, its --vocab vocabulary or None)."""
     from tritpress.compressor.data import TokenVocab, token_vocab_size
 
-    loaded = load_model(run.cfg.model, run.cfg.config, run.cfg.trust_pickle)
+    loaded = load_model(run.cfg.model, run.cfg.config, run.cfg.trust_pickle, lazy=_streams_original(run.cfg))
     vocab = TokenVocab.read(run.cfg.vocab, token_vocab_size(loaded.model)) if run.cfg.vocab else None
     return loaded, vocab
+
+
+def _streams_original(cfg: CompressConfig) -> bool:
+    """Post-training with nothing that reads the whole original (no tie, no trim, no teacher): its Linear
+    weights may stay in a GGUF file, read one layer at a time by the check's forward and by convert."""
+    return cfg.train.steps == 0 and not cfg.sharing.active and not cfg.trim_vocab
 
 
 def text_tokenizer(run: RunState):
@@ -255,7 +276,7 @@ def quantize(run: RunState) -> nn.Module:
     reloads the original from disk): one model in memory, not two. A custom module's original stays,
     the reload check needs it as skeleton."""
     keep = run.start is run.loaded.model and not run.loaded.source.is_transformers
-    return convert(copy.deepcopy(run.start) if keep else run.start, run.cfg.quant)
+    return convert(copy.deepcopy(run.start) if keep else run.start, run.cfg.quant, weights=run.loaded.lazy)
 
 
 def fine_tune(run: RunState) -> tuple[nn.Module | None, dict]:
@@ -292,10 +313,13 @@ def reference_output(run: RunState) -> tuple | str:
     model could not be run (a custom forward we cannot call: reported, not failed)."""
     from tritpress.compressor import modelio
 
-    original = run.loaded.model
+    original, lazy = run.loaded.model, run.loaded.lazy
     try:
         inputs = modelio.example_inputs(original, run.loaded.tokenizer)
-        return inputs, modelio.run_model(original, inputs)
+        if lazy is None:
+            return inputs, modelio.run_model(original, inputs)
+        with lazy.streamed(original):  # each Linear's weight read from the file just for its layer
+            return inputs, modelio.run_model(original, inputs)
     except Exception as e:
         return f"could not run the model on an example input: {type(e).__name__}: {e}"
 
@@ -331,16 +355,29 @@ def verify(run: RunState) -> dict:
 
     inputs, ternary_out = run.example
     skeleton = None if run.loaded.source.is_transformers else copy.deepcopy(run.loaded.model)
+    codes = {k: t for k, t in run.model.state_dict().items() if k.endswith(".codes")}
+    lean = run.loaded.lazy is not None and run.model is run.loaded.model
+    if lean:  # the memory-lean post-training run: the converted model is compared by digest, then replaced
+        codes = {k: _digest(t) for k, t in codes.items()}
+        run.model = run.start = run.loaded.model = None
+        release_free_memory()
     reloaded = load_packed(run.packed_path, skeleton=skeleton)
+    release_free_memory()  # the file's bytes, decoded
     result = modelio.compare_outputs(ternary_out, modelio.run_model(reloaded, inputs))
     reloaded_state = reloaded.state_dict()
-    codes_equal = all(torch.equal(t, reloaded_state[k]) for k, t in run.model.state_dict().items()
-                      if k.endswith(".codes"))
+    codes_equal = codes.keys() <= reloaded_state.keys() and all(
+        (_digest(reloaded_state[k]) == t) if lean else torch.equal(t, reloaded_state[k]) for k, t in codes.items())
     result["codes_bit_identical"] = codes_equal
     if result["max_abs_diff"] != 0.0 or result.get("nonfinite_mismatch") or not codes_equal:
         raise TritpressError(f"reloading {run.packed_path} did not reproduce the converted model "
                              f"(max |diff| {result['max_abs_diff']:.3g})")
+    if lean:  # bit for bit the converted model (checked above): it is the model from here on
+        run.model = run.start = run.loaded.model = reloaded
     return result
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
 
 
 def export(run: RunState) -> tuple[dict | None, Exception | None]:

@@ -11,6 +11,7 @@ import os
 import pickle
 import pickletools
 import re
+import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ class LoadedModel:
     model: nn.Module
     source: SourceInfo
     tokenizer: Any = None
+    lazy: Any = None   # gguf_reader.LazyWeights: Linear weights left on meta, read when needed (load_model(lazy=True))
 
 
 def _transformers():
@@ -99,15 +101,16 @@ def _tokenizer(path: str, **kw):
     return None if empty else tok
 
 
-def _from_pretrained(path: str, gguf_file: str | None = None) -> LoadedModel:
+def _from_pretrained(path: str, gguf_file: str | None = None, lazy: bool = False) -> LoadedModel:
     tf = _transformers()
-    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    # the tokenizer first: a GGUF vocabulary's parse is freed before the weights arrive
+    tokenizer = _tokenizer(path, **({"gguf_file": gguf_file} if gguf_file else {}))
     try:
+        weights = None
         if gguf_file:
-            cls = tf.AutoModelForCausalLM
+            model, weights = _from_gguf(path, gguf_file, tf, lazy)
         else:
-            cls = _hf_class(tf.AutoConfig.from_pretrained(path))
-        model = cls.from_pretrained(path, dtype=torch.float32, **kw)
+            model = _hf_class(tf.AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=torch.float32)
     except OSError as e:
         raise TritpressError(f"could not load {path!r}: {str(e).splitlines()[0]}") from e
     model = _as_float32(model).eval()
@@ -121,7 +124,25 @@ def _from_pretrained(path: str, gguf_file: str | None = None) -> LoadedModel:
                      "carries that rounding into the 'original' baseline")
     source = SourceInfo("gguf" if gguf_file else "hf", str(path), type(model).__name__,
                         config_dict, gguf_file, notes)
-    return LoadedModel(model, source, _tokenizer(path, **kw))
+    return LoadedModel(model, source, tokenizer, weights)
+
+
+def _from_gguf(folder: str, gguf_file: str, tf, lazy: bool):
+    """GGUF tensors dequantized one at a time into a meta skeleton (one float32 copy in memory); an
+    architecture whose tensors transformers combines across the file goes through its own loader."""
+    from .gguf_reader import load_gguf_model, read_gguf_header, tensor_processor
+    path = os.path.join(folder, gguf_file)
+    try:
+        header = read_gguf_header(path)
+    except (ValueError, OSError, KeyError, struct.error) as e:
+        raise TritpressError(f"{path} is not a readable GGUF file: {e}") from e
+    config = tf.AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+    if hasattr(config, "quantization_config"):   # dequantized to float32: no quantizer on the model
+        del config.quantization_config
+    processor = tensor_processor(header, config.to_dict())
+    if processor is None:
+        return tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32), None
+    return load_gguf_model(path, header, config, tf.AutoModelForCausalLM, processor, lazy)
 
 
 def _as_float32(model: nn.Module) -> nn.Module:
@@ -267,22 +288,23 @@ def _load_module(path: Path, trust_pickle: bool) -> LoadedModel:
     return LoadedModel(model, SourceInfo("module", str(path), qualname))
 
 
-def load_model(spec: str, config: str | None = None, trust_pickle: bool = False) -> LoadedModel:
-    """Load `spec` (a path, hub id or `pkg:NAME`) as an eval-mode float32 model."""
+def load_model(spec: str, config: str | None = None, trust_pickle: bool = False, lazy: bool = False) -> LoadedModel:
+    """Load `spec` (a path, hub id or `pkg:NAME`) as an eval-mode float32 model. lazy=True: a GGUF
+    source's Linear weights stay in the file until read (`LoadedModel.lazy`); other sources load whole."""
     if spec.startswith("pkg:"):
         folder, gguf = resolve_bundled(spec)
-        return _from_pretrained(folder, gguf)
+        return _from_pretrained(folder, gguf, lazy)
     path = Path(spec)
     if path.is_dir():
         if (path / "config.json").exists():
             return _from_pretrained(str(path))
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return _from_pretrained(str(path), ggufs[0].name)
+            return _from_pretrained(str(path), ggufs[0].name, lazy)
         raise TritpressError(f"{path} has no config.json (not a Hugging Face model folder)")
     if path.is_file():
         if path.suffix == ".gguf":
-            return _from_pretrained(str(path.parent), path.name)
+            return _from_pretrained(str(path.parent), path.name, lazy)
         if config is not None:
             return _load_state_dict_with_config(path, config)
         if path.suffix == ".safetensors":

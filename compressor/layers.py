@@ -21,6 +21,9 @@ from .fused import fusable
 from .quantize import (_expand, dequantize, quantize_activations_int8, quantize_int2_rows, quantize_rows,
                        quantize_ternary, ste)
 
+CONVERT_SLICE_BYTES = 4 << 20    # float32 bytes of a row-scaled weight quantized at once by convert()
+DEQUANT_SLICE_BYTES = 8 << 20    # float bytes of a QLinear weight dequantized at once by its forward
+
 
 @dataclass(frozen=True)
 class WeightFormat:
@@ -90,7 +93,14 @@ class QTensor(nn.Module):
 
     @classmethod
     def from_float(cls, w: torch.Tensor, fmt: WeightFormat) -> "QTensor":
-        return cls(*fmt.quantize(w), fmt)
+        rowwise = fmt.kind != "ternary" or fmt.granularity == "channel"
+        if not rowwise or w.numel() * 4 <= CONVERT_SLICE_BYTES or w.dim() < 2:
+            return cls(*fmt.quantize(w), fmt)
+        # one scale per row: a large table (an embedding) is quantized a slice of rows at a time, the same
+        # codes and scales without float temporaries the size of the whole table
+        step = max(1, CONVERT_SLICE_BYTES // (w[0].numel() * 4))
+        parts = [fmt.quantize(w[i:i + step]) for i in range(0, w.shape[0], step)]
+        return cls(torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts]), fmt)
 
     @classmethod
     def empty(cls, shape, fmt: WeightFormat) -> "QTensor":
@@ -209,7 +219,17 @@ class QLinear(nn.Module):
 
     def forward(self, x):
         x = layer_input(x, self.act_bits)
-        return F.linear(x, self.qweight.dequantize(x.dtype), self.bias)
+        q = self.qweight
+        if q.codes.numel() * x.element_size() <= DEQUANT_SLICE_BYTES or torch.jit.is_tracing() or \
+                torch.onnx.is_in_onnx_export():
+            return F.linear(x, q.dequantize(x.dtype), self.bias)
+        # a large weight (a 49k-row head) is applied a slice of output rows at a time: never the whole
+        # float matrix in memory (the ONNX export traces the one-matrix form above)
+        step = max(1, DEQUANT_SLICE_BYTES // (self.in_features * x.element_size()))
+        per_row = q.scale.numel() > 1
+        return torch.cat([F.linear(x, dequantize(q.codes[i:i + step], q.scale[i:i + step] if per_row else q.scale,
+                                                 x.dtype), None if self.bias is None else self.bias[i:i + step])
+                          for i in range(0, self.out_features, step)], dim=-1)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -99,7 +99,8 @@ def quantize_int2_rows(w: torch.Tensor, dtype=torch.int8):
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    return codes.to(dtype) * _expand(scale.to(dtype), codes)
+    # scaled in place: one float tensor the size of the weight, not two (a 49k-row head is 113 MB each)
+    return codes.to(dtype, copy=True).mul_(_expand(scale.to(dtype), codes))
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -18,8 +18,11 @@ from torch import nn
 from .config import FLOAT_DTYPES, TernaryConfig
 from .layers import (FakeQuantEmbedding, FakeQuantLinear, FakeQuantRNN, QEmbedding, QLinear, QRNN,
                      QTensor, WeightFormat)
+from .memory import release_free_memory
 from .structure import (ModelStructure, default_granularity, discover, is_conv1d, lookup_multiplier, rnn_weight_names,
                         set_submodule)
+
+TRIM_BYTES = 8 << 20    # convert() hands freed float weights back to the OS after every this many bytes
 
 RECORD_ATTR = "tritpress"
 
@@ -145,33 +148,42 @@ def storage_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
 
 
 @torch.no_grad()
-def convert(model: nn.Module, config: TernaryConfig | None = None) -> nn.Module:
-    """Fake-quant model (or a plain one, post-training) -> real ternary model, in place."""
+def convert(model: nn.Module, config: TernaryConfig | None = None, weights=None) -> nn.Module:
+    """Fake-quant model (or a plain one, post-training) -> real ternary model, in place. `weights`
+    (gguf_reader.LazyWeights) reads the Linear weights a lazily loaded model left on the meta device,
+    one layer at a time: each is quantized and dropped before the next is read."""
     if get_record(model) is None:
         prepare(model, config)
     record = get_record(model)
     if record.converted:
         return model
     qtensors: dict[int, QTensor] = {}  # id(weight parameter) -> QTensor, keeps ties
+    dropped = 0  # float bytes replaced since the heap was last trimmed
 
-    def qt(w: nn.Parameter, fmt: WeightFormat) -> QTensor:
+    def qt(name: str, w: nn.Parameter, fmt: WeightFormat) -> QTensor:
         if id(w) not in qtensors:
-            qtensors[id(w)] = QTensor.from_float(w, fmt)
+            value = weights.read(f"{name}.weight", tuple(w.shape)) if w.is_meta and weights is not None else w
+            qtensors[id(w)] = QTensor.from_float(value, fmt)
         return qtensors[id(w)]
 
-    for name, fmt in record.formats.items():
-        if fmt.is_float:
-            continue
+    for name in _conversion_order(model, [n for n, f in record.formats.items() if not f.is_float]):
+        fmt = record.formats[name]
         m = model.get_submodule(name)
         if isinstance(m, FakeQuantLinear):
             bias = nn.Parameter(m.bias.detach().clone()) if m.bias is not None else None
-            new = QLinear(qt(m.weight, fmt), bias, m.act_bits)
+            new = QLinear(qt(name, m.weight, fmt), bias, m.act_bits)
         elif isinstance(m, FakeQuantEmbedding):
-            new = QEmbedding(qt(m.weight, fmt), m.padding_idx, m.multiplier)
+            new = QEmbedding(qt(name, m.weight, fmt), m.padding_idx, m.multiplier)
         else:
             rnn = m.rnn
-            new = QRNN(rnn, {n: qt(getattr(rnn, n), fmt) for n in rnn_weight_names(rnn)})
+            new = QRNN(rnn, {n: qt(f"{name}.rnn.{n}", getattr(rnn, n), fmt) for n in rnn_weight_names(rnn)})
         set_submodule(model, name, new)
+        dropped += sum(p.numel() * p.element_size() for p in m.parameters(recurse=True))
+        if dropped > TRIM_BYTES:  # the float weights just dropped: converting in place never holds two copies
+            release_free_memory()
+            dropped = 0
+    if weights is not None:  # layers kept in float (excluded, or a float format) read theirs now
+        weights.fill_remaining(model)
     record.converted = True
     hold_ties(model)
     # round every remaining float tensor to its storage dtype, so that the packed
@@ -181,6 +193,16 @@ def convert(model: nn.Module, config: TernaryConfig | None = None) -> nn.Module:
         if key in dtypes:
             t.data = t.data.to(dtypes[key]).to(t.dtype)
     return model
+
+
+def _conversion_order(model: nn.Module, names: list[str]) -> list[str]:
+    """`names` with the layers that share one weight (a head tied to its embedding) next to each other:
+    the float weight is dropped as soon as the last of them is converted, not at the end."""
+    groups: dict[object, list[str]] = {}
+    for name in names:
+        w = getattr(model.get_submodule(name), "weight", None)
+        groups.setdefault(id(w) if isinstance(w, torch.Tensor) else name, []).append(name)
+    return [name for group in groups.values() for name in group]
 
 
 def hold_ties(model: nn.Module) -> None:

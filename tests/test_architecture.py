@@ -22,9 +22,9 @@ PACKAGES = {"compressor": "tritpress.compressor", "exporters": "tritpress.export
 # docs/ARCHITECTURE.md. A package __init__ sits on the floor of what it re-exports.
 FLOORS = {
     0: ["compressor/errors", "compressor/fileio", "compressor/settings", "compressor/config", "compressor/fused",
-        "compressor/quantize",
+        "compressor/quantize", "compressor/memory",
         "compressor/layers", "compressor/structure", "compressor/vocab", "compressor/modelio", "compressor/distributed"],
-    1: ["compressor/ingest", "compressor/bundled", "compressor/data"],
+    1: ["compressor/ingest", "compressor/gguf_reader", "compressor/bundled", "compressor/data"],
     2: ["compressor/transform", "compressor/train", "compressor/__init__"],
     3: ["compressor/share", "compressor/cross_ties", "compressor/redundancy", "compressor/redundancy_auto", "compressor/sharing_stage"],
     4: ["exporters/settings", "exporters/packing", "exporters/packed", "exporters/onnx", "exporters/onnx_quant", "exporters/converted", "exporters/hf_bitnet", "exporters/llama_gguf", "exporters/__init__"],
