@@ -15,6 +15,8 @@ tensors' names, shapes, types and offsets are needed.
 from __future__ import annotations
 
 import contextlib
+import copy
+import os
 import struct
 from dataclasses import dataclass
 
@@ -113,6 +115,29 @@ def read_gguf_header(path: str) -> GGUFHeader:
         if info.offset + info.nbytes > len(buf):
             raise ValueError(f"the GGUF file ends inside tensor {info.name} (truncated?)")
     return GGUFHeader(str(meta.get("general.architecture", "")), infos)
+
+
+@contextlib.contextmanager
+def metadata_parsed_once():
+    """transformers reads a GGUF file's metadata with gguf-py's reader for the model's config and again for
+    the tokenizer's (seconds each for a 49k-token vocabulary): inside, repeated metadata-only reads of one
+    file return copies of the first."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    original, parsed = gguf_utils.load_gguf_checkpoint, {}
+
+    def once(path, return_tensors=False, **kwargs):
+        if return_tensors or kwargs:
+            return original(path, return_tensors=return_tensors, **kwargs)
+        key = os.path.realpath(path)
+        if key not in parsed:
+            parsed[key] = original(path, return_tensors=False)
+        return copy.deepcopy(parsed[key])
+
+    gguf_utils.load_gguf_checkpoint = once
+    try:
+        yield
+    finally:
+        gguf_utils.load_gguf_checkpoint = original
 
 
 def tensor_processor(header: GGUFHeader, config: dict):

@@ -103,13 +103,12 @@ def _tokenizer(path: str, **kw):
 
 def _from_pretrained(path: str, gguf_file: str | None = None, lazy: bool = False) -> LoadedModel:
     tf = _transformers()
-    # the tokenizer first: a GGUF vocabulary's parse is freed before the weights arrive
-    tokenizer = _tokenizer(path, **({"gguf_file": gguf_file} if gguf_file else {}))
     try:
         weights = None
         if gguf_file:
-            model, weights = _from_gguf(path, gguf_file, tf, lazy)
+            tokenizer, model, weights = _from_gguf(path, gguf_file, tf, lazy)
         else:
+            tokenizer = _tokenizer(path)
             model = _hf_class(tf.AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=torch.float32)
     except OSError as e:
         raise TritpressError(f"could not load {path!r}: {str(e).splitlines()[0]}") from e
@@ -128,21 +127,25 @@ def _from_pretrained(path: str, gguf_file: str | None = None, lazy: bool = False
 
 
 def _from_gguf(folder: str, gguf_file: str, tf, lazy: bool):
-    """GGUF tensors dequantized one at a time into a meta skeleton (one float32 copy in memory); an
-    architecture whose tensors transformers combines across the file goes through its own loader."""
-    from .gguf_reader import load_gguf_model, read_gguf_header, tensor_processor
+    """-> (tokenizer, model, LazyWeights or None). GGUF tensors dequantized one at a time into a meta
+    skeleton (one float32 copy in memory); an architecture whose tensors transformers combines across the
+    file goes through its own loader."""
+    from .gguf_reader import load_gguf_model, metadata_parsed_once, read_gguf_header, tensor_processor
     path = os.path.join(folder, gguf_file)
     try:
         header = read_gguf_header(path)
     except (ValueError, OSError, KeyError, struct.error) as e:
         raise TritpressError(f"{path} is not a readable GGUF file: {e}") from e
-    config = tf.AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+    with metadata_parsed_once():  # the tokenizer first: its vocabulary's parse is freed before the weights
+        tokenizer = _tokenizer(folder, gguf_file=gguf_file)
+        config = tf.AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
     if hasattr(config, "quantization_config"):   # dequantized to float32: no quantizer on the model
         del config.quantization_config
     processor = tensor_processor(header, config.to_dict())
     if processor is None:
-        return tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32), None
-    return load_gguf_model(path, header, config, tf.AutoModelForCausalLM, processor, lazy)
+        model = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+        return tokenizer, model, None
+    return (tokenizer, *load_gguf_model(path, header, config, tf.AutoModelForCausalLM, processor, lazy))
 
 
 def _as_float32(model: nn.Module) -> nn.Module:
