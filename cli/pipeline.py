@@ -28,7 +28,7 @@ from tritpress.compressor.fileio import check_writable, refuse_overwrite_input, 
 from tritpress.compressor.ingest import load_model
 from tritpress.compressor.memory import lean_heap, release_free_memory
 from tritpress.compressor.train import TrainConfig
-from tritpress.compressor.transform import convert, get_record, prepare
+from tritpress.compressor.transform import convert, get_record, layer_quantizer, prepare
 
 from .config import CompressConfig  # re-exported: torch-free home of the settings
 
@@ -318,7 +318,8 @@ def reference_output(run: RunState) -> tuple | str:
         inputs = modelio.example_inputs(original, run.loaded.tokenizer)
         if lazy is None:
             return inputs, modelio.run_model(original, inputs)
-        with lazy.streamed(original):  # each Linear's weight read from the file just for its layer
+        # each Linear's weight read from the file for its layer only, and quantized on the way for convert
+        with lazy.streamed(original, layer_quantizer(original, run.cfg.quant)):
             return inputs, modelio.run_model(original, inputs)
     except Exception as e:
         return f"could not run the model on an example input: {type(e).__name__}: {e}"

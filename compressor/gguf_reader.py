@@ -192,6 +192,12 @@ class LazyWeights:
 
     def __init__(self, path: str, processor, infos: dict[str, GGUFTensorInfo]):
         self.path, self.processor, self.infos = path, processor, infos
+        self.quantized: dict[str, nn.Module] = {}   # weight name -> QTensor made by a streamed forward
+
+    def take_quantized(self, name: str, fmt) -> nn.Module | None:
+        """The QTensor a streamed forward made of `name` in format `fmt`, once; None if it made none."""
+        q = self.quantized.pop(name, None)
+        return q if q is not None and q.fmt == fmt else None
 
     def names(self) -> set[str]:
         return set(self.infos)
@@ -210,12 +216,15 @@ class LazyWeights:
                 m._parameters[leaf] = nn.Parameter(self.read(name, tuple(w.shape)), requires_grad=w.requires_grad)
 
     @contextlib.contextmanager
-    def streamed(self, model: nn.Module):
+    def streamed(self, model: nn.Module, quantize=None):
+        """Inside, a forward of `model` reads each lazy weight for its layer only. `quantize(name, weight)`
+        -> a QTensor or None: what it returns is kept for `take_quantized`, so that convert() does not
+        read the weight a second time."""
         handles = []
         for name, m in model.named_modules():
             if f"{name}.weight" in self.infos and getattr(m, "weight", None) is not None and m.weight.is_meta:
                 handles.append(m.register_forward_pre_hook(self._fill_hook(f"{name}.weight")))
-                handles.append(m.register_forward_hook(_empty_hook))
+                handles.append(m.register_forward_hook(self._done_hook(f"{name}.weight", quantize)))
         try:
             yield model
         finally:
@@ -231,6 +240,16 @@ class LazyWeights:
                 w._read_lazily = True
                 module.weight = w
         return fill
+
+
+    def _done_hook(self, name: str, quantize):
+        def done(module, args, output):
+            if quantize is not None and getattr(module.weight, "_read_lazily", False):
+                q = quantize(name, module.weight)
+                if q is not None:
+                    self.quantized[name] = q
+            _empty_hook(module)
+        return done
 
 
 def _empty_hook(module, *args) -> None:

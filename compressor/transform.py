@@ -79,15 +79,32 @@ def layer_formats(structure: ModelStructure, cfg: TernaryConfig) -> dict[str, We
     return formats
 
 
-def prepare(model: nn.Module, config: TernaryConfig | None = None) -> nn.Module:
-    """Swap quantizable layers for fake-quant versions (in place)."""
-    if get_record(model) is not None:
-        raise ValueError("model is already prepared")
+def _plan(model: nn.Module, config: TernaryConfig | None) -> tuple[TernaryConfig, ModelStructure, dict]:
+    """-> (the config with granularity resolved, the structure, each layer's WeightFormat)."""
     cfg = config or TernaryConfig()
     if cfg.granularity == "auto":  # resolved once: the record (and the packed file) holds the choice
         cfg = dataclasses.replace(cfg, granularity=default_granularity(model))
     structure = discover(model, cfg.exclude)
-    formats = layer_formats(structure, cfg)
+    return cfg, structure, layer_formats(structure, cfg)
+
+
+def layer_quantizer(model: nn.Module, config: TernaryConfig | None = None):
+    """(weight name, float weight) -> the QTensor convert(model, config) will make of it, or None for a
+    weight it keeps in float: lets a pass that reads the weights anyway (a lazily loaded model's forward)
+    quantize them on the way (gguf_reader.LazyWeights.streamed)."""
+    formats = _plan(model, config)[2]
+
+    def quantize(name: str, weight: torch.Tensor) -> QTensor | None:
+        fmt = formats.get(name.rpartition(".")[0]) if name.endswith(".weight") else None
+        return None if fmt is None or fmt.is_float else QTensor.from_float(weight, fmt)
+    return quantize
+
+
+def prepare(model: nn.Module, config: TernaryConfig | None = None) -> nn.Module:
+    """Swap quantizable layers for fake-quant versions (in place)."""
+    if get_record(model) is not None:
+        raise ValueError("model is already prepared")
+    cfg, structure, formats = _plan(model, config)
     record = QuantRecord(cfg, structure)
     new_params: dict[int, nn.Parameter] = {}  # id(original weight) -> parameter used after prepare
 
@@ -162,8 +179,11 @@ def convert(model: nn.Module, config: TernaryConfig | None = None, weights=None)
 
     def qt(name: str, w: nn.Parameter, fmt: WeightFormat) -> QTensor:
         if id(w) not in qtensors:
-            value = weights.read(f"{name}.weight", tuple(w.shape)) if w.is_meta and weights is not None else w
-            qtensors[id(w)] = QTensor.from_float(value, fmt)
+            made = weights.take_quantized(f"{name}.weight", fmt) if w.is_meta and weights is not None else None
+            if made is None:
+                value = weights.read(f"{name}.weight", tuple(w.shape)) if w.is_meta and weights is not None else w
+                made = QTensor.from_float(value, fmt)
+            qtensors[id(w)] = made
         return qtensors[id(w)]
 
     for name in _conversion_order(model, [n for n, f in record.formats.items() if not f.is_float]):

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from tritpress.compressor import TernaryConfig, convert, load_model
 from tritpress.compressor import gguf_reader
+from tritpress.compressor.transform import layer_quantizer
 from tritpress.compressor.errors import TritpressError
 from tritpress.exporters.llama_gguf import GgufExportConfig, export_gguf
 
@@ -160,15 +161,18 @@ def test_lazy_weights_give_the_same_forward_and_the_same_ternary_model(tmp_path,
     assert lazy.lazy.names() == {f"{n}.weight" for n in linears if n != "lm_head" or not tie}
     assert all(lazy.model.get_parameter(n).is_meta for n in lazy.lazy.names())
     ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad(), lazy.lazy.streamed(lazy.model):
+    cfg = TernaryConfig(exclude=["layers\\.1\\.mlp\\.down_proj"])   # a layer left float reads its weight too
+    quantize = layer_quantizer(lazy.model, cfg)
+    with torch.no_grad(), lazy.lazy.streamed(lazy.model, quantize if not tie else None):
         streamed = lazy.model(input_ids=ids).logits
     assert torch.equal(streamed, whole.model(input_ids=ids).logits)
     assert all(lazy.model.get_parameter(n).is_meta for n in lazy.lazy.names())  # dropped after the forward
-    cfg = TernaryConfig(exclude=["layers\\.1\\.mlp\\.down_proj"])   # a layer left float reads its weight too
+    # with the quantizer: every lazy weight but the float one made on the way (convert reads none again)
+    assert set(lazy.lazy.quantized) == (set() if tie else lazy.lazy.names() - {"model.layers.1.mlp.down_proj.weight"})
     a = convert(lazy.model, cfg, weights=lazy.lazy).state_dict()
     b = convert(whole.model, cfg).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not any(t.is_meta for t in a.values())
+    assert not any(t.is_meta for t in a.values()) and not lazy.lazy.quantized   # all taken
 
 
 def test_post_training_compress_streams_the_gguf_and_reports_the_same(tmp_path, monkeypatch):
