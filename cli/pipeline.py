@@ -97,7 +97,8 @@ def compress(cfg: CompressConfig, listener: Listener | None = None) -> dict | No
     run = RunState(cfg, init_distributed(), listener or Listener(), cfg.out_dir())
     refuse_overwrite_input([run.packed_path, run.report_path, run.out / ONNX_NAME], [cfg.model, cfg.config])
     check_writable(run.out, "--out")
-    # post-training from a GGUF: no heap fragments under the one float copy (evaluation and ONNX use the heap)
+    # post-training (a GGUF streamed layer by layer): no heap fragments on top of the live tensors; evaluation
+    # and ONNX, many passes of many allocations, keep the heap
     with lean_heap() if _streams_original(cfg) else contextlib.nullcontext():
         if not model_stages(run):
             return None  # rank 0 packs and reports
