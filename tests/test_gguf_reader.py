@@ -19,6 +19,7 @@ from tritpress.compressor import gguf_reader
 from tritpress.compressor.transform import layer_quantizer
 from tritpress.compressor.errors import TritpressError
 from tritpress.exporters.llama_gguf import GgufExportConfig, export_gguf
+from tritpress.exporters.settings import OnnxConfig
 
 gguf = pytest.importorskip("gguf")
 from tests.test_gguf_export import source_of, tiny_llama  # noqa: E402
@@ -186,9 +187,12 @@ def test_post_training_compress_streams_the_gguf_and_reports_the_same(tmp_path, 
     reports = {}
     for streamed in (True, False):
         monkeypatch.setattr(pipeline, "_streams_original", lambda cfg, s=streamed: s)
-        reports[streamed] = compress(CompressConfig(path, out=str(tmp_path / f"out-{streamed}")))
+        reports[streamed] = compress(CompressConfig(path, out=str(tmp_path / f"out-{streamed}"),
+                                                    onnx=OnnxConfig(enabled=True)))
     on, off = reports[True], reports[False]
     assert on["checks"]["ternary_vs_original"] == off["checks"]["ternary_vs_original"]
+    # the lean run goes on with the reloaded model (codes compared by digest): ONNX exports and validates
+    assert on["checks"]["reload_vs_converted"]["codes_bit_identical"] and on["onnx"]["validation"]["passed"]
     assert on["size"]["file_bytes"] == off["size"]["file_bytes"]
     a = load_packed(tmp_path / "out-True" / pipeline.PACKED_NAME).state_dict()
     b = load_packed(tmp_path / "out-False" / pipeline.PACKED_NAME).state_dict()

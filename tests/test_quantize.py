@@ -286,3 +286,24 @@ def test_embedding_quantizes_looked_up_rows_like_the_table(kind, granularity):
     ref.pow(2).sum().backward()
     assert torch.equal(out, ref)
     torch.testing.assert_close(grad_fast, emb.weight.grad, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", [WeightFormat("int8"), WeightFormat("ternary"),
+                                 WeightFormat("ternary", granularity="channel"), WeightFormat("int2")])
+def test_large_weights_quantize_and_apply_in_slices_with_the_same_result(fmt, monkeypatch):
+    """convert() quantizes a row-scaled table a slice of rows at a time, and QLinear applies a large weight a
+    slice of output rows at a time (SmolLM2's 49k-row head): same codes and scales, same outputs."""
+    import tritpress.compressor.layers as layers
+    from tritpress.compressor.layers import QLinear
+
+    g = torch.Generator().manual_seed(0)
+    w, x, bias = torch.randn(300, 48, generator=g), torch.randn(2, 5, 48, generator=g), torch.randn(300, generator=g)
+    whole = QTensor.from_float(w, fmt)
+    lin = QLinear(whole, torch.nn.Parameter(bias))
+    ref = lin(x)
+    monkeypatch.setattr(layers, "CONVERT_SLICE_BYTES", 48 * 4 * 7)   # 7 rows a slice, the last one shorter
+    monkeypatch.setattr(layers, "DEQUANT_SLICE_BYTES", 48 * 4 * 11)
+    sliced = QTensor.from_float(w, fmt)
+    assert torch.equal(sliced.codes, whole.codes) and torch.equal(sliced.scale, whole.scale)
+    out = QLinear(sliced, torch.nn.Parameter(bias))(x)
+    assert out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
