@@ -210,10 +210,9 @@ class LazyWeights:
         """Read every lazy weight still on the meta device into its module, for good."""
         for name in self.infos:
             owner, _, leaf = name.rpartition(".")
-            m = model.get_submodule(owner)
-            w = m._parameters.get(leaf)
+            w = model.get_submodule(owner)._parameters.get(leaf)
             if w is not None and w.is_meta:
-                m._parameters[leaf] = nn.Parameter(self.read(name, tuple(w.shape)), requires_grad=w.requires_grad)
+                _assign(model, name, self.read(name, tuple(w.shape)))
 
     @contextlib.contextmanager
     def streamed(self, model: nn.Module, quantize=None):
@@ -231,7 +230,7 @@ class LazyWeights:
             for h in handles:
                 h.remove()
             for m in model.modules():
-                _empty_hook(m)
+                _drop_read_weight(m)
 
     def _fill_hook(self, name: str):
         def fill(module, args):
@@ -241,18 +240,17 @@ class LazyWeights:
                 module.weight = w
         return fill
 
-
     def _done_hook(self, name: str, quantize):
         def done(module, args, output):
             if quantize is not None and getattr(module.weight, "_read_lazily", False):
                 q = quantize(name, module.weight)
                 if q is not None:
                     self.quantized[name] = q
-            _empty_hook(module)
+            _drop_read_weight(module)
         return done
 
 
-def _empty_hook(module, *args) -> None:
+def _drop_read_weight(module: nn.Module) -> None:
     """Put a weight that LazyWeights read back on the meta device (its memory freed)."""
     w = getattr(module, "weight", None)
     if getattr(w, "_read_lazily", False):

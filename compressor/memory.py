@@ -29,6 +29,7 @@ def release_free_memory() -> None:
     if trim is not None:
         trim(0)
 
+
 M_MMAP_THRESHOLD = -3             # glibc mallopt parameter
 DEFAULT_MMAP_MAX = 32 << 20       # where glibc's dynamic threshold ends up after large frees (64-bit)
 

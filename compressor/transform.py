@@ -179,10 +179,10 @@ def convert(model: nn.Module, config: TernaryConfig | None = None, weights=None)
 
     def qt(name: str, w: nn.Parameter, fmt: WeightFormat) -> QTensor:
         if id(w) not in qtensors:
-            made = weights.take_quantized(f"{name}.weight", fmt) if w.is_meta and weights is not None else None
+            lazy = w.is_meta and weights is not None   # the weight is still in the checkpoint file
+            made = weights.take_quantized(f"{name}.weight", fmt) if lazy else None
             if made is None:
-                value = weights.read(f"{name}.weight", tuple(w.shape)) if w.is_meta and weights is not None else w
-                made = QTensor.from_float(value, fmt)
+                made = QTensor.from_float(weights.read(f"{name}.weight", tuple(w.shape)) if lazy else w, fmt)
             qtensors[id(w)] = made
         return qtensors[id(w)]
 
