@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--max-drop", action="append", type=float, default=[], help="points; repeatable")
     p.add_argument("--eval", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--reuse", action="store_true")
+    p.add_argument("--split-articles", type=float, default=0.0,
+                   help="qa: split the SQuAD file by article: this leading fraction trains, the rest is held out")
     return p.parse_args(argv)
 
 
@@ -67,6 +69,8 @@ def main(argv=None):
     a = parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.split_articles:  # the same cut as bench_task_qat's, so QA points compare with its rows
+        a.train, a.dev = bench_task_qat.split_squad(a.train, a.split_articles, out)
     task_args = ["--task", a.task, "--teacher", a.teacher, "--train", a.train, "--dev", a.dev, "--out", str(out),
                  "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len)]
     for e in a.eval:
