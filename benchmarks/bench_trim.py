@@ -1,11 +1,17 @@
-"""What vocabulary trimming alone costs a float token-classification model, no quantization: the
-model's own head on the dev set, (1) as it is, (2) trimmed to the ids its training examples use
-(the ids `compress --trim-vocab data` keeps) with every other id read as the unknown token, (3)
-trimmed the same way with each dropped id read as the kept id nearest to it in the original
-embedding (`--trim-dropped nearest`). Prints one JSON object:
+"""What vocabulary trimming alone costs a float task model, no quantization: the model's own head on
+the dev set, (1) as it is, (2) trimmed to the ids its training examples use (the ids `compress
+--trim-vocab data` keeps) with every other id read as the unknown token, (3) trimmed the same way
+with each dropped id read as the kept id nearest to it in the original embedding (`--trim-dropped
+nearest`), (4) `subwords`: the kept ids plus the one-character word pieces of every character they contain (so
+a word in those characters can still be spelled), and the dev text tokenized by the model's own WordPiece tokenizer with the dropped
+pieces removed from its vocabulary: a word whose piece was dropped is split into kept pieces, the
+way BERT already splits rare words, instead of becoming another token. Prints one JSON object:
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_trim.py --model runs/minilm-conll \\
         --train ../shared/data/conll2003/train.txt --dev ../shared/data/conll2003/valid.txt
+    HF_HUB_OFFLINE=1 python benchmarks/bench_trim.py --task qa --model runs/minilm-squad --seq-len 192 \\
+        --train runs/frontier-squad/train.json --dev runs/frontier-squad/heldout.json \\
+        --eval qa_max_length=192 --eval doc_stride=64
 """
 from __future__ import annotations
 
@@ -14,22 +20,49 @@ import copy
 import json
 
 
-def train_ids(model, tokenizer, train: str, dev: str, seq_len: int) -> set[int]:
+def train_ids(model, tokenizer, task: str, train: str, dev: str, seq_len: int, doc_stride: int) -> set[int]:
     """The ids `compress --trim-vocab data` keeps from a task model's training examples (the same reader
     and encoding QAT trains on, each cut to --seq-len tokens)."""
     from tritpress.analyzers.quality.examples import task_examples
     from tritpress.compressor.train import TrainConfig
 
-    examples = task_examples(model, tokenizer, "tok", TrainConfig(data=train, eval_data=dev, seq_len=seq_len))[0]
+    tcfg = TrainConfig(data=train, eval_data=dev, seq_len=seq_len, doc_stride=doc_stride)
+    examples = task_examples(model, tokenizer, task, tcfg)[0]
     return {i for f in examples.features for i in f["input_ids"]}
+
+
+def spelling_ids(tokenizer, used: set[int]) -> set[int]:
+    """The WordPiece vocabulary's one-character pieces ("a", "##a") of every character the kept pieces
+    contain: with them kept, a word made of the corpus's characters still has a spelling (a few hundred
+    ids, not the vocabulary's ~2,000 one-character pieces of every script)."""
+    prefix = json.loads(tokenizer.backend_tokenizer.to_str())["model"].get("continuing_subword_prefix", "##")
+    vocab = tokenizer.get_vocab()
+    chars = {c for t in tokenizer.convert_ids_to_tokens(sorted(used)) for c in t.removeprefix(prefix)}
+    return {i for t, i in vocab.items() if len(t.removeprefix(prefix)) == 1 and t.removeprefix(prefix) in chars}
+
+
+def restricted_tokenizer(tokenizer, kept: set[int]):
+    """The same tokenizer with the pieces outside `kept` removed from its WordPiece vocabulary (ids unchanged)."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    if spec["model"]["type"] != "WordPiece":
+        raise SystemExit(f"subwords: a WordPiece tokenizer is needed, not {spec['model']['type']}")
+    spec["model"]["vocab"] = {t: i for t, i in spec["model"]["vocab"].items() if i in kept}
+    out = copy.deepcopy(tokenizer)
+    out._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    return out
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", default="tok", choices=("cls", "tok", "qa"))
     p.add_argument("--model", required=True)
     p.add_argument("--train", required=True)
     p.add_argument("--dev", required=True)
     p.add_argument("--seq-len", type=int, default=128, help="the --seq-len the compress run trims with")
+    p.add_argument("--doc-stride", type=int, default=64, help="qa: the --doc-stride of the compress run")
+    p.add_argument("--eval", action="append", default=[], metavar="KEY=VALUE", help="an EvalConfig field")
     args = p.parse_args(argv)
     from tritpress.analyzers.quality import EvalConfig
     from tritpress.analyzers.quality.evaluate import read_jobs
@@ -39,15 +72,21 @@ def main(argv=None) -> None:
 
     loaded = load_model(args.model)
     tok = loaded.tokenizer
-    cfg = EvalConfig(tasks="tok", tok_data=args.dev, quiet=True, bootstrap=0)
+    settings = {k: type(getattr(EvalConfig, k, ""))(v) for k, v in (e.split("=", 1) for e in args.eval)}
+    cfg = EvalConfig(tasks=args.task, **{f"{args.task}_data": args.dev}, quiet=True, bootstrap=0, **settings)
     (task, data), = read_jobs(cfg, loaded.model, tok)
-    score = lambda model, name: task.run(task, model, tok, data, cfg, name)["metrics"]  # noqa: E731
-    result = {"model": args.model, "dev": args.dev, "baseline": score(loaded.model, "baseline")}
-    used = train_ids(loaded.model, tok, args.train, args.dev, args.seq_len) | set(tok.all_special_ids)
+    score = lambda model, name, t=tok: task.run(task, model, t, data, cfg, name)["metrics"]  # noqa: E731
+    result = {"model": args.model, "task": args.task, "dev": args.dev, "baseline": score(loaded.model, "baseline")}
+    used = (train_ids(loaded.model, tok, args.task, args.train, args.dev, args.seq_len, args.doc_stride)
+            | set(tok.all_special_ids))
     for dropped in TRIM_DROPPED:  # unk: what --trim-vocab does by default; nearest: --trim-dropped nearest
         model = copy.deepcopy(loaded.model)
         result[f"trim_{dropped}"] = trim_model(model, used, tok.unk_token_id, dropped)
         result[f"trimmed_{dropped}"] = score(model, f"trimmed, dropped ids as {dropped}")
+    kept = used | spelling_ids(tok, used)
+    model = copy.deepcopy(loaded.model)
+    result["trim_subwords"] = trim_model(model, kept, tok.unk_token_id, "nearest")
+    result["trimmed_subwords"] = score(model, "trimmed, dropped pieces re-spelled", restricted_tokenizer(tok, kept))
     print(json.dumps(result, indent=2))
 
 
