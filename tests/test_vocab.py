@@ -336,3 +336,101 @@ def test_pipeline_trim_errors_are_one_line(corpus, tmp_path, capsys):
     code, _, err = run_cli([d, "--out", tmp_path / "o", "--trim-vocab", "data"], capsys)
     assert code == 1 and "--data" in err and len(error_lines(err)) == 1
     assert not (tmp_path / "o" / "model.tritpress.safetensors").exists()
+
+
+# ------------------------------------------------------------------ --trim-dropped subwords
+
+LETTERS = "abcdefghij"
+PIECES = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(LETTERS) + [f"##{c}" for c in LETTERS]
+          + [a + b for a in LETTERS for b in LETTERS][:VOCAB - 25])
+
+
+def wordpiece_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.WordPiece({p: i for i, p in enumerate(PIECES)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+def pieces(tok, text):
+    return tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def test_a_restricted_wordpiece_spells_dropped_pieces_in_kept_ones():
+    from tritpress.compressor.vocab import restricted_tokenizer, spelling_ids
+    tok = wordpiece_tokenizer()
+    used = {PIECES.index("ab"), PIECES.index("ca")}
+    spelled = spelling_ids(tok, used)
+    assert sorted(tok.convert_ids_to_tokens(sorted(spelled))) == ["##a", "##b", "##c", "a", "b", "c"]
+    assert pieces(tok, "ab ba cd") == ["ab", "ba", "cd"]
+    r = restricted_tokenizer(tok, used | spelled | set(tok.all_special_ids))
+    assert pieces(r, "ab ba ca cd") == ["ab", "b", "##a", "ca", "[UNK]"]   # cd: no kept spelling
+    assert r("ab")["input_ids"] == tok("ab")["input_ids"]                   # kept pieces keep their ids
+    assert pieces(tok, "ba") == ["ba"]                                      # the original is untouched
+
+
+def test_subwords_marks_the_model_and_survives_pack_and_reload(tmp_path):
+    from tritpress.compressor.vocab import restricted_tokenizer, tokenizer_for
+    tok = wordpiece_tokenizer()
+    model = build("bert")
+    nearest = trim_model(copy.deepcopy(model), KEEP, UNK, "nearest")
+    t = copy.deepcopy(model)
+    findings = trim_model(t, KEEP, UNK, "subwords")
+    assert findings["dropped_read_as"] == "subwords" and findings["kept"] == nearest["kept"]
+    assert torch.equal(out(t.eval(), KEPT_IDS), out(_nearest(model), KEPT_IDS))  # original ids: the nearest map
+    assert tokenizer_for(model, tok) is tok
+    r = pack_and_load("bert", convert(t, TernaryConfig(embedding="int4")), tmp_path / "m.safetensors")
+    for m in (t, r):
+        own = tokenizer_for(m, tok)
+        assert own is not tok and set(own.get_vocab().values()) == set(KEPT) | set(tok.all_special_ids)
+        assert own.get_vocab() == restricted_tokenizer(tok, set(KEPT)).get_vocab()
+        assert own("[CLS] ab")["input_ids"][:1] == tok("[CLS] ab")["input_ids"][:1]   # specials keep their ids
+
+
+def _nearest(model):
+    m = copy.deepcopy(model)
+    trim_model(m, KEEP, UNK, "nearest")
+    return m.eval()
+
+
+def test_subwords_needs_a_wordpiece_tokenizer():
+    from tritpress.compressor.vocab import spelling_ids
+    with pytest.raises(ValueError, match="WordPiece"):
+        spelling_ids(word_tokenizer(), {5, 6})
+
+
+def test_pipeline_subwords_keeps_the_spelling_and_refuses_other_tokenizers(tmp_path, capsys):
+    d = tmp_path / "b"
+    build("bert").save_pretrained(d)
+    wordpiece_tokenizer().save_pretrained(d)
+    (tmp_path / "c.txt").write_text("\n".join(["ab ca ab", "ca ab ca"] * 20) + "\n")
+    args = [d, "--out", tmp_path / "o", "--trim-vocab", tmp_path / "c.txt", "--trim-dropped", "subwords"]
+    code, out_text, err = run_cli(args, capsys)
+    assert code == 0, err
+    v = json.loads((tmp_path / "o" / "report.json").read_text())["vocabulary"]
+    assert v["dropped_read_as"] == "subwords" and v["corpus_ids"] == 2 and v["spelling_ids"] == 6
+    assert v["kept"] == 2 + 6 + 5 and "+ 6 one-character pieces" in out_text and "spells their words" in out_text
+    word_tokenizer().save_pretrained(d)   # replaces the WordPiece tokenizer by a word-level one
+    code, _, err = run_cli([*args[:2], tmp_path / "o2", *args[3:]], capsys)
+    assert code == 1 and "WordPiece" in err and len(error_lines(err)) == 1
+
+
+def test_hf_export_of_a_subwords_model_ships_the_restricted_tokenizer(tmp_path):
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from tests.tiny_models import bert_config
+    from tritpress.exporters.hf_bitnet import HfExportConfig, export_hf_bitnet
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(bert_config(num_labels=3)).eval()
+    wordpiece_tokenizer().save_pretrained(tmp_path / "src")
+    used = {PIECES.index("ab"), PIECES.index("ca")}
+    from tritpress.compressor.vocab import spelling_ids
+    trim_model(model, used | spelling_ids(wordpiece_tokenizer(), used), UNK, "subwords")
+    q = convert(model, TernaryConfig(granularity="tensor", act_bits=8, outside_blocks="int8"))
+    src = SourceInfo("hf", str(tmp_path / "src"), type(model).__name__, model.config.to_dict())
+    result = export_hf_bitnet(q, tmp_path / "hf", HfExportConfig(), src)
+    assert result["validation"]["passed"]
+    shipped = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert pieces(shipped, "ab ba cd") == ["ab", "b", "##a", "[UNK]"]
