@@ -167,12 +167,10 @@ def render(report: dict) -> str:
     if report.get("vocabulary"):
         v = report["vocabulary"]
         scored = ", the head scores them -inf" if v.get("head") else ""
-        read_as = {"nearest": "the row of the kept id nearest to them (cosine)",
-                   "subwords": "the row of the kept id nearest to them (cosine); the model's tokenizer spells "
-                               "their words in kept pieces"}.get(v.get("dropped_read_as"), "the unknown token")
-        spelling = f", + {v['spelling_ids']:,} one-character pieces" if v.get("spelling_ids") else ""
+        read_as = ("the row of the kept id nearest to them (cosine)" if v.get("dropped_read_as") == "nearest"
+                   else "the unknown token")
         parts += ["", f"vocabulary: kept {v['kept']:,} of {v['vocab_size']:,} token ids ({v['corpus_ids']:,} used by "
-                      f"{v['source']}{spelling}, + special and unknown tokens); other ids read as {read_as}{scored}; "
+                      f"{v['source']}, + special and unknown tokens); other ids read as {read_as}{scored}; "
                       f"{v['bytes_saved']:,} bytes saved"]
     if report.get("training"):
         parts += ["", *training_lines(report["training"])]

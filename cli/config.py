@@ -37,9 +37,7 @@ class CompressConfig:
                                                  # token): "data" = the --data training data, or a text file
     trim_dropped: str = "unk"                    # --trim-vocab: a dropped id reads the unknown token (unk) or the
                                                  # kept token nearest to it in the original embedding (nearest;
-                                                 # stored as one more row index per dropped id); subwords: nearest,
-                                                 # and the model's tokenizer loses the dropped pieces, so a word
-                                                 # that used one is spelled in kept pieces (WordPiece tokenizers)
+                                                 # stored as one more row index per dropped id)
     tasks: str | None = None                     # after packing, evaluate and gate on these tasks (lm,cls,tok,qa;
                                                  # data and tolerances from the recipe's [eval] table)
     eval: EvalConfig = field(default_factory=EvalConfig)

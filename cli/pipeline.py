@@ -232,7 +232,7 @@ def task_calibration_ids(run: RunState):
 def trim(run: RunState) -> tuple[nn.Module, dict]:
     """-> (the model to quantize with a trimmed vocabulary, what was kept). The original stays whole:
     it is the teacher, and the check compares against it."""
-    from tritpress.compressor.vocab import spelling_ids, trim_model
+    from tritpress.compressor.vocab import trim_model
 
     tok = run.loaded.tokenizer
     if tok is None:
@@ -242,13 +242,10 @@ def trim(run: RunState) -> tuple[nn.Module, dict]:
     used, source = corpus_ids(run)
     model = copy.deepcopy(run.start) if run.start is run.loaded.model else run.start
     try:
-        spelled = spelling_ids(tok, used) - used if run.cfg.trim_dropped == "subwords" else set()
-        findings = trim_model(model, used | spelled | set(tok.all_special_ids), tok.unk_token_id,
-                              run.cfg.trim_dropped)
+        findings = trim_model(model, used | set(tok.all_special_ids), tok.unk_token_id, run.cfg.trim_dropped)
     except ValueError as e:
         raise TritpressError(f"--trim-vocab: {e}") from e
-    return model, {"source": source, "corpus_ids": len(used), **findings,
-                   **({"spelling_ids": len(spelled)} if spelled else {})}
+    return model, {"source": source, "corpus_ids": len(used), **findings}
 
 
 def corpus_ids(run: RunState) -> tuple[set[int], str]:

@@ -15,19 +15,11 @@ aliases the embedding's); the id -> row maps are rebuilt from them on load. With
 a dropped id reads instead the row of the kept token nearest to it in the original embedding
 (cosine): a name the corpus never used reads a similar token, not `[UNK]` (on CoNLL-2003 trimmed to
 its training sentences, the float model loses 0.89 F1 instead of 3.10, benchmarks/bench_trim.py);
-that map is one more persistent tensor, a row per dropped id in id order (int16 below 32,768 rows).
-With `dropped="subwords"` the same map serves callers that pass original ids, and the model is also
-marked to be fed by its tokenizer with the dropped pieces removed (`tokenizer_for`, WordPiece only): a
-word whose piece was dropped is then spelled in kept pieces, as BERT already spells rare words, instead
-of reading another token's row; the kept ids then include the one-character pieces of every character
-the kept pieces contain (`spelling_ids`), so such words still have a spelling. The wrapped
+that map is one more persistent tensor, a row per dropped id in id order (int16 below 32,768 rows). The wrapped
 `table` / `proj` are ordinary layers, so prepare/convert/pack quantize them like any other
 embedding or head, and a tied head stays tied to its embedding.
 """
 from __future__ import annotations
-
-import copy
-import json
 
 import torch
 import torch.nn.functional as F
@@ -72,9 +64,8 @@ class TrimmedEmbedding(_Remapped):
     vocab_table = "table"  # structure.discover: the embedding inside; num_embeddings is the original size
 
     def __init__(self, table: nn.Module, kept_ids: torch.Tensor, vocab_size: int, unk_id: int,
-                 dropped_rows: torch.Tensor | None = None, respell: bool = False):
+                 dropped_rows: torch.Tensor | None = None):
         self.unk_id = unk_id
-        self.respell = respell   # its tokenizer drops the pieces not kept (tokenizer_for)
         rows = {} if dropped_rows is None else {"dropped_rows": dropped_rows.to(_rows_dtype(len(kept_ids)))}
         super().__init__(kept_ids, vocab_size, rows)
         self.table = table
@@ -148,8 +139,7 @@ def trim_vocab(model: nn.Module, embedding: str, head: str | None, keep_ids, unk
                dropped: str = "unk") -> dict:
     """Replace the token embedding (and the head, tied or not) by trimmed wrappers, in place.
     `keep_ids`: the ids to keep (the unknown token is added); `dropped`: what a dropped id reads,
-    "unk" (the unknown token's row), "nearest" (nearest_kept_rows), or "subwords" (nearest, and the model is
-    fed by `tokenizer_for`). -> the findings.
+    "unk" (the unknown token's row) or "nearest" (nearest_kept_rows). -> the findings.
     The embedding must be a float nn.Embedding and the head a float nn.Linear: trim before
     prepare/convert, so that quantization and training see the trimmed tables."""
     emb = model.get_submodule(embedding)
@@ -164,8 +154,8 @@ def trim_vocab(model: nn.Module, embedding: str, head: str | None, keep_ids, unk
         raise ValueError(f"kept token ids must be in [0, {vocab}); got {int(kept[0])}..{int(kept[-1])}")
     if dropped not in TRIM_DROPPED:
         raise ValueError(f"a dropped id reads {' or '.join(TRIM_DROPPED)}, not {dropped!r}")
-    rows = nearest_kept_rows(emb.weight, kept) if dropped in ("nearest", "subwords") else None
-    new_emb = TrimmedEmbedding(_embedding_rows(emb, kept), kept, vocab, int(unk_id), rows, dropped == "subwords")
+    rows = nearest_kept_rows(emb.weight, kept) if dropped == "nearest" else None
+    new_emb = TrimmedEmbedding(_embedding_rows(emb, kept), kept, vocab, int(unk_id), rows)
     set_submodule(model, embedding, new_emb)
     if out is not None:
         tied = out.weight is emb.weight
@@ -209,8 +199,6 @@ def vocab_meta(model: nn.Module) -> dict:
                          "dim": m.embedding_dim, "unk_id": m.unk_id, "padding_idx": m.table.padding_idx}
             if getattr(m, "dropped_rows", None) is not None:
                 out[name]["dropped_rows"] = True
-            if m.respell:
-                out[name]["respell"] = True
         elif isinstance(m, TrimmedHead):
             proj = m.proj
             out[name] = {"kind": "head", "vocab_size": m.vocab_size, "rows": len(m.kept_ids),
@@ -228,50 +216,7 @@ def rebuild_trimmed(model: nn.Module, meta: dict) -> None:
             table = nn.Embedding(e["rows"], e["dim"], padding_idx=e["padding_idx"])
             # filled, with the kept ids, and the index rebuilt, when the state is loaded
             rows = torch.zeros(e["vocab_size"] - e["rows"], dtype=torch.long) if e.get("dropped_rows") else None
-            new = TrimmedEmbedding(table, placeholder, e["vocab_size"], e["unk_id"], rows, e.get("respell", False))
+            new = TrimmedEmbedding(table, placeholder, e["vocab_size"], e["unk_id"], rows)
         else:
             new = TrimmedHead(nn.Linear(e["dim"], e["rows"], bias=e["bias"]), placeholder, e["vocab_size"])
         set_submodule(model, name, new)
-
-
-def _wordpiece(tokenizer) -> dict:
-    """The fast tokenizer's serialized form; ValueError unless its model is WordPiece."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = json.loads(backend.to_str()) if backend is not None else {"model": {"type": type(tokenizer).__name__}}
-    if spec["model"].get("type") != "WordPiece":
-        raise ValueError(f"re-spelling dropped pieces needs a WordPiece tokenizer (BERT-style), not "
-                         f"{spec['model'].get('type')}: use --trim-dropped nearest")
-    return spec
-
-
-def spelling_ids(tokenizer, used: set[int]) -> set[int]:
-    """The WordPiece vocabulary's one-character pieces ("a" and "##a") of every character the `used`
-    pieces contain: kept with them, a word in the corpus's characters always has a spelling (a few
-    dozen ids on English text, not the ~2,000 one-character pieces of every script)."""
-    prefix = _wordpiece(tokenizer)["model"].get("continuing_subword_prefix") or "##"
-    chars = {c for t in tokenizer.convert_ids_to_tokens(sorted(used)) if t for c in t.removeprefix(prefix)}
-    return {i for t, i in tokenizer.get_vocab().items() if len(t.removeprefix(prefix)) == 1
-            and t.removeprefix(prefix) in chars}
-
-
-def restricted_tokenizer(tokenizer, kept: set[int]):
-    """A copy of `tokenizer` whose WordPiece vocabulary holds only the `kept` ids (ids unchanged): it
-    never emits a dropped id; a word needing one is split into kept pieces (or is the unknown token).
-    Special and added tokens always stay: dropped from the vocabulary, they would get new ids."""
-    from tokenizers import Tokenizer
-
-    spec = _wordpiece(tokenizer)
-    kept = set(kept) | {int(i) for i in tokenizer.all_special_ids} | set(tokenizer.get_added_vocab().values())
-    spec["model"]["vocab"] = {t: i for t, i in spec["model"]["vocab"].items() if i in kept}
-    out = copy.deepcopy(tokenizer)
-    out._tokenizer = Tokenizer.from_str(json.dumps(spec))
-    return out
-
-
-def tokenizer_for(model: nn.Module, tokenizer):
-    """The tokenizer that feeds `model`: `tokenizer` itself, or for a model trimmed with
-    dropped="subwords" that tokenizer restricted to the model's kept ids."""
-    trimmed = next((m for m in model.modules() if isinstance(m, TrimmedEmbedding) and m.respell), None)
-    if trimmed is None or tokenizer is None:
-        return tokenizer
-    return restricted_tokenizer(tokenizer, {int(i) for i in trimmed.kept_ids})

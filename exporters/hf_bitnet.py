@@ -41,7 +41,7 @@ from tritpress.compressor.modelio import compare_outputs, example_inputs, run_mo
 from tritpress.compressor.share import SharedLinear
 from tritpress.compressor.structure import in_stacks
 from tritpress.compressor.transform import get_record
-from tritpress.compressor.vocab import TrimmedEmbedding, TrimmedHead, tokenizer_for
+from tritpress.compressor.vocab import TrimmedEmbedding, TrimmedHead
 
 from .converted import exportable_source, hf_name, meta_skeleton, occurrence_gain, source_tokenizer, state_keys_of
 from .settings import HfExportConfig  # re-exported: torch-free home
@@ -295,8 +295,6 @@ def export_hf_bitnet(model: nn.Module, out, cfg: HfExportConfig | None = None, s
     _refuse_kept_float(ternary, skeleton)
     check_names(tensors, skeleton, aliases)
     tokenizer = source_tokenizer(source, cfg, HfExportError)
-    if not cfg.tokenizer:  # a model trimmed with --trim-dropped subwords ships its restricted tokenizer
-        tokenizer = tokenizer_for(model, tokenizer)
     with atomic_dir(out) as tmp:
         result = _write(tmp, tensors, hf_config(source, cfg, float_linears(skeleton, ternary)), tokenizer)
         result.update(ternary_linears=len(ternary), linear_class=cfg.linear_class,

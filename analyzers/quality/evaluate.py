@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from tritpress.compressor.errors import TritpressError
-from tritpress.compressor.vocab import tokenizer_for
 
 from . import tasks as builtin  # noqa: F401 - importing it registers the built-in tasks
 from .bootstrap import RESAMPLES, intervals
@@ -110,8 +109,7 @@ def score_job(task: Task, data: TaskData, models, tokenizer, cfg: EvalConfig) ->
     try:
         for role, model in zip(("baseline", "compressed"), models):
             t0 = time.perf_counter()
-            # a model trimmed with --trim-dropped subwords reads its text through its own restricted tokenizer
-            entry[role] = task.run(task, model, tokenizer_for(model, tokenizer), data, cfg, f"{data.label} {role}")
+            entry[role] = task.run(task, model, tokenizer, data, cfg, f"{data.label} {role}")
             entry[role]["seconds"] = round(time.perf_counter() - t0, 3)
             stats[role] = entry[role].pop("per_example", None)
     except TritpressError as e:
