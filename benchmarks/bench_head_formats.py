@@ -9,7 +9,8 @@ depend on their values), interleaved rounds, medians.
 
 Quality: perplexity of SmolLM2 on Penn Treebank (valid, the first --ppl-windows windows of --ppl-len
 tokens) with only the embedding (and the head tied to it) quantized — every block left float
-(`exclude`), so the number is what the head's format alone costs. SmolLM2's GGUF weights are already
+(`exclude`), so the number is what the head's format alone costs — and with the table rounded to
+int4 with one scale per 32 weights (the layout of ORT's 4-bit file, simulated in PyTorch). SmolLM2's GGUF weights are already
 4-bit rounded (Q4_1; its embedding Q8_0): "fp32" is that model dequantized.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_head_formats.py --threads 1 > head_formats.json
@@ -135,7 +136,20 @@ def perplexity(formats: list[str], length: int, windows: int) -> dict:
         cfg = TernaryConfig(embedding=fmt, head=fmt, exclude=[rf"^{blocks}\."])   # blocks stay float
         result[fmt] = ppl(convert(copy.deepcopy(model), cfg))
         log(f"perplexity, embedding and tied head {fmt} (per row): {result[fmt]}")
+    # the layout of ORT's 4-bit file (one scale per 32 weights along K), simulated on the float table
+    table = model.get_input_embeddings().weight
+    with torch.no_grad():
+        table.copy_(int4_blocks(table, 32))
+    result["int4_block32_simulated"] = ppl(model)
+    log(f"perplexity, embedding and tied head int4 with a scale per 32 weights: {result['int4_block32_simulated']}")
     return result
+
+
+def int4_blocks(w, block: int):
+    """w rounded to symmetric int4 (absmax / 7 steps, codes -8..7) with one scale per `block` weights of a row."""
+    v = w.reshape(w.shape[0], -1, block)
+    step = v.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 7
+    return ((v / step).round().clamp(-8, 7) * step).reshape(w.shape)
 
 
 def main(argv=None):
@@ -148,12 +162,14 @@ def main(argv=None):
     p.add_argument("--ppl-len", type=int, default=256)
     p.add_argument("--ppl-windows", type=int, default=24)
     p.add_argument("--skip-ppl", action="store_true")
+    p.add_argument("--skip-latency", action="store_true")
     a = p.parse_args(argv)
     import onnxruntime as ort
     import torch
     torch.set_num_threads(a.threads)
-    report = {"benchmark": "tritpress bench_head_formats", "onnxruntime": ort.__version__,
-              "latency": latency(a.threads, a.rows, a.rounds, a.runs)}
+    report = {"benchmark": "tritpress bench_head_formats", "onnxruntime": ort.__version__}
+    if not a.skip_latency:
+        report["latency"] = latency(a.threads, a.rows, a.rounds, a.runs)
     if not a.skip_ppl:
         report["perplexity_ptb_valid"] = perplexity(a.formats.split(","), a.ppl_len, a.ppl_windows)
     print(json.dumps(report, indent=2))
