@@ -24,23 +24,20 @@ import math
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_onnx import log, time_runs  # noqa: E402  (the same warm-up, budget and median as the model-level runs)
+
 SHAPES = [("head", 576, 49152, "int8"), ("ffn_up", 576, 1536, "ternary"), ("ffn_down", 1536, 576, "ternary"),
           ("attn_q", 576, 576, "ternary")]
 
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
 def one_matmul(codes: np.ndarray, kind: str, how: str, block: int) -> bytes:
     """A graph computing x @ (codes * 0.01) the way `how` names (qgemm | nbits | nbits4)."""
-    import onnx  # noqa: F401
     from onnx import TensorProto, helper
 
     from tritpress.exporters.onnx_quant import (MS_DOMAIN, QuantWeight, matmulnbits_tensors, qgemm_nodes,
@@ -74,18 +71,7 @@ def variants(kind: str) -> dict[str, tuple[str, str, int]]:
             "nbits4_b32": (kind, "nbits4", 32), "nbits4_b128": (kind, "nbits4", 128)}
 
 
-def median_ms(sess, feeds, runs: int) -> float:
-    for _ in range(10):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
-
-
-def latency(threads: int, rows: int, rounds: int, runs: int) -> list[dict]:
+def latency(threads: int, rows: int, rounds: int, budget_s: float) -> list[dict]:
     from tritpress.exporters.onnx import ort_session
     rng = np.random.default_rng(0)
     out = []
@@ -99,7 +85,7 @@ def latency(threads: int, rows: int, rounds: int, runs: int) -> list[dict]:
         per = {v: [] for v in sessions}
         for _ in range(rounds):   # interleaved
             for v, sess in sessions.items():
-                per[v].append(median_ms(sess, feeds, runs))
+                per[v].append(time_runs(sess, feeds, budget_s, max_runs=1000))
         ms = {v: round(statistics.median(t), 4) for v, t in per.items()}
         log(f"{name} [{k}x{n}] rows={rows}: {ms}")
         out.append({"matrix": name, "K": k, "N": n, "rows": rows, "threads": threads, "median_ms": ms})
@@ -157,7 +143,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rows", type=int, default=1, help="M: rows of x (1 = one decoded token)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--runs", type=int, default=200, help="timed runs per file and round")
+    p.add_argument("--budget-s", type=float, default=0.5, help="time per file and round (after 2 warm-ups)")
     p.add_argument("--formats", default="int8,int4", help="embedding formats whose perplexity is measured")
     p.add_argument("--ppl-len", type=int, default=256)
     p.add_argument("--ppl-windows", type=int, default=24)
@@ -169,7 +155,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     report = {"benchmark": "tritpress bench_head_formats", "onnxruntime": ort.__version__}
     if not a.skip_latency:
-        report["latency"] = latency(a.threads, a.rows, a.rounds, a.runs)
+        report["latency"] = latency(a.threads, a.rows, a.rounds, a.budget_s)
     if not a.skip_ppl:
         report["perplexity_ptb_valid"] = perplexity(a.formats.split(","), a.ppl_len, a.ppl_windows)
     print(json.dumps(report, indent=2))

@@ -18,6 +18,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
+import tomllib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_task_qat import toml_value  # noqa: E402  (--eval KEY=VALUE read as the other benchmarks write it)
 
 
 def train_ids(model, tokenizer, task: str, train: str, dev: str, seq_len: int, doc_stride: int) -> set[int]:
@@ -72,7 +78,9 @@ def main(argv=None) -> None:
 
     loaded = load_model(args.model)
     tok = loaded.tokenizer
-    settings = {k: type(getattr(EvalConfig, k, ""))(v) for k, v in (e.split("=", 1) for e in args.eval)}
+    # each value as the [eval] table of bench_task_qat's eval.toml holds it: true/false, numbers, else strings
+    settings = {k.strip(): tomllib.loads(f"v = {toml_value(v.strip())}")["v"]
+                for k, v in (e.split("=", 1) for e in args.eval)}
     cfg = EvalConfig(tasks=args.task, **{f"{args.task}_data": args.dev}, quiet=True, bootstrap=0, **settings)
     (task, data), = read_jobs(cfg, loaded.model, tok)
     score = lambda model, name, t=tok: task.run(task, model, t, data, cfg, name)["metrics"]  # noqa: E731
