@@ -167,11 +167,13 @@ def render(report: dict) -> str:
     if report.get("vocabulary"):
         v = report["vocabulary"]
         scored = ", the head scores them -inf" if v.get("head") else ""
-        read_as = ("the row of the kept id nearest to them (cosine)" if v.get("dropped_read_as") == "nearest"
-                   else "the unknown token")
-        parts += ["", f"vocabulary: kept {v['kept']:,} of {v['vocab_size']:,} token ids ({v['corpus_ids']:,} used by "
-                      f"{v['source']}, + special and unknown tokens); other ids read as {read_as}{scored}; "
-                      f"{v['bytes_saved']:,} bytes saved"]
+        read_as = {"nearest": "the row of the kept id nearest to them (cosine)",
+                   "mix": f"a weighted sum of {v.get('mix')} kept rows fit to their own"}.get(
+                       v.get("dropped_read_as"), "the unknown token")
+        used = (f"{v['corpus_ids']:,} used by {v['source']}" if not v.get("min_count") else
+                f"{v['corpus_ids'] - v['rare_ids']:,} used {v['min_count']}+ times by {v['source']}")
+        parts += ["", f"vocabulary: kept {v['kept']:,} of {v['vocab_size']:,} token ids ({used}, + special and "
+                      f"unknown tokens); other ids read as {read_as}{scored}; {v['bytes_saved']:,} bytes saved"]
     if report.get("training"):
         parts += ["", *training_lines(report["training"])]
     if report.get("onnx"):

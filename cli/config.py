@@ -35,9 +35,14 @@ class CompressConfig:
     trim_vocab: str | None = None                # keep only the token ids this corpus uses (+ the tokenizer's
                                                  # special and unknown tokens; other ids read as the unknown
                                                  # token): "data" = the --data training data, or a text file
-    trim_dropped: str = "unk"                    # --trim-vocab: a dropped id reads the unknown token (unk) or the
+    trim_dropped: str = "unk"                    # --trim-vocab: a dropped id reads the unknown token (unk), the
                                                  # kept token nearest to it in the original embedding (nearest;
-                                                 # stored as one more row index per dropped id)
+                                                 # one more row index per dropped id), or a weighted sum of
+                                                 # --trim-mix kept rows fit to its original row (mix; 4 bytes
+                                                 # per row and dropped id)
+    trim_mix: int = 4                            # --trim-dropped mix: kept rows per dropped id
+    trim_min_count: int = 1                      # --trim-vocab: keep an id only when the corpus uses it this many
+                                                 # times or more (rarer ids are dropped like unused ones)
     tasks: str | None = None                     # after packing, evaluate and gate on these tasks (lm,cls,tok,qa;
                                                  # data and tolerances from the recipe's [eval] table)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import platform
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -239,18 +240,26 @@ def trim(run: RunState) -> tuple[nn.Module, dict]:
         raise TritpressError("--trim-vocab needs the model's tokenizer (its special and unknown tokens)")
     if tok.unk_token_id is None:
         raise TritpressError("--trim-vocab: the tokenizer has no unknown token to read dropped ids as")
-    used, source = corpus_ids(run)
+    cfg = run.cfg
+    if cfg.trim_min_count < 1 or cfg.trim_mix < 1:
+        raise TritpressError(f"--trim-min-count and --trim-mix must be 1 or more (got {cfg.trim_min_count}, "
+                             f"{cfg.trim_mix})")
+    counts, source = corpus_ids(run)
+    used = {i for i, n in counts.items() if n >= cfg.trim_min_count}
     model = copy.deepcopy(run.start) if run.start is run.loaded.model else run.start
     try:
-        findings = trim_model(model, used | set(tok.all_special_ids), tok.unk_token_id, run.cfg.trim_dropped)
+        findings = trim_model(model, used | set(tok.all_special_ids), tok.unk_token_id, cfg.trim_dropped,
+                              cfg.trim_mix)
     except ValueError as e:
         raise TritpressError(f"--trim-vocab: {e}") from e
-    return model, {"source": source, "corpus_ids": len(used), **findings}
+    rare = {"min_count": cfg.trim_min_count, "rare_ids": len(counts) - len(used)} if cfg.trim_min_count > 1 else {}
+    return model, {"source": source, "corpus_ids": len(counts), **rare, **findings}
 
 
-def corpus_ids(run: RunState) -> tuple[set[int], str]:
-    """The token ids --trim-vocab's corpus uses, and where they come from: `data` is what QAT trains
-    on (a task model's training examples, or every token of the LM text --data names), else a text."""
+def corpus_ids(run: RunState) -> tuple[Counter, str]:
+    """How often --trim-vocab's corpus uses each token id, and where that comes from: `data` is what
+    QAT trains on (a task model's training examples, or every token of the LM text --data names),
+    else a text."""
     from tritpress.analyzers.quality.examples import resolve_task
     from tritpress.compressor.data import read_texts, tokenizer_fn
 
@@ -261,10 +270,10 @@ def corpus_ids(run: RunState) -> tuple[set[int], str]:
             raise TritpressError("--trim-vocab data keeps the tokens of the training data: pass --data FILE")
         if resolve_task(run.loaded.model, cfg.train.task) != "lm":
             examples = training_data(run, need="--trim-vocab data")[0]
-            return {i for f in examples.features for i in f["input_ids"]}, f"{examples.source} (training examples)"
+            return Counter(i for f in examples.features for i in f["input_ids"]), f"{examples.source} (training examples)"
         spec = cfg.train.data
     encode = tokenizer_fn(run.loaded.tokenizer)
-    ids = {i for text in read_texts(spec, "train", cfg.train.text_column) for i in encode(text)}
+    ids = Counter(i for text in read_texts(spec, "train", cfg.train.text_column) for i in encode(text))
     if not ids:
         raise TritpressError(f"--trim-vocab: {spec} holds no tokens")
     return ids, spec

@@ -72,7 +72,7 @@ STRATEGIES = ("none", "alternate", "sequential", "cycle", "sequence", "middle-cy
 SHARE_KINDS = ("all", "attention", "ffn")
 INITS = ("average", "stepwise", "closest")
 CALIB_DTYPES = ("fp32", "bf16")
-TRIM_DROPPED = ("unk", "nearest")   # what a dropped id reads after --trim-vocab (compressor/vocab)
+TRIM_DROPPED = ("unk", "nearest", "mix")   # what a dropped id reads after --trim-vocab (compressor/vocab)
 TIE_EMBEDDINGS = ("off", "embedding", "average")   # --tie-embeddings: the tied head's initial value (compressor/cross_ties)
 
 

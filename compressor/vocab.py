@@ -15,7 +15,10 @@ aliases the embedding's); the id -> row maps are rebuilt from them on load. With
 a dropped id reads instead the row of the kept token nearest to it in the original embedding
 (cosine): a name the corpus never used reads a similar token, not `[UNK]` (on CoNLL-2003 trimmed to
 its training sentences, the float model loses 0.89 F1 instead of 3.10, benchmarks/bench_trim.py);
-that map is one more persistent tensor, a row per dropped id in id order (int16 below 32,768 rows). The wrapped
+that map is one more persistent tensor, a row per dropped id in id order (int16 below 32,768 rows).
+With `dropped="mix"` a dropped id reads a weighted sum of k kept rows, chosen and weighted to
+approximate its own original row (mixed_kept_rows): two [dropped, k] tensors, the rows and fp16
+weights, 4k bytes per dropped id instead of 2, for a closer stand-in. The wrapped
 `table` / `proj` are ordinary layers, so prepare/convert/pack quantize them like any other
 embedding or head, and a tied head stays tied to its embedding.
 """
@@ -27,6 +30,9 @@ from torch import nn
 
 from .settings import TRIM_DROPPED
 from .structure import discover, lookup_multiplier, set_submodule
+
+
+VOCAB_MAP = ("kept_ids", "dropped_rows", "dropped_coefs")  # the persistent tensors of a trimmed vocabulary
 
 
 def _rows_dtype(kept: int) -> torch.dtype:
@@ -41,53 +47,74 @@ def _row_map(kept_ids: torch.Tensor, vocab_size: int, fill: int) -> torch.Tensor
 
 
 class _Remapped(nn.Module):
-    """Holds the kept ids and rebuilds the derived map (`index`, the subclass's `_index()`) whenever
-    they are loaded."""
+    """Holds the kept ids and rebuilds the maps derived from them (the subclass's `_derived()`:
+    `index`, and an embedding's `mix`) whenever they are loaded."""
 
     def __init__(self, kept_ids: torch.Tensor, vocab_size: int, buffers: dict | None = None):
         super().__init__()
         self.vocab_size = vocab_size
         self.register_buffer("kept_ids", kept_ids.to(torch.int32))
-        for name, t in (buffers or {}).items():  # what `_index` reads besides the kept ids
+        for name, t in (buffers or {}).items():  # what `_derived` reads besides the kept ids
             self.register_buffer(name, t)
-        self.register_buffer("index", self._index(), persistent=False)
+        for name, t in self._derived().items():
+            self.register_buffer(name, t, persistent=False)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self.index = self._index().to(self.kept_ids.device)
+        for name, t in self._derived().items():
+            setattr(self, name, None if t is None else t.to(self.kept_ids.device))
 
 
 class TrimmedEmbedding(_Remapped):
     """Original ids in, rows of the kept-ids table out; a dropped id reads the unknown token's row,
-    or with `dropped_rows` (one per dropped id, in id order) the row given there."""
+    or with `dropped_rows` (one per dropped id, in id order) the row given there, or with
+    `dropped_rows` and `dropped_coefs` ([dropped, k] each) that weighted sum of k kept rows."""
 
     vocab_table = "table"  # structure.discover: the embedding inside; num_embeddings is the original size
 
     def __init__(self, table: nn.Module, kept_ids: torch.Tensor, vocab_size: int, unk_id: int,
-                 dropped_rows: torch.Tensor | None = None):
+                 dropped_rows: torch.Tensor | None = None, dropped_coefs: torch.Tensor | None = None):
         self.unk_id = unk_id
         rows = {} if dropped_rows is None else {"dropped_rows": dropped_rows.to(_rows_dtype(len(kept_ids)))}
+        if dropped_coefs is not None:
+            rows["dropped_coefs"] = dropped_coefs.to(torch.float16)
         super().__init__(kept_ids, vocab_size, rows)
         self.table = table
         self.num_embeddings, self.embedding_dim = vocab_size, table.embedding_dim
 
-    def _index(self) -> torch.Tensor:
+    def _derived(self) -> dict:
+        """index: [vocab] row per original id; with a mix, index and mix are [vocab, k] (a kept id:
+        its own row with weight 1, then weight-0 columns)."""
         rows = _row_map(self.kept_ids, self.vocab_size, -1)
         if rows[self.unk_id] < 0:
             raise ValueError(f"the unknown token {self.unk_id} must be among the kept ids")
-        dropped = getattr(self, "dropped_rows", None)
+        dropped, coefs = getattr(self, "dropped_rows", None), getattr(self, "dropped_coefs", None)
         if dropped is None:
-            return torch.where(rows < 0, rows[self.unk_id], rows)
+            return {"index": torch.where(rows < 0, rows[self.unk_id], rows), "mix": None}
         missing = rows < 0
-        if int(missing.sum()) != dropped.numel() or (dropped.numel() and not 0 <= int(dropped.min()) <= int(
-                dropped.max()) < len(self.kept_ids)):
-            raise ValueError(f"{dropped.numel()} rows for dropped ids do not fit the {int(missing.sum())} dropped "
+        if len(dropped) != int(missing.sum()) or (coefs is not None and coefs.shape != dropped.shape) or (
+                dropped.numel() and not 0 <= int(dropped.min()) <= int(dropped.max()) < len(self.kept_ids)):
+            raise ValueError(f"{len(dropped)} rows for dropped ids do not fit the {int(missing.sum())} dropped "
                              f"ids and {len(self.kept_ids)} kept rows")
-        rows[missing] = dropped.long()
-        return rows
+        if coefs is None:
+            rows[missing] = dropped.long()
+            return {"index": rows, "mix": None}
+        index = torch.zeros(self.vocab_size, dropped.shape[1], dtype=torch.int64)
+        mix = torch.zeros(self.vocab_size, dropped.shape[1])
+        index[~missing, 0], mix[~missing, 0] = rows[~missing], 1.0
+        index[missing], mix[missing] = dropped.long(), coefs.float()
+        return {"index": index, "mix": mix}
 
     def forward(self, ids):
-        return self.table(self.index[ids])
+        rows = self.table(self.index[ids])
+        if self.mix is None:
+            return rows
+        return (rows * self.mix[ids].unsqueeze(-1).to(rows.dtype)).sum(-2)
+
+    def expand(self, table: torch.Tensor) -> torch.Tensor:
+        """This table's rows as the full vocabulary's [vocab, dim] (what an untrimmed model would hold)."""
+        rows = table[self.index]
+        return rows if self.mix is None else (rows * self.mix.unsqueeze(-1).to(rows.dtype)).sum(1)
 
 
 class TrimmedHead(_Remapped):
@@ -99,8 +126,8 @@ class TrimmedHead(_Remapped):
         super().__init__(kept_ids, vocab_size)
         self.proj = proj
 
-    def _index(self) -> torch.Tensor:
-        return _row_map(self.kept_ids, self.vocab_size, len(self.kept_ids))  # the -inf column
+    def _derived(self) -> dict:
+        return {"index": _row_map(self.kept_ids, self.vocab_size, len(self.kept_ids))}  # K: the -inf column
 
     def forward(self, x):
         y = self.proj(x)
@@ -135,11 +162,39 @@ def nearest_kept_rows(weight: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
                      [torch.zeros(0, dtype=torch.long)])
 
 
+def mixed_kept_rows(weight: torch.Tensor, kept: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each id not in `kept` (sorted), in id order: k rows (positions in `kept`) and fp16 weights
+    whose weighted sum of kept embeddings is nearest to its own (orthogonal matching pursuit: the
+    row most aligned with what is left, then least squares over the rows chosen so far).
+    -> (rows [dropped, k] int64, weights [dropped, k] fp16)."""
+    dropped = torch.ones(weight.shape[0], dtype=torch.bool)
+    dropped[kept] = False
+    table, ids = weight.detach().float(), dropped.nonzero().flatten()
+    basis = table[kept]
+    unit = F.normalize(basis, dim=1).t()
+    rows, coefs = [], []
+    for i in range(0, len(ids), 2048):
+        target = table[ids[i:i + 2048]]
+        chosen, residual = torch.zeros(len(target), 0, dtype=torch.int64), target
+        for _ in range(min(k, len(kept))):
+            score = (residual @ unit).abs().scatter_(1, chosen, -1.0)  # a row is chosen once
+            chosen = torch.cat([chosen, score.argmax(1, keepdim=True)], 1)
+            picked = basis[chosen].transpose(1, 2)                                  # [n, dim, t]
+            coef = torch.linalg.lstsq(picked, target.unsqueeze(2)).solution.half()  # stored as fp16
+            residual = target - (picked @ coef.float()).squeeze(2)
+        rows.append(chosen)
+        coefs.append(coef.squeeze(2))
+    if not rows:
+        return torch.zeros(0, k, dtype=torch.int64), torch.zeros(0, k, dtype=torch.float16)
+    return torch.cat(rows), torch.cat(coefs)
+
+
 def trim_vocab(model: nn.Module, embedding: str, head: str | None, keep_ids, unk_id: int,
-               dropped: str = "unk") -> dict:
+               dropped: str = "unk", mix: int = 4) -> dict:
     """Replace the token embedding (and the head, tied or not) by trimmed wrappers, in place.
     `keep_ids`: the ids to keep (the unknown token is added); `dropped`: what a dropped id reads,
-    "unk" (the unknown token's row) or "nearest" (nearest_kept_rows). -> the findings.
+    "unk" (the unknown token's row), "nearest" (nearest_kept_rows) or "mix" (`mix` kept rows
+    weighted, mixed_kept_rows). -> the findings.
     The embedding must be a float nn.Embedding and the head a float nn.Linear: trim before
     prepare/convert, so that quantization and training see the trimmed tables."""
     emb = model.get_submodule(embedding)
@@ -153,16 +208,23 @@ def trim_vocab(model: nn.Module, embedding: str, head: str | None, keep_ids, unk
     if kept[0] < 0 or kept[-1] >= vocab:
         raise ValueError(f"kept token ids must be in [0, {vocab}); got {int(kept[0])}..{int(kept[-1])}")
     if dropped not in TRIM_DROPPED:
-        raise ValueError(f"a dropped id reads {' or '.join(TRIM_DROPPED)}, not {dropped!r}")
-    rows = nearest_kept_rows(emb.weight, kept) if dropped == "nearest" else None
-    new_emb = TrimmedEmbedding(_embedding_rows(emb, kept), kept, vocab, int(unk_id), rows)
+        raise ValueError(f"a dropped id reads {', '.join(TRIM_DROPPED[:-1])} or {TRIM_DROPPED[-1]}, not {dropped!r}")
+    if dropped == "mix" and mix < 1:
+        raise ValueError(f"a dropped id mixes at least 1 kept row, not {mix}")
+    rows = coefs = None
+    if dropped == "nearest":
+        rows = nearest_kept_rows(emb.weight, kept)
+    elif dropped == "mix":
+        rows, coefs = mixed_kept_rows(emb.weight, kept, mix)
+    new_emb = TrimmedEmbedding(_embedding_rows(emb, kept), kept, vocab, int(unk_id), rows, coefs)
     set_submodule(model, embedding, new_emb)
     if out is not None:
         tied = out.weight is emb.weight
         new_head = TrimmedHead(_linear_rows(out, kept, new_emb.table.weight if tied else None), kept, vocab)
         new_head.kept_ids = new_emb.kept_ids  # one tensor: stored once, aliased by the head
         set_submodule(model, head, new_head)
-    return {"vocab_size": vocab, "kept": len(kept), "dropped": vocab - len(kept), "dropped_read_as": dropped}
+    return {"vocab_size": vocab, "kept": len(kept), "dropped": vocab - len(kept), "dropped_read_as": dropped,
+            **({"mix": int(rows.shape[1])} if coefs is not None else {})}
 
 
 def token_embedding(model: nn.Module) -> str | None:
@@ -177,7 +239,7 @@ def token_embedding(model: nn.Module) -> str | None:
     return names[0] if names else None
 
 
-def trim_model(model: nn.Module, keep_ids, unk_id: int, dropped: str = "unk") -> dict:
+def trim_model(model: nn.Module, keep_ids, unk_id: int, dropped: str = "unk", mix: int = 4) -> dict:
     """Trim the token embedding and, when it scores the vocabulary, the head (compressor.structure
     finds it; a classifier head is left alone). -> findings: vocab size, kept, dropped, modules."""
     embedding = token_embedding(model)
@@ -187,7 +249,7 @@ def trim_model(model: nn.Module, keep_ids, unk_id: int, dropped: str = "unk") ->
     head = discover(model).head
     if head is not None and getattr(model.get_submodule(head), "out_features", None) != vocab:
         head = None
-    return {**trim_vocab(model, embedding, head, keep_ids, unk_id, dropped), "embedding": embedding, "head": head}
+    return {**trim_vocab(model, embedding, head, keep_ids, unk_id, dropped, mix), "embedding": embedding, "head": head}
 
 
 def vocab_meta(model: nn.Module) -> dict:
@@ -199,6 +261,8 @@ def vocab_meta(model: nn.Module) -> dict:
                          "dim": m.embedding_dim, "unk_id": m.unk_id, "padding_idx": m.table.padding_idx}
             if getattr(m, "dropped_rows", None) is not None:
                 out[name]["dropped_rows"] = True
+            if getattr(m, "dropped_coefs", None) is not None:
+                out[name]["mix"] = int(m.dropped_coefs.shape[1])
         elif isinstance(m, TrimmedHead):
             proj = m.proj
             out[name] = {"kind": "head", "vocab_size": m.vocab_size, "rows": len(m.kept_ids),
@@ -215,8 +279,10 @@ def rebuild_trimmed(model: nn.Module, meta: dict) -> None:
         if e["kind"] == "embedding":
             table = nn.Embedding(e["rows"], e["dim"], padding_idx=e["padding_idx"])
             # filled, with the kept ids, and the index rebuilt, when the state is loaded
-            rows = torch.zeros(e["vocab_size"] - e["rows"], dtype=torch.long) if e.get("dropped_rows") else None
-            new = TrimmedEmbedding(table, placeholder, e["vocab_size"], e["unk_id"], rows)
+            shape = (e["vocab_size"] - e["rows"], *([e["mix"]] if e.get("mix") else []))
+            rows = torch.zeros(shape, dtype=torch.long) if e.get("dropped_rows") else None
+            coefs = torch.zeros(shape) if e.get("mix") else None
+            new = TrimmedEmbedding(table, placeholder, e["vocab_size"], e["unk_id"], rows, coefs)
         else:
             new = TrimmedHead(nn.Linear(e["dim"], e["rows"], bias=e["bias"]), placeholder, e["vocab_size"])
         set_submodule(model, name, new)

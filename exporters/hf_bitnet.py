@@ -41,7 +41,7 @@ from tritpress.compressor.modelio import compare_outputs, example_inputs, run_mo
 from tritpress.compressor.share import SharedLinear
 from tritpress.compressor.structure import in_stacks
 from tritpress.compressor.transform import get_record
-from tritpress.compressor.vocab import TrimmedEmbedding, TrimmedHead
+from tritpress.compressor.vocab import VOCAB_MAP, TrimmedEmbedding, TrimmedHead
 
 from .converted import exportable_source, hf_name, meta_skeleton, occurrence_gain, source_tokenizer, state_keys_of
 from .settings import HfExportConfig  # re-exported: torch-free home
@@ -129,7 +129,7 @@ def _float_weight(m: nn.Module, name: str, modules: dict[str, nn.Module]) -> tor
     w = m.qweight.dequantize(torch.float32) * occurrence_gain(name, modules)
     parent = modules.get(name.rpartition(".")[0])
     if isinstance(parent, TrimmedEmbedding) and name.endswith(".table"):
-        w = w[parent.index.long()]
+        w = parent.expand(w)
     return w.contiguous()
 
 
@@ -188,7 +188,7 @@ def hf_state(model: nn.Module, linear_class: str, aliases: set[str]) -> tuple[di
     for key, t in model.state_dict(keep_vars=True).items():
         leaf = key.rpartition(".")[2]
         # a gain is folded into the scale; the kept ids and the dropped-id map into the expanded table
-        if key in done or leaf in ("gain", "kept_ids", "dropped_rows"):
+        if key in done or leaf == "gain" or leaf in VOCAB_MAP:
             continue
         owner = key.rpartition(".")[0]
         hf_key = hf_name(owner, modules) + "." + leaf if owner else leaf

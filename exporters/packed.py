@@ -40,7 +40,7 @@ from tritpress.compressor.ingest import SourceInfo, build_from_config
 from tritpress.compressor.layers import QTensor, WeightFormat
 from tritpress.compressor.share import rebuild_wrappers, sharing_meta
 from tritpress.compressor.structure import BlockStack, LayerInfo, ModelStructure, set_submodule
-from tritpress.compressor.vocab import rebuild_trimmed, vocab_meta
+from tritpress.compressor.vocab import VOCAB_MAP, rebuild_trimmed, vocab_meta
 from tritpress.compressor.transform import (QuantRecord, _set_record, build_empty, get_record, hold_ties,
                                             qtensor_formats, storage_dtypes, tie_groups)
 
@@ -68,7 +68,7 @@ def component_of(key: str, record: QuantRecord, code_formats: dict) -> str:
     owner = max((layer for layer in record.structure.layers
                  if key.startswith(layer.name + ".")), key=lambda layer: len(layer.name), default=None)
     leaf = key.rsplit(".", 1)[-1]
-    if leaf in ("kept_ids", "dropped_rows"):  # a trimmed vocabulary's kept ids and dropped-id map (compressor/vocab)
+    if leaf in VOCAB_MAP:  # a trimmed vocabulary's kept ids and dropped-id map (compressor/vocab)
         return "vocabulary map"
     if owner is None or leaf.startswith("bias"):
         return "norms/biases"

@@ -69,7 +69,7 @@ def test_transformers_loads_the_folder_and_matches(name, linear_class, tmp_path)
             assert "lm_head.weight" not in f.keys()
 
 
-@pytest.mark.parametrize("dropped", ["unk", "nearest"])
+@pytest.mark.parametrize("dropped", ["unk", "nearest", "mix"])
 def test_classifier_with_shared_blocks_and_trimmed_embedding(dropped, tmp_path):
     from transformers import BertForSequenceClassification
 
@@ -83,7 +83,7 @@ def test_classifier_with_shared_blocks_and_trimmed_embedding(dropped, tmp_path):
     assert any("pooler" in m for m in result["modules_to_not_convert"])
     hf = load_hf_bitnet(tmp_path / "hf", "BertForSequenceClassification")
     assert hf.bert.embeddings.word_embeddings.weight.shape[0] == 100   # the full vocabulary again
-    ids = torch.tensor([[2, 3, 4, 5, 7]])       # 3, 5, 7 were dropped: they read as id 1, or their nearest kept id
+    ids = torch.tensor([[2, 3, 4, 5, 7]])       # 3, 5, 7 were dropped: id 1, their nearest kept id or a mix
     with torch.no_grad(), torch._dynamo.config.patch(disable=True):
         assert torch.allclose(hf(ids).logits, q(ids).logits, atol=1e-5)
 

@@ -22,7 +22,7 @@ from tritpress.compressor.ingest import SourceInfo
 from tritpress.compressor.modelio import compare_outputs
 from tritpress.compressor.train import student_vocabulary
 from tritpress.compressor.transform import convert, tie_groups
-from tritpress.compressor.vocab import TrimmedEmbedding, TrimmedHead, trim_model
+from tritpress.compressor.vocab import TrimmedEmbedding, TrimmedHead, mixed_kept_rows, nearest_kept_rows, trim_model
 from tritpress.exporters.onnx import OnnxConfig, export_onnx, ort_session
 from tritpress.exporters.packed import load_packed, read_metadata, save_packed
 
@@ -127,11 +127,65 @@ def test_a_dropped_id_can_read_its_nearest_kept_token(name, tmp_path):
     assert vocab_row["unique_params"] == len(KEPT) + VOCAB - len(KEPT)
 
 
+@pytest.mark.parametrize("name", ["bert", "llama_tied", "lstm_tied"])
+def test_a_dropped_id_can_read_a_mix_of_kept_rows(name, tmp_path):
+    """--trim-dropped mix: a dropped id reads the weighted sum of its k kept rows, before and after
+    convert -> pack -> reload; rows int16 and weights fp16, [dropped, k] each, counted as vocabulary map."""
+    model = build(name)
+    t = copy.deepcopy(model)
+    f = trim_model(t, KEEP, UNK, "mix", 3)
+    emb = t.get_submodule(f["embedding"])
+    dropped_n = VOCAB - len(KEPT)
+    assert f["dropped_read_as"] == "mix" and f["mix"] == 3
+    assert emb.dropped_rows.shape == emb.dropped_coefs.shape == (dropped_n, 3)
+    assert emb.dropped_rows.dtype == torch.int16 and emb.dropped_coefs.dtype == torch.float16
+    ids = torch.tensor([[DROPPED, KEPT[4]]])
+    with torch.no_grad():
+        got = emb(ids)
+        k = sorted(set(range(VOCAB)) - set(KEPT)).index(DROPPED)
+        want = (emb.table.weight[emb.dropped_rows[k].long()] * emb.dropped_coefs[k].float().unsqueeze(1)).sum(0)
+        assert torch.allclose(got[0, 0], want, atol=1e-6)
+        assert torch.equal(got[0, 1], emb.table.weight[KEPT.index(KEPT[4])])   # a kept id reads its own row
+        assert torch.equal(emb.expand(emb.table.weight)[[DROPPED, KEPT[4]]], got[0])
+    q = convert(t, TernaryConfig(embedding="int2"))
+    r = pack_and_load(name, q, tmp_path / "m.safetensors")
+    with_dropped = KEPT_IDS.clone()
+    with_dropped[0, 2] = DROPPED
+    assert torch.equal(out(r, with_dropped), out(q, with_dropped))
+    assert torch.equal(r.get_submodule(f["embedding"]).dropped_coefs, emb.dropped_coefs)
+    report = size_report(tmp_path / "m.safetensors")
+    vocab_row = next(c for c in report["components"] if c["component"] == "vocabulary map")
+    assert vocab_row["unique_params"] == len(KEPT) + 2 * 3 * dropped_n
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_a_mix_is_at_least_as_close_as_the_nearest_row(k):
+    """Least squares over the chosen rows: never further from the original row than the nearest kept
+    row itself (up to the fp16 weights), and closer as k grows."""
+    torch.manual_seed(k)
+    table = torch.randn(60, 16)
+    kept = torch.arange(0, 60, 2)
+    rows, coefs = mixed_kept_rows(table, kept, k)
+    assert rows.shape == coefs.shape == (30, k) and coefs.dtype == torch.float16
+    assert all(len(set(r.tolist())) == k for r in rows)          # k distinct rows each
+    target = table[1::2]
+    mixed = (table[kept][rows] * coefs.float().unsqueeze(2)).sum(1)
+    nearest = table[kept][nearest_kept_rows(table, kept)]
+    err_mix, err_near = (mixed - target).norm(dim=1), (nearest - target).norm(dim=1)
+    assert bool((err_mix <= err_near * (1 + 1e-3) + 1e-3).all())
+    if k > 1:
+        fewer_rows, fewer_coefs = mixed_kept_rows(table, kept, k - 1)
+        fewer = (table[kept][fewer_rows] * fewer_coefs.float().unsqueeze(2)).sum(1)
+        assert (mixed - target).norm() < (fewer - target).norm()
+
+
 def test_trim_refuses_bad_input():
     with pytest.raises(ValueError, match="kept token ids"):
         trim_model(build("gpt2"), [5, VOCAB + 3], UNK)
-    with pytest.raises(ValueError, match="unk or nearest"):
+    with pytest.raises(ValueError, match="unk, nearest or mix"):
         trim_model(build("gpt2"), KEEP, UNK, "closest")
+    with pytest.raises(ValueError, match="at least 1 kept row"):
+        trim_model(build("gpt2"), KEEP, UNK, "mix", 0)
     q = convert(build("gpt2"))
     with pytest.raises(ValueError, match="before quantizing"):
         trim_model(q, KEEP, UNK)
@@ -293,6 +347,7 @@ def corpus(tmp_path_factory):
 
 @pytest.mark.parametrize("name,extra", [("gpt2", ["--onnx"]), ("bert", []),
                                         ("bert", ["--trim-dropped", "nearest", "--onnx"]),
+                                        ("gpt2", ["--trim-dropped", "mix", "--trim-mix", "2", "--onnx"]),
                                         ("llama_tied", ["--steps", "2", "--batch-size", "2", "--seq-len", "16"])])
 def test_pipeline_trims_before_quantizing_and_reports(name, extra, corpus, tmp_path, capsys):
     d = tmp_path / name
@@ -306,10 +361,11 @@ def test_pipeline_trims_before_quantizing_and_reports(name, extra, corpus, tmp_p
     assert v["corpus_ids"] == 21  # 20 words; each document ends with EOS ([SEP]), as the LM data does
     assert v["kept"] == 25 and v["vocab_size"] == VOCAB and v["bytes_saved"] > 0
     assert v["embedding"] and "trim" in report["timings_s"]
-    assert v["dropped_read_as"] == ("nearest" if "--trim-dropped" in extra else "unk")
+    assert v["dropped_read_as"] == (extra[extra.index("--trim-dropped") + 1] if "--trim-dropped" in extra else "unk")
     assert report["checks"]["reload_vs_converted"]["max_abs_diff"] == 0.0
     assert "vocabulary: kept 25 of 100 token ids" in out_text
-    read_as = "nearest to them" if "--trim-dropped" in extra else "read as the unknown token"
+    read_as = {"nearest": "nearest to them", "mix": "a weighted sum of 2 kept rows"}.get(
+        v["dropped_read_as"], "read as the unknown token")
     assert read_as in out_text
     if "--onnx" in extra:
         assert report["onnx"]["validation"]["passed"]
@@ -321,6 +377,23 @@ def test_pipeline_trims_before_quantizing_and_reports(name, extra, corpus, tmp_p
     r = load_packed(tmp_path / "o" / "model.tritpress.safetensors")
     ids = word_tokenizer()("w10 w11 w12 w13", return_tensors="pt")["input_ids"]
     assert out(r, ids).shape[:2] == ids.shape
+
+
+def test_trim_min_count_drops_the_rare_ids(corpus, tmp_path, capsys):
+    """--trim-min-count 2: an id the corpus uses once is dropped like an unused one (here read as a mix)."""
+    d = tmp_path / "b"
+    build("bert").save_pretrained(d)
+    word_tokenizer().save_pretrained(d)
+    text = tmp_path / "rare.txt"
+    text.write_text(corpus.read_text() + " ".join(WORDS[40:43]) + "\n")   # 3 words used once
+    code, out_text, err = run_cli([d, "--out", tmp_path / "o", "--trim-vocab", text, "--trim-min-count", "2",
+                                   "--trim-dropped", "mix"], capsys)
+    assert code == 0, err
+    v = json.loads((tmp_path / "o" / "report.json").read_text())["vocabulary"]
+    assert v["corpus_ids"] == 24 and v["rare_ids"] == 3 and v["min_count"] == 2 and v["kept"] == 25  # + EOS
+    assert v["mix"] == 4 and "21 used 2+ times by" in out_text
+    code, _, err = run_cli([d, "--out", tmp_path / "o2", "--trim-vocab", text, "--trim-min-count", "0"], capsys)
+    assert code == 1 and "--trim-min-count" in err and len(error_lines(err)) == 1
 
 
 def error_lines(err):
