@@ -50,10 +50,15 @@ def table_rows(record: dict) -> list[list[str]]:
         delta = (f"{r['delta']:+.3g}" + (f" [{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else "")) if r else ""
         size = _size(c)
         rows.append([c["name"], c["sharing"] + (f" r{c['relax_rank']}" if c["relax_rank"] else ""), c["bits"],
-                     "yes" if c["trim_vocab"] else "no", f"{size:,}" if size else "", f"{size / 1e6:.3f}" if size else "",
+                     _trimmed(c), f"{size:,}" if size else "", f"{size / 1e6:.3f}" if size else "",
                      f"{c['ratio']:g}" if c.get("ratio") else "", metric, delta, c["status"],
                      "*" if c["name"] in on_frontier else "", c.get("why", "")])
     return rows
+
+
+def _trimmed(c: dict) -> str:
+    count = c.get("min_count", 1)
+    return "no" if not c["trim_vocab"] else "yes" if count == 1 else f"ids used {count}+"
 
 
 def render(record: dict, fmt: str = "simple") -> str:

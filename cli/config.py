@@ -79,6 +79,8 @@ class SearchConfig:
     try_relax_rank: str = "0"            # --relax-rank values to try with sharing, comma-separated (0 = strict tie)
     try_outside: str = ""                # --outside-blocks formats to try (pooler, classifier...), comma-separated
                                          # [default: the run's --outside-blocks only]
+    try_min_count: str = ""              # with --trim-vocab: --trim-min-count values to try, comma-separated
+                                         # [default: the run's --trim-min-count only]
     order: str = "smallest-first"        # smallest-first: train from the smallest up, stop at the first PASS
                                          # (the smallest that passes); bisect: log2(n) runs, assuming quality
                                          # falls with size
@@ -105,6 +107,8 @@ class SearchConfig:
             raise ValueError("--try-sharing needs at least one strategy (none = no sharing)")
         if not all(r.isdigit() for r in split_list(self.try_relax_rank)) or not split_list(self.try_relax_rank):
             raise ValueError(f"--try-relax-rank {self.try_relax_rank!r}: comma-separated integers >= 0")
+        if not all(n.isdigit() and int(n) >= 1 for n in split_list(self.try_min_count)):
+            raise ValueError(f"--try-min-count {self.try_min_count!r}: comma-separated integers >= 1")
         if self.max_drop is not None:
             from tritpress.analyzers.quality.gate import Tolerance
             try:

@@ -58,6 +58,7 @@ class Candidate:
     wall_s: float | None = None
     outside: str | None = None           # --outside-blocks of this candidate (None: the run's, not searched)
     probe: dict | None = None            # --probe-steps: the probe's steps, gate rows and verdict
+    min_count: int = 1                   # --trim-min-count of this candidate (a trimmed one)
 
     @property
     def folder(self) -> Path:
@@ -67,7 +68,8 @@ class Candidate:
         self.status, self.why = "skipped", why
 
     def to_dict(self) -> dict:
-        keep = ("name", "sharing", "relax_rank", "bits", "trim_vocab", "outside", "estimated_bytes", "bytes", "ratio",
+        keep = ("name", "sharing", "relax_rank", "bits", "trim_vocab", "min_count", "outside", "estimated_bytes",
+                "bytes", "ratio",
                 "status", "why", "rows", "wall_s", "probe")
         return {**{k: getattr(self, k) for k in keep}, "folder": str(self.folder)}
 
@@ -139,8 +141,9 @@ class Budget:
 
 def plan_candidates(cfg: CompressConfig, scfg: SearchConfig, out: Path) -> list[Candidate]:
     """Every combination, in the order of the lists given (the tie-break between equal sizes).
-    Trimming is tried off, and as --trim-vocab says when it is given."""
-    trims = [None] + ([cfg.trim_vocab] if cfg.trim_vocab else [])
+    Trimming is tried off, and as --trim-vocab says when it is given (at each --try-min-count)."""
+    counts = [int(n) for n in split_list(scfg.try_min_count)] or [cfg.trim_min_count]
+    trims = [(None, 1)] + ([(cfg.trim_vocab, n) for n in counts] if cfg.trim_vocab else [])
     ranks = [int(r) for r in split_list(scfg.try_relax_rank)]
     outsides = split_list(scfg.try_outside) or [None]
     candidates = []
@@ -148,21 +151,23 @@ def plan_candidates(cfg: CompressConfig, scfg: SearchConfig, out: Path) -> list[
         for rank in ([0] if sharing == "none" else ranks):
             for bits in split_list(scfg.try_bits):
                 for outside in outsides:
-                    for trim in trims:
-                        name = _name(sharing, rank, bits, trim, outside)
+                    for trim, count in trims:
+                        name = _name(sharing, rank, bits, trim, outside, count)
                         config = candidate_config(cfg, scfg, sharing, rank, bits, trim, out / CANDIDATES_DIR / name,
-                                                  outside)
-                        candidates.append(Candidate(name, sharing, rank, bits, trim, config, outside=outside))
+                                                  outside, count)
+                        candidates.append(Candidate(name, sharing, rank, bits, trim, config, outside=outside,
+                                                    min_count=count))
     return candidates
 
 
-def _name(sharing: str, rank: int, bits: str, trim: str | None, outside: str | None = None) -> str:
+def _name(sharing: str, rank: int, bits: str, trim: str | None, outside: str | None = None, count: int = 1) -> str:
     slug = re.sub(r"[^\w.-]+", "_", sharing).strip("_") or "groups"
-    return f"{slug}{f'-r{rank}' if rank else ''}-{bits}{f'-o{outside}' if outside else ''}{'-trim' if trim else ''}"
+    trimmed = ("-trim" + (str(count) if count > 1 else "")) if trim else ""
+    return f"{slug}{f'-r{rank}' if rank else ''}-{bits}{f'-o{outside}' if outside else ''}{trimmed}"
 
 
 def candidate_config(cfg: CompressConfig, scfg: SearchConfig, sharing: str, rank: int, bits: str,
-                     trim: str | None, folder: Path, outside: str | None = None) -> CompressConfig:
+                     trim: str | None, folder: Path, outside: str | None = None, count: int = 1) -> CompressConfig:
     """The user's run settings with this candidate's sharing, formats, trim and gate tolerance."""
     try:  # the redundancy analysis does not change a fixed strategy's tie: `compress analyze` writes it once
         scfg_sharing = dataclasses.replace(cfg.sharing, strategy=sharing, relax_rank=rank, groups=None,
@@ -170,7 +175,7 @@ def candidate_config(cfg: CompressConfig, scfg: SearchConfig, sharing: str, rank
     except ValueError as e:
         raise TritpressError(f"--try-sharing {sharing!r}: {e}") from None
     return dataclasses.replace(
-        cfg, out=str(folder), trim_vocab=trim, sharing=scfg_sharing,
+        cfg, out=str(folder), trim_vocab=trim, trim_min_count=count, sharing=scfg_sharing,
         quant=dataclasses.replace(cfg.quant, embedding=bits, head=bits, outside_blocks=outside or cfg.quant.outside_blocks),
         eval=dataclasses.replace(cfg.eval, max_drop=[*cfg.eval.max_drop, *max_drop_entries(cfg.tasks, scfg.max_drop)]))
 
@@ -245,7 +250,7 @@ def _skip_duplicates(candidates: list[Candidate]) -> None:
     for c in candidates:
         if c.status != "pending":
             continue
-        key = json.dumps([c.groups, c.relax_rank if c.groups else 0, c.bits, c.outside, c.trim_vocab,
+        key = json.dumps([c.groups, c.relax_rank if c.groups else 0, c.bits, c.outside, c.trim_vocab, c.min_count,
                           c.cfg.sharing.share if c.groups else None])
         if key in seen:
             c.skip(f"the same model as {seen[key]} (same tied blocks)")

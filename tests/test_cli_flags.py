@@ -39,6 +39,7 @@ VALUES = {
     ("SearchConfig", "max_drop"): "2%", ("SearchConfig", "try_sharing"): "none,cycle:2",
     ("SearchConfig", "try_bits"): "int4,ternary", ("SearchConfig", "try_relax_rank"): "0,8",
     ("SearchConfig", "try_outside"): "int8,int4", ("SearchConfig", "probe_max_drop"): "2.5",
+    ("SearchConfig", "try_min_count"): "1,2",
 }
 POSITIONAL = {"CompressConfig": "model", "EvalConfig": "compressed", "FinetuneConfig": "model"}
 
@@ -204,7 +205,8 @@ def test_search_recipe_table_gives_the_config_of_the_flag(f, captured, tmp_path,
 
 @pytest.mark.parametrize("args, flag", [(["--try-bits", "int3"], "--try-bits"), (["--max-drop", "x"], "--max-drop"),
                                         (["--try-relax-rank", "a"], "--try-relax-rank"),
-                                        (["--try-outside", "int3"], "--try-outside")])
+                                        (["--try-outside", "int3"], "--try-outside"),
+                                        (["--try-min-count", "0"], "--try-min-count")])
 def test_bad_search_setting_is_one_line_naming_the_flag(args, flag, capsys):
     code, _, err = run_cli(["search", "m", *args], capsys)
     assert code != 0 and flag in err and len(err.strip().splitlines()) == 1, err

@@ -9,6 +9,7 @@ candidates at or above a size, which is how quality is expected to behave and le
 answer; the end-to-end test keeps the real gate."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -283,6 +284,26 @@ def test_search_config_refuses_bad_values():
         SearchConfig(try_bits="int3")
     with pytest.raises(ValueError, match="--try-outside"):
         SearchConfig(try_outside="int3")
+    with pytest.raises(ValueError, match="--try-min-count"):
+        SearchConfig(try_min_count="1,0")
+
+
+def test_trimming_depth_is_one_more_axis(tmp_path):
+    """--try-min-count: each trimmed candidate at every count; untrimmed ones once; names and the frontier
+    table say which."""
+    from tritpress.analyzers.frontier import table_rows
+
+    cfg = pipeline.CompressConfig(model="m", out=str(tmp_path), trim_vocab="data", trim_dropped="mix")
+    plan = search_mod.plan_candidates(cfg, SearchConfig(try_sharing="none", try_bits="int2", try_min_count="1,3"),
+                                      tmp_path)
+    assert [c.name for c in plan] == ["none-int2", "none-int2-trim", "none-int2-trim3"]
+    assert [(c.cfg.trim_vocab, c.cfg.trim_min_count, c.cfg.trim_dropped) for c in plan] == [
+        (None, 1, "mix"), ("data", 1, "mix"), ("data", 3, "mix")]
+    rows = table_rows({"candidates": [c.to_dict() for c in plan]})
+    assert [r[3] for r in rows] == ["no", "yes", "ids used 3+"]
+    default = search_mod.plan_candidates(dataclasses.replace(cfg, trim_min_count=2),
+                                         SearchConfig(try_sharing="none", try_bits="int2"), tmp_path)
+    assert [c.name for c in default] == ["none-int2", "none-int2-trim2"]
 
 
 def test_outside_block_formats_are_one_more_axis(tmp_path):
