@@ -89,8 +89,9 @@ class TrimmedEmbedding(_Remapped):
         if rows[self.unk_id] < 0:
             raise ValueError(f"the unknown token {self.unk_id} must be among the kept ids")
         dropped, coefs = getattr(self, "dropped_rows", None), getattr(self, "dropped_coefs", None)
+        small = _rows_dtype(len(self.kept_ids))  # the exported graph's constants: int16 and fp16 where they fit
         if dropped is None:
-            return {"index": torch.where(rows < 0, rows[self.unk_id], rows), "mix": None}
+            return {"index": torch.where(rows < 0, rows[self.unk_id], rows).to(small), "mix": None}
         missing = rows < 0
         if len(dropped) != int(missing.sum()) or (coefs is not None and coefs.shape != dropped.shape) or (
                 dropped.numel() and not 0 <= int(dropped.min()) <= int(dropped.max()) < len(self.kept_ids)):
@@ -98,22 +99,22 @@ class TrimmedEmbedding(_Remapped):
                              f"ids and {len(self.kept_ids)} kept rows")
         if coefs is None:
             rows[missing] = dropped.long()
-            return {"index": rows, "mix": None}
+            return {"index": rows.to(small), "mix": None}
         index = torch.zeros(self.vocab_size, dropped.shape[1], dtype=torch.int64)
         mix = torch.zeros(self.vocab_size, dropped.shape[1])
         index[~missing, 0], mix[~missing, 0] = rows[~missing], 1.0
         index[missing], mix[missing] = dropped.long(), coefs.float()
-        return {"index": index, "mix": mix}
+        return {"index": index.to(small), "mix": mix.half()}
 
     def forward(self, ids):
-        rows = self.table(self.index[ids])
+        rows = self.table(self.index[ids].long())
         if self.mix is None:
             return rows
         return (rows * self.mix[ids].unsqueeze(-1).to(rows.dtype)).sum(-2)
 
     def expand(self, table: torch.Tensor) -> torch.Tensor:
         """This table's rows as the full vocabulary's [vocab, dim] (what an untrimmed model would hold)."""
-        rows = table[self.index]
+        rows = table[self.index.long()]
         return rows if self.mix is None else (rows * self.mix.unsqueeze(-1).to(rows.dtype)).sum(1)
 
 
@@ -127,12 +128,13 @@ class TrimmedHead(_Remapped):
         self.proj = proj
 
     def _derived(self) -> dict:
-        return {"index": _row_map(self.kept_ids, self.vocab_size, len(self.kept_ids))}  # K: the -inf column
+        kept = len(self.kept_ids)  # K: the -inf column; int16 where it fits (a constant of the exported graph)
+        return {"index": _row_map(self.kept_ids, self.vocab_size, kept).to(_rows_dtype(kept + 1))}
 
     def forward(self, x):
         y = self.proj(x)
         # one gather along the last axis (ONNX Gather): column K is the -inf of every dropped id
-        return F.pad(y, (0, 1), value=float("-inf"))[..., self.index]
+        return F.pad(y, (0, 1), value=float("-inf"))[..., self.index.long()]
 
 
 def _embedding_rows(emb: nn.Embedding, kept: torch.Tensor) -> nn.Embedding:

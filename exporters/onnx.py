@@ -163,9 +163,8 @@ def float_twin(model: nn.Module, fmt: str = "float") -> tuple[nn.Module, dict[in
                 new = U8Embedding(m.qweight, m.padding_idx)
                 origin[id(new.table_u8)] = (m.qweight, "table")
             elif isinstance(m, QEmbedding) and fmt != "float":
-                new = m
-                if fmt == "qgemm":  # what a head tied to it reads
-                    origin[id(m.qweight.codes)] = (m.qweight, "codes")
+                new = m  # its codes: what a qgemm head tied to it reads; stored at their bits (pack_embedding_codes)
+                origin[id(m.qweight.codes)] = (m.qweight, "codes")
             elif isinstance(m, QEmbedding):
                 new = nn.Embedding.from_pretrained(param(m.qweight, "rows"), freeze=True,
                                                    padding_idx=m.padding_idx)
@@ -190,7 +189,7 @@ def quant_weights(twin: nn.Module, origin: dict[int, tuple], prefix: str = "") -
             continue
         qt, layout = origin[id(p)]
         if layout in ("table", "codes"):
-            out[prefix + name] = (TableOf if layout == "table" else CodesOf)(id(qt))
+            out[prefix + name] = TableOf(id(qt)) if layout == "table" else CodesOf(id(qt), qt.fmt.kind)
             continue
         codes = qt.codes.numpy()
         out[prefix + name] = QuantWeight(codes=codes.T.copy() if layout == "t" else codes.copy(),

@@ -68,10 +68,12 @@ class TableOf:
 
 @dataclass
 class CodesOf:
-    """An embedding's int8 codes [V, D] as the graph gathers them (QTensor `source`): a qgemm head tied to
-    that embedding multiplies them, transposed at session load, instead of a second copy."""
+    """An embedding's int8 codes [V, D] as the graph gathers them (QTensor `source`, format `kind`): a qgemm
+    head tied to that embedding multiplies them, transposed at session load, instead of a second copy; codes
+    of fewer bits are stored packed and widened at session load (pack_embedding_codes)."""
 
     source: int
+    kind: str = "int8"
 
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
@@ -277,6 +279,7 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, QuantWeight], fmt:
             stats["min_opset"] = max(stats["min_opset"], DQ_MIN_OPSET[w.kind])
         drop.add(name)
     new_inits, new_nodes = _shared_tables(weights, inits, nbits_of, new_inits, new_nodes, drop, stats)
+    new_inits, new_nodes = pack_embedding_codes(weights, inits, new_inits, new_nodes, drop, stats)
     kept = [t for t in graph.initializer if t.name not in drop]
     del graph.initializer[:]
     graph.initializer.extend(kept + list({t.name: t for t in reversed(new_inits)}.values())[::-1])  # fold_*: once
@@ -322,6 +325,27 @@ def _shared_tables(weights, inits, nbits_of, new_inits, new_nodes, drop, stats) 
         new_nodes.append(helper.make_node("Reshape", [b.name, shape.name], [name], name=f"{name}_from_head"))
         drop.add(name)
         stats["shared_tables"] += 1
+    return new_inits, new_nodes
+
+
+def pack_embedding_codes(weights, inits, new_inits, new_nodes, drop, stats) -> tuple[list, list]:
+    """An int4/int2/ternary embedding's int8 codes are stored at their own bits (pack_bits) and widened
+    back to the same int8 tensor by folded nodes (unpack_nodes): ONNX Runtime computes it once, at
+    session load, so the Gather and anything else reading the codes are unchanged."""
+    for name, w in weights.items():
+        t = inits.get(name)
+        if not isinstance(w, CodesOf) or w.kind == "int8" or t is None or t.data_type != TensorProto.INT8:
+            continue
+        bits, codes = BITS[w.kind], onnx.numpy_helper.to_array(t).astype(np.int16)
+        packed = helper.make_tensor(f"{name}_packed", TensorProto.UINT8, [-(-codes.size * bits // 8)],
+                                    pack_bits(codes + (1 << (bits - 1)), bits), raw=True)
+        consts, nodes = unpack_nodes(packed.name, bits, codes.size, list(codes.shape), f"{name}_i32")
+        new_inits += [packed, *consts]
+        new_nodes += [*nodes, helper.make_node("Cast", [f"{name}_i32"], [name], to=TensorProto.INT8)]
+        drop.add(name)
+        stats["folded_weights"] += 1
+        stats["packed_embeddings"] = stats.get("packed_embeddings", 0) + 1
+        stats["min_opset"] = max(stats["min_opset"], FOLD_MIN_OPSET)
     return new_inits, new_nodes
 
 

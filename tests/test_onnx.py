@@ -168,6 +168,27 @@ def test_folded_weights_leave_no_unpacking_at_run_time(tmp_path):
     assert sizes["qgemm"] <= sizes["matmulnbits"] + 18 * 64
 
 
+@pytest.mark.parametrize("fmt", ["qgemm", "matmulnbits", "int2"])
+@pytest.mark.parametrize("name,kind", [("bert", "ternary"), ("bert", "int2"), ("llama_tied", "int4")])
+def test_low_bit_embeddings_are_stored_at_their_bits(name, kind, fmt, tmp_path):
+    """An int4/int2/ternary embedding's codes are packed in the file and widened at session load (no bit
+    operation left at run time); a head tied to it reads the same widened codes; outputs validate."""
+    from tritpress.compressor.config import TernaryConfig
+    model = convert(build(name), TernaryConfig(embedding=kind, head=kind))
+    result = export_onnx(model, tmp_path / "m.onnx", OnnxConfig(format=fmt))
+    assert result["validation"]["passed"], result["validation"]
+    tables = {n: m.qweight for n, m in model.named_modules() if type(m).__name__ == "QEmbedding"}
+    assert result["rewrites"]["packed_embeddings"] == len({id(q) for q in tables.values()})
+    inits = {t.name: t for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
+    bits = 4 if kind == "int4" else 2
+    for n, q in tables.items():
+        packed = [t for k, t in inits.items() if k.endswith(f"{n}.qweight.codes_packed")]
+        assert len(packed) == 1 and len(packed[0].raw_data) == -(-q.codes.numel() * bits // 8)
+        assert not any(n in k and t.data_type == TensorProto.INT8 and np.prod(t.dims) == q.codes.numel()
+                       for k, t in inits.items())   # no int8 copy of the table left
+    assert not _folded_ops(tmp_path / "m.onnx") & {"BitShift", "BitwiseAnd"}
+
+
 def test_pack_bits_order():
     assert pack_bits(np.array([1, 2, 3, 0]), 2) == bytes([1 | 2 << 2 | 3 << 4])
     assert pack_bits(np.array([5, 9]), 4) == bytes([5 | 9 << 4])
