@@ -107,15 +107,15 @@ class TrimmedEmbedding(_Remapped):
         return {"index": index.to(small), "mix": mix.half()}
 
     def forward(self, ids):
-        rows = self.table(self.index[ids].long())
-        if self.mix is None:
-            return rows
-        return (rows * self.mix[ids].unsqueeze(-1).to(rows.dtype)).sum(-2)
+        return self._read(self.table(self.index[ids].long()), ids)
 
     def expand(self, table: torch.Tensor) -> torch.Tensor:
         """This table's rows as the full vocabulary's [vocab, dim] (what an untrimmed model would hold)."""
-        rows = table[self.index.long()]
-        return rows if self.mix is None else (rows * self.mix.unsqueeze(-1).to(rows.dtype)).sum(1)
+        return self._read(table[self.index.long()], slice(None))
+
+    def _read(self, rows: torch.Tensor, ids) -> torch.Tensor:
+        """The rows gathered for `ids` -> what those ids read: the rows, or with a mix their weighted sum."""
+        return rows if self.mix is None else (rows * self.mix[ids].unsqueeze(-1).to(rows.dtype)).sum(-2)
 
 
 class TrimmedHead(_Remapped):
@@ -153,13 +153,18 @@ def _linear_rows(head: nn.Linear, kept: torch.Tensor, weight: nn.Parameter | Non
     return proj
 
 
+def _dropped_ids(vocab: int, kept: torch.Tensor) -> torch.Tensor:
+    """The ids not in `kept`, in id order."""
+    dropped = torch.ones(vocab, dtype=torch.bool)
+    dropped[kept] = False
+    return dropped.nonzero().flatten()
+
+
 def nearest_kept_rows(weight: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """For each id not in `kept` (sorted), in id order: the row (position in `kept`) of the kept id
     whose embedding is nearest to its own, by cosine."""
-    dropped = torch.ones(weight.shape[0], dtype=torch.bool)
-    dropped[kept] = False
     unit = F.normalize(weight.detach().float(), dim=1)
-    ids, kept_unit = dropped.nonzero().flatten(), unit[kept].t()
+    ids, kept_unit = _dropped_ids(weight.shape[0], kept), unit[kept].t()
     return torch.cat([(unit[ids[i:i + 2048]] @ kept_unit).argmax(1) for i in range(0, len(ids), 2048)] or
                      [torch.zeros(0, dtype=torch.long)])
 
@@ -169,9 +174,7 @@ def mixed_kept_rows(weight: torch.Tensor, kept: torch.Tensor, k: int) -> tuple[t
     whose weighted sum of kept embeddings is nearest to its own (orthogonal matching pursuit: the
     row most aligned with what is left, then least squares over the rows chosen so far).
     -> (rows [dropped, k] int64, weights [dropped, k] fp16)."""
-    dropped = torch.ones(weight.shape[0], dtype=torch.bool)
-    dropped[kept] = False
-    table, ids = weight.detach().float(), dropped.nonzero().flatten()
+    table, ids = weight.detach().float(), _dropped_ids(weight.shape[0], kept)
     basis = table[kept]
     unit = F.normalize(basis, dim=1).t()
     rows, coefs = [], []

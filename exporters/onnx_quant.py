@@ -162,11 +162,19 @@ def qgemm_tensors(w: QuantWeight, name: str, table: onnx.TensorProto | None = No
         inits.append(helper.make_tensor(f"{name}_int8", TensorProto.INT8, list(w.codes.shape),
                                         w.codes.astype(np.int8).tobytes(), raw=True))
         return inits, [], weight
-    packed = helper.make_tensor(f"{name}_codes", TensorProto.UINT8, [-(-w.codes.size * bits // 8)],
-                                pack_bits(w.codes.astype(np.int16) + (1 << (bits - 1)), bits), raw=True)
-    consts, nodes = unpack_nodes(packed.name, bits, w.codes.size, list(w.codes.shape), f"{name}_i32")
-    nodes.append(helper.make_node("Cast", [f"{name}_i32"], [f"{name}_int8"], to=TensorProto.INT8))
-    return inits + [packed] + consts, nodes, weight
+    packed, nodes = packed_int8(w.codes, bits, name, f"{name}_codes", weight["w"])
+    return inits + packed, nodes, weight
+
+
+def packed_int8(codes: np.ndarray, bits: int, name: str, stored: str, out: str) -> tuple[list, list]:
+    """Int8 `codes` kept in the file at `bits` per value (initializer `stored`) and widened back to the int8
+    tensor `out` by folded nodes (intermediates named after `name`): ONNX Runtime computes `out` once, at
+    session load."""
+    packed = helper.make_tensor(stored, TensorProto.UINT8, [-(-codes.size * bits // 8)],
+                                pack_bits(codes.astype(np.int16) + (1 << (bits - 1)), bits), raw=True)
+    consts, nodes = unpack_nodes(stored, bits, codes.size, list(codes.shape), f"{name}_i32")
+    nodes.append(helper.make_node("Cast", [f"{name}_i32"], [out], to=TensorProto.INT8))
+    return [packed, *consts], nodes
 
 
 def qgemm_nodes(a: str, out: str, weight: dict) -> list:
@@ -336,12 +344,9 @@ def pack_embedding_codes(weights, inits, new_inits, new_nodes, drop, stats) -> t
         t = inits.get(name)
         if not isinstance(w, CodesOf) or w.kind == "int8" or t is None or t.data_type != TensorProto.INT8:
             continue
-        bits, codes = BITS[w.kind], onnx.numpy_helper.to_array(t).astype(np.int16)
-        packed = helper.make_tensor(f"{name}_packed", TensorProto.UINT8, [-(-codes.size * bits // 8)],
-                                    pack_bits(codes + (1 << (bits - 1)), bits), raw=True)
-        consts, nodes = unpack_nodes(packed.name, bits, codes.size, list(codes.shape), f"{name}_i32")
-        new_inits += [packed, *consts]
-        new_nodes += [*nodes, helper.make_node("Cast", [f"{name}_i32"], [name], to=TensorProto.INT8)]
+        tensors, nodes = packed_int8(onnx.numpy_helper.to_array(t), BITS[w.kind], name, f"{name}_packed", name)
+        new_inits += tensors
+        new_nodes += nodes
         drop.add(name)
         stats["folded_weights"] += 1
         stats["packed_embeddings"] = stats.get("packed_embeddings", 0) + 1
