@@ -219,7 +219,7 @@ def share(run: RunState) -> tuple[nn.Module, dict]:
 def task_calibration_ids(run: RunState):
     """A task model whose --data holds its examples (no --share-data): the redundancy measures
     calibrate on blocks of those examples' tokens, through the model's own head. None otherwise."""
-    from tritpress.compressor.redundancy import example_calibration_ids
+    from tritpress.compressor.redundancy import calibration_seq_len, example_calibration_ids
 
     cfg = run.cfg
     if cfg.sharing.data or not cfg.train.data or not _on_task_examples(cfg, run.loaded.model):
@@ -227,7 +227,8 @@ def task_calibration_ids(run: RunState):
     if not (cfg.sharing.analyze or cfg.sharing.strategy == "auto"):
         return None
     examples = training_data(run, need="--sharing")[0]
-    return example_calibration_ids(examples.features, cfg.sharing.calib_sequences, cfg.sharing.calib_seq_len)
+    return example_calibration_ids(examples.features, cfg.sharing.calib_sequences,
+                                   calibration_seq_len(run.loaded.model, cfg.sharing.calib_seq_len))
 
 
 def trim(run: RunState) -> tuple[nn.Module, dict]:

@@ -152,10 +152,19 @@ def calibration_ids(spec: str, tokenizer, model: nn.Module, sequences: int, seq_
     not keep their order on other text (docs/sharing.md)."""
     from tritpress.compressor.data import lm_blocks, read_texts, token_vocab_size, tokenizer_fn
 
+    seq_len = calibration_seq_len(model, seq_len)
     texts = read_texts(spec, "validation")
     encode = tokenizer_fn(tokenizer, texts, token_vocab_size(model))
     pool = lm_blocks(texts, encode, seq_len, max(CALIBRATION_POOL_TOKENS, 32 * sequences * seq_len))
     return spread_blocks(pool, sequences)
+
+
+def calibration_seq_len(model: nn.Module, seq_len: int) -> int:
+    """--share-seq-len, capped at the positions the model has (a 64-position model fed the
+    default 128 tokens fails inside its embedding)."""
+    config = getattr(model, "config", None)
+    limits = [getattr(config, k, None) for k in ("max_position_embeddings", "n_positions")]
+    return min([seq_len] + [v for v in limits if isinstance(v, int) and v > 0])
 
 
 def example_calibration_ids(features: list[dict], sequences: int, seq_len: int) -> torch.Tensor:

@@ -49,6 +49,16 @@ def groups_for_target(model, cfg: SharingConfig, structure) -> int:
                          f"(--share {cfg.share}, relax rank {cfg.relax_rank}) keeps {one:.3f} of the block parameters")
 
 
+def unique_blocks(cfg: SharingConfig, model, structure) -> int:
+    """auto:K -> K (refused beyond the stack); else the most unique blocks that fit --target-params."""
+    n = structure.blocks.num_blocks
+    if not cfg.unique:
+        return groups_for_target(model, cfg, structure)
+    if cfg.unique > n:
+        raise TritpressError(f"--sharing auto:{cfg.unique}: the stack has only {n} blocks")
+    return cfg.unique
+
+
 def _linkage(groups: list[list[int]], costs) -> float:
     return sum(max((costs[i][j] for i in g for j in g if i < j), default=0.0) for g in groups)
 
@@ -117,7 +127,8 @@ def auto_plan(model: nn.Module, cal: Calibration, cfg: SharingConfig, structure:
               ) -> tuple[SharingPlan, dict]:
     """Choose groups by the measured calibration-loss increase.
 
-    --target-params F: the greedy plan (pairs merged by measured cost) and every fixed pattern
+    auto:K (exactly K unique blocks) or --target-params F (the most that fit): the greedy plan
+    (pairs merged by measured cost) and every fixed pattern
     with the same number of unique blocks are tied and measured; the lowest loss wins, so auto
     is never worse than the best fixed pattern at that budget (on the calibration data), and
     the winner is refined by measured block swaps. With `probe` (a short fine-tune, see
@@ -129,8 +140,8 @@ def auto_plan(model: nn.Module, cal: Calibration, cfg: SharingConfig, structure:
     if analysis is None or analysis.get("loss_increase") is None:
         analysis = analyze(model, cal, cfg, structure, strategies=False)
     costs = _pair_costs(analysis)
-    if cfg.target_params:
-        g = groups_for_target(model, cfg, structure)
+    if cfg.target_params or cfg.unique:
+        g = unique_blocks(cfg, model, structure)
         greedy = next((gs for gs in greedy_merges(costs) if len(gs) <= g), [[b] for b in range(n)]) \
             if g < n else [[b] for b in range(n)]
         candidates = {"greedy": SharingPlan(n, greedy, cfg.share, "auto"), **fixed_plans(n, g, cfg.share)}
@@ -139,7 +150,8 @@ def auto_plan(model: nn.Module, cal: Calibration, cfg: SharingConfig, structure:
         refined, best = refine_by_swaps(model, SharingPlan(n, best["groups"], cfg.share, "auto"), best, costs, cfg,
                                         cal, structure)
         rows += refined
-        findings = {"mode": "target_params", "target_params": cfg.target_params, "unique_blocks": g}
+        findings = {"mode": "unique_blocks" if cfg.unique else "target_params", "target_params": cfg.target_params,
+                    "unique_blocks": g}
         if probe is not None:
             # the initial candidates (greedy + every fixed pattern) and the refined best
             best, probed = probe_candidates(model, rows[: len(candidates)] + [best], probe, cfg, cal, structure)

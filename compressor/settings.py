@@ -81,10 +81,11 @@ class SharingConfig:
     """Which blocks share weights, what is tied inside a block, and how the shared weight starts."""
 
     strategy: str = "none"          # cross-layer sharing: none, alternate, sequential[:N], cycle[:K], sequence[:K],
-                                    # middle-cycle[:K], auto, explicit groups "0,2,4;1,3,5" or a .json file
+                                    # middle-cycle[:K], auto[:K], explicit groups "0,2,4;1,3,5" or a .json file
     groups: str | None = None       # with strategy groups: "0,2,4;1,3,5" or a JSON file ([[0,2,4],[1,3,5]])
     every: int = 2                  # sequential: stride N (blocks i, i+N, i+2N... share)
-    unique: int = 0                 # cycle/sequence/middle-cycle: unique blocks; 0 = half the stack
+    unique: int = 0                 # cycle/sequence/middle-cycle/auto: unique blocks; 0 = half the stack (auto:
+                                    # target_params or max_loss_increase decide)
     share: str = "all"              # matrices tied inside a block: all | attention | ffn
     init: str = "average"           # initial shared weight: group average, stepwise (one evenly spaced member)
                                     # or closest to the mean
@@ -143,8 +144,9 @@ class SharingConfig:
                              "auto_probe_top >= 0 are required")
         if not 0.0 <= self.target_params <= 1.0:
             raise ValueError("target_params is a fraction of the unique block parameters, in [0, 1]")
-        if self.strategy == "auto" and not (self.target_params or self.max_loss_increase):
-            raise ValueError("sharing auto needs target_params (e.g. 0.5) or max_loss_increase")
+        if self.strategy == "auto" and not (self.target_params or self.max_loss_increase or self.unique):
+            raise ValueError("sharing auto needs a number of unique blocks (auto:K), target_params (e.g. 0.5) "
+                             "or max_loss_increase")
 
     @property
     def active(self) -> bool:

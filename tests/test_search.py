@@ -115,13 +115,14 @@ def test_unreachable_target_trains_nothing_and_names_the_closest(cls_work, files
     """Sharing strategies are sized too; one that ties the same blocks as another is skipped as a duplicate
     (alternate on 2 blocks ties nothing: the model of none)."""
     out = tmp_path / "s"
-    code, stdout, err = cli(["search", *_args(cls_work, files, out, "--try-sharing", "none,alternate,cycle",
+    code, stdout, err = cli(["search", *_args(cls_work, files, out, "--try-sharing", "none,alternate,cycle,auto:1",
                                               "--try-bits", "ternary", "--trim-vocab", "data",
                                               "--target-ratio", 1e6)])
     assert code == 1
-    assert all(kind == "size" for kind, _ in runs) and len(runs) == 6
+    assert all(kind == "size" for kind, _ in runs) and len(runs) == 8
     record = json.loads((out / "search.json").read_text())
     by = {c["name"]: c for c in record["candidates"]}
+    assert by["auto_1-ternary"]["estimated_bytes"] < by["none-ternary"]["estimated_bytes"]  # auto:K: K unique blocks
     assert "the same model as none-ternary" in by["alternate-ternary"]["why"]
     assert "the same model as none-ternary-trim" in by["alternate-ternary-trim"]["why"]
     # sized with the trim (on a 40-token vocabulary the kept-id table costs more than the rows it drops)

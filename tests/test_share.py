@@ -75,7 +75,7 @@ def test_invalid_configs_refused():
         SharingConfig("diagonal")
     with pytest.raises(ValueError, match="share"):
         SharingConfig("alternate", share="mlp")
-    with pytest.raises(ValueError, match="needs target_params"):
+    with pytest.raises(ValueError, match="needs a number of unique blocks"):
         SharingConfig("auto")
     with pytest.raises(TritpressError, match="unique=7"):
         plan_groups(6, SharingConfig("cycle", unique=7))
@@ -395,6 +395,20 @@ def test_calibration_sequences_are_spread_over_the_text(tmp_path):
     assert torch.equal(calibration_ids(str(f), None, model, 500, 16), every)  # short text: all of it
 
 
+def test_calibration_blocks_fit_the_model_positions(tmp_path):
+    """--share-seq-len beyond the model's positions is capped (it failed inside the embedding)."""
+    from tritpress.compressor.redundancy import calibration_ids, calibration_seq_len
+
+    f = tmp_path / "cal.txt"
+    f.write_text(" ".join(f"w{i % 90}" for i in range(3000)))
+    bert, gpt2 = _bert(2), _gpt2(2)
+    limits = bert.config.max_position_embeddings, gpt2.config.n_positions
+    assert calibration_seq_len(bert, 10_000) == limits[0] and calibration_seq_len(gpt2, 10_000) == limits[1]
+    assert calibration_seq_len(bert, 8) == 8 and calibration_seq_len(nn.LSTM(4, 4), 300) == 300
+    ids = calibration_ids(str(f), None, bert, 2, limits[0] * 2)
+    assert ids.shape == (2, limits[0])
+
+
 def test_auto_is_no_worse_than_fixed_patterns_at_its_budget():
     from tritpress.compressor.redundancy import Calibration, measure_plan
     from tritpress.compressor.redundancy_auto import auto_plan
@@ -409,6 +423,25 @@ def test_auto_is_no_worse_than_fixed_patterns_at_its_budget():
         assert chosen <= measure_plan(model, fixed, name, cfg, cal, discover(model))["loss_after_tying"] + 1e-9
     with pytest.raises(TritpressError, match="cannot be met"):
         auto_plan(model, cal, SharingConfig("auto", target_params=0.05))
+
+
+def test_auto_k_ties_exactly_k_unique_blocks_no_worse_than_fixed_patterns():
+    """auto:K: the budget is a number of unique blocks (what a size target asks for) instead of a
+    parameter fraction; the winner is the best measured tie among the K-group candidates."""
+    from tritpress.compressor.redundancy import Calibration, measure_plan
+    from tritpress.compressor.redundancy_auto import auto_plan
+
+    model = _bert(6)
+    cal = Calibration.build(model, torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0)))
+    cfg = SharingConfig("auto:2")
+    assert (cfg.strategy, cfg.unique) == ("auto", 2)
+    plan, findings = auto_plan(model, cal, cfg)
+    assert plan.num_unique == 2 and findings["mode"] == "unique_blocks" and findings["unique_blocks"] == 2
+    chosen = measure_plan(model, plan, "auto", cfg, cal, discover(model))["loss_after_tying"]
+    for name, fixed in fixed_plans(6, 2, "all").items():
+        assert chosen <= measure_plan(model, fixed, name, cfg, cal, discover(model))["loss_after_tying"] + 1e-9
+    with pytest.raises(TritpressError, match="only 6 blocks"):
+        auto_plan(model, cal, SharingConfig("auto:7"))
 
 
 def test_auto_with_probe_ranks_by_the_loss_after_fine_tuning():

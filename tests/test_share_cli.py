@@ -65,12 +65,16 @@ def test_compress_sharing_text_output_and_recipe(llama_dir, text, tmp_path, caps
     assert code == 0 and "[sharing]" in saved.read_text() and 'strategy = "sequence"' in saved.read_text()
 
 
-def test_compress_auto_sharing(llama_dir, text, tmp_path, capsys):
-    code, stdout, err = run_cli([llama_dir, "--sharing", "auto", "--target-params", 0.6, "--data", text, *SMALL,
+@pytest.mark.parametrize("budget", [["--sharing", "auto", "--target-params", 0.6], ["--sharing", "auto:2"]],
+                         ids=["target-params", "unique-blocks"])
+def test_compress_auto_sharing(llama_dir, text, tmp_path, capsys, budget):
+    code, stdout, err = run_cli([llama_dir, *budget, "--data", text, *SMALL,
                                  "--no-share-analyze", "--out", tmp_path / "o", "--json"], capsys)
     assert code == 0, err
     s = json.loads(stdout)["sharing"]
     assert s["auto"]["unique_blocks"] == len(s["plan"]["groups"]) and s["unique_block_fraction"] <= 0.6
+    if budget[-1] == "auto:2":
+        assert s["auto"]["mode"] == "unique_blocks" and len(s["plan"]["groups"]) == 2
     losses = [c["loss_after_tying"] for c in s["auto"]["candidates"]]  # several rows may be "refined"
     assert s["calibration_loss"]["after_tying"] == pytest.approx(min(losses), abs=1e-6)
 
@@ -109,7 +113,7 @@ def test_analyze_command(llama_dir, text, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--sharing", "0,9"], "block 9 is out of range"),
     (["--sharing", "0,1;1,2"], "block 1 is in more than one group"),
-    (["--sharing", "auto"], "needs target_params"),
+    (["--sharing", "auto"], "needs a number of unique blocks"),
     (["--sharing", "auto", "--target-params", 0.5], "pass calibration text"),
     (["--sharing", "diagonal"], "is not one of"),
     (["--sharing", "cycle:9"], "unique=9 must be between 1 and the 4 blocks"),
