@@ -207,7 +207,8 @@ def share(run: RunState) -> tuple[nn.Module, dict]:
     ids = task_calibration_ids(run)
     if cfg.sharing.strategy == "auto" and cfg.sharing.auto_probe_steps > 0:
         # the probes train on the same blocks as the real run: read and tokenize them once
-        probe = _qat_probe(cfg, run.loaded, run.ctx, training_data(run, need="--share-probe-steps")[0])
+        probe = _qat_probe(cfg, run.loaded, run.ctx,
+                           augmented_examples(run, training_data(run, need="--share-probe-steps")[0]))
     write = (lambda analysis: write_outputs(analysis, run.out / "analysis")) if run.ctx.is_main else None
     data = cfg.sharing.data or (cfg.train.data if ids is None else None)
     tied, findings = share_stage(run.loaded.model, text_tokenizer(run), cfg.sharing, data, cfg.quant.exclude,
@@ -300,6 +301,7 @@ def fine_tune(run: RunState) -> tuple[nn.Module | None, dict]:
     cfg, ctx, teacher = run.cfg, run.ctx, run.loaded.model
     tcfg = _resolved_train_config(cfg, teacher)
     train, held_out, eval_source = training_data(run)
+    train = augmented_examples(run, train)
     structure = discover(teacher, cfg.quant.exclude)
     quality_of = _quality_measure(ModelIO.discover(teacher, structure), teacher, held_out)
     student = prepare(copy.deepcopy(run.start), cfg.quant)  # from the tied model when sharing
@@ -456,6 +458,19 @@ def training_data(run: RunState, need: str = "--steps") -> tuple:
         else:
             run.train_data = task_examples(model, run.loaded.tokenizer, task, tcfg)
     return run.train_data
+
+
+def augmented_examples(run: RunState, train):
+    """--augment: the task examples with neighbour swaps (compressor/augment.py); as they are without."""
+    from tritpress.compressor.augment import augmented
+
+    tcfg = run.cfg.train
+    if not tcfg.augment:
+        return train
+    if isinstance(train, torch.Tensor):
+        raise TritpressError("--augment swaps tokens of a task model's examples (cls/tok/qa); this run distils "
+                             "on text")
+    return augmented(train, run.loaded.model, run.loaded.tokenizer, tcfg.augment, tcfg.augment_neighbors, tcfg.seed)
 
 
 def _training_blocks(tcfg: TrainConfig, teacher: nn.Module, tokenizer, need: str = "--steps"):

@@ -194,6 +194,10 @@ class TrainConfig:
     hidden_weight: float = 1.0     # per-block hidden-state MSE weight
     attention_weight: float = 1.0  # task models: per-block attention-probability MSE weight
     label_weight: float = 0.0      # task models: gold-label cross-entropy weight
+    augment: float = 0.0           # task models: chance that each token of a training example is swapped for one
+                                   # of its --augment-neighbors nearest ids in the teacher's input embedding (the
+                                   # teacher scores the new input; TinyBERT-style); 0 = off
+    augment_neighbors: int = 8     # --augment: nearest ids (cosine) a token may be swapped for
     max_train_tokens: int = 0      # use at most this many training tokens; 0 = all of --data
     eval_tokens: int = 32768       # held-out tokens scored before and after
     max_examples: int = 0          # task models: train on at most N examples (seeded sample); 0 = all
@@ -217,6 +221,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.steps < 0 or self.seq_len < 2 or self.batch_size < 1 or self.stop_after < 0:
             raise ValueError("steps >= 0, seq_len >= 2, batch_size >= 1 and stop_after >= 0 are required")
+        if not 0.0 <= self.augment < 1.0 or self.augment_neighbors < 1:
+            raise ValueError("augment is a probability in [0, 1) and augment_neighbors >= 1")
 
     @property
     def fuses(self) -> bool:
