@@ -25,7 +25,7 @@ FLOORS = {
         "compressor/quantize", "compressor/memory",
         "compressor/layers", "compressor/structure", "compressor/vocab", "compressor/modelio", "compressor/distributed"],
     1: ["compressor/ingest", "compressor/gguf_reader", "compressor/bundled", "compressor/data"],
-    2: ["compressor/transform", "compressor/train", "compressor/__init__"],
+    2: ["compressor/transform", "compressor/train", "compressor/augment", "compressor/__init__"],
     3: ["compressor/share", "compressor/cross_ties", "compressor/redundancy", "compressor/redundancy_auto", "compressor/sharing_stage"],
     4: ["exporters/settings", "exporters/packing", "exporters/packed", "exporters/onnx", "exporters/onnx_quant", "exporters/converted", "exporters/hf_bitnet", "exporters/llama_gguf", "exporters/__init__"],
     5: ["analyzers/defaults", "analyzers/settings", "analyzers/size", "analyzers/report", "analyzers/redundancy", "analyzers/frontier", "analyzers/__init__",
