@@ -65,14 +65,12 @@ class NeighborSwap:
         b = self.inner.batch(indices)
         ids = b["input_ids"]
         g = torch.Generator().manual_seed(zlib.crc32(repr((self.seed, list(indices))).encode()))
-        known = ids < len(self.neighbors)
-        swap = (torch.rand(ids.shape, generator=g) < self.p) & known
-        swap &= ~self.keep[ids.clamp(max=len(self.neighbors) - 1)]
+        inside = ids.clamp(max=len(self.neighbors) - 1)  # an id beyond the table is never swapped (below)
+        swap = (torch.rand(ids.shape, generator=g) < self.p) & (ids == inside) & ~self.keep[inside]
         if "attention_mask" in b:
             swap &= b["attention_mask"].bool()
         pick = torch.randint(self.neighbors.shape[1], ids.shape, generator=g)
-        swapped = self.neighbors[ids.clamp(max=len(self.neighbors) - 1), pick]
-        return {**b, "input_ids": torch.where(swap, swapped, ids)}
+        return {**b, "input_ids": torch.where(swap, self.neighbors[inside, pick], ids)}
 
 
 def augmented(source, teacher, tokenizer, p: float, k: int, seed: int = 0) -> NeighborSwap:
