@@ -6,7 +6,9 @@ Tensors:
   int8 codes -> int8 (`raw`);
 - scales and float tensors -> their storage dtype (`raw`);
 - a 1-D tensor of strictly increasing non-negative integers (a trimmed vocabulary's kept token
-  ids) -> a bitmap over [0, largest] (`bitset`) when that is smaller than the integers.
+  ids) -> a bitmap over [0, largest] (`bitset`) when that is smaller than the integers;
+- any other tensor of non-negative integers (a trimmed vocabulary's dropped id -> kept row maps)
+  -> `bits`-bit fields, bits = the largest value's bit length (`uintbits`, format 4), when smaller.
 A trimmed vocabulary (compressor/vocab) adds that one tensor, the kept token ids, and a
 `vocab` entry (which modules are trimmed, their shapes, the unknown token's id); the embedding
 and head store only the kept rows.
@@ -46,12 +48,14 @@ from tritpress.compressor.transform import (QuantRecord, _set_record, build_empt
 
 from .settings import (SKELETON_FLAG, PackedLoadConfig, _first_line,  # re-exported: torch-free home
                        skeleton_from_spec)
-from .packing import (is_idset, pack_idset, pack_int2, pack_int4, pack_trits, packed_idset_size, packed_int2_size,
-                      packed_int4_size, packed_trits_size, unpack_idset, unpack_int2, unpack_int4, unpack_trits)
+from .packing import (is_idset, pack_idset, pack_int2, pack_int4, pack_trits, pack_uint, packed_idset_size,
+                      packed_int2_size, packed_int4_size, packed_trits_size, packed_uint_size, uint_bits, unpack_idset,
+                      unpack_int2, unpack_int4, unpack_trits, unpack_uint)
 
 FORMAT = "tritpress.packed"
-FORMAT_VERSION = 3   # the newest this code reads and the one it writes
-# 1: the first; 2: int2 tensors and trimmed vocabularies; 3: compressed metadata, `bitset` id tables
+FORMAT_VERSION = 4   # the newest this code reads and the one it writes
+# 1: the first; 2: int2 tensors and trimmed vocabularies; 3: compressed metadata, `bitset` id tables;
+# 4: non-negative integer tensors in as few bits as their largest value needs (`uintbits`)
 META_KEY = "tritpress"
 ZMETA_KEY = "tritpress.zlib"  # version 3: the metadata, zlib-compressed, base64
 DTYPES = {str(d).removeprefix("torch."): d for d in
@@ -80,14 +84,23 @@ def component_of(key: str, record: QuantRecord, code_formats: dict) -> str:
 
 def encode_tensor(key, t, code_formats, dtypes) -> tuple[torch.Tensor, str, dict]:
     """One state-dict tensor as the packed file stores it: codes packed (5 trits per byte, int4/int2
-    nibbles), id sets as bitmaps, floats in their storage dtype. -> (stored tensor, encoding, extra
+    nibbles), id sets as bitmaps, other non-negative integers in the fewest bits that hold them
+    (whichever of these is smallest), floats in their storage dtype. -> (stored tensor, encoding, extra
     entry fields)."""
     stored, encoding = _encode_codes(key, t, code_formats, dtypes)
-    if encoding == "raw" and not t.dtype.is_floating_point and t.dim() == 1 and is_idset(stored.numpy()):
-        bitmap, universe = pack_idset(stored.numpy())
-        if bitmap.nbytes < stored.numel() * stored.element_size():
-            return torch.from_numpy(bitmap), "bitset", {"universe": universe}
-    return stored, encoding, {}
+    if key in code_formats or stored.dtype.is_floating_point or stored.dtype == torch.bool or not stored.numel():
+        return stored, encoding, {}  # codes keep their format's bits (int8: a byte), whatever their values
+    values = stored.numpy()
+    options = [(stored.numel() * stored.element_size(), stored, encoding, {})]
+    if stored.dim() == 1 and is_idset(values):
+        bitmap, universe = pack_idset(values)
+        options.append((bitmap.nbytes, torch.from_numpy(bitmap), "bitset", {"universe": universe}))
+    if int(values.min()) >= 0:  # row maps: 14-bit positions where int16 holds 16
+        bits = uint_bits(values)
+        packed = pack_uint(values, bits)
+        options.append((packed.nbytes, torch.from_numpy(packed), "uintbits", {"bits": bits}))
+    _, stored, encoding, fields = min(options, key=lambda o: o[0])  # the first of equal sizes: raw
+    return stored, encoding, fields
 
 
 def _encode_codes(key, t, code_formats, dtypes):
@@ -235,6 +248,8 @@ def _expected_stored(entry: dict) -> tuple[list[int], str | None]:
         return [packed_int2_size(n)], "uint8"
     if entry["encoding"] == "bitset":
         return [packed_idset_size(int(entry["universe"]))], "uint8"
+    if entry["encoding"] == "uintbits":
+        return [packed_uint_size(n, int(entry["bits"]))], "uint8"
     return entry["shape"], None
 
 
@@ -252,6 +267,9 @@ def decode_tensor(key, stored: torch.Tensor, entry: dict) -> torch.Tensor:
         if entry["encoding"] == "bitset":
             ids = unpack_idset(stored.numpy(), n, int(entry["universe"]))
             return torch.from_numpy(ids).to(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        if entry["encoding"] == "uintbits":
+            values = unpack_uint(stored.numpy(), n, int(entry["bits"]))
+            return torch.from_numpy(values).to(DTYPES[entry["dtype"]]).reshape(entry["shape"])
     except ValueError as e:
         raise CorruptCheckpointError(f"tensor {key}: {e}") from e
     return stored

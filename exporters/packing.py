@@ -9,6 +9,9 @@
 - `pack_idset`: a set of non-negative integers (a trimmed vocabulary's kept token ids) as a
   bitmap over [0, largest]: bit i of the result (byte i // 8, bit i % 8) is set when i is in the
   set. 30,522-id BERT vocabulary: 3.8 KB, where 11,575 int32 ids take 46 KB.
+- `pack_uint`: non-negative integers below 2**bits (a trimmed vocabulary's row maps: positions in
+  a table of 10,274 kept rows need 14 bits, not int16's 16) as consecutive `bits`-bit fields, value
+  i in bits [i*bits, (i+1)*bits) of the little-endian bit stream (bit j: byte j // 8, bit j % 8).
 """
 from __future__ import annotations
 
@@ -156,3 +159,39 @@ def unpack_idset(packed, n: int, universe: int) -> np.ndarray:
         raise ValueError(f"the bitmap holds {ids.size} ids up to {ids[-1] if ids.size else None}, "
                          f"the metadata says {n} up to {universe - 1}")
     return ids
+
+
+# ------------------------------------------------------------------ narrow non-negative integers
+
+MAX_UINT_BITS = 62  # fields are assembled in int64
+
+
+def uint_bits(values) -> int:
+    """The fewest bits that hold every value (at least 1); ValueError for negatives or non-integers."""
+    v = np.asarray(values)
+    if v.dtype.kind not in "iu" or (v.size and int(v.min()) < 0):
+        raise ValueError("pack_uint takes non-negative integers")
+    return max(1, int(v.max()).bit_length()) if v.size else 1
+
+
+def packed_uint_size(n: int, bits: int) -> int:
+    return -(-n * bits // 8)
+
+
+def pack_uint(values, bits: int) -> np.ndarray:
+    """Non-negative integers < 2**bits -> uint8 bytes, `bits` per value, in order, least significant
+    bit first; the last byte is padded with zero bits."""
+    flat = np.asarray(values).reshape(-1)
+    if not 1 <= bits <= MAX_UINT_BITS or (flat.size and uint_bits(flat) > bits):
+        raise ValueError(f"values must be non-negative and below 2**{bits} (bits in 1..{MAX_UINT_BITS})")
+    fields = (flat.astype(np.int64)[:, None] >> np.arange(bits, dtype=np.int64)) & 1
+    return np.packbits(fields.astype(np.uint8).reshape(-1), bitorder="little")
+
+
+def unpack_uint(packed, n: int, bits: int) -> np.ndarray:
+    """The first n `bits`-bit values of `packed` (int64). Checks the size only: every bit pattern is valid."""
+    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    if not 1 <= bits <= MAX_UINT_BITS or packed.size != packed_uint_size(n, bits):
+        raise ValueError(f"{packed.size} bytes cannot hold exactly {n} values of {bits} bits")
+    fields = np.unpackbits(packed, bitorder="little")[: n * bits].reshape(n, bits).astype(np.int64)
+    return fields @ (np.int64(1) << np.arange(bits, dtype=np.int64))

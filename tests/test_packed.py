@@ -381,13 +381,13 @@ def test_newer_format_version_is_refused(packed_gpt2, tmp_path):
 
 
 def test_metadata_is_compressed_and_an_uncompressed_one_still_reads(packed_gpt2, tmp_path):
-    """Format 3 stores the metadata zlib-compressed behind a readable stub; files of formats 1 and 2
+    """Formats 3+ store the metadata zlib-compressed behind a readable stub; files of formats 1 and 2
     hold it as plain JSON under `tritpress` and must keep loading."""
     path, q = packed_gpt2
     header, data = split(path)
     stub = json.loads(header["__metadata__"]["tritpress"])
     digest = stub.pop("sha256")
-    assert stub == {"format": "tritpress.packed", "format_version": 3, "tensors": {}, "metadata": "tritpress.zlib"}
+    assert stub == {"format": "tritpress.packed", "format_version": 4, "tensors": {}, "metadata": "tritpress.zlib"}
     assert len(digest) == 64
     blob = header["__metadata__"].pop("tritpress.zlib")
     plain = zlib.decompress(base64.b64decode(blob)).decode()
@@ -419,11 +419,11 @@ def test_compressed_metadata_that_is_damaged_or_newer_is_refused(packed_gpt2, tm
     with pytest.raises(CorruptCheckpointError, match="compressed metadata"):
         load_packed(tmp_path / "half.safetensors")
     header["__metadata__"]["tritpress.zlib"] = blob
-    header["__metadata__"]["tritpress"] = json.dumps({"format": "tritpress.packed", "format_version": 4,
+    header["__metadata__"]["tritpress"] = json.dumps({"format": "tritpress.packed", "format_version": 5,
                                                       "tensors": {}, "metadata": "tritpress.zlib"})
-    write(tmp_path / "v4.safetensors", header, data)
+    write(tmp_path / "v5.safetensors", header, data)
     with pytest.raises(TritpressError, match="newer"):
-        load_packed(tmp_path / "v4.safetensors")
+        load_packed(tmp_path / "v5.safetensors")
 
 
 def test_plain_safetensors_file_is_not_a_packed_checkpoint(tmp_path):

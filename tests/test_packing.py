@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from tritpress.exporters.packing import (MAX_TRIT_BYTE, is_idset, pack_idset, pack_int2, pack_int4, pack_trits,
-                                        packed_idset_size, packed_int2_size, packed_int4_size, packed_trits_size,
-                                        unpack_idset, unpack_int2, unpack_int4, unpack_trits)
+                                        pack_uint, packed_idset_size, packed_int2_size, packed_int4_size,
+                                        packed_trits_size, packed_uint_size, uint_bits, unpack_idset, unpack_int2,
+                                        unpack_int4, unpack_trits, unpack_uint)
 
 trit_arrays = hnp.arrays(np.int8, st.integers(0, 2000), elements=st.integers(-1, 1))
 int4_arrays = hnp.arrays(np.int8, st.integers(0, 2000), elements=st.integers(-8, 7))
@@ -239,3 +240,36 @@ def test_unpack_idset_rejects_a_bitmap_that_disagrees_with_its_metadata():
         unpack_idset(packed, 3, 20)             # wrong size
     with pytest.raises(ValueError, match="up to 7"):
         unpack_idset(packed, 3, 7)              # universe shorter than the largest member
+
+
+# ------------------------------------------------------------------ narrow non-negative integers
+
+def test_pack_uint_known_bytes():
+    # 3-bit fields 5, 1, 7: bits 101 100 111 (least significant first) -> 0b11_001_101, 0b1
+    packed = pack_uint(np.array([5, 1, 7]), 3)
+    assert packed.tolist() == [0b11001101, 0b1] and uint_bits([5, 1, 7]) == 3
+    assert unpack_uint(packed, 3, 3).tolist() == [5, 1, 7]
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.integers(1, 40).flatmap(lambda bits: st.tuples(
+    st.just(bits), hnp.arrays(np.int64, st.integers(0, 300), elements=st.integers(0, 2 ** bits - 1)))))
+def test_uint_round_trip_property(bits_values):
+    bits, values = bits_values
+    packed = pack_uint(values, bits)
+    assert packed.dtype == np.uint8
+    assert packed.size == packed_uint_size(values.size, bits) == ceil_div(values.size * bits, 8)
+    assert np.array_equal(unpack_uint(packed, values.size, bits), values)
+    assert values.size == 0 or uint_bits(values) <= bits
+
+
+@pytest.mark.parametrize("values,bits", [([4], 2), ([-1], 8), ([0.5], 4), ([1], 0), ([1], 63)])
+def test_pack_uint_rejects_what_does_not_fit(values, bits):
+    with pytest.raises(ValueError):
+        pack_uint(np.array(values), bits)
+
+
+@pytest.mark.parametrize("nbytes,n,bits", [(1, 2, 5), (3, 2, 5), (0, 1, 1), (1, 1, 0)])
+def test_unpack_uint_rejects_wrong_sizes(nbytes, n, bits):
+    with pytest.raises(ValueError):
+        unpack_uint(np.zeros(nbytes, np.uint8), n, bits)

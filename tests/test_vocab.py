@@ -153,6 +153,12 @@ def test_a_dropped_id_can_read_a_mix_of_kept_rows(name, tmp_path):
     with_dropped[0, 2] = DROPPED
     assert torch.equal(out(r, with_dropped), out(q, with_dropped))
     assert torch.equal(r.get_submodule(f["embedding"]).dropped_coefs, emb.dropped_coefs)
+    reloaded_rows = r.get_submodule(f["embedding"]).dropped_rows
+    assert reloaded_rows.dtype == torch.int16 and torch.equal(reloaded_rows, emb.dropped_rows)
+    # format 4: the rows (positions among 35 kept rows) are stored in 6 bits each, not int16's 16
+    entry = read_metadata(tmp_path / "m.safetensors")["tensors"][f"{f['embedding']}.dropped_rows"]
+    bits = int(emb.dropped_rows.max()).bit_length()
+    assert bits <= 6 and (entry["encoding"], entry["bits"], entry["dtype"]) == ("uintbits", bits, "int16")
     report = size_report(tmp_path / "m.safetensors")
     vocab_row = next(c for c in report["components"] if c["component"] == "vocabulary map")
     assert vocab_row["unique_params"] == len(KEPT) + 2 * 3 * dropped_n
@@ -215,11 +221,11 @@ def test_trim_pack_reload_is_exact(name, fmt, tmp_path):
 
 
 @pytest.mark.parametrize("trim,embedding", [(False, "int8"), (False, "int2"), (True, "int8")])
-def test_files_are_written_at_format_version_3_with_the_kept_ids_as_a_bitmap(trim, embedding, tmp_path):
+def test_files_are_written_at_format_version_4_with_the_kept_ids_as_a_bitmap(trim, embedding, tmp_path):
     model = trimmed("gpt2")[1] if trim else build("gpt2")
     meta = save_packed(convert(model, TernaryConfig(embedding=embedding)), tmp_path / "m.safetensors",
                        source_for("gpt2", model))
-    assert meta["format_version"] == read_metadata(tmp_path / "m.safetensors")["format_version"] == 3
+    assert meta["format_version"] == read_metadata(tmp_path / "m.safetensors")["format_version"] == 4
     kept = [e for k, e in meta["tensors"].items() if k.endswith("kept_ids")]
     assert [(e["encoding"], e["universe"], e["shape"]) for e in kept] == ([("bitset", KEPT[-1] + 1, [len(KEPT)])]
                                                                          if trim else [])
