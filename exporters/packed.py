@@ -48,9 +48,9 @@ from tritpress.compressor.transform import (QuantRecord, _set_record, build_empt
 
 from .settings import (SKELETON_FLAG, PackedLoadConfig, _first_line,  # re-exported: torch-free home
                        skeleton_from_spec)
-from .packing import (is_idset, pack_idset, pack_int2, pack_int4, pack_trits, pack_uint, packed_idset_size,
-                      packed_int2_size, packed_int4_size, packed_trits_size, packed_uint_size, uint_bits, unpack_idset,
-                      unpack_int2, unpack_int4, unpack_trits, unpack_uint)
+from .packing import (MAX_UINT_BITS, is_idset, pack_idset, pack_int2, pack_int4, pack_trits, pack_uint,
+                      packed_idset_size, packed_int2_size, packed_int4_size, packed_trits_size, packed_uint_size,
+                      uint_bits, unpack_idset, unpack_int2, unpack_int4, unpack_trits, unpack_uint)
 
 FORMAT = "tritpress.packed"
 FORMAT_VERSION = 4   # the newest this code reads and the one it writes
@@ -91,16 +91,20 @@ def encode_tensor(key, t, code_formats, dtypes) -> tuple[torch.Tensor, str, dict
     if key in code_formats or stored.dtype.is_floating_point or stored.dtype == torch.bool or not stored.numel():
         return stored, encoding, {}  # codes keep their format's bits (int8: a byte), whatever their values
     values = stored.numpy()
-    options = [(stored.numel() * stored.element_size(), stored, encoding, {})]
+    raw_bytes = stored.numel() * stored.element_size()
+    sizes = {}  # each alternative's bytes, known before anything is packed
     if stored.dim() == 1 and is_idset(values):
+        sizes["bitset"] = packed_idset_size(int(values[-1]) + 1)
+    bits = uint_bits(values) if int(values.min()) >= 0 else None
+    if bits is not None and bits < min(8 * stored.element_size(), MAX_UINT_BITS):  # row maps: 14 bits, not 16
+        sizes["uintbits"] = packed_uint_size(values.size, bits)
+    best = min(sizes, key=sizes.get, default=None)
+    if best is None or sizes[best] >= raw_bytes:
+        return stored, encoding, {}
+    if best == "bitset":
         bitmap, universe = pack_idset(values)
-        options.append((bitmap.nbytes, torch.from_numpy(bitmap), "bitset", {"universe": universe}))
-    if int(values.min()) >= 0:  # row maps: 14-bit positions where int16 holds 16
-        bits = uint_bits(values)
-        packed = pack_uint(values, bits)
-        options.append((packed.nbytes, torch.from_numpy(packed), "uintbits", {"bits": bits}))
-    _, stored, encoding, fields = min(options, key=lambda o: o[0])  # the first of equal sizes: raw
-    return stored, encoding, fields
+        return torch.from_numpy(bitmap), "bitset", {"universe": universe}
+    return torch.from_numpy(pack_uint(values, bits)), "uintbits", {"bits": bits}
 
 
 def _encode_codes(key, t, code_formats, dtypes):

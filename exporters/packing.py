@@ -134,7 +134,9 @@ def packed_idset_size(universe: int) -> int:
 def is_idset(values) -> bool:
     """Strictly increasing non-negative integers: what `pack_idset` stores exactly."""
     v = np.asarray(values)
-    return v.ndim == 1 and v.size > 0 and v.dtype.kind in "iu" and int(v[0]) >= 0 and bool(np.all(np.diff(v) > 0))
+    # the differences in int64: np.diff of unsigned values wraps around (200, 100 as uint8 gives +156)
+    return v.ndim == 1 and v.size > 0 and v.dtype.kind in "iu" and int(v[0]) >= 0 and \
+        bool(np.all(np.diff(v.astype(np.int64)) > 0))
 
 
 def pack_idset(values) -> tuple[np.ndarray, int]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -11,6 +12,8 @@ from tritpress.exporters.packing import (MAX_TRIT_BYTE, is_idset, pack_idset, pa
                                         pack_uint, packed_idset_size, packed_int2_size, packed_int4_size,
                                         packed_trits_size, packed_uint_size, uint_bits, unpack_idset, unpack_int2,
                                         unpack_int4, unpack_trits, unpack_uint)
+from tritpress.compressor.layers import WeightFormat
+from tritpress.exporters.packed import decode_tensor, encode_tensor
 
 trit_arrays = hnp.arrays(np.int8, st.integers(0, 2000), elements=st.integers(-1, 1))
 int4_arrays = hnp.arrays(np.int8, st.integers(0, 2000), elements=st.integers(-8, 7))
@@ -225,7 +228,7 @@ def test_idset_round_trip_property(members):
     assert np.array_equal(unpack_idset(packed, ids.size, universe), ids)
 
 
-@pytest.mark.parametrize("bad", [[], [3, 3], [5, 2], [-1, 4], [[1, 2]], [0.5, 1.0]])
+@pytest.mark.parametrize("bad", [[], [3, 3], [5, 2], [-1, 4], [[1, 2]], [0.5, 1.0], np.array([200, 100], np.uint8)])
 def test_pack_idset_rejects_what_is_not_a_set(bad):
     assert not is_idset(np.array(bad))
     with pytest.raises(ValueError):
@@ -273,3 +276,37 @@ def test_pack_uint_rejects_what_does_not_fit(values, bits):
 def test_unpack_uint_rejects_wrong_sizes(nbytes, n, bits):
     with pytest.raises(ValueError):
         unpack_uint(np.zeros(nbytes, np.uint8), n, bits)
+
+
+# ------------------------------------------------------------------ which encoding a state-dict tensor gets
+
+int_tensors = st.sampled_from([np.int8, np.int16, np.int32, np.int64, np.uint8]).flatmap(
+    lambda dtype: hnp.arrays(dtype, hnp.array_shapes(min_dims=0, max_dims=3, max_side=9)))
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(int_tensors)
+def test_every_integer_tensor_round_trips_in_its_smallest_encoding(values):
+    t = torch.from_numpy(values.copy())
+    stored, encoding, fields = encode_tensor("buf", t, {}, {})
+    entry = {"encoding": encoding, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), **fields}
+    back = decode_tensor("buf", stored, entry)
+    assert back.dtype == t.dtype and torch.equal(back, t)
+    assert stored.numel() * stored.element_size() <= t.numel() * t.element_size()
+    if encoding == "uintbits":
+        assert int(values.min()) >= 0 and fields["bits"] == uint_bits(values)
+
+
+def test_integer_encodings_are_chosen_by_size():
+    def encoding(t):
+        return encode_tensor("buf", t, {}, {})[1:]
+
+    assert encoding(torch.zeros(1, 512, dtype=torch.int64)) == ("uintbits", {"bits": 1})
+    assert encoding(torch.arange(0, 30000, 3)) == ("bitset", {"universe": 29998})  # an id set: the bitmap
+    assert encoding(torch.tensor([[5, 9000], [3, 7]], dtype=torch.int16)) == ("uintbits", {"bits": 14})
+    assert encoding(torch.tensor([-1, 4], dtype=torch.int16)) == ("raw", {})          # negative: as it is
+    assert encoding(torch.tensor([2 ** 62, 1])) == ("raw", {})                         # needs all 64 bits
+    assert encoding(torch.tensor([200, 100], dtype=torch.uint8)) == ("raw", {})        # 8 bits of 8
+    assert encoding(torch.tensor([True, False])) == ("raw", {})
+    codes = torch.tensor([[1, 2], [3, 4]], dtype=torch.int8)   # int8 codes stay a byte whatever their values
+    assert encode_tensor("w.codes", codes, {"w.codes": WeightFormat("int8")}, {})[1] == "raw"
