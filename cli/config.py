@@ -41,6 +41,9 @@ class CompressConfig:
                                                  # --trim-mix kept rows fit to its original row (mix; 4 bytes
                                                  # per row and dropped id)
     trim_mix: int = 4                            # --trim-dropped mix: kept rows per dropped id
+    trim_learn_mix: bool = False                 # --trim-dropped mix: train the mix weights in QAT (the kept rows
+                                                 # stay as fit; the teacher scores dropped ids where --augment
+                                                 # swaps them in); stored as fp16 as before
     trim_min_count: int = 1                      # --trim-vocab: keep an id only when the corpus uses it this many
                                                  # times or more (rarer ids are dropped like unused ones)
     tasks: str | None = None                     # after packing, evaluate and gate on these tasks (lm,cls,tok,qa;

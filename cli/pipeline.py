@@ -30,6 +30,7 @@ from tritpress.compressor.ingest import load_model
 from tritpress.compressor.memory import lean_heap, release_free_memory
 from tritpress.compressor.train import TrainConfig
 from tritpress.compressor.transform import convert, get_record, layer_quantizer, prepare
+from tritpress.compressor.vocab import fix_mixes, learn_mixes
 
 from .config import CompressConfig  # re-exported: torch-free home of the settings
 
@@ -119,6 +120,9 @@ def model_stages(run: RunState) -> bool:
     """checkpoint -> [tied, trimmed] -> ternary model -> checked, packed, reloaded. False on the ranks
     other than 0 of a distributed run once training ends (rank 0 packs)."""
     cfg = run.cfg
+    if cfg.trim_learn_mix and (not cfg.trim_vocab or cfg.trim_dropped != "mix" or cfg.train.steps < 1):
+        raise TritpressError("--trim-learn-mix trains the weights of --trim-dropped mix in QAT: it needs "
+                             "--trim-vocab, --trim-dropped mix and --steps 1 or more")
     run.loaded, run.vocab = timed(run, "ingest", ingest)
     run.start = run.loaded.model  # the original stays untouched: it is the teacher
     run.original_params = sum(p.numel() for p in run.start.parameters())  # unique: parameters() dedups ties
@@ -255,7 +259,8 @@ def trim(run: RunState) -> tuple[nn.Module, dict]:
     except ValueError as e:
         raise TritpressError(f"--trim-vocab: {e}") from e
     rare = {"min_count": cfg.trim_min_count, "rare_ids": len(counts) - len(used)} if cfg.trim_min_count > 1 else {}
-    return model, {"source": source, "corpus_ids": len(counts), **rare, **findings}
+    learned = {"mix_learned": True} if cfg.trim_learn_mix else {}
+    return model, {"source": source, "corpus_ids": len(counts), **rare, **findings, **learned}
 
 
 def corpus_ids(run: RunState) -> tuple[Counter, str]:
@@ -304,7 +309,7 @@ def fine_tune(run: RunState) -> tuple[nn.Module | None, dict]:
     train = augmented_examples(run, train)
     structure = discover(teacher, cfg.quant.exclude)
     quality_of = _quality_measure(ModelIO.discover(teacher, structure), teacher, held_out)
-    student = prepare(copy.deepcopy(run.start), cfg.quant)  # from the tied model when sharing
+    student = learnable(prepare(copy.deepcopy(run.start), cfg.quant), cfg)  # from the tied model when sharing
     quality = _quality_before(run, quality_of, student) if ctx.is_main else {}
     result = train_qat(student, teacher, structure, train, tcfg, run.out / "train", ctx,
                        on_step=lambda entry: run.listener.step(entry, tcfg.steps),
@@ -312,13 +317,21 @@ def fine_tune(run: RunState) -> tuple[nn.Module | None, dict]:
     if not ctx.is_main:
         return None, result.findings  # rank 0 packs and reports
     if result.full_state is not None:  # FSDP left the student sharded: rebuild a plain one
-        student = prepare(copy.deepcopy(run.start), cfg.quant)
+        student = learnable(prepare(copy.deepcopy(run.start), cfg.quant), cfg)
         student.load_state_dict(result.full_state)
+    fix_mixes(student)  # trained mix weights -> the fp16 buffer the file stores
     model = convert(student)
     quality["ternary_qat"] = quality_of(model)
     result.findings.update(config=dataclasses.asdict(tcfg), train_sequences=len(train), eval_source=eval_source,
                            eval_sequences=len(held_out), quality=quality, **_data_provenance(train, held_out))
     return model, result.findings
+
+
+def learnable(student: nn.Module, cfg: CompressConfig) -> nn.Module:
+    """--trim-learn-mix: the student's dropped-id mix weights become parameters QAT trains."""
+    if cfg.trim_learn_mix:
+        learn_mixes(student)
+    return student
 
 
 def reference_output(run: RunState) -> tuple | str:

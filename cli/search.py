@@ -230,7 +230,7 @@ def measure_size(c: Candidate, resume: bool) -> None:
         cfg = c.cfg
         sizing = dataclasses.replace(
             cfg, tasks=None, check=False, onnx=dataclasses.replace(cfg.onnx, enabled=False),
-            train=dataclasses.replace(cfg.train, steps=0, resume=False))
+            train=dataclasses.replace(cfg.train, steps=0, resume=False), trim_learn_mix=False)  # same bytes
         c.folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=c.folder, prefix=".sizing-") as tmp:
             report = compress(dataclasses.replace(sizing, out=tmp), Listener())

@@ -103,7 +103,7 @@ class TrimmedEmbedding(_Remapped):
         index = torch.zeros(self.vocab_size, dropped.shape[1], dtype=torch.int64)
         mix = torch.zeros(self.vocab_size, dropped.shape[1])
         index[~missing, 0], mix[~missing, 0] = rows[~missing], 1.0
-        index[missing], mix[missing] = dropped.long(), coefs.float()
+        index[missing], mix[missing] = dropped.long(), coefs.detach().float()
         return {"index": index.to(small), "mix": mix.half()}
 
     def forward(self, ids):
@@ -115,7 +115,40 @@ class TrimmedEmbedding(_Remapped):
 
     def _read(self, rows: torch.Tensor, ids) -> torch.Tensor:
         """The rows gathered for `ids` -> what those ids read: the rows, or with a mix their weighted sum."""
+        if self.learns_mix:  # the weights as a function of the trained parameter (learn_mix)
+            own = F.one_hot(torch.zeros(1, dtype=torch.long), self.dropped_coefs.shape[1]).to(self.dropped_coefs)
+            mix = torch.cat([own, self.dropped_coefs])[self.mix_slot[ids].long()]   # slot 0: a kept id's own row
+            return (rows * mix.unsqueeze(-1).to(rows.dtype)).sum(-2)
         return rows if self.mix is None else (rows * self.mix[ids].unsqueeze(-1).to(rows.dtype)).sum(-2)
+
+    @property
+    def learns_mix(self) -> bool:
+        return isinstance(getattr(self, "dropped_coefs", None), nn.Parameter)
+
+    def learn_mix(self) -> None:
+        """Make the dropped ids' mix weights a trainable fp32 parameter (QAT then fits them to what the
+        teacher does with those ids, which training examples reach through --augment's swaps); their
+        kept rows stay as chosen. fix_mix() turns them back into the stored fp16 buffer."""
+        if self.learns_mix or getattr(self, "dropped_coefs", None) is None:
+            return
+        coefs = self.dropped_coefs.float()
+        del self._buffers["dropped_coefs"]
+        self.dropped_coefs = nn.Parameter(coefs)
+        missing = _row_map(self.kept_ids, self.vocab_size, -1) < 0   # dropped id i: slot 1 + its position
+        slot = torch.zeros(self.vocab_size, dtype=torch.int64)
+        slot[missing] = torch.arange(1, int(missing.sum()) + 1)
+        self.register_buffer("mix_slot", slot.to(torch.int32), persistent=False)
+
+    def fix_mix(self) -> None:
+        """The trained mix weights, rounded to the fp16 buffer the file stores; the lookup tables rebuilt."""
+        if not self.learns_mix:
+            return
+        coefs = self.dropped_coefs.detach().to(torch.float16)
+        del self._parameters["dropped_coefs"]
+        self.register_buffer("dropped_coefs", coefs)
+        del self._buffers["mix_slot"]
+        for name, t in self._derived().items():
+            setattr(self, name, t)
 
 
 class TrimmedHead(_Remapped):
@@ -291,3 +324,18 @@ def rebuild_trimmed(model: nn.Module, meta: dict) -> None:
         else:
             new = TrimmedHead(nn.Linear(e["dim"], e["rows"], bias=e["bias"]), placeholder, e["vocab_size"])
         set_submodule(model, name, new)
+
+
+def learn_mixes(model: nn.Module) -> int:
+    """TrimmedEmbedding.learn_mix on every trimmed embedding with a mix. -> how many."""
+    found = [m for m in model.modules()
+             if isinstance(m, TrimmedEmbedding) and getattr(m, "dropped_coefs", None) is not None]
+    for m in found:
+        m.learn_mix()
+    return len(found)
+
+
+def fix_mixes(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, TrimmedEmbedding):
+            m.fix_mix()

@@ -22,7 +22,8 @@ from tritpress.compressor.ingest import SourceInfo
 from tritpress.compressor.modelio import compare_outputs
 from tritpress.compressor.train import student_vocabulary
 from tritpress.compressor.transform import convert, tie_groups
-from tritpress.compressor.vocab import TrimmedEmbedding, TrimmedHead, mixed_kept_rows, nearest_kept_rows, trim_model
+from tritpress.compressor.vocab import (TrimmedEmbedding, TrimmedHead, fix_mixes, learn_mixes, mixed_kept_rows,
+                                        nearest_kept_rows, trim_model)
 from tritpress.exporters.onnx import OnnxConfig, export_onnx, ort_session
 from tritpress.exporters.packed import load_packed, read_metadata, save_packed
 
@@ -415,3 +416,62 @@ def test_pipeline_trim_errors_are_one_line(corpus, tmp_path, capsys):
     code, _, err = run_cli([d, "--out", tmp_path / "o", "--trim-vocab", "data"], capsys)
     assert code == 1 and "--data" in err and len(error_lines(err)) == 1
     assert not (tmp_path / "o" / "model.tritpress.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["bert", "llama_tied"])
+def test_learned_mix_weights_train_and_are_stored_as_fp16(name, tmp_path):
+    """--trim-learn-mix: the dropped ids' mix weights become a parameter. Before any step the model is
+    unchanged; a step moves the weights of the dropped ids the batch used and no others; fix_mix
+    stores them as the fp16 buffer (same state-dict keys and dtypes), and the file reloads exactly."""
+    t = copy.deepcopy(build(name))
+    trim_model(t, KEEP, UNK, "mix", 3)
+    emb = next(m for m in t.modules() if isinstance(m, TrimmedEmbedding))
+    before_keys = {k: v.dtype for k, v in t.state_dict().items()}
+    start = emb.dropped_coefs.clone()
+    ids = torch.tensor([[DROPPED, KEPT[4], 5, KEPT[7]]])
+    reference = out(t, ids)
+    assert learn_mixes(t) == 1 and emb.learns_mix and emb.dropped_coefs.dtype == torch.float32
+    assert torch.equal(out(t, ids), reference)                 # the same model until it is trained
+    main_output(t(ids)).pow(2).mean().backward()
+    dropped = sorted(set(range(VOCAB)) - set(KEPT))
+    used = sorted(dropped.index(i) for i in (DROPPED, 5))
+    assert (emb.dropped_coefs.grad != 0).any(1).nonzero().flatten().tolist() == used
+    with torch.no_grad():   # a sign step, large enough to survive the fp16 rounding
+        emb.dropped_coefs.add_(0.05 * emb.dropped_coefs.grad.sign())
+    assert (emb.dropped_coefs.detach().half() != start).any(1).nonzero().flatten().tolist() == used
+    trained = out(t, ids)
+    fix_mixes(t)
+    assert not emb.learns_mix and emb.dropped_coefs.dtype == torch.float16
+    assert {k: v.dtype for k, v in t.state_dict().items()} == before_keys
+    assert torch.allclose(out(t, ids), trained, atol=1e-2)  # the weights rounded to fp16
+    q = convert(t, TernaryConfig(embedding="int8"))
+    r = pack_and_load(name, q, tmp_path / "m.safetensors")
+    assert torch.equal(out(r, ids), out(q, ids))
+    assert torch.equal(r.get_submodule(next(n for n, m in q.named_modules() if isinstance(m, TrimmedEmbedding)))
+                       .dropped_coefs, emb.dropped_coefs)
+
+
+def test_trim_learn_mix_on_the_command_line(corpus, tmp_path, capsys):
+    """QAT trains the mix weights of the ids the training text reaches (here: 3 words used once, dropped by
+    --trim-min-count 2); the others keep their fitted values. Without a mix, a one-line error."""
+    d = tmp_path / "m"
+    build("llama_tied").save_pretrained(d)
+    word_tokenizer().save_pretrained(d)
+    text = tmp_path / "rare.txt"
+    text.write_text(" ".join(WORDS[40:43]) + "\n" + corpus.read_text())   # first: the held-out 5 % is the end
+    common = [d, "--trim-vocab", "data", "--data", text, "--trim-min-count", "2", "--trim-dropped", "mix",
+              "--steps", "6", "--batch-size", "4", "--seq-len", "16", "--lr", "0.05"]
+    coefs = {}
+    for name, flags in (("learned", ["--trim-learn-mix"]), ("fitted", [])):
+        code, _, err = run_cli([*common, *flags, "--out", tmp_path / name], capsys)
+        assert code == 0, err
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        assert report["vocabulary"].get("mix_learned", False) == bool(flags)
+        assert report["checks"]["reload_vs_converted"]["max_abs_diff"] == 0.0
+        r = load_packed(tmp_path / name / "model.tritpress.safetensors")
+        coefs[name] = next(m for m in r.modules() if isinstance(m, TrimmedEmbedding)).dropped_coefs
+    changed = (coefs["learned"] != coefs["fitted"]).any(1)
+    assert 0 < int(changed.sum()) <= 3     # only rare words the training windows reached
+    code, _, err = run_cli([d, "--trim-vocab", "data", "--data", text, "--steps", "2", "--trim-learn-mix",
+                            "--out", tmp_path / "bad"], capsys)
+    assert code == 1 and "--trim-learn-mix" in err and len(error_lines(err)) == 1 and "Traceback" not in err
