@@ -134,9 +134,9 @@ class TrimmedEmbedding(_Remapped):
         coefs = self.dropped_coefs.float()
         del self._buffers["dropped_coefs"]
         self.dropped_coefs = nn.Parameter(coefs)
-        missing = _row_map(self.kept_ids, self.vocab_size, -1) < 0   # dropped id i: slot 1 + its position
+        dropped = _dropped_ids(self.vocab_size, self.kept_ids.long())  # dropped id: slot 1 + its position
         slot = torch.zeros(self.vocab_size, dtype=torch.int64)
-        slot[missing] = torch.arange(1, int(missing.sum()) + 1)
+        slot[dropped] = torch.arange(1, len(dropped) + 1)
         self.register_buffer("mix_slot", slot.to(torch.int32), persistent=False)
 
     def fix_mix(self) -> None:
@@ -328,11 +328,10 @@ def rebuild_trimmed(model: nn.Module, meta: dict) -> None:
 
 def learn_mixes(model: nn.Module) -> int:
     """TrimmedEmbedding.learn_mix on every trimmed embedding with a mix. -> how many."""
-    found = [m for m in model.modules()
-             if isinstance(m, TrimmedEmbedding) and getattr(m, "dropped_coefs", None) is not None]
+    found = [m for m in model.modules() if isinstance(m, TrimmedEmbedding)]
     for m in found:
-        m.learn_mix()
-    return len(found)
+        m.learn_mix()  # a no-op without a mix
+    return sum(m.learns_mix for m in found)
 
 
 def fix_mixes(model: nn.Module) -> None:
