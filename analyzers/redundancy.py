@@ -33,6 +33,8 @@ def table(result: dict) -> str:
                   f"{s['loss_increase']:+.4f}"] for s in result["strategies"]]
         out += "\n\n" + tabulate(srows, headers=["strategy", "unique blocks", "unique block params",
                                                  result["calibration"]["metric"], "increase"], disable_numparse=True)
+    if result["calibration"].get("dtype") == "bf16":  # say why the numbers differ from an fp32 run in the 4th digit
+        out += "\n\nforwards under bf16 autocast (--share-calib-dtype; fp32 gives the exact numbers)"
     return out
 
 

@@ -30,6 +30,7 @@ state against the original on wikitext-2 test; SmolLM2 (causal LM): perplexity. 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -54,13 +55,22 @@ def log(*a):
 ANALYSIS_MODELS = {
     "llama-small": "random LlamaForCausalLM, 12 blocks, hidden 128, FFN 344, vocab 2000",
     "bert-base": "random BertModel in bert-base-uncased's shape: 12 blocks, hidden 768, FFN 3072, vocab 30522 (110M)",
+    "smollm2": "the real SmolLM2-135M-Instruct (30 blocks; weights 4-bit-rounded in its GGUF) on wikitext-2 valid",
 }
+
+
+@functools.lru_cache(maxsize=1)
+def _smollm2():
+    from tritpress.compressor.ingest import load_model
+    return load_model(MODELS["smollm2"])
 
 
 def analysis_model(shape: str, seq_len: int):
     from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    if shape == "smollm2":
+        return _smollm2().model.eval()
     if shape == "bert-base":
         return BertModel(BertConfig(max_position_embeddings=max(512, seq_len)), add_pooling_layer=False).eval()
     cfg = LlamaConfig(vocab_size=2000, hidden_size=128, intermediate_size=344, num_hidden_layers=12,
@@ -78,8 +88,7 @@ def bench_analysis(sequences: int, seq_len: int, shape: str = "llama-small", ref
     from tritpress.compressor.share import SharingConfig
 
     model = model if model is not None else analysis_model(shape, seq_len)
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (sequences, seq_len), generator=torch.Generator().manual_seed(1))
+    ids = calibration_tokens(model, shape, sequences, seq_len)
     t = time.perf_counter()
     cal = Calibration.build(model, ids, dtype=dtype)  # reference outputs (encoders), base loss, blocks recorded
     build_s = time.perf_counter() - t
@@ -91,7 +100,7 @@ def bench_analysis(sequences: int, seq_len: int, shape: str = "llama-small", ref
     analysis_s = time.perf_counter() - t
     measured = sum(v is not None for row in result["loss_increase"] for v in row) // 2
     out = {"model": ANALYSIS_MODELS[shape], "params": sum(p.numel() for p in model.parameters()),
-           "calibration": {"sequences": sequences, "seq_len": seq_len, "tokens": "random ids"},
+           "calibration": {"sequences": sequences, "seq_len": seq_len, "tokens": "wikitext-2 valid" if shape == "smollm2" else "random ids"},
            "pairs_measured": measured, "strategies_measured": len(result["strategies"]),
            "calibration_build_s": round(build_s, 3), "forward_s": round(forward_s, 3),
            "analysis_s": round(analysis_s, 3), "analysis_over_forward": round(analysis_s / forward_s, 2),
@@ -109,20 +118,37 @@ def bench_analysis(sequences: int, seq_len: int, shape: str = "llama-small", ref
     return out
 
 
+def calibration_tokens(model, shape: str, sequences: int, seq_len: int) -> torch.Tensor:
+    """Random ids for the random models; wikitext-2 valid, spread as `compress` spreads it, for SmolLM2."""
+    if shape == "smollm2":
+        from tritpress.compressor.redundancy import calibration_ids
+        return calibration_ids(str(DATA / "valid.txt"), _smollm2().tokenizer, model, sequences, seq_len)
+    vocab = model.config.vocab_size
+    return torch.randint(0, vocab, (sequences, seq_len), generator=torch.Generator().manual_seed(1))
+
+
 def compare_dtypes(sequences: int, seq_len: int, shape: str) -> dict:
     """The analysis in fp32 and under bf16 autocast on the same model and tokens, one after the
     other, and how far the bf16 one moves the results: the largest change of a pair's loss
     increase (absolute, and relative to the largest increase), the rank correlation of the pairs,
     whether the cheapest pairs and the strategies' order stay."""
+    from tritpress.compressor.redundancy import resolve_calib_dtype
+    from tritpress.compressor.share import SharingConfig
+    from tritpress.compressor.structure import discover
+
     model = analysis_model(shape, seq_len)
+    ids = calibration_tokens(model, shape, sequences, seq_len)
+    auto = resolve_calib_dtype(model, discover(model), ids, SharingConfig(auto_pairs=66))
     runs = {dt: bench_analysis(sequences, seq_len, shape, dtype=dt, model=model) for dt in ("fp32", "bf16")}
     a, b = runs["fp32"]["result"], runs["bf16"]["result"]
-    pairs = [(i, j) for i in range(len(a["loss_increase"])) for j in range(i + 1, len(a["loss_increase"]))]
+    n = len(a["loss_increase"])  # the measured pairs (all of them up to 12 blocks; --share-pairs caps larger stacks)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n) if a["loss_increase"][i][j] is not None]
     x = [a["loss_increase"][i][j] for i, j in pairs]
     y = [b["loss_increase"][i][j] for i, j in pairs]
     cheapest = lambda v: {pairs[k] for k in sorted(range(len(v)), key=v.__getitem__)[:5]}  # noqa: E731
     order = lambda r: [s["strategy"] for s in sorted(r["strategies"], key=lambda s: s["loss_increase"])]  # noqa: E731
-    return {"fp32": {k: v for k, v in runs["fp32"].items() if k != "result"},
+    return {"auto_resolves_to": auto,
+            "fp32": {k: v for k, v in runs["fp32"].items() if k != "result"},
             "bf16": {k: v for k, v in runs["bf16"].items() if k != "result"},
             "bf16_speedup": round(runs["fp32"]["total_s"] / runs["bf16"]["total_s"], 2),
             "agreement": {"max_abs_pair_difference": round(max(abs(u - v) for u, v in zip(x, y)), 6),

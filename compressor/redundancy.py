@@ -142,6 +142,35 @@ def _replayer(outputs: list):
     return lambda *args, **kwargs: next(batches)
 
 
+# `--share-calib-dtype auto` runs the analysis in bf16 when its fp32 forwards would add up to at least
+# this many FLOPs (about 2 minutes at the ~185 GFLOP/s two cores multiply fp32 at) and the CPU multiplies
+# bf16 natively: there bf16 is ~3.4x faster and ranks the ties alike (docs/sharing.md), below it the
+# exact fp32 numbers cost little.
+AUTO_BF16_FLOPS = 20e12
+
+
+def analysis_flops(model: nn.Module, structure: ModelStructure, tokens: int, cfg: SharingConfig) -> float:
+    """Matrix-product FLOPs of the analysis' forwards, estimated from the stack's parameters: the
+    build and activation passes, each measured pair from its first block on (replay), the strategies."""
+    stack = structure.blocks
+    n = stack.num_blocks if stack is not None else 1
+    pairs = [(n - i) / n for i in range(n) for _ in range(i + 1, n)]
+    measured = sorted(pairs, reverse=True)[:max(0, cfg.auto_pairs)]
+    passes = 2 + sum(measured) + (4 if cfg.analyze else 0)
+    params = sum(p.numel() for p in model.get_submodule(stack.path).parameters()) if stack is not None else 0
+    return 2.0 * params * tokens * passes
+
+
+def resolve_calib_dtype(model: nn.Module, structure: ModelStructure, ids: torch.Tensor, cfg: SharingConfig) -> str:
+    """cfg.calib_dtype, with `auto` decided: bf16 on a CPU with native bf16 matrix products when
+    the fp32 analysis would cost >= AUTO_BF16_FLOPS, fp32 otherwise (GPUs: fp32, it is fast there)."""
+    if cfg.calib_dtype != "auto":
+        return cfg.calib_dtype
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters()) and ids.device.type == "cpu"
+    native = on_cpu and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return "bf16" if native and analysis_flops(model, structure, ids.numel(), cfg) >= AUTO_BF16_FLOPS else "fp32"
+
+
 CALIBRATION_POOL_TOKENS = 1 << 20
 
 
@@ -309,7 +338,7 @@ def analyze(model: nn.Module, cal: Calibration, cfg: SharingConfig, structure: M
     n = stack.num_blocks
     result = {"model_blocks": {"path": stack.path, "num_blocks": n, "block_type": stack.block_type},
               "calibration": {"sequences": len(cal.ids), "seq_len": cal.ids.shape[1], "metric": cal.metric,
-                              "base_loss": round(cal.base_loss, 6)},
+                              "base_loss": round(cal.base_loss, 6), "dtype": cal.dtype},
               "share": cfg.share, "init": cfg.init, "relax_rank": cfg.relax_rank}
     timings = {}
     t = time.perf_counter()

@@ -71,7 +71,7 @@ class TernaryConfig:
 STRATEGIES = ("none", "alternate", "sequential", "cycle", "sequence", "middle-cycle", "groups", "auto")
 SHARE_KINDS = ("all", "attention", "ffn")
 INITS = ("average", "stepwise", "closest")
-CALIB_DTYPES = ("fp32", "bf16")
+CALIB_DTYPES = ("auto", "fp32", "bf16")
 TRIM_DROPPED = ("unk", "nearest", "mix")   # what a dropped id reads after --trim-vocab (compressor/vocab)
 TIE_EMBEDDINGS = ("off", "embedding", "average")   # --tie-embeddings: the tied head's initial value (compressor/cross_ties)
 
@@ -96,8 +96,9 @@ class SharingConfig:
     data: str | None = None         # calibration text for the analysis [default: the training --data]
     calib_sequences: int = 16       # calibration sequences
     calib_seq_len: int = 128        # calibration tokens per sequence
-    calib_dtype: str = "fp32"       # the analysis' forwards: fp32 | bf16 (autocast: ~3x faster on a CPU with
-                                    # bf16 instructions; losses move by ~1e-3, docs/sharing.md)
+    calib_dtype: str = "auto"       # the analysis' forwards: auto | fp32 | bf16 (autocast: ~3.4x faster on a CPU
+                                    # with bf16 instructions, same ranking; docs/sharing.md). auto: bf16 there
+                                    # when the fp32 analysis would take minutes (>= 20 TFLOP), else fp32
     auto_pairs: int = 66            # auto/analysis: block pairs tied and measured at most (0 = none)
     auto_refine: int = 12           # auto: block swaps tied and measured at most
     auto_probe_steps: int = 0       # auto: rank the candidates by their calibration loss after this many QAT

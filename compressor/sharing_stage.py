@@ -11,19 +11,20 @@ from torch import nn
 
 from .errors import TritpressError
 from .cross_ties import rank_decoder_pairs, tie_decoder, tie_embeddings
-from .redundancy import Calibration, analyze, calibration_ids
+from .redundancy import Calibration, analyze, calibration_ids, resolve_calib_dtype
 from .redundancy_auto import auto_plan
 from .share import SharingConfig, apply_sharing, plan_groups
 from .structure import discover
 
 
 def calibration_for(model: nn.Module, tokenizer, scfg: SharingConfig, data: str | None, structure, ids=None):
-    """Calibration of `model` on `ids` (given token blocks) or DATA; None without either."""
+    """Calibration of `model` on `ids` (given token blocks) or DATA, in --share-calib-dtype (auto
+    decided here); None without either."""
     if ids is None and not data:
         return None
     if ids is None:
         ids = calibration_ids(data, tokenizer, model, scfg.calib_sequences, scfg.calib_seq_len)
-    return Calibration.build(model, ids, structure, dtype=scfg.calib_dtype)
+    return Calibration.build(model, ids, structure, dtype=resolve_calib_dtype(model, structure, ids, scfg))
 
 
 def share_stage(model: nn.Module, tokenizer, scfg: SharingConfig, data: str | None, exclude=(),

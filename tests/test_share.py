@@ -340,6 +340,53 @@ def test_bf16_calibration_moves_the_analysis_little(make):
         SharingConfig(calib_dtype="fp8")
 
 
+def test_auto_calibration_dtype_is_bf16_only_where_the_fp32_analysis_is_large(monkeypatch):
+    """--share-calib-dtype auto (the default): fp32 for a small analysis, bf16 once the estimated fp32
+    FLOPs pass AUTO_BF16_FLOPS on a CPU with native bf16, fp32 again without it or off the CPU;
+    explicit values stay."""
+    from tritpress.compressor import redundancy
+    from tritpress.compressor.redundancy import analysis_flops, resolve_calib_dtype
+    from tritpress.compressor.structure import discover
+
+    model = _bert(4)
+    structure = discover(model)
+    ids = torch.zeros(4, 16, dtype=torch.long)
+    cfg = SharingConfig()
+    assert cfg.calib_dtype == "auto"
+    params = sum(p.numel() for p in model.encoder.layer.parameters())
+    pairs = sum((4 - i) / 4 for i in range(4) for _ in range(i + 1, 4))  # 6 pairs, each from its first block
+    assert analysis_flops(model, structure, 64, cfg) == pytest.approx(2 * params * 64 * (2 + pairs + 4))
+    assert analysis_flops(model, structure, 64, SharingConfig(auto_pairs=0, analyze=False)) == \
+        pytest.approx(2 * params * 64 * 2)
+    assert resolve_calib_dtype(model, structure, ids, cfg) == "fp32"
+    monkeypatch.setattr(redundancy, "AUTO_BF16_FLOPS", 1.0)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert resolve_calib_dtype(model, structure, ids, cfg) == "bf16"
+    assert resolve_calib_dtype(model, structure, ids, SharingConfig(calib_dtype="fp32")) == "fp32"
+    assert resolve_calib_dtype(model.to("meta"), structure, ids, cfg) == "fp32"  # not on the CPU: fp32
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert resolve_calib_dtype(model, structure, ids, cfg) == "fp32"
+    assert resolve_calib_dtype(model, structure, ids, SharingConfig(calib_dtype="bf16")) == "bf16"
+
+
+def test_bert_base_analysis_is_bf16_by_default_here_and_minilm_fp32():
+    """The sizes behind the threshold: bert-base's analysis on 64 x 128 tokens (issue #14's case,
+    ~74 TFLOP in fp32) is past it, all-MiniLM-L6-v2's on the default 16 x 128 (~0.7 TFLOP) is not."""
+    from transformers import BertConfig, BertModel
+
+    from tritpress.compressor.redundancy import AUTO_BF16_FLOPS, analysis_flops
+    from tritpress.compressor.structure import discover
+
+    def flops(cfg, tokens):
+        with torch.device("meta"):
+            model = BertModel(cfg)
+        return analysis_flops(model, discover(model), tokens, SharingConfig())
+    base = BertConfig()  # bert-base: 12 x 768, FFN 3072
+    minilm = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    assert flops(base, 64 * 128) > 3 * AUTO_BF16_FLOPS
+    assert flops(minilm, 16 * 128) < AUTO_BF16_FLOPS / 10
+
+
 @pytest.mark.parametrize("make", [_llama, _bert, _gpt2], ids=["llama", "bert", "gpt2"])
 def test_replayed_ties_equal_tied_copies_and_leave_the_model(make):
     """The analysis measures a tie on copies of the tied blocks with the blocks before them
