@@ -144,7 +144,7 @@ def _replayer(outputs: list):
 
 # `--share-calib-dtype auto` runs the analysis in bf16 when its fp32 forwards would add up to at least
 # this many FLOPs (about 2 minutes at the ~185 GFLOP/s two cores multiply fp32 at) and the CPU multiplies
-# bf16 natively: there bf16 is ~3.4x faster and ranks the ties alike (docs/sharing.md), below it the
+# bf16 natively: there bf16 is 1.6-3.4x faster and ranks the ties alike (docs/sharing.md), below it the
 # exact fp32 numbers cost little.
 AUTO_BF16_FLOPS = 20e12
 

@@ -96,7 +96,7 @@ class SharingConfig:
     data: str | None = None         # calibration text for the analysis [default: the training --data]
     calib_sequences: int = 16       # calibration sequences
     calib_seq_len: int = 128        # calibration tokens per sequence
-    calib_dtype: str = "auto"       # the analysis' forwards: auto | fp32 | bf16 (autocast: ~3.4x faster on a CPU
+    calib_dtype: str = "auto"       # the analysis' forwards: auto | fp32 | bf16 (autocast: 1.6-3.4x faster on a CPU
                                     # with bf16 instructions, same ranking; docs/sharing.md). auto: bf16 there
                                     # when the fp32 analysis would take minutes (>= 20 TFLOP), else fp32
     auto_pairs: int = 66            # auto/analysis: block pairs tied and measured at most (0 = none)
