@@ -100,7 +100,8 @@ def bench_analysis(sequences: int, seq_len: int, shape: str = "llama-small", ref
     analysis_s = time.perf_counter() - t
     measured = sum(v is not None for row in result["loss_increase"] for v in row) // 2
     out = {"model": ANALYSIS_MODELS[shape], "params": sum(p.numel() for p in model.parameters()),
-           "calibration": {"sequences": sequences, "seq_len": seq_len, "tokens": "wikitext-2 valid" if shape == "smollm2" else "random ids"},
+           "calibration": {"sequences": sequences, "seq_len": seq_len,
+                           "tokens": "wikitext-2 valid" if shape == "smollm2" else "random ids"},
            "pairs_measured": measured, "strategies_measured": len(result["strategies"]),
            "calibration_build_s": round(build_s, 3), "forward_s": round(forward_s, 3),
            "analysis_s": round(analysis_s, 3), "analysis_over_forward": round(analysis_s / forward_s, 2),

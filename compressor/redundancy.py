@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import TritpressError
-from .modelio import BlockOutputs, ModelIO, batched_forward, held_out_loss
+from .modelio import BlockOutputs, ModelIO, batched_forward, device_of, held_out_loss
 from .share import (SharingConfig, SharingPlan, _as_matrix, apply_sharing, block_matrices, fixed_plans,
                     plan_fraction, plan_groups)
 from .structure import ModelStructure, discover
@@ -151,7 +151,9 @@ AUTO_BF16_FLOPS = 20e12
 
 def analysis_flops(model: nn.Module, structure: ModelStructure, tokens: int, cfg: SharingConfig) -> float:
     """Matrix-product FLOPs of the analysis' forwards, estimated from the stack's parameters: the
-    build and activation passes, each measured pair from its first block on (replay), the strategies."""
+    build and activation passes, each measured pair from its first block on (replay), the strategies.
+    When --share-pairs caps the pairs, the costliest ones are counted (the analysis measures the most
+    weight-similar ones): an upper bound."""
     stack = structure.blocks
     n = stack.num_blocks if stack is not None else 1
     pairs = [(n - i) / n for i in range(n) for _ in range(i + 1, n)]
@@ -166,7 +168,7 @@ def resolve_calib_dtype(model: nn.Module, structure: ModelStructure, ids: torch.
     the fp32 analysis would cost >= AUTO_BF16_FLOPS, fp32 otherwise (GPUs: fp32, it is fast there)."""
     if cfg.calib_dtype != "auto":
         return cfg.calib_dtype
-    on_cpu = all(p.device.type == "cpu" for p in model.parameters()) and ids.device.type == "cpu"
+    on_cpu = device_of(model).type == "cpu" and ids.device.type == "cpu"
     native = on_cpu and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return "bf16" if native and analysis_flops(model, structure, ids.numel(), cfg) >= AUTO_BF16_FLOPS else "fp32"
 
