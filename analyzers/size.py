@@ -100,6 +100,9 @@ def _table_bytes(fmt: dict, rows: int, dim: int) -> int:
     if fmt["kind"] in DTYPE_BYTES:
         return n * DTYPE_BYTES[fmt["kind"]]
     scales = rows if fmt["kind"] != "ternary" or fmt["granularity"] == "channel" else 1
+    group = fmt.get("group_size", 0)
+    if group and fmt["kind"] != "ternary" and dim % group == 0:
+        scales = rows * (dim // group)
     return CODE_BYTES[fmt["kind"]](n) + scales * DTYPE_BYTES[fmt["scale_dtype"]]
 
 

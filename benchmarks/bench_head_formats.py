@@ -9,9 +9,9 @@ depend on their values), interleaved rounds, medians.
 
 Quality: perplexity of SmolLM2 on Penn Treebank (valid, the first --ppl-windows windows of --ppl-len
 tokens) with only the embedding (and the head tied to it) quantized — every block left float
-(`exclude`), so the number is what the head's format alone costs — and with the table rounded to
-int4 with one scale per 32 weights (the layout of ORT's 4-bit file, simulated in PyTorch). SmolLM2's GGUF weights are already
-4-bit rounded (Q4_1; its embedding Q8_0): "fp32" is that model dequantized.
+(`exclude`), so the number is what the head's format alone costs: int8 / int4 with one scale per row,
+and int4 with one per 32 (`--group-size 32`, the layout of ORT's 4-bit file) or 128 weights. SmolLM2's
+GGUF weights are already 4-bit rounded (Q4_1; its embedding Q8_0): "fp32" is that model dequantized.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_head_formats.py --threads 1 > head_formats.json
 """
@@ -118,24 +118,13 @@ def perplexity(formats: list[str], length: int, windows: int) -> dict:
     blocks = discover(model).blocks.path
     result = {"tokens": windows * (length - 1), "fp32": ppl(model)}
     log(f"perplexity fp32 {result['fp32']}")
-    for fmt in formats:
-        cfg = TernaryConfig(embedding=fmt, head=fmt, exclude=[rf"^{blocks}\."])   # blocks stay float
+    for fmt in formats:   # "int4": one scale per row; "int4-g32": one per 32 weights (--group-size 32)
+        kind, _, group = fmt.partition("-g")
+        cfg = TernaryConfig(embedding=kind, head=kind, group_size=int(group or 0),
+                            exclude=[rf"^{blocks}\."])   # blocks stay float
         result[fmt] = ppl(convert(copy.deepcopy(model), cfg))
-        log(f"perplexity, embedding and tied head {fmt} (per row): {result[fmt]}")
-    # the layout of ORT's 4-bit file (one scale per 32 weights along K), simulated on the float table
-    table = model.get_input_embeddings().weight
-    with torch.no_grad():
-        table.copy_(int4_blocks(table, 32))
-    result["int4_block32_simulated"] = ppl(model)
-    log(f"perplexity, embedding and tied head int4 with a scale per 32 weights: {result['int4_block32_simulated']}")
+        log(f"perplexity, embedding and tied head {fmt}: {result[fmt]}")
     return result
-
-
-def int4_blocks(w, block: int):
-    """w rounded to symmetric int4 (absmax / 7 steps, codes -8..7) with one scale per `block` weights of a row."""
-    v = w.reshape(w.shape[0], -1, block)
-    step = v.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 7
-    return ((v / step).round().clamp(-8, 7) * step).reshape(w.shape)
 
 
 def main(argv=None):
@@ -144,7 +133,8 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=1, help="M: rows of x (1 = one decoded token)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=0.5, help="time per file and round (after 2 warm-ups)")
-    p.add_argument("--formats", default="int8,int4", help="embedding formats whose perplexity is measured")
+    p.add_argument("--formats", default="int8,int4,int4-g32,int4-g128",
+                   help="embedding formats whose perplexity is measured (-gN: --group-size N)")
     p.add_argument("--ppl-len", type=int, default=256)
     p.add_argument("--ppl-windows", type=int, default=24)
     p.add_argument("--skip-ppl", action="store_true")

@@ -6,6 +6,7 @@ activations; needs `pip install tritpress[bench]` (onnx-ir), else that column is
     HF_HUB_OFFLINE=1 python benchmarks/bench_onnx.py                   # MiniLM + SmolLM2 first 10 blocks
     python benchmarks/bench_onnx.py --models minilm --threads 1         # one model, one thread count
     python benchmarks/bench_onnx.py --formats qgemm,matmulnbits4        # which tritpress formats
+    python benchmarks/bench_onnx.py --heads int8,int4-g32               # and embedding/head formats
 
 Prints ONE JSON object on stdout; progress goes to stderr. Every file of a model is made and timed in
 the same run, with the same ONNX Runtime settings (CPU provider, ORT_ENABLE_ALL, fixed intra-op threads,
@@ -39,12 +40,14 @@ import torch  # noqa: E402
 
 from tritpress.compressor.ingest import load_model  # noqa: E402
 from tritpress.compressor.structure import discover, set_submodule  # noqa: E402
+from tritpress.compressor.settings import TernaryConfig  # noqa: E402
 from tritpress.compressor.transform import convert  # noqa: E402
 from tritpress.exporters.onnx import (OnnxConfig, export_onnx, ort_session, save_onnx, signature,  # noqa: E402
                                      trace_to_onnx)
 
 MODELS = {"minilm": "pkg:all-MiniLM-L6-v2", "smollm2": "pkg:SmolLM2-135M"}
 CASES = [("decode_step_b1", 1, 1), ("seq128_b1", 1, 128), ("seq128_b16", 16, 128)]
+DEFAULT_HEAD = "int8"   # the default TernaryConfig's embedding and head
 KV_CASES = [("kv_decode_past128_b1", 1, 128), ("kv_decode_past128_b16", 16, 128)]  # 1 new token
 
 
@@ -102,18 +105,28 @@ def ort_baselines(fp32_path, tmp, stem):
     return out
 
 
-def model_files(original, ternary, formats, tmp, key, kv):
-    """fp32, ORT's int8 / 4-bit, and tritpress's formats of one graph kind -> ({name: path}, validation)."""
+def model_files(original, ternaries, formats, tmp, key, kv):
+    """fp32, ORT's int8 / 4-bit, and tritpress's formats of one graph kind -> ({name: path}, validation).
+    `ternaries`: {head label: converted model}; a file of a head format other than the default is
+    named `<format>[<head>]`."""
     stem = f"{key}{'_kv' if kv else ''}"
     sig = signature(original, kv_cache=kv)
     files = {"fp32": os.path.join(tmp, f"{stem}_fp32.onnx")}
     save_onnx(trace_to_onnx(original, sig), files["fp32"])
     files.update(ort_baselines(files["fp32"], tmp, stem))
     passed = {}
-    for fmt in formats:
-        result = export_onnx(ternary, os.path.join(tmp, f"{stem}_{fmt}.onnx"), OnnxConfig(format=fmt, kv_cache=kv))
-        files[fmt], passed[fmt] = result["path"], result["validation"]["passed"]
+    for head, ternary in ternaries.items():
+        for fmt in formats:
+            name = fmt if head == DEFAULT_HEAD else f"{fmt}[{head}]"
+            result = export_onnx(ternary, os.path.join(tmp, f"{stem}_{name}.onnx"), OnnxConfig(format=fmt, kv_cache=kv))
+            files[name], passed[name] = result["path"], result["validation"]["passed"]
     return sig, files, passed
+
+
+def head_config(head: str) -> TernaryConfig:
+    """"int8" (the default), "int4-g32" (--embedding/--head int4 --group-size 32), ..."""
+    kind, _, group = head.partition("-g")
+    return TernaryConfig(embedding=kind, head=kind, group_size=int(group or 0))
 
 
 def feeds_for(sig, batch, seq, past, seed):
@@ -137,15 +150,16 @@ def ratios(ms, formats):
             for fmt in formats}
 
 
-def bench_model(key, blocks, threads_list, formats, rounds, budget_s, tmp):
+def bench_model(key, blocks, threads_list, formats, heads, rounds, budget_s, tmp):
     original = load_model(MODELS[key]).model.eval()
     if key == "smollm2":
         original = first_blocks(original, blocks)
-    ternary = convert(copy.deepcopy(original))
+    ternaries = {head: convert(copy.deepcopy(original), head_config(head)) for head in heads}
+    formats_all = [f if h == DEFAULT_HEAD else f"{f}[{h}]" for h in heads for f in formats]
     graphs = [(False, CASES)] + ([(True, KV_CASES)] if key == "smollm2" else [])
     out = {"model": MODELS[key], "blocks": discover(original).blocks.num_blocks, "graphs": [], "cases": []}
     for kv, cases in graphs:
-        sig, files, passed = model_files(original, ternary, formats, tmp, key, kv)
+        sig, files, passed = model_files(original, ternaries, formats, tmp, key, kv)
         sizes = {k: os.path.getsize(v) for k, v in files.items()}
         out["graphs"].append({"kv_cache": kv, "bytes": sizes, "validation_passed": passed,
                               "bytes_vs_ort_int8": {k: round(v / sizes["ort_int8"], 3) for k, v in sizes.items()}})
@@ -156,7 +170,7 @@ def bench_model(key, blocks, threads_list, formats, rounds, budget_s, tmp):
                 seq, past = (1, n) if kv else (n, 0)   # a KV case: one new token after n cached ones
                 ms = time_case(sessions, feeds_for(sig, batch, seq, past, seed=0), rounds, budget_s)
                 case = {"case": name, "batch": batch, "seq": seq, "past": past,
-                        "threads": threads, "median_ms": ms, "ours": ratios(ms, formats)}
+                        "threads": threads, "median_ms": ms, "ours": ratios(ms, formats_all)}
                 log(f"  {name} threads={threads}: " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()) + " ms; "
                     + ", ".join(f"{f} x{r['vs_best_ort']} vs best ORT" for f, r in case["ours"].items()))
                 out["cases"].append(case)
@@ -170,12 +184,16 @@ def main():
     ap.add_argument("--smollm-blocks", type=int, default=10)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--formats", default="matmulnbits,matmulnbits4,qgemm", help="tritpress ONNX formats to time")
+    ap.add_argument("--heads", default=DEFAULT_HEAD,
+                    help="embedding/head formats of the ternary model, each exported in every format: int8 (the "
+                         "default), int4-g32 (--embedding int4 --group-size 32), ...")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per case")
     ap.add_argument("--budget-s", type=float, default=0.5, help="time per file, case and round (after 2 warm-ups)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     threads = [int(t) for t in args.threads.split(",")]
-    formats = args.formats.split(",")
+    heads, formats = args.heads.split(","), args.formats.split(",")
+    labels = [f if h == DEFAULT_HEAD else f"{f}[{h}]" for h in heads for f in formats]
     report = {"benchmark": "onnx_latency", "onnxruntime": ort.__version__, "torch": torch.__version__,
               "platform": platform.platform(), "cpu_count": os.cpu_count(),
               "settings": {"provider": "CPUExecutionProvider", "graph_optimization_level": "ORT_ENABLE_ALL",
@@ -186,13 +204,13 @@ def main():
               "models": []}
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models.split(","):
-            report["models"].append(bench_model(key, args.smollm_blocks, threads, formats, args.rounds,
+            report["models"].append(bench_model(key, args.smollm_blocks, threads, formats, heads, args.rounds,
                                                 args.budget_s, tmp))
     report["summary"] = {fmt: {"min_vs_best_ort": min(c["ours"][fmt]["vs_best_ort"] for m in report["models"]
                                                       for c in m["cases"]),
                                "max_bytes_vs_ort_int8": max(g["bytes_vs_ort_int8"][fmt] for m in report["models"]
                                                             for g in m["graphs"])}
-                         for fmt in formats}
+                         for fmt in labels}
     print(json.dumps(report, indent=2))
 
 

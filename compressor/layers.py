@@ -31,8 +31,9 @@ class WeightFormat:
 
     kind: str                    # ternary | int8 | int4 | int2 | fp32 | fp16 | bf16
     method: str = "absmean"      # ternary only
-    granularity: str = "tensor"  # ternary only; int formats always have one scale per row
+    granularity: str = "tensor"  # ternary only; int formats always have one scale per row (or per group)
     scale_dtype: str = "fp16"
+    group_size: int = 0          # int formats: one scale per this many weights of a row (0: per row)
 
     @property
     def is_float(self) -> bool:
@@ -40,7 +41,7 @@ class WeightFormat:
 
     def quantize(self, w: torch.Tensor, dtype=torch.int8):
         """-> (codes as `dtype`, float32 scales already rounded to scale_dtype)."""
-        return quantize_format(w, self.kind, self.method, self.granularity, self.scale_dtype, dtype)
+        return quantize_format(w, self.kind, self.method, self.granularity, self.scale_dtype, dtype, self.group_size)
 
     def fake(self, w: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
         """The weight the forward pass sees during QAT (straight-through gradient)."""
@@ -49,7 +50,7 @@ class WeightFormat:
                 return w
             return ste(w, w.detach().to(FLOAT_DTYPES[self.kind]).to(w.dtype), lam)
         with torch.no_grad():
-            q = fake_values(w.detach(), self.kind, self.method, self.granularity, self.scale_dtype)
+            q = fake_values(w.detach(), self.kind, self.method, self.granularity, self.scale_dtype, self.group_size)
         return ste(w, q, lam)
 
     @property
@@ -61,8 +62,15 @@ class WeightFormat:
         return asdict(self)
 
 
-def quantize_format(w: torch.Tensor, kind: str, method: str, granularity: str, scale_dtype: str, dtype=torch.int8):
-    """WeightFormat.quantize over plain arguments (what a compiled kernel specializes on)."""
+def quantize_format(w: torch.Tensor, kind: str, method: str, granularity: str, scale_dtype: str, dtype=torch.int8,
+                    group_size: int = 0):
+    """WeightFormat.quantize over plain arguments (what a compiled kernel specializes on). An int format
+    with a group size whose rows it divides quantizes each group of a row as a row of its own: codes keep
+    the weight's shape, scales are [rows, groups]."""
+    groups = grouped(w.shape, kind, group_size)
+    if groups:
+        codes, scale = quantize_format(w.reshape(-1, group_size), kind, method, granularity, scale_dtype, dtype)
+        return codes.reshape(w.shape), scale.reshape(w.shape[0], groups)
     if kind == "ternary":
         codes, scale = quantize_ternary(w, method, granularity, dtype)
     elif kind in ("int8", "int4"):
@@ -74,11 +82,20 @@ def quantize_format(w: torch.Tensor, kind: str, method: str, granularity: str, s
     return codes, scale.to(FLOAT_DTYPES[scale_dtype]).float()
 
 
+def grouped(shape, kind: str, group_size: int) -> int:
+    """Scales per row of an int-format weight of `shape` quantized with `group_size` (0: one per row, as
+    when the rows are not a whole number of groups: an LSTM's 650-wide rows, a bias)."""
+    if not group_size or kind not in ("int8", "int4", "int2") or len(shape) != 2 or shape[-1] % group_size:
+        return 0
+    return shape[-1] // group_size
+
+
 @fusable
-def fake_values(w: torch.Tensor, kind: str, method: str, granularity: str, scale_dtype: str) -> torch.Tensor:
+def fake_values(w: torch.Tensor, kind: str, method: str, granularity: str, scale_dtype: str,
+                group_size: int = 0) -> torch.Tensor:
     """codes * scale of `w` in an integer format: the values convert() stores, computed with float
     codes (two conversions fewer) and, under fused kernels, in one compiled loop."""
-    codes, scale = quantize_format(w, kind, method, granularity, scale_dtype, torch.float32)
+    codes, scale = quantize_format(w, kind, method, granularity, scale_dtype, torch.float32, group_size)
     return (codes * _expand(scale, codes)).to(w.dtype)
 
 
@@ -105,7 +122,8 @@ class QTensor(nn.Module):
     @classmethod
     def empty(cls, shape, fmt: WeightFormat) -> "QTensor":
         rows = shape[0] if (fmt.kind != "ternary" or fmt.granularity == "channel") else 1
-        return cls(torch.zeros(shape, dtype=torch.int8), torch.zeros(rows), fmt)
+        groups = grouped(shape, fmt.kind, fmt.group_size)
+        return cls(torch.zeros(shape, dtype=torch.int8), torch.zeros((rows, groups) if groups else rows), fmt)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return dequantize(self.codes, self.scale, dtype)
@@ -249,10 +267,19 @@ class QEmbedding(nn.Module):
 
     def forward(self, ids):
         # gather rows first: never materialize the whole float table
-        rows = self.qweight.codes[ids].float()
-        scale = self.qweight.scale
-        rows = rows * (scale[ids].unsqueeze(-1) if scale.numel() > 1 else scale)
+        rows = scaled_rows(self.qweight.codes[ids].float(), self.qweight.scale, ids)
         return rows * self.multiplier if self.multiplier != 1.0 else rows
+
+
+def scaled_rows(rows: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Gathered code rows [..., dim] times their scales: one per tensor, per row ([vocab]) or per group of
+    a row ([vocab, groups], each scale over dim / groups consecutive values; reshapes only, so it traces)."""
+    if scale.numel() == 1:
+        return rows * scale
+    if scale.dim() == 1:
+        return rows * scale[ids].unsqueeze(-1)
+    per = scale[ids]
+    return (rows.reshape(*per.shape, -1) * per.unsqueeze(-1)).reshape(rows.shape)
 
 
 class QRNN(nn.Module):

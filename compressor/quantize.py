@@ -22,9 +22,12 @@ def _reduce_abs_mean(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
 
 
 def _expand(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Broadcast a [1] or [rows] scale against a weight of any rank."""
+    """Broadcast a [1] or [rows] scale against a weight of any rank; a [rows, groups] scale (one per
+    group of consecutive values of a row) is repeated over its group."""
     if scale.numel() == 1:
         return scale.reshape([1] * like.dim())
+    if scale.dim() == 2:
+        return scale.repeat_interleave(like.shape[-1] // scale.shape[1], dim=1)
     return scale.reshape([-1] + [1] * (like.dim() - 1))
 
 

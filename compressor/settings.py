@@ -17,6 +17,7 @@ GRANULARITY_CHOICES = ("auto", *GRANULARITIES)  # auto: structure.default_granul
 WEIGHT_FORMATS = ("keep", "fp32", "fp16", "bf16", "int8", "int4", "int2", "ternary")
 FLOAT_FORMATS = ("fp32", "fp16", "bf16")   # the keys of config.FLOAT_DTYPES (their torch dtypes)
 ACT_BITS = (None, 8)
+GROUP_SIZES = (0, 16, 32, 64, 128, 256)   # 0: one scale per row; else MatMulNBits' and GGUF's block sizes
 
 
 @dataclass
@@ -36,6 +37,7 @@ class TernaryConfig:
     outside_blocks: str = "keep"     # Linears outside the block stack (pooler, classifier...)
     float_dtype: str = "fp16"        # storage of norms, biases and tensors kept float
     scale_dtype: str = "fp16"        # storage of quantization scales
+    group_size: int = 0              # int8/int4/int2 weights: one scale per this many weights of a row (16-256, a power of two; 32 is GGUF Q4_0's and ORT 4-bit's layout); 0: one per row
     exclude: list[str] = field(default_factory=list)  # regex of module names left float (repeatable)
 
     def __post_init__(self):
@@ -50,6 +52,7 @@ class TernaryConfig:
             check(name, getattr(self, name), WEIGHT_FORMATS)
         check("float_dtype", self.float_dtype, FLOAT_FORMATS)
         check("scale_dtype", self.scale_dtype, FLOAT_FORMATS)
+        check("group_size", self.group_size, GROUP_SIZES)
         self.exclude = list(self.exclude)
 
     def storage_format(self, fmt: str) -> str:

@@ -67,7 +67,9 @@ def layer_formats(structure: ModelStructure, cfg: TernaryConfig) -> dict[str, We
     """Decide each layer's weight format from its role."""
 
     def fmt(kind: str, granularity: str) -> WeightFormat:
-        return WeightFormat(cfg.storage_format(kind), cfg.method, granularity, cfg.scale_dtype)
+        kind = cfg.storage_format(kind)
+        group = cfg.group_size if kind in ("int8", "int4", "int2") else 0
+        return WeightFormat(kind, cfg.method, granularity, cfg.scale_dtype, group)
 
     # embeddings and the head are ternarized per row (TernaryBERT does so for embeddings)
     by_role = {"block": fmt("ternary", cfg.granularity), "outside": fmt(cfg.outside_blocks, cfg.granularity),

@@ -71,12 +71,13 @@ def rotary_permute(rows: np.ndarray, n_head: int) -> np.ndarray:
 # ------------------------------------------------------------------ exact block encoders
 
 def encode_q_blocks(codes: np.ndarray, d: np.ndarray, kind: str) -> np.ndarray:
-    """Integer codes [rows, cols] (cols % 32 == 0) and one scale per row -> ggml Q8_0 ("q8_0": d, 32
+    """Integer codes [rows, cols] (cols % 32 == 0) and one scale per row (or per group of 32k) -> ggml Q8_0 ("q8_0": d, 32
     int8) or Q4_0 ("q4_0": d, 16 bytes of nibbles, low nibbles the first 16 values, q = code + 8)
     blocks, bytes [rows, cols / 32 * block bytes]. Value = d * code exactly (d fp16)."""
     rows, cols = codes.shape
     nb = cols // Q_BLOCK
-    dd = np.repeat(d.astype("<f2").reshape(rows, 1), nb, axis=1).reshape(rows, nb, 1).view(np.uint8)
+    d = d.reshape(rows, -1)   # one scale per row, or per group of a multiple of 32 values
+    dd = np.repeat(d.astype("<f2"), nb // d.shape[1], axis=1).reshape(rows, nb, 1).view(np.uint8)
     if kind == "q8_0":
         qs = codes.astype(np.int8).reshape(rows, nb, Q_BLOCK).view(np.uint8)
     else:
@@ -96,10 +97,13 @@ def encode_tq(codes: np.ndarray, d: np.ndarray, qtype) -> np.ndarray:
     return quants.quantize(codes.astype(np.float32) * d.reshape(-1, 1).astype(np.float32), qtype)
 
 
-def gguf_type(kind: str, cols: int, ternary_type: str):
-    """The exact GGUF type for a matrix of `kind` codes with rows `cols` wide."""
+def gguf_type(kind: str, cols: int, ternary_type: str, group: int = 0):
+    """The exact GGUF type for a matrix of `kind` codes with rows `cols` wide (scales per `group` values
+    of a row: only a multiple of ggml's 32-value blocks is exact in one)."""
     from gguf import GGMLQuantizationType as T
 
+    if group % Q_BLOCK:
+        return T.F32
     if kind == "ternary" and cols % TQ_BLOCK == 0:
         return T.TQ1_0 if ternary_type == "tq1_0" else T.TQ2_0
     if kind in ("ternary", "int4", "int2") and cols % Q_BLOCK == 0:
@@ -116,7 +120,13 @@ def encode(codes: np.ndarray, d: np.ndarray, qtype) -> np.ndarray:
         return encode_tq(codes, d, qtype)
     if qtype in (T.Q4_0, T.Q8_0):
         return encode_q_blocks(codes, d, qtype.name.lower())
-    return (codes.astype(np.float32) * d.reshape(-1, 1)).astype(np.float32)
+    return values(codes, d)
+
+
+def values(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """codes * d in float32, d one scale per row ([rows]) or per group of a row ([rows, groups])."""
+    d = d.reshape(codes.shape[0], -1)
+    return codes.astype(np.float32) * np.repeat(d, codes.shape[1] // d.shape[1], axis=1)
 
 
 # ------------------------------------------------------------------ what can be written
@@ -175,13 +185,14 @@ class Planned:
 
 def _quantized(m: nn.Module, name: str, gname: str, modules: dict, cfg: dict, ternary_type: str) -> Planned:
     codes = _permuted(m.qweight.codes.detach().numpy(), gname, cfg)
-    scale = m.qweight.scale.detach().float().reshape(-1).numpy() * np.float32(occurrence_gain(name, modules))
-    d = _permuted(np.broadcast_to(scale, (codes.shape[0],)).astype(np.float32), gname, cfg)
-    qtype = gguf_type(m.qweight.fmt.kind, codes.shape[1], ternary_type)
+    scale = m.qweight.scale.detach().float().numpy() * np.float32(occurrence_gain(name, modules))
+    groups = scale.shape[1] if scale.ndim == 2 else 0   # grouped: [rows, groups]
+    per_row = scale if groups else np.broadcast_to(scale.reshape(-1), (codes.shape[0],))
+    d = _permuted(per_row.astype(np.float32), gname, cfg)
+    qtype = gguf_type(m.qweight.fmt.kind, codes.shape[1], ternary_type, codes.shape[1] // groups if groups else 0)
     stored_d = d if qtype.name == "F32" else d.astype(np.float16).astype(np.float32)  # ggml block scales: fp16
     shared = isinstance(modules.get(name.rpartition(".")[0]), SharedLinear)
-    return Planned(encode(codes, stored_d, qtype), qtype, codes.astype(np.float32) * d.reshape(-1, 1),
-                   m.qweight.fmt.kind, shared)
+    return Planned(encode(codes, stored_d, qtype), qtype, values(codes, d), m.qweight.fmt.kind, shared)
 
 
 def _float(t: torch.Tensor, gname: str, cfg: dict) -> Planned:

@@ -33,7 +33,7 @@ from torch import nn
 
 from tritpress.compressor.errors import TritpressError
 from tritpress.compressor.fileio import atomic_path
-from tritpress.compressor.layers import QEmbedding, QLinear, QRNN, QTensor, layer_input
+from tritpress.compressor.layers import QEmbedding, QLinear, QRNN, QTensor, layer_input, scaled_rows
 from tritpress.compressor.modelio import (ModelIO, embedding_rows, forward_params, is_encoder_decoder, output_tensors,
                                           random_ids)
 from tritpress.compressor.structure import set_submodule
@@ -98,8 +98,7 @@ class U8Embedding(nn.Module):
         self.padding_idx = padding_idx
 
     def forward(self, ids):
-        rows = self.table_u8[ids].float() - 128.0
-        return rows * (self.scale[ids].unsqueeze(-1) if self.scale.numel() > 1 else self.scale)
+        return scaled_rows(self.table_u8[ids].float() - 128.0, self.scale, ids)
 
 
 class Multiplied(nn.Module):
@@ -191,10 +190,11 @@ def quant_weights(twin: nn.Module, origin: dict[int, tuple], prefix: str = "") -
         if layout in ("table", "codes"):
             out[prefix + name] = TableOf(id(qt)) if layout == "table" else CodesOf(id(qt), qt.fmt.kind)
             continue
-        codes = qt.codes.numpy()
+        codes, scale = qt.codes.numpy(), qt.scale.float().numpy()
+        group = codes.shape[1] // scale.shape[1] if scale.ndim == 2 else 0
         out[prefix + name] = QuantWeight(codes=codes.T.copy() if layout == "t" else codes.copy(),
-                                         scale=qt.scale.float().numpy().reshape(-1).copy(),
-                                         axis=1 if layout == "t" else 0, kind=qt.fmt.kind, source=id(qt))
+                                         scale=scale.copy() if group else scale.reshape(-1).copy(),
+                                         axis=1 if layout == "t" else 0, kind=qt.fmt.kind, source=id(qt), group=group)
     return out
 
 

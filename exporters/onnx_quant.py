@@ -38,6 +38,7 @@ BITS = {"ternary": 2, "int2": 2, "int4": 4, "int8": 8}
 DQ_TYPES = {"ternary": TensorProto.INT2, "int2": TensorProto.INT2, "int4": TensorProto.INT4, "int8": TensorProto.INT8}
 DQ_MIN_OPSET = {"ternary": 25, "int2": 25, "int4": 21, "int8": 13}
 FOLD_MIN_OPSET = 18                                # BitwiseAnd (the folded unpacking nodes)
+BLOCKED_DQ_MIN_OPSET = 21                          # DequantizeLinear's block_size (grouped scales)
 
 
 @dataclass
@@ -46,16 +47,25 @@ class QuantWeight:
     int8 in the initializer's own layout and `scale` of size 1 or one per index of `axis`."""
 
     codes: np.ndarray      # int8, same shape as the float initializer
-    scale: np.ndarray      # float32, [1] or [codes.shape[axis]]
+    scale: np.ndarray      # float32, [1] or [codes.shape[axis]]; grouped: [codes.shape[axis], groups]
     axis: int
     kind: str              # ternary | int2 | int4 | int8
     source: int = 0        # id of the QTensor it came from (links a tied head to its table)
+    group: int = 0         # grouped: each scale covers `group` consecutive values along the other axis
 
     def dequantize(self) -> np.ndarray:
+        if self.group:
+            return self.codes.astype(np.float32) * self.blocked_scale().repeat(self.group, axis=1 - self.axis)
         shape = [1] * self.codes.ndim
         if self.scale.size > 1:
             shape[self.axis] = -1
         return self.codes.astype(np.float32) * self.scale.reshape(shape)
+
+    def blocked_scale(self) -> np.ndarray:
+        """A grouped weight's scales in the codes' own layout, the blocked axis shortened by `group`
+        (DequantizeLinear's blocked form: scale[i, j] covers codes[i * group + k, j] when the blocks run
+        down axis 0)."""
+        return self.scale if self.axis == 0 else self.scale.T
 
 
 @dataclass
@@ -102,15 +112,17 @@ def matmulnbits_tensors(w: QuantWeight, block_size: int, prefix: str) -> tuple[l
     """B and scales initializers plus attributes for `x @ W` with W = w ([K, N])."""
     bits = BITS[w.kind]
     k, n = w.codes.shape
-    block_size = choose_block(k, block_size)
+    block_size = w.group or choose_block(k, block_size)   # a grouped weight's blocks are its groups
     blocks = -(-k // block_size)
     zero = 1 << (bits - 1)
     codes = np.full((n, blocks * block_size), zero, np.uint8)       # padding dequantizes to 0
     codes[:, :k] = (w.codes.T.astype(np.int16) + zero).astype(np.uint8)
     b_bytes = pack_bits(codes, bits)
-    # one scale per (row, block): a per-tensor or per-output-channel alpha is repeated over blocks
-    per_row = np.broadcast_to(w.scale.reshape(-1) if w.scale.size > 1 else w.scale.reshape(1), (n,))
-    scales = np.repeat(per_row.astype(np.float32)[:, None], blocks, axis=1)
+    if w.group:
+        scales = w.scale.astype(np.float32)   # [N, blocks]: one per (output row, group)
+    else:  # one scale per (row, block): a per-tensor or per-output-channel alpha is repeated over blocks
+        per_row = np.broadcast_to(w.scale.reshape(-1) if w.scale.size > 1 else w.scale.reshape(1), (n,))
+        scales = np.repeat(per_row.astype(np.float32)[:, None], blocks, axis=1)
     b = helper.make_tensor(f"{prefix}_nbits", TensorProto.UINT8, [n, blocks, block_size * bits // 8],
                            b_bytes, raw=True)
     s = helper.make_tensor(f"{prefix}_nbits_scales", TensorProto.FLOAT, [n * blocks], scales.reshape(-1).tobytes(),
@@ -231,6 +243,12 @@ def dequantize_linear(w: QuantWeight, name: str) -> tuple[list, onnx.NodeProto]:
     codes = w.codes.reshape(-1)
     raw = pack_bits(codes.astype(np.int16) & ((1 << bits) - 1), bits) if bits < 8 else codes.tobytes()
     q = helper.make_tensor(f"{name}_q", DQ_TYPES[w.kind], list(w.codes.shape), raw, raw=True)
+    if w.group:  # blocked DequantizeLinear (opset 21): the blocks run along the axis the rows do not
+        blocked = np.ascontiguousarray(w.blocked_scale(), np.float32)
+        s = helper.make_tensor(f"{name}_q_scale", TensorProto.FLOAT, list(blocked.shape), blocked.tobytes(), raw=True)
+        node = helper.make_node("DequantizeLinear", [q.name, s.name], [name], name=f"{name}_dequantize",
+                                axis=1 - w.axis, block_size=w.group)
+        return [q, s], node
     per_axis = w.scale.size > 1
     s = helper.make_tensor(f"{name}_q_scale", TensorProto.FLOAT, [w.scale.size] if per_axis else [],
                            w.scale.astype(np.float32).tobytes(), raw=True)
@@ -265,8 +283,10 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, QuantWeight], fmt:
             continue
         users = uses.get(name, [])
         as_matmul_b = users and all(n.op_type == "MatMul" and i == 1 for n, i in users) and w.codes.ndim == 2
-        if fmt in NBITS_FORMATS and as_matmul_b:
-            tensors, nodes, b = _nbits_rewrite(w, name, fmt, block_size, accuracy_level, users, expand, stats)
+        if as_matmul_b and (fmt in NBITS_FORMATS or (fmt == "qgemm" and w.group)):
+            # qgemm: int8 GEMM has one scale per column, so a grouped weight (a 4-bit head) is MatMulNBits
+            tensors, nodes, b = _nbits_rewrite(w, name, fmt if fmt in NBITS_FORMATS else "matmulnbits", block_size,
+                                               accuracy_level, users, expand, stats)
             new_inits += tensors
             new_nodes += nodes
             nbits_of[w.source] = b
@@ -284,7 +304,7 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, QuantWeight], fmt:
             new_inits += tensors
             new_nodes.append(node)
             stats["dequantize_linear"] += 1
-            stats["min_opset"] = max(stats["min_opset"], DQ_MIN_OPSET[w.kind])
+            stats["min_opset"] = max(stats["min_opset"], DQ_MIN_OPSET[w.kind], BLOCKED_DQ_MIN_OPSET if w.group else 0)
         drop.add(name)
     new_inits, new_nodes = _shared_tables(weights, inits, nbits_of, new_inits, new_nodes, drop, stats)
     new_inits, new_nodes = pack_embedding_codes(weights, inits, new_inits, new_nodes, drop, stats)

@@ -30,7 +30,7 @@ from tritpress.exporters.packed import PackedLoadConfig
 
 # values a generic rule (next choice, default + 1, ...) would get wrong: they must be valid
 VALUES = {
-    ("TernaryConfig", "act_bits"): 8, ("TernaryConfig", "exclude"): ["blocks\\.0"],
+    ("TernaryConfig", "act_bits"): 8, ("TernaryConfig", "exclude"): ["blocks\\.0"], ("TernaryConfig", "group_size"): 32,
     ("SharingConfig", "strategy"): "alternate", ("SharingConfig", "groups"): "0,1;2,3", ("SharingConfig", "tie_decoder"): "same-depth",
     ("OnnxConfig", "accuracy_level"): 1, ("OnnxConfig", "block_size"): 64, ("OnnxConfig", "float_dtype"): "fp16",
     ("EvalConfig", "tasks"): "lm,qa", ("EvalConfig", "probe"): "always", ("EvalConfig", "device"): "cpu",

@@ -51,6 +51,17 @@ def test_compiled_fake_weights_equal_eager(kind, method, granularity):
     torch.testing.assert_close(fast, stored, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["int4", "int2"])
+def test_compiled_grouped_fake_weights_equal_eager(kind):
+    torch.manual_seed(0)
+    w = torch.randn(96, 64) * torch.linspace(0.2, 3, 64)   # each group of 16 its own range
+    eager = fake_values.eager(w, kind, "absmean", "tensor", "fp16", 16)
+    fast = compiled(fake_values, w, kind, "absmean", "tensor", "fp16", 16)
+    torch.testing.assert_close(fast, eager, rtol=1e-6, atol=1e-6)
+    codes, scale = WeightFormat(kind, group_size=16).quantize(w)
+    torch.testing.assert_close(fast, codes.float() * scale.repeat_interleave(16, dim=1), rtol=1e-6, atol=1e-6)
+
+
 def test_compiled_kernels_take_any_shape():
     for rows in (3, 17, 64, 130):
         x = torch.randn(2, rows, 40)

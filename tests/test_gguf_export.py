@@ -61,6 +61,22 @@ def test_tq_blocks_hold_ternary_codes_exactly(rows, blocks, qtype, seed):
 def test_each_format_gets_the_exact_type(kind, cols, expected):
     assert gguf_type(kind, cols, "tq1_0") == expected
     assert gguf_type("ternary", 256, "tq2_0") == T.TQ2_0
+    # grouped scales: exact in ggml's 32-value blocks when a group is whole blocks
+    assert gguf_type(kind, cols, "tq1_0", group=64) == expected
+    assert gguf_type(kind, cols, "tq1_0", group=16) == T.F32
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 4), st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 2)]), st.sampled_from(["q8_0", "q4_0"]),
+       st.integers(0, 2**31 - 1))
+def test_q_blocks_hold_grouped_scales_exactly(rows, blocks_groups, kind, seed):
+    blocks, groups = blocks_groups   # each group of a row is blocks / groups ggml blocks wide
+    rng = np.random.default_rng(seed)
+    lo, hi = (-127, 127) if kind == "q8_0" else (-8, 7)
+    codes = rng.integers(lo, hi + 1, (rows, 32 * blocks)).astype(np.int8)
+    d = fp16_scales(rng, rows * groups).reshape(rows, groups)
+    got = quants.dequantize(encode_q_blocks(codes, d, kind), T.Q8_0 if kind == "q8_0" else T.Q4_0).reshape(codes.shape)
+    assert np.array_equal(got, codes.astype(np.float32) * np.repeat(d, 32 * blocks // groups, axis=1))
 
 
 # ------------------------------------------------------------------ whole models, read by transformers
@@ -93,6 +109,10 @@ CASES = {  # name -> (hidden, tied, TernaryConfig, ternary matrices expected as 
     "tq-untied-tensor-int4emb-int8head": (256, False, TernaryConfig(embedding="int4", head="int8"), True),
     "q4-96wide-ternary-emb-and-head": (96, False, TernaryConfig(embedding="ternary", head="ternary"), False),
     "tq-int2-emb-fp16-head": (256, False, TernaryConfig(embedding="int2", head="fp16"), True),
+    # a scale per 32 values is Q4_0's own layout, per 64 two Q4_0 blocks with one scale; per 16: float
+    "tq-tied-int4-g32": (256, True, TernaryConfig(embedding="int4", group_size=32), True),
+    "tq-untied-int8-g64-emb-int4-head": (256, False, TernaryConfig(embedding="int8", head="int4", group_size=64), True),
+    "tq-untied-int2-g16": (256, False, TernaryConfig(embedding="int2", head="int2", group_size=16), True),
 }
 
 

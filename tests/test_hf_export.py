@@ -69,15 +69,16 @@ def test_transformers_loads_the_folder_and_matches(name, linear_class, tmp_path)
             assert "lm_head.weight" not in f.keys()
 
 
-@pytest.mark.parametrize("dropped", ["unk", "nearest", "mix"])
-def test_classifier_with_shared_blocks_and_trimmed_embedding(dropped, tmp_path):
+@pytest.mark.parametrize("dropped,group", [("unk", 0), ("nearest", 0), ("mix", 0), ("mix", 16)])
+def test_classifier_with_shared_blocks_and_trimmed_embedding(dropped, group, tmp_path):
     from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(bert_config(num_labels=3, num_hidden_layers=4)).eval()
     student, _ = apply_sharing(copy.deepcopy(model), plan_groups(4, SharingConfig("alternate")))
     trim_model(student, list(range(0, 100, 2)), 1, dropped)
-    q, result = export(student, tmp_path, TernaryConfig(granularity="tensor", act_bits=8, outside_blocks="int8"))
+    q, result = export(student, tmp_path, TernaryConfig(granularity="tensor", act_bits=8, outside_blocks="int8",
+                                                       group_size=group))
     assert result["validation"]["passed"] and result["validation"]["max_rel_diff"] < 1e-5
     assert result["tied_across_layers"] == 12   # 6 matrices of blocks 2 and 3 repeat those of blocks 0 and 1
     assert any("pooler" in m for m in result["modules_to_not_convert"])

@@ -240,6 +240,31 @@ def test_int2_embedding_and_head_export_and_validate(name, fmt, tmp_path):
         assert head and {a.name: a.i for a in head[0].attribute}["bits"] == 2
 
 
+def _attrs(node):
+    return {a.name: a.i for a in node.attribute}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name,kind", [("llama_untied", "int4"), ("llama_tied", "int4"), ("bert", "int8"),
+                                       ("gpt2", "int2"), ("lstm", "int4")])
+def test_grouped_embedding_and_head_export_and_validate(name, kind, fmt, tmp_path):
+    """A scale per 16 weights of a row (--group-size): the head is MatMulNBits blocked by the groups in
+    every quantized format (int8 GEMM has one scale per column), the int2 format a blocked
+    DequantizeLinear; validated in fp32 compute too (a wrong scale layout fails it)."""
+    from tritpress.compressor.config import TernaryConfig
+
+    model = convert(build(name), TernaryConfig(embedding=kind, head=kind, outside_blocks="int8", group_size=16))
+    result = export_onnx(model, tmp_path / "m.onnx", OnnxConfig(format=fmt))
+    assert result["validation"]["passed"]
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    if name == "llama_untied" and fmt in ("matmulnbits", "qgemm"):
+        head = [n for n in graph.node if n.op_type == "MatMulNBits" and _attrs(n)["N"] == 100]
+        assert head and _attrs(head[0])["block_size"] == 16 and _attrs(head[0])["bits"] == 4
+    if name == "llama_untied" and fmt == "int2":
+        blocked = [n for n in graph.node if n.op_type == "DequantizeLinear" and _attrs(n).get("block_size") == 16]
+        assert blocked and result["opset"] >= 25
+
+
 @pytest.mark.parametrize("fmt", ["matmulnbits", "qgemm"])
 def test_tied_embedding_and_head_stored_once(fmt, tmp_path):
     tied = export_onnx(convert(build("llama_tied")), tmp_path / "t.onnx", OnnxConfig(format=fmt))

@@ -37,6 +37,8 @@ CONFIGS = {
     "act8-fp32-everything": TernaryConfig(act_bits=8, embedding="fp32", head="keep", float_dtype="fp32",
                                           scale_dtype="bf16"),
     "int2-emb-int2-head": TernaryConfig(embedding="int2", head="int2", outside_blocks="int2"),
+    # a scale per 16 weights of a row (GGUF Q4_0's layout at 32): the LSTM's 32-wide rows too
+    "int4-g16-everything": TernaryConfig(embedding="int4", head="int4", outside_blocks="int8", group_size=16),
 }
 TIED = {"gpt2", "llama_tied", "lstm_tied"}
 BYTES_PER = {"ternary": lambda n: math.ceil(n / 5), "int4": lambda n: math.ceil(n / 2),
@@ -100,7 +102,7 @@ def test_round_trip_is_exact(name, cfg_name, tmp_path):
 
 
 @pytest.mark.parametrize("cfg_name", ["default", "act8-ternary-emb-int4-head", "twn-fp16-emb-bf16-floats",
-                                      "int2-emb-int2-head"])
+                                      "int2-emb-int2-head", "int4-g16-everything"])
 @pytest.mark.parametrize("name", list(FACTORIES))
 def test_ties_are_stored_once_and_restored(name, cfg_name, tmp_path):
     path = tmp_path / "m.tritpress.safetensors"
@@ -174,7 +176,8 @@ def test_untied_low_bit_head_is_stored_at_its_format_cost(kind, tmp_path):
 # ------------------------------------------------------------------ size
 
 @pytest.mark.parametrize("cfg_name", ["default", "twn-channel-int4emb", "act8-ternary-emb-int4-head",
-                                      "bf16-emb-ternary-head", "act8-fp32-everything", "int2-emb-int2-head"])
+                                      "bf16-emb-ternary-head", "act8-fp32-everything", "int2-emb-int2-head",
+                                      "int4-g16-everything"])
 @pytest.mark.parametrize("name", list(FACTORIES))
 def test_size_report_matches_file_and_bits_per_weight(name, cfg_name, tmp_path):
     path = tmp_path / "m.tritpress.safetensors"
@@ -213,6 +216,10 @@ def test_size_report_matches_file_and_bits_per_weight(name, cfg_name, tmp_path):
             emb_bytes += BYTES_PER[fmt.kind](t.numel())
     emb_row = next(c for c in rep["components"] if c["component"] == "embeddings")
     assert emb_row["bytes"] == emb_bytes
+    # every scale once, in its storage dtype: one per tensor, row or group of a row (--group-size)
+    scales = {id(m.scale): m.scale.numel() for m in q.modules() if isinstance(m, QTensor)}
+    scale_row = next(c for c in rep["components"] if c["component"] == "scales")
+    assert scale_row["bytes"] == sum(scales.values()) * (4 if record.config.scale_dtype == "fp32" else 2)
 
     state = q.state_dict(keep_vars=True)
     assert rep["params"] == sum(t.numel() for t in state.values())

@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tritpress.compressor.config import TernaryConfig
 from tritpress.compressor.layers import QTensor, WeightFormat
@@ -307,3 +309,51 @@ def test_large_weights_quantize_and_apply_in_slices_with_the_same_result(fmt, mo
     assert torch.equal(sliced.codes, whole.codes) and torch.equal(sliced.scale, whole.scale)
     out = QLinear(sliced, torch.nn.Parameter(bias))(x)
     assert out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ grouped scales (--group-size)
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(["int8", "int4", "int2"]), st.sampled_from([16, 32, 64]), st.integers(1, 5),
+       st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_grouped_format_quantizes_each_group_as_a_row(kind, group, rows, groups, seed):
+    """A scale per `group` weights of a row: exactly the per-row quantizer applied to each group, the
+    same codes convert stores and QAT's fake weight computes, dequantized group by group."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, group * groups, generator=g) * torch.rand(rows, group * groups, generator=g) * 4
+    fmt = WeightFormat(kind, scale_dtype="fp32", group_size=group)
+    codes, scale = fmt.quantize(w)
+    ref_codes, ref_scale = WeightFormat(kind, scale_dtype="fp32").quantize(w.reshape(-1, group))
+    assert codes.shape == w.shape and scale.shape == (rows, groups)
+    assert torch.equal(codes.reshape(-1, group), ref_codes) and torch.equal(scale.reshape(-1), ref_scale)
+    expected = (ref_codes.float() * ref_scale[:, None]).reshape(w.shape)
+    assert torch.equal(QTensor.from_float(w, fmt).dequantize(), expected)
+    assert torch.equal(fmt.fake(w), expected)
+
+
+def test_rows_that_are_not_whole_groups_keep_one_scale_per_row():
+    w = torch.randn(3, 40)   # 40 is not a multiple of 16: an LSTM's 650-wide rows are the real case
+    _, scale = WeightFormat("int4", group_size=16).quantize(w)
+    assert scale.shape == (3,)
+    assert QTensor.empty((3, 40), WeightFormat("int4", group_size=16)).scale.shape == (3,)
+    assert QTensor.empty((3, 64), WeightFormat("int4", group_size=16)).scale.shape == (3, 4)
+    with pytest.raises(ValueError, match="group_size=24"):
+        TernaryConfig(group_size=24)
+
+
+def test_groups_cut_the_int4_error_of_rows_with_outliers():
+    """What the scales buy: one outlier per row sets the whole row's int4 step; per 32 weights, one group's."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    w[:, 7] *= 20
+    err = lambda fmt: (QTensor.from_float(w, fmt).dequantize() - w).pow(2).mean()  # noqa: E731
+    assert err(WeightFormat("int4", group_size=32)) < 0.2 * err(WeightFormat("int4"))
+
+
+def test_grouped_embedding_gathers_the_dequantized_rows():
+    from tritpress.compressor.layers import QEmbedding
+    torch.manual_seed(0)
+    table = torch.randn(50, 64)
+    qt = QTensor.from_float(table, WeightFormat("int4", group_size=16))
+    ids = torch.tensor([[3, 0, 49], [7, 7, 1]])
+    assert torch.equal(QEmbedding(qt)(ids), qt.dequantize()[ids])

@@ -280,9 +280,11 @@ def test_prepare_twice_is_refused():
         prepare(p, TernaryConfig())
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama_untied", "gru"])
-def test_convert_after_prepare_matches_the_fake_quant_forward(name):
-    cfg = TernaryConfig(float_dtype="fp32", scale_dtype="fp32", granularity="channel")
+@pytest.mark.parametrize("name,group", [("gpt2", 0), ("llama_untied", 0), ("gru", 0), ("llama_untied", 16),
+                                        ("gru", 16)])
+def test_convert_after_prepare_matches_the_fake_quant_forward(name, group):
+    cfg = TernaryConfig(float_dtype="fp32", scale_dtype="fp32", granularity="channel", embedding="int4",
+                        head="int4", group_size=group)
     p = prepare(build(name), cfg)
     ids = sample_ids()
     fake = run(p, ids)

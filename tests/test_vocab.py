@@ -200,11 +200,12 @@ def test_trim_refuses_bad_input():
 
 # ------------------------------------------------------------------ packed file
 
-@pytest.mark.parametrize("fmt", ["int8", "int2", "ternary", "fp16"])
+@pytest.mark.parametrize("fmt", ["int8", "int2", "ternary", "fp16", "int4-g16"])
 @pytest.mark.parametrize("name", MODELS)
 def test_trim_pack_reload_is_exact(name, fmt, tmp_path):
     _, t, f = trimmed(name)
-    q = convert(t, TernaryConfig(embedding=fmt, head=fmt))
+    kind, _, group = fmt.partition("-g")
+    q = convert(t, TernaryConfig(embedding=kind, head=kind, group_size=int(group or 0)))
     r = pack_and_load(name, q, tmp_path / "m.safetensors")
     random_ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
     for ids in (KEPT_IDS, random_ids):  # random: dropped ids too
@@ -266,11 +267,12 @@ def test_bytes_go_down_by_the_dropped_rows(name, fmt, tmp_path):
 
 # ------------------------------------------------------------------ ONNX
 
-@pytest.mark.parametrize("fmt", ["matmulnbits", "int2", "float"])
+@pytest.mark.parametrize("fmt,group", [("matmulnbits", 0), ("int2", 0), ("float", 0), ("qgemm", 16), ("int2", 16)])
 @pytest.mark.parametrize("name", ["bert", "gpt2", "llama_untied"])
-def test_onnx_takes_original_ids_and_validates(name, fmt, tmp_path):
+def test_onnx_takes_original_ids_and_validates(name, fmt, group, tmp_path):
     _, t, f = trimmed(name)
-    r = pack_and_load(name, convert(t, TernaryConfig(embedding="int2", head="int4")), tmp_path / "m.safetensors")
+    r = pack_and_load(name, convert(t, TernaryConfig(embedding="int2", head="int4", group_size=group)),
+                      tmp_path / "m.safetensors")
     result = export_onnx(r, tmp_path / "m.onnx", OnnxConfig(format=fmt))
     assert result["validation"]["passed"]
     sess = ort_session(tmp_path / "m.onnx")
