@@ -39,6 +39,7 @@ DQ_TYPES = {"ternary": TensorProto.INT2, "int2": TensorProto.INT2, "int4": Tenso
 DQ_MIN_OPSET = {"ternary": 25, "int2": 25, "int4": 21, "int8": 13}
 FOLD_MIN_OPSET = 18                                # BitwiseAnd (the folded unpacking nodes)
 BLOCKED_DQ_MIN_OPSET = 21                          # DequantizeLinear's block_size (grouped scales)
+SWITCH_ROWS = 4   # a grouped weight under qgemm: MatMulNBits up to this many rows, int8 GEMM beyond
 
 
 @dataclass
@@ -202,6 +203,7 @@ def qgemm_as_fp32(graph) -> None:
     """The inverse of qgemm_nodes for the validation's fp32-compute run: `MatMulInteger(quantized a, W8)`
     becomes `MatMul(a, float(W8))` and the activation scale 1 (the weight scale stays), so the graph
     computes a @ (W8 * scale) in fp32."""
+    _exact_branches(graph)
     quantized_from = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DynamicQuantizeLinear"}
     act_scales = {n.output[1] for n in graph.node if n.op_type == "DynamicQuantizeLinear"}
     nodes = []
@@ -211,6 +213,23 @@ def qgemm_as_fp32(graph) -> None:
                       helper.make_node("MatMul", [quantized_from[n.input[0]], f"{n.output[0]}_wf"], [n.output[0]])]
         elif n.op_type == "Mul" and n.input[0] in act_scales:
             nodes.append(helper.make_node("Identity", [n.input[1]], [n.output[0]]))
+        else:
+            nodes.append(n)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _exact_branches(graph) -> None:
+    """Each row-count switch (_rows_switch_rewrite) becomes its MatMulNBits branch, which computes the
+    weight exactly at accuracy level 0 (the int8 branch rounds it)."""
+    nodes = []
+    for n in graph.node:
+        if n.op_type == "If" and n.name.endswith("_rows_switch"):
+            few = next(a.g for a in n.attribute if a.name == "then_branch")
+            inner = onnx.NodeProto()
+            inner.CopyFrom(few.node[0])
+            inner.output[0] = n.output[0]
+            nodes.append(inner)
         else:
             nodes.append(n)
     del graph.node[:]
@@ -283,10 +302,14 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, QuantWeight], fmt:
             continue
         users = uses.get(name, [])
         as_matmul_b = users and all(n.op_type == "MatMul" and i == 1 for n, i in users) and w.codes.ndim == 2
-        if as_matmul_b and (fmt in NBITS_FORMATS or (fmt == "qgemm" and w.group)):
-            # qgemm: int8 GEMM has one scale per column, so a grouped weight (a 4-bit head) is MatMulNBits
-            tensors, nodes, b = _nbits_rewrite(w, name, fmt if fmt in NBITS_FORMATS else "matmulnbits", block_size,
-                                               accuracy_level, users, expand, stats)
+        if as_matmul_b and fmt == "qgemm" and w.group:
+            # int8 GEMM has one scale per column: a grouped weight (a 4-bit head) is MatMulNBits for few rows,
+            # int8 GEMM on weights requantized from it at session load for many
+            tensors, nodes = _rows_switch_rewrite(w, name, accuracy_level, users, expand, stats)
+            new_inits += tensors
+            new_nodes += nodes
+        elif as_matmul_b and fmt in NBITS_FORMATS:
+            tensors, nodes, b = _nbits_rewrite(w, name, fmt, block_size, accuracy_level, users, expand, stats)
             new_inits += tensors
             new_nodes += nodes
             nbits_of[w.source] = b
@@ -339,6 +362,70 @@ def _nbits_rewrite(w: QuantWeight, name: str, fmt: str, block_size: int, accurac
                                              accuracy_level=accuracy_level, **attrs)]
         stats["matmulnbits"] += 1
     return tensors, nodes, stored
+
+
+def _rows_switch_rewrite(w: QuantWeight, name: str, accuracy_level: int, users, expand: dict,
+                         stats: dict) -> tuple[list, list]:
+    """`a @ W` for a grouped weight under qgemm: an `If` on the rows of `a` (every dimension but the last).
+    Up to SWITCH_ROWS rows (a decoded token), MatMulNBits blocked by the groups reads W's own 4-bit bytes, the
+    fewest a single row has to stream; beyond, ORT's int8 GEMM (DynamicQuantizeMatMul, ~2.6x MatMulNBits'
+    speed at 128 rows) on int8 weights requantized per column from those bytes by folded nodes, at session
+    load: the file holds W once. The int8 branch rounds W to a step of max|column| / 127, a deviation well
+    under its int8 activations'; validation checks it, and the fp32-compute check runs the exact branch."""
+    tensors, attrs = matmulnbits_tensors(w, 0, name)
+    b, scales = tensors[0].name, tensors[1].name
+    n, blocks, _ = tensors[0].dims
+    consts, nodes = requantized_int8(b, scales, attrs, n, blocks, f"{name}_rq")
+    weight = {"w": f"{name}_rq_int8", "scale": f"{name}_rq_scale", "zero": f"{name}_rq_zero"}
+    consts.append(_const(weight["zero"], TensorProto.INT8, 0, dims=[]))
+    consts.append(_const("switch_rows", TensorProto.INT64, SWITCH_ROWS, dims=[]))
+    for node, _ in users:
+        a, out = node.input[0], node.output[0]
+        few = helper.make_graph([helper.make_node("MatMulNBits", [a, b, scales], [f"{out}_few"], domain=MS_DOMAIN,
+                                                  accuracy_level=accuracy_level, **attrs)],
+                                f"{out}_few_rows", [], [helper.make_tensor_value_info(f"{out}_few", TensorProto.FLOAT,
+                                                                                      None)])
+        many = helper.make_graph(qgemm_nodes(a, f"{out}_many", weight), f"{out}_many_rows", [],
+                                 [helper.make_tensor_value_info(f"{out}_many", TensorProto.FLOAT, None)])
+        expand[id(node)] = [helper.make_node("Shape", [a], [f"{out}_lead"], end=-1),
+                            helper.make_node("ReduceProd", [f"{out}_lead"], [f"{out}_rows"], keepdims=0),
+                            helper.make_node("LessOrEqual", [f"{out}_rows", "switch_rows"], [f"{out}_few_cond"]),
+                            helper.make_node("If", [f"{out}_few_cond"], [out], name=f"{out}_rows_switch",
+                                             then_branch=few, else_branch=many)]
+        stats["matmulnbits"] += 1
+        stats["qgemm"] += 1
+        stats["rows_switches"] = stats.get("rows_switches", 0) + 1
+    stats["folded_weights"] += 1
+    stats["min_opset"] = max(stats["min_opset"], FOLD_MIN_OPSET)
+    return tensors + consts, nodes
+
+
+def requantized_int8(b: str, scales: str, attrs: dict, n: int, blocks: int, t: str) -> tuple[list, list]:
+    """Folded nodes: MatMulNBits weight `b` (codes + zero point, `bits` per value) and its per-block `scales`
+    -> `<t>_int8` [K, N], the values rounded to int8 with one scale `<t>_scale` [N] per output column
+    (max |column| / 127). Every input is an initializer: ONNX Runtime computes them at session load."""
+    bits, block, k = attrs["bits"], attrs["block_size"], attrs["K"]
+    consts, nodes = unpack_nodes(b, bits, n * blocks * block, [n, blocks, block], f"{t}_codes")
+    consts += [_const(f"{t}_scale_shape", TensorProto.INT64, [n, blocks, 1]),
+               _const(f"{t}_rows", TensorProto.INT64, [n, blocks * block]),
+               _const("fold_axis1", TensorProto.INT64, [1]), _const(f"{t}_k", TensorProto.INT64, [k]),
+               _const("fold_int8_max", TensorProto.FLOAT, 127.0, dims=[]),
+               _const("fold_tiny", TensorProto.FLOAT, 1e-30, dims=[])]
+    nodes += [helper.make_node("Cast", [f"{t}_codes"], [f"{t}_f"], to=TensorProto.FLOAT),
+              helper.make_node("Reshape", [scales, f"{t}_scale_shape"], [f"{t}_bs"]),
+              helper.make_node("Mul", [f"{t}_f", f"{t}_bs"], [f"{t}_v3"]),
+              helper.make_node("Reshape", [f"{t}_v3", f"{t}_rows"], [f"{t}_vp"]),
+              helper.make_node("Slice", [f"{t}_vp", "fold_start", f"{t}_k", "fold_axis1"], [f"{t}_v"]),  # block padding
+              helper.make_node("Abs", [f"{t}_v"], [f"{t}_abs"]),
+              helper.make_node("ReduceMax", [f"{t}_abs", "fold_axis1"], [f"{t}_max"], keepdims=1),
+              helper.make_node("Div", [f"{t}_max", "fold_int8_max"], [f"{t}_step0"]),
+              helper.make_node("Max", [f"{t}_step0", "fold_tiny"], [f"{t}_step"]),   # an all-zero column
+              helper.make_node("Div", [f"{t}_v", f"{t}_step"], [f"{t}_q"]),
+              helper.make_node("Round", [f"{t}_q"], [f"{t}_r"]),
+              helper.make_node("Cast", [f"{t}_r"], [f"{t}_i8"], to=TensorProto.INT8),
+              helper.make_node("Transpose", [f"{t}_i8"], [f"{t}_int8"], perm=[1, 0]),
+              helper.make_node("Reshape", [f"{t}_step", "fold_last"], [f"{t}_scale"])]
+    return consts, nodes
 
 
 def _shared_tables(weights, inits, nbits_of, new_inits, new_nodes, drop, stats) -> tuple[list, list]:

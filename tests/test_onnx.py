@@ -257,12 +257,62 @@ def test_grouped_embedding_and_head_export_and_validate(name, kind, fmt, tmp_pat
     result = export_onnx(model, tmp_path / "m.onnx", OnnxConfig(format=fmt))
     assert result["validation"]["passed"]
     graph = onnx.load(str(tmp_path / "m.onnx")).graph
-    if name == "llama_untied" and fmt in ("matmulnbits", "qgemm"):
-        head = [n for n in graph.node if n.op_type == "MatMulNBits" and _attrs(n)["N"] == 100]
+    if name == "llama_untied" and fmt in ("matmulnbits", "qgemm"):   # qgemm: inside the row-count switch
+        nodes = [*graph.node, *(m for n in graph.node if n.op_type == "If" for a in n.attribute for m in a.g.node)]
+        head = [n for n in nodes if n.op_type == "MatMulNBits" and _attrs(n)["N"] == 100]
         assert head and _attrs(head[0])["block_size"] == 16 and _attrs(head[0])["bits"] == 4
     if name == "llama_untied" and fmt == "int2":
         blocked = [n for n in graph.node if n.op_type == "DequantizeLinear" and _attrs(n).get("block_size") == 16]
         assert blocked and result["opset"] >= 25
+
+
+def _one_branch(path, branch: str) -> bytes:
+    """The graph with every row-count switch replaced by its `branch` ("then_branch": MatMulNBits)."""
+    proto = onnx.load(str(path))
+    nodes = []
+    for n in proto.graph.node:
+        if n.op_type != "If":
+            nodes.append(n)
+            continue
+        g = next(a.g for a in n.attribute if a.name == branch)
+        inner = [onnx.NodeProto() for _ in g.node]
+        for dst, src in zip(inner, g.node):
+            dst.CopyFrom(src)
+        inner[-1].output[0] = n.output[0]
+        nodes += inner
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return proto.SerializeToString()
+
+
+@pytest.mark.parametrize("name", ["llama_untied", "llama_tied"])
+def test_grouped_head_switches_on_row_count_under_qgemm(name, tmp_path):
+    """qgemm with a grouped head: MatMulNBits up to SWITCH_ROWS rows (the fewest bytes per decoded token),
+    the int8 GEMM on weights requantized at session load beyond; each branch is what runs at its row count,
+    and both stay close to PyTorch."""
+    from tritpress.compressor.config import TernaryConfig
+    from tritpress.exporters.onnx_quant import SWITCH_ROWS
+
+    model = convert(build(name), TernaryConfig(embedding="int4", head="int4", group_size=16))
+    result = export_onnx(model, tmp_path / "m.onnx", OnnxConfig(format="qgemm"))
+    assert result["validation"]["passed"] and result["rewrites"]["rows_switches"] == 1
+    # the requantization is folded at session load, and each branch runs ORT's fused kernel
+    left = _folded_ops(tmp_path / "m.onnx")
+    assert not left & {"BitShift", "BitwiseAnd", "Round", "ReduceMax"}, left
+    switch = next(n for n in onnx.load(str(tmp_path / "m.onnx.opt.onnx")).graph.node if n.op_type == "If")
+    assert {a.name: [m.op_type for m in a.g.node] for a in switch.attribute} == {
+        "then_branch": ["MatMulNBits"], "else_branch": ["DynamicQuantizeMatMul"]}
+    sess = ort_session(tmp_path / "m.onnx")
+    few, many = ort_session(_one_branch(tmp_path / "m.onnx", "then_branch")), \
+        ort_session(_one_branch(tmp_path / "m.onnx", "else_branch"))
+    for length, branch in ((1, few), (SWITCH_ROWS, few), (SWITCH_ROWS + 1, many), (9, many)):
+        ids = torch.randint(0, 100, (1, length), generator=torch.Generator().manual_seed(length))
+        feeds = {i.name: (ids if i.name == "input_ids" else torch.ones_like(ids)).numpy() for i in sess.get_inputs()}
+        got = sess.run(None, feeds)[0]
+        assert np.array_equal(got, branch.run(None, feeds)[0]), length
+        with torch.no_grad():
+            ref = model(ids).logits.numpy()
+        assert np.abs(got - ref).max() <= 0.1 * np.abs(ref).max(), length
 
 
 @pytest.mark.parametrize("fmt", ["matmulnbits", "qgemm"])
@@ -425,10 +475,14 @@ def test_float_format_fp16_storage(tmp_path):
     assert b["file_bytes"] < 0.8 * a["file_bytes"]
 
 
-@pytest.mark.parametrize("name,fmt", [("llama_tied", "matmulnbits"), ("llama_tied", "qgemm"), ("gpt2", "float")])
-def test_kv_cache_graph_decodes_like_the_full_sequence(name, fmt, tmp_path):
+@pytest.mark.parametrize("name,fmt,group", [("llama_tied", "matmulnbits", 0), ("llama_tied", "qgemm", 0),
+                                            ("gpt2", "float", 0), ("llama_tied", "qgemm", 16)])
+def test_kv_cache_graph_decodes_like_the_full_sequence(name, fmt, group, tmp_path):
+    from tritpress.compressor.config import TernaryConfig
+
     path = tmp_path / "kv.onnx"
-    result = export_onnx(convert(build(name)), path, OnnxConfig(format=fmt, kv_cache=True))
+    cfg = TernaryConfig(embedding="int4", group_size=group) if group else None   # group: a row-count switch
+    result = export_onnx(convert(build(name), cfg), path, OnnxConfig(format=fmt, kv_cache=True))
     assert result["validation"]["passed"] and result["inputs"][2] == "past_key_values.0.key"
     if fmt == "qgemm":
         # ORT's int8 GEMM quantizes each MatMul input with one scale for the whole tensor, so a token's
