@@ -424,7 +424,7 @@ def _export_graph(model: nn.Module, path: Path, sig: Signature, cfg: OnnxConfig,
         stats["float16_weights"] = float16_weights(proto, quant_weights(twin, origin, prefix="model."))
     elif cfg.format != "float":
         stats = quantize_graph(proto, quant_weights(twin, origin, prefix="model."), cfg.format, cfg.block_size,
-                               cfg.accuracy_level)
+                               cfg.accuracy_level, cfg.switch_weights)
     removed = dedup_initializers(proto)
     _set_opset(proto, stats.pop("min_opset"), cfg.opset)
     external = _save(proto, path, external_data_bytes)

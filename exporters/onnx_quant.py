@@ -165,10 +165,7 @@ def qgemm_tensors(w: QuantWeight, name: str, table: onnx.TensorProto | None = No
     (from 2 or 4 bits per weight in the file; int8 stored as is, or the transpose of `table`, the int8
     [N, K] codes of the embedding this weight is tied to), its scale(s) and zero point."""
     bits = BITS[w.kind]
-    inits = [_const(f"{name}_wzp", TensorProto.INT8, 0, dims=[]),
-             helper.make_tensor(f"{name}_wscale", TensorProto.FLOAT, [w.scale.size] if w.scale.size > 1 else [],
-                                w.scale.astype(np.float32).tobytes(), raw=True)]
-    weight = {"w": f"{name}_int8", "scale": inits[1].name, "zero": inits[0].name}
+    inits, weight = int8_weight_scale(w, name)
     if bits == 8 and table is not None and list(table.dims) == list(w.codes.shape)[::-1]:
         return inits, [helper.make_node("Transpose", [table.name], [weight["w"]], perm=[1, 0])], weight
     if bits == 8:
@@ -177,6 +174,14 @@ def qgemm_tensors(w: QuantWeight, name: str, table: onnx.TensorProto | None = No
         return inits, [], weight
     packed, nodes = packed_int8(w.codes, bits, name, f"{name}_codes", weight["w"])
     return inits + packed, nodes, weight
+
+
+def int8_weight_scale(w: QuantWeight, name: str) -> tuple[list, dict]:
+    """The zero point and scale(s) (one per output column, or one) of W's int8 GEMM weight `<name>_int8`."""
+    inits = [_const(f"{name}_wzp", TensorProto.INT8, 0, dims=[]),
+             helper.make_tensor(f"{name}_wscale", TensorProto.FLOAT, [w.scale.size] if w.scale.size > 1 else [],
+                                w.scale.astype(np.float32).tobytes(), raw=True)]
+    return inits, {"w": f"{name}_int8", "scale": inits[1].name, "zero": inits[0].name}
 
 
 def packed_int8(codes: np.ndarray, bits: int, name: str, stored: str, out: str) -> tuple[list, list]:
@@ -285,8 +290,9 @@ def _consumers(graph) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
 
 
 def quantize_graph(model: onnx.ModelProto, weights: dict[str, QuantWeight], fmt: str, block_size: int,
-                   accuracy_level: int) -> dict:
-    """Replace the float initializers named in `weights` in place. Returns counts per rewrite."""
+                   accuracy_level: int, switch_weights: int = 0) -> dict:
+    """Replace the float initializers named in `weights` in place. Returns counts per rewrite. qgemm: a
+    grouped weight, and one of at least `switch_weights` weights (> 0), gets a row-count switch."""
     graph = model.graph
     uses = _consumers(graph)
     inits = {t.name: t for t in graph.initializer}
@@ -302,10 +308,11 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, QuantWeight], fmt:
             continue
         users = uses.get(name, [])
         as_matmul_b = users and all(n.op_type == "MatMul" and i == 1 for n, i in users) and w.codes.ndim == 2
-        if as_matmul_b and fmt == "qgemm" and w.group:
+        # (an int8 weight is as fast in the int8 GEMM at one row as in 8-bit MatMulNBits: never switched)
+        if as_matmul_b and fmt == "qgemm" and (w.group or (w.kind != "int8" and 0 < switch_weights <= w.codes.size)):
             # int8 GEMM has one scale per column: a grouped weight (a 4-bit head) is MatMulNBits for few rows,
             # int8 GEMM on weights requantized from it at session load for many
-            tensors, nodes = _rows_switch_rewrite(w, name, accuracy_level, users, expand, stats)
+            tensors, nodes = _rows_switch_rewrite(w, name, block_size, accuracy_level, users, expand, stats)
             new_inits += tensors
             new_nodes += nodes
         elif as_matmul_b and fmt in NBITS_FORMATS:
@@ -364,40 +371,68 @@ def _nbits_rewrite(w: QuantWeight, name: str, fmt: str, block_size: int, accurac
     return tensors, nodes, stored
 
 
-def _rows_switch_rewrite(w: QuantWeight, name: str, accuracy_level: int, users, expand: dict,
+def _rows_switch_rewrite(w: QuantWeight, name: str, block_size: int, accuracy_level: int, users, expand: dict,
                          stats: dict) -> tuple[list, list]:
-    """`a @ W` for a grouped weight under qgemm: an `If` on the rows of `a` (every dimension but the last).
-    Up to SWITCH_ROWS rows (a decoded token), MatMulNBits blocked by the groups reads W's own 4-bit bytes, the
-    fewest a single row has to stream; beyond, ORT's int8 GEMM (DynamicQuantizeMatMul, ~2.6x MatMulNBits'
-    speed at 128 rows) on int8 weights requantized per column from those bytes by folded nodes, at session
-    load: the file holds W once. The int8 branch rounds W to a step of max|column| / 127, a deviation well
-    under its int8 activations'; validation checks it, and the fp32-compute check runs the exact branch."""
-    tensors, attrs = matmulnbits_tensors(w, 0, name)
-    b, scales = tensors[0].name, tensors[1].name
-    n, blocks, _ = tensors[0].dims
-    consts, nodes = requantized_int8(b, scales, attrs, n, blocks, f"{name}_rq")
-    weight = {"w": f"{name}_rq_int8", "scale": f"{name}_rq_scale", "zero": f"{name}_rq_zero"}
-    consts.append(_const(weight["zero"], TensorProto.INT8, 0, dims=[]))
-    consts.append(_const("switch_rows", TensorProto.INT64, SWITCH_ROWS, dims=[]))
+    """`a @ W` under qgemm as an `If` on the rows of `a` (every dimension but the last). Up to SWITCH_ROWS rows
+    (a decoded token), MatMulNBits on W's codes in 4 bits (2-bit codes widened at session load; a grouped
+    weight blocked by its groups), the fewest bytes a single row has to stream; beyond, ORT's int8 GEMM
+    (DynamicQuantizeMatMul, ~2.6x MatMulNBits' speed at 128 rows) on int8 weights made from the same stored
+    codes by folded nodes at session load: the file holds W once."""
+    tensors, nodes, few, weight = _switch_weights(w, name, block_size)
+    tensors.append(_const("switch_rows", TensorProto.INT64, SWITCH_ROWS, dims=[]))
     for node, _ in users:
         a, out = node.input[0], node.output[0]
-        few = helper.make_graph([helper.make_node("MatMulNBits", [a, b, scales], [f"{out}_few"], domain=MS_DOMAIN,
-                                                  accuracy_level=accuracy_level, **attrs)],
-                                f"{out}_few_rows", [], [helper.make_tensor_value_info(f"{out}_few", TensorProto.FLOAT,
-                                                                                      None)])
+        then = helper.make_graph([helper.make_node("MatMulNBits", [a, few["b"], few["scales"]], [f"{out}_few"],
+                                                   domain=MS_DOMAIN, accuracy_level=accuracy_level, **few["attrs"])],
+                                 f"{out}_few_rows", [], [helper.make_tensor_value_info(f"{out}_few", TensorProto.FLOAT,
+                                                                                       None)])
         many = helper.make_graph(qgemm_nodes(a, f"{out}_many", weight), f"{out}_many_rows", [],
                                  [helper.make_tensor_value_info(f"{out}_many", TensorProto.FLOAT, None)])
         expand[id(node)] = [helper.make_node("Shape", [a], [f"{out}_lead"], end=-1),
                             helper.make_node("ReduceProd", [f"{out}_lead"], [f"{out}_rows"], keepdims=0),
                             helper.make_node("LessOrEqual", [f"{out}_rows", "switch_rows"], [f"{out}_few_cond"]),
                             helper.make_node("If", [f"{out}_few_cond"], [out], name=f"{out}_rows_switch",
-                                             then_branch=few, else_branch=many)]
+                                             then_branch=then, else_branch=many)]
         stats["matmulnbits"] += 1
         stats["qgemm"] += 1
         stats["rows_switches"] = stats.get("rows_switches", 0) + 1
     stats["folded_weights"] += 1
     stats["min_opset"] = max(stats["min_opset"], FOLD_MIN_OPSET)
-    return tensors + consts, nodes
+    return tensors, nodes
+
+
+def _switch_weights(w: QuantWeight, name: str, block_size: int) -> tuple[list, list, dict, dict]:
+    """The one stored copy of W and the folded nodes giving both branches their weight -> (initializers,
+    nodes, the MatMulNBits inputs {"b", "scales", "attrs"}, the int8 GEMM's weight as qgemm_nodes reads it).
+    Grouped: 4-bit MatMulNBits bytes, requantized per column for the int8 GEMM. Otherwise: the codes in
+    MatMulNBits' layout (2-bit codes widened to 4 at load) with one scale per row or tensor, stored as qgemm
+    stores it and repeated over the blocks at load; the int8 GEMM reads the codes themselves (exact)."""
+    tensors, attrs = matmulnbits_tensors(w, 0 if w.group else block_size, name)
+    stored, scales = tensors
+    n, blocks, _ = stored.dims
+    if w.group:
+        consts, nodes = requantized_int8(stored.name, scales.name, attrs, n, blocks, f"{name}_rq")
+        consts.append(_const(f"{name}_rq_zero", TensorProto.INT8, 0, dims=[]))
+        return tensors + consts, nodes, {"b": stored.name, "scales": scales.name, "attrs": attrs}, \
+            {"w": f"{name}_rq_int8", "scale": f"{name}_rq_scale", "zero": f"{name}_rq_zero"}
+    inits, weight = int8_weight_scale(w, name)
+    t, bits, block = f"{name}_sw", attrs["bits"], attrs["block_size"]
+    inits += [_const(f"{t}_blocks", TensorProto.INT64, [n, blocks]), _const("fold_column", TensorProto.INT64, [-1, 1]),
+              _const(f"{t}_k", TensorProto.INT64, [attrs["K"]]), _const("fold_axis1", TensorProto.INT64, [1])]
+    nodes = [helper.make_node("Reshape", [weight["scale"], "fold_column"], [f"{t}_s1"]),   # per-block scales
+             helper.make_node("Expand", [f"{t}_s1", f"{t}_blocks"], [f"{t}_s2"]),
+             helper.make_node("Reshape", [f"{t}_s2", "fold_last"], [scales.name])]
+    packed = stored
+    if bits == 2:   # MatMulNBits' 4-bit kernels are faster than its 2-bit ones (issue #14)
+        widened, wnodes = widen_to_4bit(stored, n * blocks * block)
+        packed, inits, nodes, attrs = widened[0], inits + widened, nodes + wnodes, {**attrs, "bits": 4}
+    else:
+        inits.append(stored)
+    consts, unpack = unpack_nodes(packed.name, bits, n * blocks * block, [n, blocks * block], f"{t}_codes")
+    nodes += unpack + [helper.make_node("Slice", [f"{t}_codes", "fold_start", f"{t}_k", "fold_axis1"], [f"{t}_ck"]),
+                       helper.make_node("Cast", [f"{t}_ck"], [f"{t}_c8"], to=TensorProto.INT8),
+                       helper.make_node("Transpose", [f"{t}_c8"], [weight["w"]], perm=[1, 0])]
+    return inits + consts, nodes, {"b": stored.name, "scales": scales.name, "attrs": attrs}, weight
 
 
 def requantized_int8(b: str, scales: str, attrs: dict, n: int, blocks: int, t: str) -> tuple[list, list]:

@@ -74,6 +74,9 @@ class OnnxConfig:
     float_dtype: str = "fp32"       # format float: fp32 or fp16 storage of the dequantized weights
     kv_cache: bool = False          # decoder LMs: export the incremental-decoding graph (past_key_values.* in,
                                     # present.* out)
+    switch_weights: int = 0         # qgemm: a quantized MatMul with at least this many weights gets a row-count
+                                    # switch (MatMulNBits on 4-bit codes for <= 4 rows, the int8 GEMM beyond,
+                                    # both from the one stored copy); 0: only grouped weights (--group-size)
 
     def __post_init__(self):
         if self.format not in ONNX_FORMATS:
@@ -88,6 +91,8 @@ class OnnxConfig:
             raise ValueError(f"float_dtype={self.float_dtype!r} is not one of fp32, fp16")
         if self.atol is not None and self.atol <= 0:
             raise ValueError("atol must be > 0")
+        if self.switch_weights < 0:
+            raise ValueError("switch_weights must be >= 0")
 
     @property
     def int8_activations(self) -> bool:

@@ -17,7 +17,7 @@ from tritpress.compressor.transform import convert
 from tritpress.exporters.onnx import OnnxConfig, OnnxValidationError, export_onnx, ort_session
 from tritpress.exporters.onnx_quant import dedup_initializers, pack_bits
 from tritpress.exporters.packed import load_packed, save_packed
-from tests.tiny_models import build, gpt2_config, make_large_logit_decoder
+from tests.tiny_models import build, gpt2_config, make_large_logit_decoder, run
 
 MODELS = ["bert", "gpt2", "llama_tied", "llama_untied", "lstm", "gru"]
 FORMATS = ["matmulnbits", "matmulnbits4", "qgemm", "int2", "float"]
@@ -285,18 +285,33 @@ def _one_branch(path, branch: str) -> bytes:
     return proto.SerializeToString()
 
 
-@pytest.mark.parametrize("name", ["llama_untied", "llama_tied"])
-def test_grouped_head_switches_on_row_count_under_qgemm(name, tmp_path):
-    """qgemm with a grouped head: MatMulNBits up to SWITCH_ROWS rows (the fewest bytes per decoded token),
-    the int8 GEMM on weights requantized at session load beyond; each branch is what runs at its row count,
-    and both stay close to PyTorch."""
+SWITCH_CASES = {  # name -> (model, TernaryConfig kwargs, OnnxConfig.switch_weights, switched MatMuls)
+    "grouped-head": ("llama_untied", {"embedding": "int4", "head": "int4", "group_size": 16}, 0, 1),
+    "grouped-tied-head": ("llama_tied", {"embedding": "int4", "group_size": 16}, 0, 1),
+    "ternary-blocks": ("llama_tied", {}, 1, 14),                          # the int8 tied head is not switched
+    "ternary-channel-int4-pooler": ("bert", {"granularity": "channel", "outside_blocks": "int4"}, 1, 19),
+}
+
+
+@pytest.mark.parametrize("case", SWITCH_CASES)
+def test_row_count_switch_under_qgemm(case, tmp_path):
+    """qgemm's row-count switch (a grouped weight; any ternary/int4/int2 one of >= switch_weights weights):
+    MatMulNBits on 4-bit codes up to SWITCH_ROWS rows (the fewest bytes per decoded token), the int8 GEMM
+    beyond, both from one stored copy folded at session load. Each branch is what runs at its row count,
+    both stay close to PyTorch, and the file is no bigger than without the switch (+ a few constants)."""
     from tritpress.compressor.config import TernaryConfig
     from tritpress.exporters.onnx_quant import SWITCH_ROWS
 
-    model = convert(build(name), TernaryConfig(embedding="int4", head="int4", group_size=16))
-    result = export_onnx(model, tmp_path / "m.onnx", OnnxConfig(format="qgemm"))
-    assert result["validation"]["passed"] and result["rewrites"]["rows_switches"] == 1
-    # the requantization is folded at session load, and each branch runs ORT's fused kernel
+    name, qcfg, weights, switched = SWITCH_CASES[case]
+    model = convert(build(name), TernaryConfig(**qcfg))
+    result = export_onnx(model, tmp_path / "m.onnx", OnnxConfig(format="qgemm", switch_weights=weights))
+    assert result["validation"]["passed"] and result["rewrites"]["rows_switches"] == switched
+    if weights:   # the weights' bytes (a tiny model's file is mostly node names)
+        export_onnx(model, tmp_path / "plain.onnx", OnnxConfig(format="qgemm", validate=False))
+        data = {f: sum(len(t.raw_data) for t in onnx.load(str(tmp_path / f)).graph.initializer)
+                for f in ("m.onnx", "plain.onnx")}
+        assert data["m.onnx"] <= data["plain.onnx"] + 16 * switched, data
+    # the unpacking and requantization are folded at session load, and each branch runs ORT's fused kernel
     left = _folded_ops(tmp_path / "m.onnx")
     assert not left & {"BitShift", "BitwiseAnd", "Round", "ReduceMax"}, left
     switch = next(n for n in onnx.load(str(tmp_path / "m.onnx.opt.onnx")).graph.node if n.op_type == "If")
@@ -311,7 +326,7 @@ def test_grouped_head_switches_on_row_count_under_qgemm(name, tmp_path):
         got = sess.run(None, feeds)[0]
         assert np.array_equal(got, branch.run(None, feeds)[0]), length
         with torch.no_grad():
-            ref = model(ids).logits.numpy()
+            ref = run(model, ids).numpy()
         assert np.abs(got - ref).max() <= 0.1 * np.abs(ref).max(), length
 
 
