@@ -7,6 +7,7 @@ activations; needs `pip install tritpress[bench]` (onnx-ir), else that column is
     python benchmarks/bench_onnx.py --models minilm --threads 1         # one model, one thread count
     python benchmarks/bench_onnx.py --formats qgemm,matmulnbits4        # which tritpress formats
     python benchmarks/bench_onnx.py --heads int8,int4-g32               # and embedding/head formats
+    python benchmarks/bench_onnx.py --formats qgemm,qgemm-switch        # qgemm with --switch-weights
 
 Prints ONE JSON object on stdout; progress goes to stderr. Every file of a model is made and timed in
 the same run, with the same ONNX Runtime settings (CPU provider, ORT_ENABLE_ALL, fixed intra-op threads,
@@ -48,6 +49,7 @@ from tritpress.exporters.onnx import (OnnxConfig, export_onnx, ort_session, save
 MODELS = {"minilm": "pkg:all-MiniLM-L6-v2", "smollm2": "pkg:SmolLM2-135M"}
 CASES = [("decode_step_b1", 1, 1), ("seq128_b1", 1, 128), ("seq128_b16", 16, 128)]
 DEFAULT_HEAD = "int8"   # the default TernaryConfig's embedding and head
+SWITCH_WEIGHTS = [1]    # --switch-weights (a list: set once by main)
 KV_CASES = [("kv_decode_past128_b1", 1, 128), ("kv_decode_past128_b16", 16, 128)]  # 1 new token
 
 
@@ -118,9 +120,17 @@ def model_files(original, ternaries, formats, tmp, key, kv):
     for head, ternary in ternaries.items():
         for fmt in formats:
             name = fmt if head == DEFAULT_HEAD else f"{fmt}[{head}]"
-            result = export_onnx(ternary, os.path.join(tmp, f"{stem}_{name}.onnx"), OnnxConfig(format=fmt, kv_cache=kv))
+            result = export_onnx(ternary, os.path.join(tmp, f"{stem}_{name}.onnx"), onnx_config(fmt, kv))
             files[name], passed[name] = result["path"], result["validation"]["passed"]
     return sig, files, passed
+
+
+def onnx_config(fmt: str, kv: bool) -> OnnxConfig:
+    """A tritpress format, or "qgemm-switch": qgemm with the row-count switch on every ternary MatMul of at
+    least SWITCH_WEIGHTS weights (--switch-weights)."""
+    if fmt == "qgemm-switch":
+        return OnnxConfig(format="qgemm", kv_cache=kv, switch_weights=SWITCH_WEIGHTS[0])
+    return OnnxConfig(format=fmt, kv_cache=kv)
 
 
 def head_config(head: str) -> TernaryConfig:
@@ -184,6 +194,8 @@ def main():
     ap.add_argument("--smollm-blocks", type=int, default=10)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--formats", default="matmulnbits,matmulnbits4,qgemm", help="tritpress ONNX formats to time")
+    ap.add_argument("--switch-weights", type=int, default=1 << 18,
+                    help="format qgemm-switch: MatMuls of at least this many weights get the row-count switch")
     ap.add_argument("--heads", default=DEFAULT_HEAD,
                     help="embedding/head formats of the ternary model, each exported in every format: int8 (the "
                          "default), int4-g32 (--embedding int4 --group-size 32), ...")
@@ -193,10 +205,11 @@ def main():
     torch.set_num_threads(1)
     threads = [int(t) for t in args.threads.split(",")]
     heads, formats = args.heads.split(","), args.formats.split(",")
+    SWITCH_WEIGHTS[0] = args.switch_weights
     labels = [f if h == DEFAULT_HEAD else f"{f}[{h}]" for h in heads for f in formats]
     report = {"benchmark": "onnx_latency", "onnxruntime": ort.__version__, "torch": torch.__version__,
               "platform": platform.platform(), "cpu_count": os.cpu_count(),
-              "settings": {"provider": "CPUExecutionProvider", "graph_optimization_level": "ORT_ENABLE_ALL",
+              "settings": {"switch_weights": args.switch_weights, "provider": "CPUExecutionProvider", "graph_optimization_level": "ORT_ENABLE_ALL",
                            "intra_op_threads": threads, "inter_op_threads": 1, "warmup_runs": 2,
                            "rounds": args.rounds, "budget_s_per_round": args.budget_s,
                            "statistic": "median of interleaved rounds (each the median of its runs)",
