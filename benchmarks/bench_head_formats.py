@@ -10,7 +10,7 @@ depend on their values), interleaved rounds, medians.
 Quality: perplexity of SmolLM2 on Penn Treebank (valid, the first --ppl-windows windows of --ppl-len
 tokens) with only the embedding (and the head tied to it) quantized — every block left float
 (`exclude`), so the number is what the head's format alone costs: int8 / int4 with one scale per row,
-and int4 with one per 32 (`--group-size 32`, the layout of ORT's 4-bit file) or 128 weights. SmolLM2's
+and int4 with one per 32 (`--group-size 32`, the layout of ORT's 4-bit file) or 64 weights. SmolLM2's
 GGUF weights are already 4-bit rounded (Q4_1; its embedding Q8_0): "fp32" is that model dequantized.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_head_formats.py --threads 1 > head_formats.json
@@ -133,7 +133,7 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=1, help="M: rows of x (1 = one decoded token)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=0.5, help="time per file and round (after 2 warm-ups)")
-    p.add_argument("--formats", default="int8,int4,int4-g32,int4-g128",
+    p.add_argument("--formats", default="int8,int4,int4-g32,int4-g64",
                    help="embedding formats whose perplexity is measured (-gN: --group-size N)")
     p.add_argument("--ppl-len", type=int, default=256)
     p.add_argument("--ppl-windows", type=int, default=24)
