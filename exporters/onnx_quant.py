@@ -374,8 +374,8 @@ def _nbits_rewrite(w: QuantWeight, name: str, fmt: str, block_size: int, accurac
 def _rows_switch_rewrite(w: QuantWeight, name: str, block_size: int, accuracy_level: int, users, expand: dict,
                          stats: dict) -> tuple[list, list]:
     """`a @ W` under qgemm as an `If` on the rows of `a` (every dimension but the last). Up to SWITCH_ROWS rows
-    (a decoded token), MatMulNBits on W's codes in 4 bits (2-bit codes widened at session load; a grouped
-    weight blocked by its groups), the fewest bytes a single row has to stream; beyond, ORT's int8 GEMM
+    (a decoded token), MatMulNBits on W's codes (ternary/int2 codes widened to 4 bits at session load; a grouped
+    weight in its own bits, blocked by its groups), the fewest bytes a single row has to stream; beyond, ORT's int8 GEMM
     (DynamicQuantizeMatMul, ~2.6x MatMulNBits' speed at 128 rows) on int8 weights made from the same stored
     codes by folded nodes at session load: the file holds W once."""
     tensors, nodes, few, weight = _switch_weights(w, name, block_size)
