@@ -209,7 +209,8 @@ def main():
     labels = [f if h == DEFAULT_HEAD else f"{f}[{h}]" for h in heads for f in formats]
     report = {"benchmark": "onnx_latency", "onnxruntime": ort.__version__, "torch": torch.__version__,
               "platform": platform.platform(), "cpu_count": os.cpu_count(),
-              "settings": {"switch_weights": args.switch_weights, "provider": "CPUExecutionProvider", "graph_optimization_level": "ORT_ENABLE_ALL",
+              "settings": {"switch_weights": args.switch_weights, "provider": "CPUExecutionProvider",
+                           "graph_optimization_level": "ORT_ENABLE_ALL",
                            "intra_op_threads": threads, "inter_op_threads": 1, "warmup_runs": 2,
                            "rounds": args.rounds, "budget_s_per_round": args.budget_s,
                            "statistic": "median of interleaved rounds (each the median of its runs)",

@@ -71,9 +71,9 @@ def rotary_permute(rows: np.ndarray, n_head: int) -> np.ndarray:
 # ------------------------------------------------------------------ exact block encoders
 
 def encode_q_blocks(codes: np.ndarray, d: np.ndarray, kind: str) -> np.ndarray:
-    """Integer codes [rows, cols] (cols % 32 == 0) and one scale per row (or per group of 32k) -> ggml Q8_0 ("q8_0": d, 32
-    int8) or Q4_0 ("q4_0": d, 16 bytes of nibbles, low nibbles the first 16 values, q = code + 8)
-    blocks, bytes [rows, cols / 32 * block bytes]. Value = d * code exactly (d fp16)."""
+    """Integer codes [rows, cols] (cols % 32 == 0) and one scale per row (or per group of 32k values) -> ggml
+    Q8_0 ("q8_0": d, 32 int8) or Q4_0 ("q4_0": d, 16 bytes of nibbles, low nibbles the first 16 values,
+    q = code + 8) blocks, bytes [rows, cols / 32 * block bytes]. Value = d * code exactly (d fp16)."""
     rows, cols = codes.shape
     nb = cols // Q_BLOCK
     d = d.reshape(rows, -1)   # one scale per row, or per group of a multiple of 32 values
