@@ -197,10 +197,19 @@ def packed_int8(codes: np.ndarray, bits: int, name: str, stored: str, out: str) 
 
 def qgemm_nodes(a: str, out: str, weight: dict) -> list:
     """`out = a @ W` as ORT's dynamic int8 quantization writes it (fused by ORT into DynamicQuantizeMatMul)."""
-    return [helper.make_node("DynamicQuantizeLinear", [a], [f"{out}_aq", f"{out}_as", f"{out}_az"]),
-            helper.make_node("MatMulInteger", [f"{out}_aq", weight["w"], f"{out}_az", weight["zero"]], [f"{out}_acc"]),
+    return qgemm_quantize(a, out) + qgemm_from_quantized(out, out, weight)
+
+
+def qgemm_quantize(a: str, q: str) -> list:
+    """`a` as uint8 `<q>_aq` with its scale `<q>_as` and zero point `<q>_az` (one per tensor)."""
+    return [helper.make_node("DynamicQuantizeLinear", [a], [f"{q}_aq", f"{q}_as", f"{q}_az"])]
+
+
+def qgemm_from_quantized(q: str, out: str, weight: dict) -> list:
+    """`out` = (quantized input `q`, qgemm_quantize) @ W: integer product, then both scales."""
+    return [helper.make_node("MatMulInteger", [f"{q}_aq", weight["w"], f"{q}_az", weight["zero"]], [f"{out}_acc"]),
             helper.make_node("Cast", [f"{out}_acc"], [f"{out}_accf"], to=TensorProto.FLOAT),
-            helper.make_node("Mul", [f"{out}_as", weight["scale"]], [f"{out}_scale"]),
+            helper.make_node("Mul", [f"{q}_as", weight["scale"]], [f"{out}_scale"]),
             helper.make_node("Mul", [f"{out}_accf", f"{out}_scale"], [out])]
 
 
@@ -225,16 +234,18 @@ def qgemm_as_fp32(graph) -> None:
 
 
 def _exact_branches(graph) -> None:
-    """Each row-count switch (_rows_switch_rewrite) becomes its MatMulNBits branch, which computes the
+    """Each row-count switch (_add_switches) becomes its MatMulNBits branch, which computes the
     weight exactly at accuracy level 0 (the int8 branch rounds it)."""
     nodes = []
     for n in graph.node:
         if n.op_type == "If" and n.name.endswith("_rows_switch"):
             few = next(a.g for a in n.attribute if a.name == "then_branch")
-            inner = onnx.NodeProto()
-            inner.CopyFrom(few.node[0])
-            inner.output[0] = n.output[0]
-            nodes.append(inner)
+            rename = {o.name: outer for o, outer in zip(few.output, n.output)}
+            for m in few.node:
+                inner = onnx.NodeProto()
+                inner.CopyFrom(m)
+                inner.output[:] = [rename.get(o, o) for o in m.output]
+                nodes.append(inner)
         else:
             nodes.append(n)
     del graph.node[:]
@@ -303,6 +314,7 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, QuantWeight], fmt:
     nbits_of: dict[int, onnx.TensorProto] = {}   # QTensor id -> its MatMulNBits B
     tables = {w.source: inits[name] for name, w in weights.items() if isinstance(w, CodesOf) and name in inits
               and inits[name].data_type == TensorProto.INT8}
+    switched: list = []                          # (MatMul node, its MatMulNBits inputs, its int8 GEMM weight)
     for name, w in weights.items():
         if name not in inits or isinstance(w, (TableOf, CodesOf)):
             continue
@@ -312,9 +324,11 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, QuantWeight], fmt:
         if as_matmul_b and fmt == "qgemm" and (w.group or (w.kind != "int8" and 0 < switch_weights <= w.codes.size)):
             # int8 GEMM has one scale per column: a grouped weight (a 4-bit head) is MatMulNBits for few rows,
             # int8 GEMM on weights requantized from it at session load for many
-            tensors, nodes = _rows_switch_rewrite(w, name, block_size, accuracy_level, users, expand, stats)
+            tensors, nodes, few, weight = _switch_weights(w, name, block_size)
             new_inits += tensors
             new_nodes += nodes
+            switched += [(node, few, weight) for node, _ in users]
+            stats["folded_weights"] += 1
         elif as_matmul_b and fmt in NBITS_FORMATS:
             tensors, nodes, b = _nbits_rewrite(w, name, fmt, block_size, accuracy_level, users, expand, stats)
             new_inits += tensors
@@ -336,6 +350,7 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, QuantWeight], fmt:
             stats["dequantize_linear"] += 1
             stats["min_opset"] = max(stats["min_opset"], DQ_MIN_OPSET[w.kind], BLOCKED_DQ_MIN_OPSET if w.group else 0)
         drop.add(name)
+    new_inits += _add_switches(switched, uses, inits, accuracy_level, expand, stats)
     new_inits, new_nodes = _shared_tables(weights, inits, nbits_of, new_inits, new_nodes, drop, stats)
     new_inits, new_nodes = pack_embedding_codes(weights, inits, new_inits, new_nodes, drop, stats)
     kept = [t for t in graph.initializer if t.name not in drop]
@@ -371,34 +386,65 @@ def _nbits_rewrite(w: QuantWeight, name: str, fmt: str, block_size: int, accurac
     return tensors, nodes, stored
 
 
-def _rows_switch_rewrite(w: QuantWeight, name: str, block_size: int, accuracy_level: int, users, expand: dict,
-                         stats: dict) -> tuple[list, list]:
-    """`a @ W` under qgemm as an `If` on the rows of `a` (every dimension but the last). Up to SWITCH_ROWS rows
-    (a decoded token), MatMulNBits on W's codes (ternary/int2 codes widened to 4 bits at session load; a grouped
-    weight in its own bits, blocked by its groups), the fewest bytes a single row has to stream; beyond, ORT's int8 GEMM
-    (DynamicQuantizeMatMul, ~2.6x MatMulNBits' speed at 128 rows) on int8 weights made from the same stored
-    codes by folded nodes at session load: the file holds W once."""
-    tensors, nodes, few, weight = _switch_weights(w, name, block_size)
-    tensors.append(_const("switch_rows", TensorProto.INT64, SWITCH_ROWS, dims=[]))
-    for node, _ in users:
-        a, out = node.input[0], node.output[0]
-        then = helper.make_graph([helper.make_node("MatMulNBits", [a, few["b"], few["scales"]], [f"{out}_few"],
-                                                   domain=MS_DOMAIN, accuracy_level=accuracy_level, **few["attrs"])],
-                                 f"{out}_few_rows", [], [helper.make_tensor_value_info(f"{out}_few", TensorProto.FLOAT,
-                                                                                       None)])
-        many = helper.make_graph(qgemm_nodes(a, f"{out}_many", weight), f"{out}_many_rows", [],
-                                 [helper.make_tensor_value_info(f"{out}_many", TensorProto.FLOAT, None)])
-        expand[id(node)] = [helper.make_node("Shape", [a], [f"{out}_lead"], end=-1),
-                            helper.make_node("ReduceProd", [f"{out}_lead"], [f"{out}_rows"], keepdims=0),
-                            helper.make_node("LessOrEqual", [f"{out}_rows", "switch_rows"], [f"{out}_few_cond"]),
-                            helper.make_node("If", [f"{out}_few_cond"], [out], name=f"{out}_rows_switch",
-                                             then_branch=then, else_branch=many)]
-        stats["matmulnbits"] += 1
-        stats["qgemm"] += 1
+def _add_switches(switched: list, uses: dict, inits: dict, accuracy_level: int, expand: dict,
+                  stats: dict) -> list:
+    """The switched MatMuls as `If`s on the rows of their input (every dimension but the last): up to
+    SWITCH_ROWS rows (a decoded token) MatMulNBits on the weights' codes, the fewest bytes a single row has to
+    stream; beyond, ORT's int8 GEMM (~2.6x MatMulNBits' speed at 128 rows) on int8 weights made from the same
+    stored codes at session load (_switch_weights). The MatMuls reading one input (query/key/value, gate/up)
+    share one `If`, and in it one activation quantization, and each one's bias Add moves into both branches:
+    what ORT fuses across a MatMul in the plain graph it can still fuse inside a branch. -> initializers."""
+    by_input: dict[str, list] = {}
+    for entry in switched:
+        by_input.setdefault(entry[0].input[0], []).append(entry)
+    for a, group in by_input.items():
+        head = group[0][0].output[0]
+        few, many = [], qgemm_quantize(a, head)
+        outs = []
+        for node, nbits, weight in group:
+            bias_add = _bias_add(node.output[0], uses, inits)
+            out = bias_add.output[0] if bias_add else node.output[0]
+            bias = next(i for i in bias_add.input if i in inits) if bias_add else None
+            few += _with_bias([helper.make_node("MatMulNBits", [a, nbits["b"], nbits["scales"]], [f"{out}_few"],
+                                                domain=MS_DOMAIN, accuracy_level=accuracy_level, **nbits["attrs"])],
+                              bias)
+            many += _with_bias(qgemm_from_quantized(head, f"{out}_many", weight), bias)
+            outs.append(out)
+            expand[id(node)] = []
+            if bias_add is not None:
+                expand[id(bias_add)] = []
+        branch = {k: helper.make_graph(nodes, f"{head}_{k}_rows", [], [helper.make_tensor_value_info(
+            f"{o}_{k}", TensorProto.FLOAT, None) for o in outs]) for k, nodes in (("few", few), ("many", many))}
+        expand[id(group[0][0])] = [
+            helper.make_node("Shape", [a], [f"{head}_lead"], end=-1),
+            helper.make_node("ReduceProd", [f"{head}_lead"], [f"{head}_rows"], keepdims=0),
+            helper.make_node("LessOrEqual", [f"{head}_rows", "switch_rows"], [f"{head}_few_cond"]),
+            helper.make_node("If", [f"{head}_few_cond"], outs, name=f"{head}_rows_switch",
+                             then_branch=branch["few"], else_branch=branch["many"])]
+        stats["matmulnbits"] += len(group)
+        stats["qgemm"] += len(group)
         stats["rows_switches"] = stats.get("rows_switches", 0) + 1
-    stats["folded_weights"] += 1
-    stats["min_opset"] = max(stats["min_opset"], FOLD_MIN_OPSET)
-    return tensors, nodes
+    if switched:
+        stats["min_opset"] = max(stats["min_opset"], FOLD_MIN_OPSET)
+    return [_const("switch_rows", TensorProto.INT64, SWITCH_ROWS, dims=[])] if switched else []
+
+
+def _bias_add(out: str, uses: dict, inits: dict):
+    """The Add of a constant (bias) initializer that is the only reader of MatMul output `out`, or None."""
+    readers = uses.get(out, [])
+    if len(readers) == 1 and readers[0][0].op_type == "Add" and any(i in inits for i in readers[0][0].input):
+        return readers[0][0]
+    return None
+
+
+def _with_bias(nodes: list, bias: str | None) -> list:
+    """`nodes` (the last one's output `<out>_few` / `<out>_many` renamed `..._mm`) plus the bias Add."""
+    if bias is None:
+        return nodes
+    last = nodes[-1]
+    y = last.output[0]
+    last.output[0] = f"{y}_mm"
+    return nodes + [helper.make_node("Add", [f"{y}_mm", bias], [y])]
 
 
 def _switch_weights(w: QuantWeight, name: str, block_size: int) -> tuple[list, list, dict, dict]:

@@ -275,21 +275,24 @@ def _one_branch(path, branch: str) -> bytes:
             nodes.append(n)
             continue
         g = next(a.g for a in n.attribute if a.name == branch)
+        rename = {o.name: outer for o, outer in zip(g.output, n.output)}
         inner = [onnx.NodeProto() for _ in g.node]
         for dst, src in zip(inner, g.node):
             dst.CopyFrom(src)
-        inner[-1].output[0] = n.output[0]
+            dst.output[:] = [rename.get(o, o) for o in src.output]
         nodes += inner
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
     return proto.SerializeToString()
 
 
-SWITCH_CASES = {  # name -> (model, TernaryConfig kwargs, OnnxConfig.switch_weights, switched MatMuls)
-    "grouped-head": ("llama_untied", {"embedding": "int4", "head": "int4", "group_size": 16}, 0, 1),
-    "grouped-tied-head": ("llama_tied", {"embedding": "int4", "group_size": 16}, 0, 1),
-    "ternary-blocks": ("llama_tied", {}, 1, 14),                          # the int8 tied head is not switched
-    "ternary-channel-int4-pooler": ("bert", {"granularity": "channel", "outside_blocks": "int4"}, 1, 19),
+SWITCH_CASES = {  # name -> (model, TernaryConfig kwargs, OnnxConfig.switch_weights, switched MatMuls, Ifs)
+    "grouped-head": ("llama_untied", {"embedding": "int4", "head": "int4", "group_size": 16}, 0, 1, 1),
+    "grouped-tied-head": ("llama_tied", {"embedding": "int4", "group_size": 16}, 0, 1, 1),
+    # q/k/v share one If, gate/up another: 4 per block; the int8 tied head is not switched
+    "ternary-blocks": ("llama_tied", {}, 1, 14, 8),
+    # 4 per block (with their bias Adds) + the pooler
+    "ternary-channel-int4-pooler": ("bert", {"granularity": "channel", "outside_blocks": "int4"}, 1, 19, 13),
 }
 
 
@@ -302,21 +305,27 @@ def test_row_count_switch_under_qgemm(case, tmp_path):
     from tritpress.compressor.config import TernaryConfig
     from tritpress.exporters.onnx_quant import SWITCH_ROWS
 
-    name, qcfg, weights, switched = SWITCH_CASES[case]
+    name, qcfg, weights, switched, ifs = SWITCH_CASES[case]
     model = convert(build(name), TernaryConfig(**qcfg))
     result = export_onnx(model, tmp_path / "m.onnx", OnnxConfig(format="qgemm", switch_weights=weights))
-    assert result["validation"]["passed"] and result["rewrites"]["rows_switches"] == switched
+    assert result["validation"]["passed"] and result["rewrites"]["rows_switches"] == ifs
+    assert result["rewrites"]["matmulnbits"] == switched
     if weights:   # the weights' bytes (a tiny model's file is mostly node names)
         export_onnx(model, tmp_path / "plain.onnx", OnnxConfig(format="qgemm", validate=False))
         data = {f: sum(len(t.raw_data) for t in onnx.load(str(tmp_path / f)).graph.initializer)
                 for f in ("m.onnx", "plain.onnx")}
         assert data["m.onnx"] <= data["plain.onnx"] + 16 * switched, data
-    # the unpacking and requantization are folded at session load, and each branch runs ORT's fused kernel
+    # the unpacking and requantization are folded at session load, and each branch runs ORT's fused kernels:
+    # the bias Adds fused into them, one activation quantization per shared input
     left = _folded_ops(tmp_path / "m.onnx")
     assert not left & {"BitShift", "BitwiseAnd", "Round", "ReduceMax"}, left
-    switch = next(n for n in onnx.load(str(tmp_path / "m.onnx.opt.onnx")).graph.node if n.op_type == "If")
-    assert {a.name: [m.op_type for m in a.g.node] for a in switch.attribute} == {
-        "then_branch": ["MatMulNBits"], "else_branch": ["DynamicQuantizeMatMul"]}
+    switches = [n for n in onnx.load(str(tmp_path / "m.onnx.opt.onnx")).graph.node if n.op_type == "If"]
+    assert len(switches) == ifs
+    for n in switches:
+        ops = {a.name: [m.op_type for m in a.g.node] for a in n.attribute}
+        assert set(ops["then_branch"]) == {"MatMulNBits"}, ops
+        assert ops["else_branch"] in (["DynamicQuantizeMatMul"], ["DynamicQuantizeLinear"] + ["MatMulIntegerToFloat"] *
+                                      len(ops["then_branch"])), ops
     sess = ort_session(tmp_path / "m.onnx")
     few, many = ort_session(_one_branch(tmp_path / "m.onnx", "then_branch")), \
         ort_session(_one_branch(tmp_path / "m.onnx", "else_branch"))
