@@ -353,16 +353,22 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, QuantWeight], fmt:
     new_inits += _add_switches(switched, uses, inits, accuracy_level, expand, stats)
     new_inits, new_nodes = _shared_tables(weights, inits, nbits_of, new_inits, new_nodes, drop, stats)
     new_inits, new_nodes = pack_embedding_codes(weights, inits, new_inits, new_nodes, drop, stats)
-    kept = [t for t in graph.initializer if t.name not in drop]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + list({t.name: t for t in reversed(new_inits)}.values())[::-1])  # fold_*: once
-    # dequantize / unpack nodes first: a topological order ONNX checkers and runtimes accept
-    nodes = new_nodes + [m for n in graph.node for m in expand.get(id(n), [n])]
-    del graph.node[:]
-    graph.node.extend(nodes)
+    _rewrite(graph, new_inits, new_nodes, drop, expand)
     if stats["matmulnbits"] and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return stats
+
+
+def _rewrite(graph, new_inits: list, new_nodes: list, drop: set, expand: dict) -> None:
+    """The graph's initializers less `drop` plus `new_inits` (one per name), and its nodes: `new_nodes` first
+    (dequantize / unpack: a topological order ONNX checkers and runtimes accept), then each node or what
+    `expand` replaces it with."""
+    kept = [t for t in graph.initializer if t.name not in drop]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + list({t.name: t for t in reversed(new_inits)}.values())[::-1])  # fold_*: once
+    nodes = new_nodes + [m for n in graph.node for m in expand.get(id(n), [n])]
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _nbits_rewrite(w: QuantWeight, name: str, fmt: str, block_size: int, accuracy_level: int, users, expand: dict,
