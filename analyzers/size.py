@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from tritpress.compressor.settings import grouped
 from tritpress.exporters.packed import read_header, read_metadata
 from tritpress.exporters.packing import packed_int2_size, packed_int4_size, packed_trits_size
 
@@ -100,9 +101,7 @@ def _table_bytes(fmt: dict, rows: int, dim: int) -> int:
     if fmt["kind"] in DTYPE_BYTES:
         return n * DTYPE_BYTES[fmt["kind"]]
     scales = rows if fmt["kind"] != "ternary" or fmt["granularity"] == "channel" else 1
-    group = fmt.get("group_size", 0)
-    if group and fmt["kind"] != "ternary" and dim % group == 0:
-        scales = rows * (dim // group)
+    scales *= grouped((rows, dim), fmt["kind"], fmt.get("group_size", 0)) or 1
     return CODE_BYTES[fmt["kind"]](n) + scales * DTYPE_BYTES[fmt["scale_dtype"]]
 
 

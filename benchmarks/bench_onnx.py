@@ -49,7 +49,6 @@ from tritpress.exporters.onnx import (OnnxConfig, export_onnx, ort_session, save
 MODELS = {"minilm": "pkg:all-MiniLM-L6-v2", "smollm2": "pkg:SmolLM2-135M"}
 CASES = [("decode_step_b1", 1, 1), ("seq128_b1", 1, 128), ("seq128_b16", 16, 128)]
 DEFAULT_HEAD = "int8"   # the default TernaryConfig's embedding and head
-SWITCH_WEIGHTS = [1]    # --switch-weights (a list: set once by main)
 KV_CASES = [("kv_decode_past128_b1", 1, 128), ("kv_decode_past128_b16", 16, 128)]  # 1 new token
 
 
@@ -107,7 +106,7 @@ def ort_baselines(fp32_path, tmp, stem):
     return out
 
 
-def model_files(original, ternaries, formats, tmp, key, kv):
+def model_files(original, ternaries, formats, tmp, key, kv, switch_weights):
     """fp32, ORT's int8 / 4-bit, and tritpress's formats of one graph kind -> ({name: path}, validation).
     `ternaries`: {head label: converted model}; a file of a head format other than the default is
     named `<format>[<head>]`."""
@@ -119,17 +118,23 @@ def model_files(original, ternaries, formats, tmp, key, kv):
     passed = {}
     for head, ternary in ternaries.items():
         for fmt in formats:
-            name = fmt if head == DEFAULT_HEAD else f"{fmt}[{head}]"
-            result = export_onnx(ternary, os.path.join(tmp, f"{stem}_{name}.onnx"), onnx_config(fmt, kv))
+            name = label(fmt, head)
+            result = export_onnx(ternary, os.path.join(tmp, f"{stem}_{name}.onnx"),
+                                 onnx_config(fmt, kv, switch_weights))
             files[name], passed[name] = result["path"], result["validation"]["passed"]
     return sig, files, passed
 
 
-def onnx_config(fmt: str, kv: bool) -> OnnxConfig:
+def label(fmt: str, head: str) -> str:
+    """A file's name in the report: its format, and `[<head>]` for a head format other than the default."""
+    return fmt if head == DEFAULT_HEAD else f"{fmt}[{head}]"
+
+
+def onnx_config(fmt: str, kv: bool, switch_weights: int) -> OnnxConfig:
     """A tritpress format, or "qgemm-switch": qgemm with the row-count switch on every ternary MatMul of at
-    least SWITCH_WEIGHTS weights (--switch-weights)."""
+    least `switch_weights` weights (--switch-weights)."""
     if fmt == "qgemm-switch":
-        return OnnxConfig(format="qgemm", kv_cache=kv, switch_weights=SWITCH_WEIGHTS[0])
+        return OnnxConfig(format="qgemm", kv_cache=kv, switch_weights=switch_weights)
     return OnnxConfig(format=fmt, kv_cache=kv)
 
 
@@ -160,16 +165,16 @@ def ratios(ms, formats):
             for fmt in formats}
 
 
-def bench_model(key, blocks, threads_list, formats, heads, rounds, budget_s, tmp):
+def bench_model(key, blocks, threads_list, formats, heads, rounds, budget_s, tmp, switch_weights):
     original = load_model(MODELS[key]).model.eval()
     if key == "smollm2":
         original = first_blocks(original, blocks)
     ternaries = {head: convert(copy.deepcopy(original), head_config(head)) for head in heads}
-    formats_all = [f if h == DEFAULT_HEAD else f"{f}[{h}]" for h in heads for f in formats]
+    labels = [label(f, h) for h in heads for f in formats]
     graphs = [(False, CASES)] + ([(True, KV_CASES)] if key == "smollm2" else [])
     out = {"model": MODELS[key], "blocks": discover(original).blocks.num_blocks, "graphs": [], "cases": []}
     for kv, cases in graphs:
-        sig, files, passed = model_files(original, ternaries, formats, tmp, key, kv)
+        sig, files, passed = model_files(original, ternaries, formats, tmp, key, kv, switch_weights)
         sizes = {k: os.path.getsize(v) for k, v in files.items()}
         out["graphs"].append({"kv_cache": kv, "bytes": sizes, "validation_passed": passed,
                               "bytes_vs_ort_int8": {k: round(v / sizes["ort_int8"], 3) for k, v in sizes.items()}})
@@ -180,7 +185,7 @@ def bench_model(key, blocks, threads_list, formats, heads, rounds, budget_s, tmp
                 seq, past = (1, n) if kv else (n, 0)   # a KV case: one new token after n cached ones
                 ms = time_case(sessions, feeds_for(sig, batch, seq, past, seed=0), rounds, budget_s)
                 case = {"case": name, "batch": batch, "seq": seq, "past": past,
-                        "threads": threads, "median_ms": ms, "ours": ratios(ms, formats_all)}
+                        "threads": threads, "median_ms": ms, "ours": ratios(ms, labels)}
                 log(f"  {name} threads={threads}: " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()) + " ms; "
                     + ", ".join(f"{f} x{r['vs_best_ort']} vs best ORT" for f, r in case["ours"].items()))
                 out["cases"].append(case)
@@ -205,8 +210,6 @@ def main():
     torch.set_num_threads(1)
     threads = [int(t) for t in args.threads.split(",")]
     heads, formats = args.heads.split(","), args.formats.split(",")
-    SWITCH_WEIGHTS[0] = args.switch_weights
-    labels = [f if h == DEFAULT_HEAD else f"{f}[{h}]" for h in heads for f in formats]
     report = {"benchmark": "onnx_latency", "onnxruntime": ort.__version__, "torch": torch.__version__,
               "platform": platform.platform(), "cpu_count": os.cpu_count(),
               "settings": {"switch_weights": args.switch_weights, "provider": "CPUExecutionProvider",
@@ -219,12 +222,12 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models.split(","):
             report["models"].append(bench_model(key, args.smollm_blocks, threads, formats, heads, args.rounds,
-                                                args.budget_s, tmp))
+                                                args.budget_s, tmp, args.switch_weights))
     report["summary"] = {fmt: {"min_vs_best_ort": min(c["ours"][fmt]["vs_best_ort"] for m in report["models"]
                                                       for c in m["cases"]),
                                "max_bytes_vs_ort_int8": max(g["bytes_vs_ort_int8"][fmt] for m in report["models"]
                                                             for g in m["graphs"])}
-                         for fmt in labels}
+                         for fmt in [label(f, h) for h in heads for f in formats]}
     print(json.dumps(report, indent=2))
 
 

@@ -18,6 +18,7 @@ from torch.func import functional_call
 
 from .config import FLOAT_DTYPES
 from .fused import fusable
+from .settings import INT_FORMATS, grouped
 from .quantize import (_expand, dequantize, quantize_activations_int8, quantize_int2_rows, quantize_rows,
                        quantize_ternary, ste)
 
@@ -56,7 +57,7 @@ class WeightFormat:
     @property
     def per_row(self) -> bool:
         """Each row's codes and scale depend on that row alone (int formats, per-channel ternary)."""
-        return self.kind in ("int8", "int4", "int2") or (self.kind == "ternary" and self.granularity == "channel")
+        return self.kind in INT_FORMATS or (self.kind == "ternary" and self.granularity == "channel")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,14 +81,6 @@ def quantize_format(w: torch.Tensor, kind: str, method: str, granularity: str, s
     else:
         raise ValueError(f"{kind} is not an integer format")
     return codes, scale.to(FLOAT_DTYPES[scale_dtype]).float()
-
-
-def grouped(shape, kind: str, group_size: int) -> int:
-    """Scales per row of an int-format weight of `shape` quantized with `group_size` (0: one per row, as
-    when the rows are not a whole number of groups: an LSTM's 650-wide rows, a bias)."""
-    if not group_size or kind not in ("int8", "int4", "int2") or len(shape) != 2 or shape[-1] % group_size:
-        return 0
-    return shape[-1] // group_size
 
 
 @fusable

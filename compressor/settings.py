@@ -18,6 +18,15 @@ WEIGHT_FORMATS = ("keep", "fp32", "fp16", "bf16", "int8", "int4", "int2", "terna
 FLOAT_FORMATS = ("fp32", "fp16", "bf16")   # the keys of config.FLOAT_DTYPES (their torch dtypes)
 ACT_BITS = (None, 8)
 GROUP_SIZES = (0, 16, 32, 64, 128, 256)   # 0: one scale per row; else MatMulNBits' and GGUF's block sizes
+INT_FORMATS = ("int8", "int4", "int2")     # the integer formats: one scale per row, or per group of a row
+
+
+def grouped(shape, kind: str, group_size: int) -> int:
+    """Scales per row of an int-format weight of `shape` quantized with `group_size` (0: one per row, as
+    when the rows are not a whole number of groups: an LSTM's 650-wide rows, a bias)."""
+    if not group_size or kind not in INT_FORMATS or len(shape) != 2 or shape[-1] % group_size:
+        return 0
+    return shape[-1] // group_size
 
 
 @dataclass

@@ -19,6 +19,7 @@ from .config import FLOAT_DTYPES, TernaryConfig
 from .layers import (FakeQuantEmbedding, FakeQuantLinear, FakeQuantRNN, QEmbedding, QLinear, QRNN,
                      QTensor, WeightFormat)
 from .memory import release_free_memory
+from .settings import INT_FORMATS
 from .structure import (ModelStructure, default_granularity, discover, is_conv1d, lookup_multiplier, rnn_weight_names,
                         set_submodule)
 
@@ -68,7 +69,7 @@ def layer_formats(structure: ModelStructure, cfg: TernaryConfig) -> dict[str, We
 
     def fmt(kind: str, granularity: str) -> WeightFormat:
         kind = cfg.storage_format(kind)
-        group = cfg.group_size if kind in ("int8", "int4", "int2") else 0
+        group = cfg.group_size if kind in INT_FORMATS else 0
         return WeightFormat(kind, cfg.method, granularity, cfg.scale_dtype, group)
 
     # embeddings and the head are ternarized per row (TernaryBERT does so for embeddings)
